@@ -1,0 +1,34 @@
+# Two commands do all the set-up on a fresh machine with Python >= 3.10:
+#   make test   create .venv, install everything, run the whole test suite
+#   make demo   the CPU quickstart (see README)
+# TORCH_SPEC selects the torch build; the default is the CPU build. Set
+# TORCH_SPEC= (empty) to keep a torch you installed yourself (e.g. a CUDA build).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install test test-unit test-distributed demo clean
+
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=23.1"
+	@if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-unit: $(STAMP)
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+test-distributed: $(STAMP)
+	$(PY) -m pytest tests/distributed $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info megatron_amopo/*.so

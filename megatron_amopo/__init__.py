@@ -1,0 +1,3 @@
+"""megatron-amopo: AMoPO preference training on Megatron-Core."""
+
+__version__ = "0.1.0"

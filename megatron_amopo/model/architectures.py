@@ -1,0 +1,112 @@
+"""Hugging Face ``config.json`` -> the architecture facts Megatron-Core needs.
+
+Supported families are those users fine-tune with preference optimisation:
+Qwen2 / Qwen2.5 (QKV bias, tied or untied embeddings), Llama 3 / 3.1 (``llama3``
+RoPE scaling) and Mistral. All three are pre-norm RMSNorm decoders with SwiGLU MLPs,
+grouped-query attention, RoPE and no biases other than Qwen2's QKV bias.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "mistral")
+
+# Megatron-Core's RotaryEmbedding implements Llama 3.x scaling with these fixed
+# parameters (rotary_pos_embedding.py, _apply_scaling); any other values would be
+# silently ignored, so we refuse them.
+_LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+@dataclass(frozen=True)
+class ModelArch:
+    """One decoder architecture, independent of the parallel layout."""
+
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: int
+    vocab_size: int
+    max_position_embeddings: int
+    rope_theta: float
+    norm_eps: float
+    qkv_bias: bool
+    tie_word_embeddings: bool
+    rope_scaling_factor: Optional[float] = None  # Llama 3.x scaling factor; None = no scaling
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _rope_theta(cfg: dict) -> float:
+    # transformers 5.x keeps theta in rope_parameters; 4.x in rope_theta.
+    params = cfg.get("rope_parameters") or {}
+    theta = params.get("rope_theta", cfg.get("rope_theta"))
+    return float(theta if theta is not None else 10000.0)
+
+
+def _rope_scaling(cfg: dict) -> Optional[float]:
+    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type in (None, "default"):
+        return None
+    if rope_type != "llama3":
+        raise ValueError(f"rope scaling type {rope_type!r} is not supported (supported: none, llama3)")
+    for key, expected in _LLAMA3_FIXED.items():
+        if float(scaling.get(key, expected)) != expected:
+            raise ValueError(
+                f"llama3 rope scaling with {key}={scaling[key]} is not supported: Megatron-Core's RoPE "
+                f"implements {key}={expected} only"
+            )
+    return float(scaling["factor"])
+
+
+def arch_from_hf_config(cfg: dict[str, Any]) -> ModelArch:
+    """Validate a Hugging Face config dict and extract the architecture."""
+    model_type = cfg.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)} "
+            "(Qwen2/Qwen2.5, Llama 3/3.1, Mistral)"
+        )
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"hidden_act {act!r} is not supported for {model_type} (expected silu / SwiGLU)")
+    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        raise ValueError(f"{model_type} with attention_bias/mlp_bias is not supported")
+    heads = int(cfg["num_attention_heads"])
+    hidden = int(cfg["hidden_size"])
+    groups = int(cfg.get("num_key_value_heads") or heads)
+    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    if heads % groups:
+        raise ValueError(f"num_attention_heads {heads} is not divisible by num_key_value_heads {groups}")
+    return ModelArch(
+        model_type=model_type,
+        num_layers=int(cfg["num_hidden_layers"]),
+        hidden_size=hidden,
+        ffn_hidden_size=int(cfg["intermediate_size"]),
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        kv_channels=head_dim,
+        vocab_size=int(cfg["vocab_size"]),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+        rope_theta=_rope_theta(cfg),
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        qkv_bias=model_type == "qwen2",
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        rope_scaling_factor=_rope_scaling(cfg) if model_type == "llama" else None,
+    )
+
+
+def load_hf_config(path: str) -> dict:
+    """Read ``config.json`` from a model directory (or the file itself)."""
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no Hugging Face config.json at {path}")
+    with open(file) as fh:
+        return json.load(fh)

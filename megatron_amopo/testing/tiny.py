@@ -1,0 +1,62 @@
+"""Tiny architectures and deterministic weights for tests and examples."""
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+from megatron_amopo.model.architectures import ModelArch, arch_from_hf_config
+from megatron_amopo.model.sharding import local_parameters, tp_split_dim
+
+
+def tiny_hf_config(model_type: str = "qwen2", **overrides) -> dict:
+    """A Hugging Face config.json dict for a tiny model of the given family."""
+    cfg = dict(
+        model_type=model_type,
+        architectures=[{"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}[model_type]],
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        hidden_act="silu",
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def tiny_arch(model_type: str = "qwen2", **overrides) -> ModelArch:
+    return arch_from_hf_config(tiny_hf_config(model_type, **overrides))
+
+
+def _full_shape(param: torch.Tensor, tp_size: int) -> list[int]:
+    shape = list(param.shape)
+    dim = tp_split_dim(param)
+    if dim is not None:
+        shape[dim] *= tp_size
+    return shape
+
+
+@torch.no_grad()
+def fill_deterministic(model: torch.nn.Module, seed: int, tp_rank: int, tp_size: int) -> None:
+    """Give every parameter a value that depends only on (seed, full name, full shape).
+
+    Each rank computes its shard from the full tensor, so any TP/PP layout gets the
+    same model without communication.
+    """
+    from megatron_amopo.model.sharding import shard_tensor
+
+    for _, full, param in local_parameters(model):
+        if full == "output_layer.weight" and getattr(param, "shared", False):
+            full = "embedding.word_embeddings.weight"  # tied copy on the last stage
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(full.encode()))
+        shape = _full_shape(param, tp_size)
+        value = torch.randn(shape, generator=gen, dtype=torch.float32)
+        value = 1.0 + 0.1 * value if "norm" in full else 0.05 * value
+        param.copy_(shard_tensor(value, full, tp_split_dim(param), tp_rank, tp_size).to(param.dtype))

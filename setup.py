@@ -1,0 +1,19 @@
+"""Build wiring for the C++ extensions (pybind11).
+
+Everything else about the package lives in pyproject.toml. A compile failure
+fails the install: there is no silent pure-Python fallback.
+"""
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import setup
+
+EXT_MODULES: list = [
+    # Micro-batch planner for AMoPO groups; wrapper: megatron_amopo/data/indexer.py.
+    Pybind11Extension(
+        "megatron_amopo._indexer",
+        ["csrc/group_indexer.cpp"],
+        cxx_std=17,
+        extra_compile_args=["-O3"],
+    ),
+]
+
+setup(ext_modules=EXT_MODULES, cmdclass={"build_ext": build_ext})
