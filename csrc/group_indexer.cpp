@@ -1,0 +1,323 @@
+/* Micro-batch planner for AMoPO groups (module megatron_amopo._indexer).
+ *
+ * An AMoPO group is one training sample made of 2P token sequences that must
+ * share a micro-batch. plan_microbatches() decides, per epoch, which groups go
+ * into which micro-batch and which data-parallel rank gets it. The algorithm is
+ * written down in megatron_amopo/data/indexer.py; the pure-Python reference
+ * there must produce bit-identical plans, so every step below (PRNG, shuffle,
+ * stable sort, greedy fill, rank split) mirrors it exactly.
+ *
+ * Shape legend: G groups, E epochs, Me micro-batches of one epoch, M micro-batches
+ * kept for this rank (all epochs), N group slots of this rank (= offsets[M]).
+ *
+ * Style follows megatron/core/datasets/helpers.cpp: a thin pybind11 module that
+ * builds index arrays with the GIL released and hands them to numpy through a
+ * capsule (no copy).
+ */
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <numeric>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace {
+
+// Limits that keep every cost inside int64, or int128 for the padded fill check.
+constexpr int64_t kMaxLength = int64_t{1} << 40;
+constexpr int64_t kMaxSeqsPerGroup = int64_t{1} << 20;
+constexpr int64_t kMaxBudget = int64_t{1} << 62;
+
+constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ULL;
+
+// splitmix64 output function (Steele, Lea, Flood 2014); wraps modulo 2^64.
+inline uint64_t fmix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
+// One independent splitmix64 stream per (seed, epoch, stream id).
+// stream 0 shuffles groups, stream 1 shuffles the epoch's micro-batches.
+class SplitMix64 {
+ public:
+  SplitMix64(uint64_t seed, uint64_t epoch, uint64_t stream) {
+    uint64_t s = fmix64(seed + kGolden);
+    s = fmix64((s ^ epoch) + kGolden);
+    state_ = fmix64((s ^ stream) + kGolden);
+  }
+  uint64_t next() {
+    state_ += kGolden;
+    return fmix64(state_);
+  }
+
+ private:
+  uint64_t state_;
+};
+
+// Fisher-Yates from the back; j = floor(draw * (i + 1) / 2^64), Lemire's
+// multiply-shift without rejection: no division, bias < n / 2^64 (negligible).
+template <typename T>
+void shuffle(std::vector<T>& a, SplitMix64& rng) {
+  for (int64_t i = static_cast<int64_t>(a.size()) - 1; i > 0; --i) {
+    const auto wide = static_cast<unsigned __int128>(rng.next()) * static_cast<uint64_t>(i + 1);
+    const auto j = static_cast<int64_t>(wide >> 64);
+    std::swap(a[i], a[j]);
+  }
+}
+
+struct Options {
+  int64_t seqs_per_group;
+  int64_t num_epochs;
+  uint64_t seed;
+  int64_t dp_rank;
+  int64_t dp_size;
+  int64_t groups_per_microbatch;  // > 0: fixed k; 0: token budget mode
+  int64_t token_budget;           // > 0: token budget mode; 0: fixed k
+  bool packed;                    // cost (and sort key): packed total_len, else padded max_len
+  int64_t window;
+};
+
+struct Plan {
+  std::vector<int64_t> offsets_M1{0};
+  std::vector<int64_t> group_ids_N;
+  std::vector<int64_t> epochs_M;
+  int64_t dropped_groups = 0;
+};
+
+// Every caller streams into a std::ostringstream; the cast recovers it.
+[[noreturn]] void fail(std::ostream& msg) {
+  throw py::value_error(static_cast<std::ostringstream&>(msg).str());
+}
+
+const int64_t* int64_vector(const py::array& a, const char* name) {
+  if (!a.dtype().is(py::dtype::of<int64_t>())) {
+    throw py::type_error(std::string(name) + " must have dtype int64, got " +
+                         std::string(py::str(a.dtype())));
+  }
+  if (a.ndim() != 1 || !(a.flags() & py::array::c_style)) {
+    throw py::value_error(std::string(name) + " must be a 1-D C-contiguous int64 array");
+  }
+  return static_cast<const int64_t*>(a.data());
+}
+
+void check_options(const Options& o, int64_t num_groups) {
+  std::ostringstream m;
+  if (num_groups < 1) fail(m << "need at least one group, got " << num_groups);
+  if (o.seqs_per_group < 2 || o.seqs_per_group % 2 != 0 || o.seqs_per_group > kMaxSeqsPerGroup)
+    fail(m << "seqs_per_group must be an even number 2P in [2, 2^20], got " << o.seqs_per_group);
+  if (o.num_epochs < 1) fail(m << "num_epochs must be >= 1, got " << o.num_epochs);
+  if (o.dp_size < 1) fail(m << "dp_size must be >= 1, got " << o.dp_size);
+  if (o.dp_rank < 0 || o.dp_rank >= o.dp_size)
+    fail(m << "dp_rank must be in [0, dp_size=" << o.dp_size << "), got " << o.dp_rank);
+  if (o.window < 1) fail(m << "window must be >= 1, got " << o.window);
+  if ((o.groups_per_microbatch > 0) == (o.token_budget > 0))
+    fail(m << "give exactly one of groups_per_microbatch > 0 or token_budget > 0, got "
+           << o.groups_per_microbatch << " and " << o.token_budget);
+  if (o.groups_per_microbatch < 0 || o.token_budget < 0 || o.token_budget > kMaxBudget)
+    fail(m << "groups_per_microbatch must be >= 0 and token_budget in [0, 2^62], got "
+           << o.groups_per_microbatch << " and " << o.token_budget);
+}
+
+int64_t group_cost(const Options& o, int64_t max_len, int64_t total_len) {
+  return o.packed ? total_len : o.seqs_per_group * max_len;
+}
+
+// Lengths must be consistent (max <= total <= 2P * max) and no single group may
+// exceed the token budget; checked before any planning work.
+void check_lengths(const Options& o, const int64_t* max_len, const int64_t* total_len, int64_t G) {
+  std::ostringstream m;
+  int64_t worst = 0;
+  int64_t first_over = -1;
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t ml = max_len[g], tl = total_len[g];
+    if (ml < 1 || ml > kMaxLength || tl < 1 || tl > kMaxLength)
+      fail(m << "group " << g << ": lengths must be in [1, 2^40], got max_len=" << ml
+             << " total_len=" << tl);
+    if (tl < ml || tl > o.seqs_per_group * ml)
+      fail(m << "group " << g << ": need max_len <= total_len <= seqs_per_group * max_len, got "
+             << "max_len=" << ml << " total_len=" << tl << " seqs_per_group=" << o.seqs_per_group);
+    const int64_t c = group_cost(o, ml, tl);
+    worst = std::max(worst, c);
+    if (o.token_budget > 0 && c > o.token_budget && first_over < 0) first_over = g;
+  }
+  if (first_over >= 0)
+    fail(m << "group " << first_over << " alone costs "
+           << group_cost(o, max_len[first_over], total_len[first_over]) << " tokens ("
+           << (o.packed ? "packed" : "padded") << "), above token_budget=" << o.token_budget
+           << "; the minimum budget that fits every group is " << worst);
+}
+
+// One epoch's order after steps 1-2: group ids and their length keys, window by window.
+struct EpochOrder {
+  std::vector<int64_t> group;
+  std::vector<int64_t> key;
+};
+
+struct Keyed {
+  int64_t key;
+  int64_t group;
+};
+
+// LSD radix sort on the key, one byte per pass, as many passes as the largest
+// key needs (lengths are small: 1-2 passes). Counting passes are stable, which is
+// what step 2 asks for, and beat comparison sorts on windows of a few hundred.
+void radix_sort(std::vector<Keyed>& a, std::vector<Keyed>& tmp) {
+  int64_t max_key = 0;
+  for (const Keyed& x : a) max_key = std::max(max_key, x.key);
+  tmp.resize(a.size());
+  for (int shift = 0; shift < 64 && (max_key >> shift) > 0; shift += 8) {
+    std::array<int64_t, 257> start{};
+    for (const Keyed& x : a) ++start[((x.key >> shift) & 255) + 1];
+    for (int b = 0; b < 256; ++b) start[b + 1] += start[b];
+    for (const Keyed& x : a) tmp[start[(x.key >> shift) & 255]++] = x;
+    a.swap(tmp);
+  }
+}
+
+// Step 2: stable-sort each window of the shuffled ids by the length key.
+template <typename Id>
+void sort_windows(const std::vector<Id>& ids, const int64_t* key, int64_t window, EpochOrder* out) {
+  const auto G = static_cast<int64_t>(ids.size());
+  std::vector<Keyed> buf, tmp;
+  for (int64_t lo = 0; lo < G; lo += window) {
+    const int64_t hi = std::min(G, lo + window);
+    buf.clear();
+    for (int64_t i = lo; i < hi; ++i) buf.push_back(Keyed{key[ids[i]], static_cast<int64_t>(ids[i])});
+    if (hi - lo > 1) radix_sort(buf, tmp);
+    for (int64_t i = lo; i < hi; ++i) {
+      out->key[i] = buf[i - lo].key;
+      out->group[i] = buf[i - lo].group;
+    }
+  }
+}
+
+// Step 2 (fill): returns micro-batch start positions into the order, plus the end.
+// The key is the group's cost driver: max_len (padded) or total_len (packed).
+// Fixed k drops a short last run (its groups are counted in *tail_dropped).
+std::vector<int64_t> fill(const Options& o, const std::vector<int64_t>& key, int64_t* tail_dropped) {
+  const auto G = static_cast<int64_t>(key.size());
+  std::vector<int64_t> bounds{0};
+  if (o.groups_per_microbatch > 0) {
+    const int64_t k = o.groups_per_microbatch;
+    for (int64_t s = k; s <= G; s += k) bounds.push_back(s);
+    *tail_dropped = G - bounds.back();
+    return bounds;
+  }
+  int64_t n = 0, cur_max = 0, cur_sum = 0;
+  for (int64_t pos = 0; pos < G; ++pos) {
+    bool fits;
+    if (o.packed) {
+      fits = cur_sum + key[pos] <= o.token_budget;
+    } else {  // 2P*(n+1)*max can pass 2^63 (max <= 2^40, 2P*n <= budget): use 128 bits
+      const __int128 cost = static_cast<__int128>(o.seqs_per_group * (n + 1)) * std::max(cur_max, key[pos]);
+      fits = cost <= o.token_budget;
+    }
+    if (n > 0 && !fits) {
+      bounds.push_back(pos);
+      n = cur_max = cur_sum = 0;
+    }
+    ++n;
+    cur_max = std::max(cur_max, key[pos]);
+    cur_sum += key[pos];
+  }
+  bounds.push_back(G);
+  *tail_dropped = 0;
+  return bounds;
+}
+
+// Steps 3-4 for one epoch: shuffle micro-batches, keep whole rounds of dp_size,
+// append this rank's share (micro-batch j goes to rank j % dp_size).
+void assign_epoch(const Options& o, int64_t epoch, const std::vector<int64_t>& order,
+                  const std::vector<int64_t>& bounds, Plan* plan) {
+  const auto Me = static_cast<int64_t>(bounds.size()) - 1;
+  std::vector<int64_t> perm(Me);
+  std::iota(perm.begin(), perm.end(), int64_t{0});
+  SplitMix64 rng(o.seed, static_cast<uint64_t>(epoch), 1);
+  shuffle(perm, rng);
+  const int64_t kept = Me - Me % o.dp_size;
+  for (int64_t j = kept; j < Me; ++j) plan->dropped_groups += bounds[perm[j] + 1] - bounds[perm[j]];
+  for (int64_t j = o.dp_rank; j < kept; j += o.dp_size) {
+    const int64_t mb = perm[j];
+    // A plain loop: memmove calls cost more than they save on runs of a few ids.
+    for (int64_t pos = bounds[mb]; pos < bounds[mb + 1]; ++pos) plan->group_ids_N.push_back(order[pos]);
+    plan->offsets_M1.push_back(static_cast<int64_t>(plan->group_ids_N.size()));
+    plan->epochs_M.push_back(epoch);
+  }
+}
+
+// Id is uint32_t when G < 2^32: the shuffled array is half the size, which keeps
+// more of the random swaps in cache.
+template <typename Id>
+Plan build_plan(const Options& o, const int64_t* max_len, const int64_t* total_len, int64_t G) {
+  Plan plan;
+  plan.group_ids_N.reserve(static_cast<size_t>(G / o.dp_size + 1) * o.num_epochs);
+  std::vector<Id> ids(G);
+  EpochOrder order{std::vector<int64_t>(G), std::vector<int64_t>(G)};
+  for (int64_t e = 0; e < o.num_epochs; ++e) {
+    std::iota(ids.begin(), ids.end(), Id{0});
+    SplitMix64 rng(o.seed, static_cast<uint64_t>(e), 0);
+    shuffle(ids, rng);
+    sort_windows(ids, o.packed ? total_len : max_len, o.window, &order);
+    int64_t tail_dropped = 0;
+    const auto bounds = fill(o, order.key, &tail_dropped);
+    plan.dropped_groups += tail_dropped;
+    assign_epoch(o, e, order.group, bounds, &plan);
+  }
+  return plan;
+}
+
+// Hands a vector to numpy without copying: the capsule owns the heap copy.
+py::array_t<int64_t> to_numpy(std::vector<int64_t>&& v) {
+  auto* owned = new std::vector<int64_t>(std::move(v));
+  py::capsule free_when_done(owned, [](void* p) { delete static_cast<std::vector<int64_t>*>(p); });
+  return py::array_t<int64_t>({static_cast<py::ssize_t>(owned->size())}, owned->data(), free_when_done);
+}
+
+py::tuple plan_microbatches(const py::array& max_len_G, const py::array& total_len_G,
+                            int64_t seqs_per_group, int64_t num_epochs, uint64_t seed,
+                            int64_t dp_rank, int64_t dp_size, int64_t groups_per_microbatch,
+                            int64_t token_budget, bool packed, int64_t window) {
+  const int64_t* max_len = int64_vector(max_len_G, "max_len");
+  const int64_t* total_len = int64_vector(total_len_G, "total_len");
+  if (max_len_G.size() != total_len_G.size()) {
+    std::ostringstream m;
+    fail(m << "max_len and total_len must have the same length, got " << max_len_G.size()
+           << " and " << total_len_G.size());
+  }
+  const auto G = static_cast<int64_t>(max_len_G.size());
+  const Options o{seqs_per_group, num_epochs,   seed,   dp_rank, dp_size,
+                  groups_per_microbatch, token_budget, packed, window};
+  check_options(o, G);
+  check_lengths(o, max_len, total_len, G);
+  Plan plan;
+  {
+    // The input buffers stay alive: the caller holds references to both arrays.
+    py::gil_scoped_release release;
+    plan = G < (int64_t{1} << 32) ? build_plan<uint32_t>(o, max_len, total_len, G)
+                                  : build_plan<int64_t>(o, max_len, total_len, G);
+  }
+  return py::make_tuple(to_numpy(std::move(plan.offsets_M1)), to_numpy(std::move(plan.group_ids_N)),
+                        to_numpy(std::move(plan.epochs_M)), plan.dropped_groups);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_indexer, m) {
+  m.doc() = "C++ micro-batch planner for AMoPO groups; see megatron_amopo.data.indexer.";
+  m.def("plan_microbatches", &plan_microbatches, py::arg("max_len"), py::arg("total_len"),
+        py::arg("seqs_per_group"), py::arg("num_epochs"), py::arg("seed"), py::arg("dp_rank"),
+        py::arg("dp_size"), py::arg("groups_per_microbatch"), py::arg("token_budget"),
+        py::arg("packed"), py::arg("window"),
+        "Plan one rank's micro-batches. Returns (offsets[M+1], group_ids[N], epochs[M], "
+        "dropped_groups). Exactly one of groups_per_microbatch / token_budget is > 0.");
+}

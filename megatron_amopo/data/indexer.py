@@ -1,0 +1,273 @@
+"""Micro-batch plans for AMoPO groups: which groups go together, on which DP rank.
+
+An AMoPO group (one training sample) is 2P token sequences, P = D + 1
+chosen/rejected pairs; all of them must sit in the same micro-batch. The planner
+runs in C++ (``csrc/group_indexer.cpp``, module ``megatron_amopo._indexer``,
+built by ``pip install -e .`` with GCC or Clang: C++17 plus ``__int128``) with a
+pure-Python reference of the same
+algorithm in :mod:`megatron_amopo.data.indexer_ref`; both give identical plans.
+
+Inputs per group g: ``max_len[g]`` (its longest sequence, tokens) and
+``total_len[g]`` (sum of its 2P sequence lengths), e.g. ``group_max_len`` and
+``group_total_len`` of ``reader.PreferenceGroupDataset``. Micro-batch cost:
+
+* padded: (number of sequences in it) * (longest sequence in it)
+  = 2P * n_groups * max(max_len) — every sequence padded to the longest;
+* packed: sum of total_len — sequences laid end to end.
+
+Algorithm, for each epoch e = 0 .. num_epochs - 1:
+
+1. Shuffle the group ids 0..G-1 by Fisher-Yates from the back (i = G-1 .. 1,
+   j = floor(draw * (i + 1) / 2^64), Lemire's multiply-shift) with a splitmix64
+   stream keyed by (seed, e, stream 0):
+   ``s = f(seed + C); s = f((s ^ e) + C); state = f((s ^ stream) + C)``, each
+   draw ``state += C; return f(state)``, where f is the splitmix64 output
+   function, C = 0x9E3779B97F4A7C15 and all arithmetic is modulo 2^64. We use
+   our own PRNG so that C++ and Python draw the same numbers.
+2. Cut the shuffled order into windows of ``window`` consecutive groups (the
+   last one may be shorter) and stable-sort each window by the length key:
+   max_len for cost="padded", total_len for cost="packed" (also in fixed-k
+   mode). Then fill micro-batches greedily along the concatenated windows
+   (a micro-batch may straddle a window boundary):
+   fixed k -> consecutive runs of k groups; a short last run of the epoch is
+   DROPPED so every micro-batch has exactly k groups (Megatron's fixed
+   micro-batch size); token budget -> append the next group while the
+   micro-batch cost stays <= token_budget, else start a new micro-batch; the
+   last, possibly light, micro-batch is kept. A group that alone exceeds the
+   budget is a ValueError raised before any planning.
+3. Shuffle the epoch's micro-batches with the stream (seed, e, 1) so lengths
+   do not trend within the epoch.
+4. Micro-batch j of the shuffled list goes to DP rank j % dp_size; the last
+   Me % dp_size micro-batches (fewer than one full round) are DROPPED so every
+   rank gets the same number per epoch.
+
+``window`` trades randomness for padding: within a window, groups of similar
+length end up together (less padding); a larger window sorts more globally but
+makes micro-batch membership less random; window=1 disables length grouping
+(random batches, as a plain collator over a shuffled sampler gives); the
+default 512 is several micro-batches' worth of groups for k <= 16.
+
+Guarantee: within one epoch each group appears at most once across all ranks,
+and exactly once unless it is in a dropped micro-batch (step 4: < dp_size
+micro-batches) or a dropped short run (step 2, fixed k: < k groups).
+``MicrobatchPlan.dropped_groups`` counts both, over all epochs (same on every
+rank). Plans are deterministic for a given seed and independent of dp_rank
+except for which share is returned.
+
+Shape legend: G groups, S = 2P sequences per group, M micro-batches of this
+rank (all epochs), N group slots of this rank (= offsets[-1]).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import operator
+from types import ModuleType
+from typing import Literal, Optional
+
+import numpy as np
+
+from megatron_amopo.data import indexer_ref
+
+_MAX_LENGTH = 1 << 40  # keeps every cost inside int64 in the C++ (see check_lengths there)
+_MAX_SEQS_PER_GROUP = 1 << 20
+_MAX_BUDGET = 1 << 62
+
+_BUILD_HINT = (
+    "the C++ extension megatron_amopo._indexer is not built; run `pip install -e .` from the "
+    "repository root (needs a C++17 compiler and pybind11), or pass backend='python' to use "
+    "the slow reference planner"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MicrobatchPlan:
+    """One DP rank's micro-batches; micro-batch m is group_ids[offsets[m]:offsets[m+1]]."""
+
+    offsets: np.ndarray
+    """int64 [M + 1], offsets[0] == 0."""
+    group_ids: np.ndarray
+    """int64 [N], group ids, micro-batch after micro-batch, epoch after epoch."""
+    epochs: np.ndarray
+    """int64 [M], epoch of each micro-batch."""
+    dropped_groups: int
+    """Group slots dropped over all epochs (short fixed-k tails + incomplete DP rounds)."""
+
+    @property
+    def num_microbatches(self) -> int:
+        return len(self.epochs)
+
+    def microbatch(self, m: int) -> np.ndarray:
+        """Group ids of micro-batch m."""
+        return self.group_ids[self.offsets[m] : self.offsets[m + 1]]
+
+
+def load_extension() -> ModuleType:
+    """Imports the C++ planner, or raises ImportError saying how to build it."""
+    try:
+        return importlib.import_module("megatron_amopo._indexer")
+    except ImportError as err:
+        raise ImportError(_BUILD_HINT) from err
+
+
+def _as_lengths(name: str, values) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (one entry per group), got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{name} must hold integers (token counts), got dtype {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+def _check_scalars(*, seqs_per_group, num_epochs, seed, dp_rank, dp_size, k, budget, window):
+    if not (2 <= seqs_per_group <= _MAX_SEQS_PER_GROUP and seqs_per_group % 2 == 0):
+        raise ValueError(f"seqs_per_group must be an even number 2P in [2, 2^20], got {seqs_per_group}")
+    if num_epochs < 1:
+        raise ValueError(f"num_epochs must be >= 1, got {num_epochs}")
+    if not 0 <= seed < 1 << 64:
+        raise ValueError(f"seed must be in [0, 2^64), got {seed}")
+    if dp_size < 1:
+        raise ValueError(f"dp_size must be >= 1, got {dp_size}")
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank must be in [0, dp_size={dp_size}), got {dp_rank}")
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    if (k is None) == (budget is None):
+        raise ValueError("give exactly one of groups_per_microbatch or token_budget "
+                         f"(got groups_per_microbatch={k}, token_budget={budget})")
+    if k is not None and k < 1:
+        raise ValueError(f"groups_per_microbatch must be >= 1, got {k}")
+    if budget is not None and not 1 <= budget <= _MAX_BUDGET:
+        raise ValueError(f"token_budget must be in [1, 2^62], got {budget}")
+
+
+def _check_lengths(max_len_G, total_len_G, *, seqs_per_group, budget, cost) -> None:
+    """Same checks, order and messages as check_lengths in csrc/group_indexer.cpp."""
+    if len(max_len_G) != len(total_len_G):
+        raise ValueError("max_len and total_len must have the same length, got "
+                         f"{len(max_len_G)} and {len(total_len_G)}")
+    if len(max_len_G) == 0:
+        raise ValueError("need at least one group, got 0")
+    out_of_range_G = (max_len_G < 1) | (max_len_G > _MAX_LENGTH) | (total_len_G < 1) | (
+        total_len_G > _MAX_LENGTH)
+    inconsistent_G = (total_len_G < max_len_G) | (total_len_G > seqs_per_group * max_len_G)
+    bad = np.flatnonzero(out_of_range_G | inconsistent_G)
+    if bad.size:
+        g = int(bad[0])
+        ml, tl = int(max_len_G[g]), int(total_len_G[g])
+        if out_of_range_G[g]:
+            raise ValueError(f"group {g}: lengths must be in [1, 2^40], got max_len={ml} total_len={tl}")
+        raise ValueError(f"group {g}: need max_len <= total_len <= seqs_per_group * max_len, got "
+                         f"max_len={ml} total_len={tl} seqs_per_group={seqs_per_group}")
+    if budget is not None:
+        cost_G = total_len_G if cost == "packed" else seqs_per_group * max_len_G
+        over = np.flatnonzero(cost_G > budget)
+        if over.size:
+            g = int(over[0])
+            raise ValueError(f"group {g} alone costs {int(cost_G[g])} tokens ({cost}), above "
+                             f"token_budget={budget}; the minimum budget that fits every group "
+                             f"is {int(cost_G.max())}")
+
+
+def plan_microbatches(
+    max_len,
+    total_len,
+    *,
+    seqs_per_group: int,
+    num_epochs: int,
+    seed: int,
+    dp_rank: int,
+    dp_size: int,
+    groups_per_microbatch: Optional[int] = None,
+    token_budget: Optional[int] = None,
+    cost: Literal["padded", "packed"] = "padded",
+    window: int = 512,
+    backend: Literal["cpp", "python"] = "cpp",
+) -> MicrobatchPlan:
+    """Plans this DP rank's micro-batches over ``num_epochs`` epochs (algorithm: module docstring).
+
+    ``max_len``/``total_len``: int arrays [G]. Give exactly one of
+    ``groups_per_microbatch`` (fixed k) or ``token_budget`` (max cost per
+    micro-batch, in tokens, under ``cost``). backend="python" runs the slow
+    reference; backend="cpp" never falls back to it.
+    """
+    if backend not in ("cpp", "python"):
+        raise ValueError(f"backend must be 'cpp' or 'python', got {backend!r}")
+    if cost not in ("padded", "packed"):
+        raise ValueError(f"cost must be 'padded' or 'packed', got {cost!r}")
+    ints = dict(seqs_per_group=seqs_per_group, num_epochs=num_epochs, seed=seed, dp_rank=dp_rank,
+                dp_size=dp_size, window=window)
+    ints = {name: operator.index(v) for name, v in ints.items()}  # rejects floats with TypeError
+    k = None if groups_per_microbatch is None else operator.index(groups_per_microbatch)
+    budget = None if token_budget is None else operator.index(token_budget)
+    _check_scalars(**ints, k=k, budget=budget)
+    max_len_G, total_len_G = _as_lengths("max_len", max_len), _as_lengths("total_len", total_len)
+    args = dict(**ints, groups_per_microbatch=k or 0, token_budget=budget or 0,
+                packed=cost == "packed")
+    if backend == "cpp":  # the extension runs the same length checks before planning
+        out = load_extension().plan_microbatches(max_len_G, total_len_G, **args)
+    else:
+        _check_lengths(max_len_G, total_len_G, seqs_per_group=ints["seqs_per_group"],
+                       budget=budget, cost=cost)
+        out = indexer_ref.plan_reference(max_len_G.tolist(), total_len_G.tolist(), **args)
+    offsets, group_ids, epochs, dropped = out
+    return MicrobatchPlan(
+        offsets=np.asarray(offsets, dtype=np.int64),
+        group_ids=np.asarray(group_ids, dtype=np.int64),
+        epochs=np.asarray(epochs, dtype=np.int64),
+        dropped_groups=int(dropped),
+    )
+
+
+def first_fit_rows(seq_lens, seq_length: int) -> int:
+    """Rows of ``seq_length`` tokens needed when each sequence, in order, goes
+    into the first row with room for it (sequences are never split)."""
+    free_rows: list[int] = []
+    for n in seq_lens:
+        for r, free in enumerate(free_rows):
+            if n <= free:
+                free_rows[r] = free - n
+                break
+        else:
+            free_rows.append(seq_length - n)
+    return len(free_rows)
+
+
+def padding_efficiency(
+    plan: MicrobatchPlan,
+    seq_lens_GS: np.ndarray,
+    *,
+    cost: Literal["padded", "packed"],
+    seq_length: Optional[int] = None,
+) -> float:
+    """Real tokens / tokens processed over every micro-batch of ``plan``.
+
+    ``seq_lens_GS``: int [G, S], the length of every sequence of every group.
+    padded: a micro-batch processes (sequences in it) * (its longest sequence).
+    packed: each micro-batch's sequences, group after group, are laid end to
+    end into rows of ``seq_length`` tokens first-fit (a sequence goes to the
+    first row with room, never split); it processes rows * seq_length.
+    """
+    seq_lens_GS = np.asarray(seq_lens_GS, dtype=np.int64)
+    if seq_lens_GS.ndim != 2:
+        raise ValueError(f"seq_lens_GS must be [G, S], got shape {seq_lens_GS.shape}")
+    if plan.num_microbatches == 0:
+        raise ValueError("the plan has no micro-batches")
+    slots_NS = seq_lens_GS[plan.group_ids]
+    real = int(slots_NS.sum())
+    starts_M = plan.offsets[:-1]
+    if cost == "padded":
+        longest_M = np.maximum.reduceat(slots_NS.max(axis=1), starts_M)
+        nseq_M = np.diff(plan.offsets) * seq_lens_GS.shape[1]
+        return real / int((nseq_M * longest_M).sum())
+    if cost != "packed":
+        raise ValueError(f"cost must be 'padded' or 'packed', got {cost!r}")
+    if seq_length is None or seq_length < 1:
+        raise ValueError(f"cost='packed' needs seq_length >= 1, got {seq_length}")
+    if int(slots_NS.max()) > seq_length:
+        raise ValueError(f"a sequence of {int(slots_NS.max())} tokens does not fit a row of "
+                         f"seq_length={seq_length}")
+    rows = sum(first_fit_rows(slots_NS[lo:hi].ravel().tolist(), seq_length)
+               for lo, hi in zip(plan.offsets[:-1], plan.offsets[1:]))
+    return real / (rows * seq_length)

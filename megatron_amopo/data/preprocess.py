@@ -1,0 +1,221 @@
+"""Preference rows -> Megatron-Core IndexedDataset of groups, written atomically.
+
+Output directory (``FORMAT_VERSION`` 1):
+  data.bin / data.idx     megatron.core IndexedDataset; one document per group, 2P items
+                          (sequence index 2*k + side, see tokenization.py)
+  response_start.npy      [N] int32, first response token of each sequence (N = G * 2P)
+  chosen_scores.npy       [G, D] float32, per-dimension scores of the chosen response
+  rejected_scores.npy     [G, D] float32
+  row_ids.npy             [G] int64, 0-based index of the group's first input row
+  metadata.json           format version, tokenizer fingerprint, dimensions, templates, counts
+  skipped.json            per-reason counts, first line numbers and details of skipped rows
+
+Everything is written into a hidden temporary directory next to the output and renamed at the
+end, so a failure leaves no dataset behind.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import shutil
+import time
+from collections import Counter, defaultdict
+from itertools import islice
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Union
+
+import numpy as np
+
+from megatron_amopo.data.config import DataConfig, PreprocessConfig, PromptConfig
+from megatron_amopo.data.prompts import PromptBuilder, load_templates
+from megatron_amopo.data.records import ERROR_REASONS, PreferenceRecord, Skip, iter_rows, records
+from megatron_amopo.data.tokenization import EncodedGroup, GroupEncoder, load_tokenizer, tokenizer_fingerprint
+
+FORMAT_VERSION = 1
+DATA_PREFIX = "data"
+REPORT_FIRST = 5  # line numbers kept per skip reason in skipped.json
+
+
+class DataError(ValueError):
+    """A bad input row under --strict; the message names the file, the line and the reason."""
+
+
+def _make_encoder(tokenizer: str, data_cfg: DataConfig, prompt_cfg: PromptConfig) -> GroupEncoder:
+    tok = load_tokenizer(tokenizer)
+    templates = load_templates(prompt_cfg.template_file)
+    builder = PromptBuilder(templates, data_cfg.dimensions, data_cfg.score_min, data_cfg.score_max)
+    return GroupEncoder(tok, data_cfg, prompt_cfg, builder)
+
+
+_WORKER: Optional[GroupEncoder] = None
+
+
+def _worker_init(tokenizer: str, data_cfg: DataConfig, prompt_cfg: PromptConfig) -> None:
+    global _WORKER  # one encoder (tokenizer) per worker process, as multiprocessing intends
+    _WORKER = _make_encoder(tokenizer, data_cfg, prompt_cfg)
+
+
+def _encode_chunk(items: list) -> list:
+    return [_WORKER.encode(it) if isinstance(it, PreferenceRecord) else it for it in items]
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    it = iter(items)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+class _Tally:
+    """Rows read, skip counts by reason with first line numbers, --strict enforcement."""
+
+    def __init__(self, path: str, strict: bool) -> None:
+        self.path, self.strict = path, strict
+        self.where = "line" if path.lower().endswith((".jsonl", ".jsonl.gz", ".ndjson")) else "row"
+        self.rows = 0
+        self.skipped: Counter = Counter()
+        self.examples: dict[str, list] = defaultdict(list)
+
+    def count_rows(self, rows):
+        for item in rows:
+            self.rows += 1
+            yield item
+
+    def skip(self, s: Skip) -> None:
+        if self.strict and s.reason in ERROR_REASONS:
+            raise DataError(f"{self.path} {self.where} {s.line}: {s.reason}: {s.detail} (--strict)")
+        self.skipped[s.reason] += 1
+        if len(self.examples[s.reason]) < REPORT_FIRST:
+            self.examples[s.reason].append({self.where: s.line, "detail": s.detail})
+
+    def report(self) -> dict:
+        return {"counts": dict(self.skipped), "first": dict(self.examples), "numbering": self.where}
+
+
+class _Writer:
+    """Megatron-Core IndexedDatasetBuilder plus the sidecar arrays."""
+
+    def __init__(self, tmp: Path, vocab_size: int) -> None:
+        from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+        self.prefix = str(tmp / DATA_PREFIX)
+        self.dtype = DType.optimal_dtype(vocab_size)
+        self.builder = IndexedDatasetBuilder(self.prefix + ".bin", dtype=self.dtype)
+        self.response_start, self.chosen, self.rejected, self.row_ids = [], [], [], []
+        self.tokens = self.truncated = self.user_lost = 0
+
+    def add(self, g: EncodedGroup) -> None:
+        import torch
+
+        for seq in g.sequences:
+            self.builder.add_item(torch.from_numpy(seq))
+            self.tokens += len(seq)
+        self.builder.end_document()  # one document per group (Megatron document = our group)
+        self.response_start.append(g.response_start)
+        self.chosen.append(g.chosen_scores)
+        self.rejected.append(g.rejected_scores)
+        self.row_ids.append(g.row_id)
+        self.truncated += g.user_tokens_lost > 0
+        self.user_lost += g.user_tokens_lost
+
+    def finalize(self, tmp: Path, dims: int) -> None:
+        self.builder.finalize(self.prefix + ".idx")
+        as_2d = lambda x: np.asarray(x, dtype=np.float32).reshape(-1, dims)  # noqa: E731
+        rs = np.concatenate(self.response_start) if self.response_start else np.zeros(0, np.int32)
+        np.save(tmp / "response_start.npy", rs.astype(np.int32))
+        np.save(tmp / "chosen_scores.npy", as_2d(self.chosen))
+        np.save(tmp / "rejected_scores.npy", as_2d(self.rejected))
+        np.save(tmp / "row_ids.npy", np.asarray(self.row_ids, dtype=np.int64))
+
+
+def _results(items: Iterator, pre: PreprocessConfig, data_cfg, prompt_cfg) -> Iterator:
+    """Encoded groups and skips in input order, in this process or a worker pool."""
+    if pre.workers == 1:
+        enc = _make_encoder(pre.tokenizer, data_cfg, prompt_cfg)
+        for it in items:
+            yield enc.encode(it) if isinstance(it, PreferenceRecord) else it
+        return
+    # fork shares the already imported modules; each worker loads its own tokenizer.
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    with ctx.Pool(pre.workers, _worker_init, (pre.tokenizer, data_cfg, prompt_cfg)) as pool:
+        for chunk in pool.imap(_encode_chunk, _chunks(items, pre.chunk_size)):
+            yield from chunk
+
+
+def _metadata(fp, data_cfg, prompt_cfg, builder: PromptBuilder, tally: _Tally, w: _Writer, seconds, pre) -> dict:
+    groups = len(w.row_ids)
+    return {
+        "format_version": FORMAT_VERSION,
+        "input": {"file": os.path.basename(pre.input), "format": data_cfg.format, "limit": pre.limit},
+        "tokenizer": fp,
+        "token_dtype": np.dtype(w.dtype).name,
+        "dimensions": list(data_cfg.dimensions),
+        "num_pairs": data_cfg.num_pairs,
+        "sequences_per_group": 2 * data_cfg.num_pairs,
+        "score_range": [data_cfg.score_min, data_cfg.score_max],
+        "pair_rule": data_cfg.pair_rule,
+        "prompt": {"placement": prompt_cfg.placement, "template_hash": builder.template_hash(prompt_cfg.placement),
+                   "templates": builder.templates},
+        "seq_length": data_cfg.seq_length,
+        "max_tokens_per_sequence": data_cfg.seq_length + 1,
+        "truncation": {"response_share": data_cfg.response_share, "max_user_loss": data_cfg.max_user_loss},
+        "counts": {"rows_read": tally.rows, "groups_written": groups, "sequences": groups * 2 * data_cfg.num_pairs,
+                   "tokens": w.tokens, "groups_truncated": w.truncated, "user_tokens_lost": w.user_lost},
+        "skipped": dict(tally.skipped),
+        "seconds": round(seconds, 3),
+    }
+
+
+def preprocess(data_cfg: DataConfig, prompt_cfg: PromptConfig, pre: PreprocessConfig, progress=None) -> dict:
+    """Write the dataset directory ``pre.output``; returns its metadata."""
+    start = time.perf_counter()
+    out = Path(pre.output)
+    if out.exists() and not pre.overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    tok = load_tokenizer(pre.tokenizer)
+    fp = tokenizer_fingerprint(tok, pre.tokenizer)
+    builder = PromptBuilder(load_templates(prompt_cfg.template_file), data_cfg.dimensions,
+                            data_cfg.score_min, data_cfg.score_max)
+    del tok
+    tally = _Tally(pre.input, pre.strict)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        w = _Writer(tmp, fp["vocab_size"])
+        items = records(tally.count_rows(iter_rows(pre.input, pre.limit)), data_cfg)
+        for res in _results(items, pre, data_cfg, prompt_cfg):
+            if isinstance(res, Skip):
+                tally.skip(res)
+            else:
+                w.add(res)
+            if progress is not None:
+                progress.update(tally.rows - progress.n)  # the bar counts input rows
+        w.finalize(tmp, len(data_cfg.dimensions))
+        meta = _metadata(fp, data_cfg, prompt_cfg, builder, tally, w, time.perf_counter() - start, pre)
+        (tmp / "metadata.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+        (tmp / "skipped.json").write_text(json.dumps(tally.report(), indent=2, ensure_ascii=False))
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` (--overwrite) is moved aside first."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def summary_line(meta: dict) -> str:
+    c = meta["counts"]
+    skipped = " ".join(f"{k}={v}" for k, v in sorted(meta["skipped"].items())) or "none"
+    return (f"rows read {c['rows_read']} | groups written {c['groups_written']} | skipped {skipped} | "
+            f"tokens {c['tokens']} | {meta['seconds']:.1f} s")

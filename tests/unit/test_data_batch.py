@@ -1,0 +1,94 @@
+"""Micro-batch builder: padded and packed layouts carry the same sequences, labels and masks."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_amopo.data.batch import attention_mask_from_segments, build_micro_batch
+from megatron_amopo.data.config import DataConfig, PreprocessConfig, PromptConfig
+from megatron_amopo.data.preprocess import preprocess
+from megatron_amopo.data.reader import PreferenceGroupDataset
+
+ROOT = Path(__file__).resolve().parents[2]
+TOK = str(ROOT / "data" / "tokenizer-qwen2")
+UF = str(ROOT / "data" / "ultrafeedback" / "train_rows_200.jsonl")
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory):
+    out = tmp_path_factory.mktemp("b") / "uf"
+    pre = PreprocessConfig(input=UF, output=str(out), tokenizer=TOK, limit=12, progress=False)
+    preprocess(DataConfig(format="pairs", seq_length=512), PromptConfig(), pre)
+    return PreferenceGroupDataset(str(out))
+
+
+def _per_sequence(batch):
+    """{sequence index: (tokens, labels, loss_mask, position_ids)} read back through segment_ids."""
+    out = {}
+    for n in range(int(batch["num_seqs"])):
+        sel = batch["segment_ids"] == n
+        out[n] = tuple(batch[k][sel] for k in ("tokens", "labels", "loss_mask", "position_ids"))
+    return out
+
+
+def test_padded_and_packed_agree(ds):
+    groups = [ds[g] for g in range(min(3, len(ds)))]
+    B, P = len(groups), ds.num_pairs
+    padded = build_micro_batch(groups, "padded", seq_length=512, pad_id=151643)
+    packed = build_micro_batch(groups, "packed", seq_length=512, pad_id=151643)
+    N = B * 2 * P
+    assert padded["tokens"].shape == (N, 512) and int(padded["num_seqs"]) == N == int(packed["num_seqs"])
+    assert packed["tokens"].shape[0] < N  # sequences share rows
+    a, b = _per_sequence(padded), _per_sequence(packed)
+    for n in range(N):
+        g, k, side = n // (2 * P), (n % (2 * P)) // 2, n % 2
+        seq = groups[g]["tokens"][2 * k + side]
+        start = int(groups[g]["response_start"][2 * k + side])
+        for x, y in zip(a[n], b[n]):
+            assert torch.equal(x, y)
+        tokens, labels, mask, pos = a[n]
+        assert torch.equal(tokens, seq[:-1]) and torch.equal(labels, seq[1:])
+        assert torch.equal(pos, torch.arange(len(seq) - 1))
+        assert int(mask.sum()) == len(seq) - start and mask[start - 1] == 1 and mask[start - 2] == 0
+    # per-sequence statistics reshape to [B, P, 2]
+    resp_tokens = torch.stack([a[n][2].sum() for n in range(N)]).view(B, P, 2)
+    assert resp_tokens[0, 1, 0] == len(groups[0]["tokens"][2]) - int(groups[0]["response_start"][2])
+    for batch in (padded, packed):
+        pad = batch["segment_ids"] < 0
+        assert pad.any() and batch["loss_mask"][pad].sum() == 0 and torch.all(batch["tokens"][pad] == 151643)
+    assert packed["group_ids"].tolist() == [g["group_id"] for g in groups]
+    assert packed["chosen_scores"].shape == (B, 1)
+    # cu_seqlens: row-local boundaries of the packed sequences
+    for r in range(packed["tokens"].shape[0]):
+        segs = packed["segment_ids"][r]
+        m = int(packed["num_segments"][r])
+        cu = packed["cu_seqlens"][r, : m + 1].tolist()
+        assert cu[0] == 0 and cu[-1] == int((segs >= 0).sum())
+        for j in range(m):
+            assert len(set(segs[cu[j]:cu[j + 1]].tolist())) == 1
+
+
+def test_attention_mask_convention():
+    seg = torch.tensor([[0, 0, 0, 1, 1, -1]])
+    masked = attention_mask_from_segments(seg)
+    assert masked.shape == (1, 1, 6, 6) and masked.dtype == torch.bool
+    allowed = ~masked[0, 0]
+    expect = torch.tensor([[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0],
+                           [0, 0, 0, 1, 0, 0], [0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 0, 1]], dtype=torch.bool)
+    assert torch.equal(allowed, expect)  # causal, block-diagonal; padding sees only itself
+
+
+def test_packed_rows_respect_length_and_errors(ds):
+    groups = [ds[g] for g in range(min(4, len(ds)))]
+    longest = max(len(s) - 1 for g in groups for s in g["tokens"])
+    batch = build_micro_batch(groups, "packed", seq_length=longest)
+    assert batch["tokens"].shape[1] == longest
+    assert int((batch["segment_ids"] >= 0).sum()) == sum(len(s) - 1 for g in groups for s in g["tokens"])
+    seg = batch["segment_ids"]
+    sees = ~batch["attention_mask"][:, 0]  # [R, S, S] query x key
+    assert not (sees & (seg >= 0)[:, :, None] & (seg < 0)[:, None, :]).any()  # no real token sees padding
+    assert not (sees & (seg[:, :, None] != seg[:, None, :])).any()  # nor another sequence
+    with pytest.raises(ValueError, match="more than the row length"):
+        build_micro_batch(groups, "padded", seq_length=longest - 1)
+    with pytest.raises(ValueError, match="packed layout needs seq_length"):
+        build_micro_batch(groups, "packed")
