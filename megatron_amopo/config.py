@@ -99,19 +99,28 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: Optio
             kw["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(tp) is list:
             (inner,) = typing.get_args(tp)
-            kw.update(type=inner, nargs="+")
+            kw.update(type=inner, nargs="+", metavar=f.name.upper())
         else:
-            kw["type"] = tp
+            kw.update(type=tp, metavar=f.name.upper())
         group.add_argument(flag_name(f, prefix), **kw)
 
 
-def dataclass_from_args(cls: type, args: argparse.Namespace, base: Optional[dict] = None):
-    """Build ``cls`` from YAML values ``base`` overridden by flags given on the command line."""
-    values = dict(base or {})
-    unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields in config file: {sorted(unknown)}")
+def _yaml_key(f: dataclasses.Field, prefix: Optional[str]) -> str:
+    return flag_name(f, prefix).lstrip("-").replace("-", "_")
+
+
+def dataclass_from_args(cls: type, args: argparse.Namespace, prefix: Optional[str] = None,
+                        yaml_values: Optional[dict] = None):
+    """Build ``cls`` from YAML values overridden by flags given on the command line.
+
+    YAML keys are the flag names without dashes (``--amopo-beta`` -> ``amopo_beta``);
+    the keys this class uses are removed from ``yaml_values``.
+    """
+    values = {}
     for f in dataclasses.fields(cls):
+        key = _yaml_key(f, prefix)
+        if yaml_values is not None and key in yaml_values:
+            values[f.name] = yaml_values.pop(key)
         v = getattr(args, f"{cls.__name__}.{f.name}", None)
         if v is not None:
             values[f.name] = v
@@ -119,13 +128,13 @@ def dataclass_from_args(cls: type, args: argparse.Namespace, base: Optional[dict
 
 
 def load_yaml(path: str) -> dict:
-    """Read a YAML run file: top-level sections named after the config dataclasses' sections."""
+    """Read a YAML run file: a flat mapping whose keys are flag names without dashes."""
     import yaml
 
     with open(path) as fh:
         data = yaml.safe_load(fh) or {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a run file must be a mapping of sections, got {type(data).__name__}")
+        raise ValueError(f"{path}: a run file must be a mapping of flag names to values, got {type(data).__name__}")
     return data
 
 
@@ -168,3 +177,172 @@ class ParallelConfig:
                 f"launch a multiple of {self.model_parallel_size} processes or change the layout"
             )
         return world_size // self.model_parallel_size
+
+
+@dataclass
+class TrainingConfig:
+    """Batching, schedule length and precision of a training run (Megatron flag names)."""
+
+    micro_batch_size: Optional[int] = _f(None, "groups (samples) per micro-batch; or give --micro-batch-tokens")
+    micro_batch_tokens: Optional[int] = _f(
+        None, "token budget per micro-batch (padded: sequences x longest; packed: sum of lengths)"
+    )
+    global_batch_size: int = _f(8, "groups per optimizer step over all data-parallel ranks (approximate with "
+                                   "--micro-batch-tokens: it sets the number of micro-batches per step)")
+    train_iters: Optional[int] = _f(None, "optimizer steps to train; or give --train-epochs")
+    train_epochs: Optional[int] = _f(None, "epochs over the training groups (converted to steps)")
+    seq_length: int = _f(1024, "row length S of a micro-batch (packed rows hold several sequences)")
+    batch_layout: str = _f("packed", "micro-batch layout: packed (block-diagonal rows) or padded (one sequence per row)")
+    plan_window: int = _f(512, "groups per length-grouping window of the micro-batch planner")
+    seed: int = _f(1234, "seed of data order, initialisation and dropout")
+    bf16: bool = _f(False, "bf16 parameters and compute (GPU); fp32 otherwise")
+    recompute_granularity: Optional[str] = _f(None, "activation recomputation: full or selective (GPU)")
+    use_distributed_optimizer: bool = _f(False, "shard optimizer state over data-parallel ranks")
+    eval_interval: Optional[int] = _f(None, "evaluate on the validation split every N steps (and at the end)")
+    eval_batches: Optional[int] = _f(None, "micro-batches per evaluation per rank (default: the whole split)")
+    log_interval: int = _f(1, "print a log line every N steps")
+    exit_on_nan: bool = _f(True, "stop (without saving) when the loss is not finite")
+
+    def __post_init__(self) -> None:
+        if (self.micro_batch_size is None) == (self.micro_batch_tokens is None):
+            raise ValueError("give exactly one of --micro-batch-size (groups) or --micro-batch-tokens")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(f"--micro-batch-size must be >= 1, got {self.micro_batch_size}")
+        if (self.train_iters is None) == (self.train_epochs is None):
+            raise ValueError("give exactly one of --train-iters or --train-epochs")
+        if self.batch_layout not in ("packed", "padded"):
+            raise ValueError(f"--batch-layout must be packed or padded, got {self.batch_layout!r}")
+        if self.recompute_granularity not in (None, "full", "selective"):
+            raise ValueError(f"--recompute-granularity must be full or selective, got {self.recompute_granularity!r}")
+        for name in ("global_batch_size", "seq_length", "log_interval", "plan_window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+
+    def microbatches_per_step(self, data_parallel_size: int, mean_groups_per_microbatch: float = 0.0) -> int:
+        """Micro-batches each DP rank runs per optimizer step."""
+        if self.micro_batch_size is not None:
+            per_step = self.micro_batch_size * data_parallel_size
+            if self.global_batch_size % per_step:
+                raise ValueError(
+                    f"--global-batch-size {self.global_batch_size} is not divisible by --micro-batch-size x DP = "
+                    f"{self.micro_batch_size} x {data_parallel_size}; use a multiple of {per_step}"
+                )
+            return self.global_batch_size // per_step
+        return max(1, round(self.global_batch_size / (data_parallel_size * max(mean_groups_per_microbatch, 1e-9))))
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW and the learning-rate schedule (Megatron's OptimizerParamScheduler)."""
+
+    lr: float = _f(3e-7, "peak learning rate (AMoPO paper: 3e-7 for 7B models)")
+    min_lr: float = _f(0.0, "learning rate at the end of the decay")
+    lr_decay_style: str = _f("cosine", "constant, linear or cosine")
+    lr_warmup_fraction: float = _f(0.1, "fraction of the steps spent in linear warm-up")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    adam_eps: float = _f(1e-8, "AdamW epsilon")
+    clip_grad: float = _f(1.0, "clip the global gradient norm to this value (0 disables)")
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"need 0 <= --min-lr <= --lr and --lr > 0, got lr={self.lr} min_lr={self.min_lr}")
+        if self.lr_decay_style not in ("constant", "linear", "cosine"):
+            raise ValueError(f"--lr-decay-style must be constant, linear or cosine, got {self.lr_decay_style!r}")
+        if not 0.0 <= self.lr_warmup_fraction < 1.0:
+            raise ValueError(f"--lr-warmup-fraction must be in [0, 1), got {self.lr_warmup_fraction}")
+        if self.clip_grad < 0:
+            raise ValueError(f"--clip-grad must be >= 0, got {self.clip_grad}")
+
+
+@dataclass
+class CheckpointConfig:
+    """Where the model comes from and where checkpoints go."""
+
+    load: Optional[str] = _f(None, "checkpoint root to start from (a converted HF model or a training run)")
+    save: Optional[str] = _f(None, "checkpoint root to save to (may equal --load to resume in place)")
+    save_interval: Optional[int] = _f(None, "save every N steps (also at the end and on SIGTERM/SIGUSR1)")
+    keep_last: Optional[int] = _f(None, "keep only the newest K training checkpoints under --save")
+    finetune: bool = _f(False, "take only the weights from --load (start at step 0 with fresh optimizer)")
+
+    def __post_init__(self) -> None:
+        if self.save_interval is not None and self.save_interval < 1:
+            raise ValueError(f"--save-interval must be >= 1, got {self.save_interval}")
+        if self.keep_last is not None and self.keep_last < 1:
+            raise ValueError(f"--keep-last must be >= 1, got {self.keep_last}")
+
+
+@dataclass
+class TrainDataConfig:
+    """Preprocessed datasets (tools/preprocess_data.py output) used by a run."""
+
+    data_path: Optional[str] = _f(None, "training dataset directory")
+    valid_data_path: Optional[str] = _f(None, "validation dataset directory (or use --split)")
+    split: Optional[str] = _f(None, "train,valid percentages of --data-path's groups, e.g. 95,5")
+    dimensions: Optional[list[str]] = _f(None, "expected dimensions, in order (checked against the dataset)")
+    run_dir: Optional[str] = _f(None, "where metrics, TensorBoard events and the resolved config go "
+                                      "(default: --save, else ./runs/<time>)")
+
+    def __post_init__(self) -> None:
+        if self.valid_data_path and self.split:
+            raise ValueError("give --valid-data-path or --split, not both")
+        if self.split is not None:
+            self.split_fractions()
+
+    def split_fractions(self) -> tuple[float, float]:
+        try:
+            parts = [float(x) for x in str(self.split).split(",")]
+        except ValueError:
+            parts = []
+        if len(parts) != 2 or min(parts) < 0 or sum(parts) <= 0:
+            raise ValueError(f"--split must be two non-negative numbers like 95,5, got {self.split!r}")
+        total = sum(parts)
+        return parts[0] / total, parts[1] / total
+
+
+# ---------------------------------------------------------------------------
+# The whole run
+
+RUN_SECTIONS = {  # section name -> (dataclass, flag prefix)
+    "parallel": (ParallelConfig, None),
+    "training": (TrainingConfig, None),
+    "optimizer": (OptimizerConfig, None),
+    "checkpoint": (CheckpointConfig, None),
+    "data": (TrainDataConfig, None),
+    "amopo": (AmopoConfig, "amopo"),
+}
+
+
+@dataclass
+class RunConfig:
+    """Everything pretrain_amopo.py needs, one dataclass per concern."""
+
+    parallel: ParallelConfig
+    training: TrainingConfig
+    optimizer: OptimizerConfig
+    checkpoint: CheckpointConfig
+    data: TrainDataConfig
+    amopo: AmopoConfig
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def run_arg_parser(description: str = "") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=None, help="YAML run file (keys: flag names without dashes); "
+                        "flags given on the command line override it")
+    for cls, prefix in RUN_SECTIONS.values():
+        add_dataclass_args(parser, cls, prefix)
+    return parser
+
+
+def run_config_from_args(args: argparse.Namespace) -> RunConfig:
+    yaml_values = load_yaml(args.config) if args.config else {}
+    sections = {
+        name: dataclass_from_args(cls, args, prefix, yaml_values) for name, (cls, prefix) in RUN_SECTIONS.items()
+    }
+    if yaml_values:
+        raise ValueError(f"{args.config}: unknown keys {sorted(yaml_values)} (keys are flag names without dashes)")
+    return RunConfig(**sections)

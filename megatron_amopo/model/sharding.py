@@ -19,7 +19,7 @@ import torch.distributed as dist
 _LAYER_RE = re.compile(r"^(.*?layers\.)(\d+)(\..*)$")
 
 
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     while hasattr(module, "module"):
         module = module.module
     return module
@@ -27,7 +27,7 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
 
 def layer_offset(model: torch.nn.Module) -> int:
     """Global index of this stage's first transformer layer."""
-    layers = getattr(_unwrap(model).decoder, "layers", [])
+    layers = getattr(unwrap(model).decoder, "layers", [])
     return layers[0].layer_number - 1 if len(layers) else 0
 
 
@@ -69,7 +69,7 @@ def unshard_tensor(pieces: list[torch.Tensor], name: str, dim: int | None) -> to
 
 def local_parameters(model: torch.nn.Module) -> Iterator[tuple[str, str, torch.nn.Parameter]]:
     """(local name, full name, parameter) for every parameter of a model stage."""
-    inner = _unwrap(model)
+    inner = unwrap(model)
     offset = layer_offset(inner)
     for name, param in inner.named_parameters():
         yield name, full_name(name, offset), param

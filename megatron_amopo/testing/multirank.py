@@ -78,8 +78,9 @@ def run_multirank(
     ctx = mp.get_context("spawn")
     out_q = ctx.Queue()
     port = free_port()
+    # Not daemonic: dist_checkpointing starts a multiprocessing manager in each rank.
     procs = [
-        ctx.Process(target=_worker, args=(fn, r, world_size, port, out_q, args, kwargs, dict(env or {})), daemon=True)
+        ctx.Process(target=_worker, args=(fn, r, world_size, port, out_q, args, kwargs, dict(env or {})))
         for r in range(world_size)
     ]
     for p in procs:
