@@ -1,0 +1,81 @@
+"""Datasets, micro-batch plans and the iterators the schedules consume.
+
+Every rank of a model replica (all TP ranks and PP stages) builds the same plan for
+its DP rank, so tensor-parallel ranks see identical data. The plan is
+deterministic in (seed, DP rank, DP size), so a resume only needs the position.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+
+from megatron_amopo.config import TrainDataConfig, TrainingConfig
+from megatron_amopo.data.batch import build_micro_batch
+from megatron_amopo.data.indexer import MicrobatchPlan, plan_microbatches
+from megatron_amopo.data.reader import PreferenceGroupDataset
+
+
+@dataclass
+class Split:
+    """A dataset and the group ids of it that one split uses."""
+
+    dataset: PreferenceGroupDataset
+    group_ids: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.group_ids)
+
+
+def open_splits(cfg: TrainDataConfig, seed: int, vocab_hash: Optional[str], seq_length: int) -> tuple[Split, Optional[Split]]:
+    """Training and (optional) validation splits, checked against the run's tokenizer."""
+    if not cfg.data_path:
+        raise ValueError("--data-path is required: a dataset directory written by tools/preprocess_data.py")
+    kw = dict(vocab_hash=vocab_hash, dimensions=cfg.dimensions, seq_length=seq_length)
+    train = PreferenceGroupDataset(cfg.data_path, **kw)
+    if cfg.valid_data_path:
+        valid = PreferenceGroupDataset(cfg.valid_data_path, **kw)
+        if valid.dimensions != train.dimensions:
+            raise ValueError(f"--valid-data-path dimensions {valid.dimensions} differ from --data-path's "
+                             f"{train.dimensions}")
+        return Split(train, np.arange(len(train))), Split(valid, np.arange(len(valid)))
+    ids = np.arange(len(train))
+    if not cfg.split:
+        return Split(train, ids), None
+    train_frac, _ = cfg.split_fractions()
+    perm = np.random.default_rng(seed).permutation(len(train))
+    cut = int(round(train_frac * len(train)))
+    if cut == 0 or cut == len(train) and train_frac < 1:
+        raise ValueError(f"--split {cfg.split} leaves an empty split of {len(train)} groups")
+    return Split(train, np.sort(perm[:cut])), (Split(train, np.sort(perm[cut:])) if cut < len(train) else None)
+
+
+def make_plan(split: Split, train_cfg: TrainingConfig, *, num_epochs: int, seed: int, dp_rank: int,
+              dp_size: int) -> MicrobatchPlan:
+    """This DP rank's micro-batches over ``num_epochs`` epochs; group ids index the dataset."""
+    ds = split.dataset
+    plan = plan_microbatches(
+        ds.group_max_len[split.group_ids], ds.group_total_len[split.group_ids],
+        seqs_per_group=2 * ds.num_pairs, num_epochs=num_epochs, seed=seed, dp_rank=dp_rank, dp_size=dp_size,
+        groups_per_microbatch=train_cfg.micro_batch_size, token_budget=train_cfg.micro_batch_tokens,
+        cost="packed" if train_cfg.batch_layout == "packed" else "padded", window=train_cfg.plan_window,
+    )
+    return MicrobatchPlan(plan.offsets, split.group_ids[plan.group_ids], plan.epochs, plan.dropped_groups)
+
+
+def microbatches(split: Split, plan: MicrobatchPlan, train_cfg: TrainingConfig, start: int = 0,
+                 stop: Optional[int] = None) -> Iterator[dict]:
+    """Model inputs for plan micro-batches ``start .. stop-1``; adds ``sample_ids`` and ``epoch``."""
+    stop = plan.num_microbatches if stop is None else min(stop, plan.num_microbatches)
+    for m in range(start, stop):
+        groups = [split.dataset[int(g)] for g in plan.microbatch(m)]
+        seq_length = train_cfg.seq_length if train_cfg.batch_layout == "packed" else None
+        batch = build_micro_batch(groups, layout=train_cfg.batch_layout, seq_length=seq_length)
+        batch["sample_ids"] = batch["group_ids"]
+        batch["epoch"] = int(plan.epochs[m])
+        yield batch
+
+
+def mean_groups_per_microbatch(plan: MicrobatchPlan) -> float:
+    return float(len(plan.group_ids)) / max(plan.num_microbatches, 1)

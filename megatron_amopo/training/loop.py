@@ -1,0 +1,258 @@
+"""The training run: model, optimizer, data plans, the step loop, evaluation, saving.
+
+Composes megatron.core parts: ``get_forward_backward_func`` schedules (1F1B with
+PP), Megatron DDP, ``get_megatron_optimizer`` (optionally distributed),
+``OptimizerParamScheduler`` and ``dist_checkpointing``. Library code: it takes a
+``RunConfig`` and a forward-step function, never reads argv.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import signal
+import time
+from dataclasses import asdict
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_amopo.config import RunConfig
+from megatron_amopo.convert.checkpoint_io import read_model_metadata
+from megatron_amopo.model.build import build_model, check_wiring
+from megatron_amopo.model.provider import transformer_config
+from megatron_amopo.objective.amopo import PAIR_METRIC_NAMES
+from megatron_amopo.training import checkpoint as ckpt
+from megatron_amopo.training import data as tdata
+from megatron_amopo.training.metrics import MetricsWriter, format_line, reduce_reports, summarize
+from megatron_amopo.training.optimizer import build_optimizer, build_scheduler
+
+
+class StopRequested:
+    """SIGTERM / SIGUSR1 (SLURM preemption) ask for a checkpoint and a clean exit."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.flag = True
+
+    def agreed(self) -> bool:
+        """True on every rank once any rank got the signal (ranks may get it at different times)."""
+        t = torch.tensor([1.0 if self.flag else 0.0])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+
+def log0(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(msg, flush=True)
+
+
+class Trainer:
+    """One AMoPO training run on this rank."""
+
+    def __init__(self, cfg: RunConfig, forward_step: Callable) -> None:
+        from megatron.core import parallel_state as ps
+
+        self.cfg, self.ps = cfg, ps
+        if not cfg.checkpoint.load:
+            raise ValueError("--load is required: a converted Hugging Face model (tools/convert_hf_to_megatron.py) "
+                             "or a training run's checkpoint directory")
+        self.model_meta = read_model_metadata(cfg.checkpoint.load)
+        self.arch = self.model_meta.arch
+        tc = cfg.training
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self._open_data()
+        self.config = transformer_config(
+            self.arch, cfg.parallel, params_dtype=torch.bfloat16 if tc.bf16 else torch.float32,
+            recompute_granularity=tc.recompute_granularity, calculate_per_token_loss=True,
+            variable_seq_lengths=cfg.parallel.pipeline_model_parallel_size > 1,
+        )
+        self.model = build_model(self.arch, self.config, use_distributed_optimizer=tc.use_distributed_optimizer)
+        check_wiring(self.config)
+        self.optimizer = build_optimizer(self.model, cfg.optimizer, tc)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optimizer, self.train_iters, tc.global_batch_size)
+        self.state, _ = ckpt.load_checkpoint(cfg.checkpoint.load, self.model, self.optimizer, self.scheduler,
+                                             finetune=cfg.checkpoint.finetune)
+        self.forward_step = functools.partial(
+            forward_step, objective_cfg=cfg.amopo, tp_group=ps.get_tensor_model_parallel_group(),
+            cp_group=ps.get_context_parallel_group(),
+        )
+        self.run_dir = cfg.data.run_dir or cfg.checkpoint.save or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+        self.writer = MetricsWriter(self.run_dir, enabled=dist.get_rank() == 0)
+        self.stop = StopRequested()
+
+    # ----------------------------------------------------------------- data
+    def _open_data(self) -> None:
+        tc = self.cfg.training
+        vocab_hash = self._tokenizer_vocab_hash()
+        self.train_split, self.valid_split = tdata.open_splits(self.cfg.data, tc.seed, vocab_hash, tc.seq_length)
+        self.pair_names = ["general"] + self.train_split.dataset.dimensions
+        one_epoch = tdata.make_plan(self.train_split, tc, num_epochs=1, seed=tc.seed, dp_rank=self.dp_rank,
+                                    dp_size=self.dp_size)
+        if one_epoch.num_microbatches == 0:
+            raise ValueError(f"--data-path has {len(self.train_split)} training groups: not enough for one "
+                             f"micro-batch on each of {self.dp_size} data-parallel ranks")
+        self.num_microbatches = tc.microbatches_per_step(self.dp_size, tdata.mean_groups_per_microbatch(one_epoch))
+        steps_per_epoch = one_epoch.num_microbatches // self.num_microbatches
+        if steps_per_epoch == 0:
+            raise ValueError(f"one epoch gives {one_epoch.num_microbatches} micro-batches per DP rank, fewer than "
+                             f"the {self.num_microbatches} one step needs; lower --global-batch-size")
+        self.train_iters = tc.train_iters or tc.train_epochs * steps_per_epoch
+        epochs = math.ceil(self.train_iters / steps_per_epoch)
+        self.plan = tdata.make_plan(self.train_split, tc, num_epochs=epochs, seed=tc.seed, dp_rank=self.dp_rank,
+                                    dp_size=self.dp_size)
+        self.valid_plan = None
+        if self.valid_split is not None and len(self.valid_split):
+            self.valid_plan = tdata.make_plan(self.valid_split, tc, num_epochs=1, seed=tc.seed + 1,
+                                              dp_rank=self.dp_rank, dp_size=self.dp_size)
+
+    def _tokenizer_vocab_hash(self) -> Optional[str]:
+        """Vocab hash of the tokenizer stored with the model (checked against the datasets)."""
+        from megatron_amopo.data.tokenization import load_tokenizer, tokenizer_fingerprint
+
+        path = self.model_meta.tokenizer_dir
+        if not path:
+            log0("warning: the checkpoint has no tokenizer; datasets are not checked against the model's tokenizer")
+            return None
+        return tokenizer_fingerprint(load_tokenizer(path), path)["vocab_hash"]
+
+    # ----------------------------------------------------------------- steps
+    def _is_reporting_rank(self) -> bool:
+        ps = self.ps
+        return (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+                and ps.get_context_parallel_rank() == 0)
+
+    def _run_schedule(self, batches: list[dict], forward_only: bool) -> list[dict]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        rows = max(b["tokens"].shape[0] for b in batches)
+        seq = max(b["tokens"].shape[1] for b in batches)
+        return get_forward_backward_func()(
+            forward_step_func=self.forward_step, data_iterator=iter(batches), model=self.model,
+            num_microbatches=len(batches), seq_length=seq, micro_batch_size=rows, forward_only=forward_only,
+        )
+
+    def _reduce(self, reports: list[dict], batches: list[dict]) -> dict:
+        reduced = reduce_reports(reports, self._is_reporting_rank(), len(self.pair_names), len(PAIR_METRIC_NAMES))
+        counts = torch.zeros(2, dtype=torch.float64)
+        if self._is_reporting_rank():
+            counts[0] = sum(len(b["sample_ids"]) for b in batches)
+            counts[1] = sum(int((b["segment_ids"] >= 0).sum()) for b in batches)
+        dist.all_reduce(counts)
+        reduced["groups"], reduced["tokens"] = counts.tolist()
+        return reduced
+
+    def _check_finite(self, reduced: dict, reports: list[dict]) -> None:
+        if math.isfinite(reduced["loss"]):
+            return
+        ids = [int(i) for r in reports for i in r["sample_ids"]] if self._is_reporting_rank() else []
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, ids)
+        all_ids = sorted({i for part in everyone for i in part})
+        raise FloatingPointError(
+            f"loss is {reduced['loss']} at iteration {self.state.iteration + 1} (sample ids of the batch: {all_ids}); "
+            "stopped before the optimizer step, nothing new saved. Lower --lr or inspect those samples."
+        )
+
+    def train_step(self) -> dict:
+        tc = self.cfg.training
+        start = self.state.consumed_microbatches
+        batches = list(tdata.microbatches(self.train_split, self.plan, tc, start, start + self.num_microbatches))
+        if len(batches) < self.num_microbatches:
+            raise RuntimeError(f"the data plan ran out at micro-batch {start} (plan has {self.plan.num_microbatches})")
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        reports = self._run_schedule(batches, forward_only=False)
+        reduced = self._reduce(reports, batches)
+        if tc.exit_on_nan:
+            self._check_finite(reduced, reports)
+        _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=tc.global_batch_size)
+        self.state.iteration += 1
+        self.state.consumed_microbatches += self.num_microbatches
+        self.state.consumed_samples += int(reduced["groups"])
+        reduced["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        return reduced
+
+    @torch.no_grad()
+    def evaluate(self, split=None, plan=None, label: str = "valid") -> Optional[dict[str, float]]:
+        split, plan = split or self.valid_split, plan or self.valid_plan
+        if plan is None or plan.num_microbatches == 0:
+            return None
+        stop = plan.num_microbatches if self.cfg.training.eval_batches is None else self.cfg.training.eval_batches
+        for chunk in self.model:
+            chunk.eval()
+        batches = list(tdata.microbatches(split, plan, self.cfg.training, 0, stop))
+        reduced = self._reduce(self._run_schedule(batches, forward_only=True), batches)
+        for chunk in self.model:
+            chunk.train()
+        values = summarize(reduced, self.pair_names)
+        self.writer.write(self.state.iteration, values, kind=label)
+        acc = " ".join(f"{n} {values.get(f'accuracy/{n}', float('nan')):.3f}" for n in self.pair_names)
+        log0(f"[{label} @ iter {self.state.iteration}] loss {values['loss']:.4f} | accuracy: {acc} | "
+             f"margin/all {values.get('margin/all', float('nan')):.3f}")
+        return values
+
+    # ----------------------------------------------------------------- run
+    def save(self) -> Optional[str]:
+        if not self.cfg.checkpoint.save:
+            return None
+        path = ckpt.save_checkpoint(self.cfg.checkpoint.save, self.model, self.optimizer, self.scheduler, self.state,
+                                    self.cfg.to_dict(), keep_last=self.cfg.checkpoint.keep_last)
+        log0(f"saved checkpoint {path}")
+        return path
+
+    def train(self) -> dict:
+        tc, ck = self.cfg.training, self.cfg.checkpoint
+        log0(f"training {self.train_iters} steps x {self.num_microbatches} micro-batches x DP {self.dp_size} "
+             f"({len(self.train_split)} groups, P={len(self.pair_names)} pairs, layout {tc.batch_layout}); "
+             f"starting at step {self.state.iteration}")
+        history: dict = {"train": [], "valid": []}
+        if tc.eval_interval and self.state.iteration == 0:
+            history["valid"].append(self.evaluate())
+        t0, it0 = time.time(), self.state.iteration
+        last_saved = self.state.iteration
+        while self.state.iteration < self.train_iters:
+            tick = time.time()
+            reduced = self.train_step()
+            it = self.state.iteration
+            values = summarize(reduced, self.pair_names)
+            dt = time.time() - tick
+            values.update(
+                lr=self.optimizer.param_groups[0]["lr"], grad_norm=reduced["grad_norm"],
+                consumed_samples=self.state.consumed_samples, samples_per_s=reduced["groups"] / dt,
+                tokens_per_s=reduced["tokens"] / dt,
+                eta_s=(time.time() - t0) / (it - it0) * (self.train_iters - it),
+            )
+            history["train"].append(values)
+            self.writer.write(it, values)
+            if it % tc.log_interval == 0 or it == self.train_iters:
+                log0(format_line(it, self.train_iters, values, self.pair_names))
+            if tc.eval_interval and it % tc.eval_interval == 0 and it != self.train_iters:
+                history["valid"].append(self.evaluate())
+            if ck.save_interval and it % ck.save_interval == 0:
+                self.save()
+                last_saved = it
+            if self.stop.agreed():
+                log0(f"stop signal received: saving at iteration {it} and exiting")
+                if last_saved != it:
+                    self.save()
+                return history
+        if tc.eval_interval:
+            history["valid"].append(self.evaluate())
+        if last_saved != self.state.iteration:
+            self.save()
+        self.writer.close()
+        return history
+
+    def resolved_config(self) -> dict:
+        out = self.cfg.to_dict()
+        out["derived"] = dict(train_iters=self.train_iters, microbatches_per_step=self.num_microbatches,
+                              data_parallel_size=self.dp_size, architecture=asdict(self.arch))
+        return out
