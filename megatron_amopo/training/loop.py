@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_amopo.config import RunConfig
-from megatron_amopo.convert.checkpoint_io import read_model_metadata
+from megatron_amopo.convert.checkpoint_io import read_model_metadata, write_model_metadata
 from megatron_amopo.model.build import build_model, check_wiring
 from megatron_amopo.model.provider import transformer_config
 from megatron_amopo.objective.amopo import PAIR_METRIC_NAMES
@@ -52,6 +52,75 @@ def log0(msg: str) -> None:
         print(msg, flush=True)
 
 
+def run_transformer_config(arch, cfg: RunConfig):
+    """TransformerConfig of a training or evaluation run at ``cfg.parallel``."""
+    tc = cfg.training
+    config = transformer_config(
+        arch, cfg.parallel, params_dtype=torch.bfloat16 if tc.bf16 else torch.float32,
+        recompute_granularity=tc.recompute_granularity, calculate_per_token_loss=True,
+    )
+    # Micro-batches differ in rows and length, so pipeline stages exchange shapes. Set
+    # after construction: TransformerConfig's validation rejects the flag for its MoE
+    # token dispatcher even in dense models.
+    config.variable_seq_lengths = cfg.parallel.pipeline_model_parallel_size > 1
+    return config
+
+
+def is_reporting_rank() -> bool:
+    """One rank per DP replica reports step values: last stage, TP rank 0, CP rank 0."""
+    from megatron.core import parallel_state as ps
+
+    return (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+            and ps.get_context_parallel_rank() == 0)
+
+
+def run_schedule(model: list, forward_step: Callable, batches: list[dict], forward_only: bool) -> list[dict]:
+    """Megatron's schedule (1F1B with PP) over this rank's micro-batches of one step."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    return get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(batches), model=model, num_microbatches=len(batches),
+        seq_length=max(b["tokens"].shape[1] for b in batches),
+        micro_batch_size=max(b["tokens"].shape[0] for b in batches), forward_only=forward_only,
+    )
+
+
+def reduce_step(reports: list[dict], batches: list[dict], num_pairs: int) -> dict:
+    """Global sums of a step's reports plus the groups and real tokens it processed."""
+    reporting = is_reporting_rank()
+    reduced = reduce_reports(reports, reporting, num_pairs, len(PAIR_METRIC_NAMES))
+    counts = torch.zeros(2, dtype=torch.float64)
+    if reporting:
+        counts[0] = sum(len(b["sample_ids"]) for b in batches)
+        counts[1] = sum(int((b["segment_ids"] >= 0).sum()) for b in batches)
+    dist.all_reduce(counts)
+    reduced["groups"], reduced["tokens"] = counts.tolist()
+    return reduced
+
+
+@torch.no_grad()
+def evaluate_split(model: list, forward_step: Callable, split, plan, train_cfg, pair_names: list[str],
+                   max_batches: Optional[int] = None) -> dict[str, float]:
+    """Loss, per-pair preference accuracy and margins on a split (forward only, all DP ranks)."""
+    stop = plan.num_microbatches if max_batches is None else min(max_batches, plan.num_microbatches)
+    stop = stop if train_cfg.eval_batches is None else min(stop, train_cfg.eval_batches)
+    for chunk in model:
+        chunk.eval()
+    try:
+        batches = list(tdata.microbatches(split, plan, train_cfg, 0, stop))
+        reduced = reduce_step(run_schedule(model, forward_step, batches, forward_only=True), batches, len(pair_names))
+    finally:
+        for chunk in model:
+            chunk.train()
+    return summarize(reduced, pair_names)
+
+
+def format_eval(values: dict[str, float], pair_names: list[str], label: str) -> str:
+    acc = " ".join(f"{n} {values.get(f'accuracy/{n}', float('nan')):.3f}" for n in pair_names)
+    return (f"[{label}] loss {values['loss']:.4f} | accuracy: {acc} | accuracy/all "
+            f"{values.get('accuracy/all', float('nan')):.3f} | margin/all {values.get('margin/all', float('nan')):.3f}")
+
+
 class Trainer:
     """One AMoPO training run on this rank."""
 
@@ -67,17 +136,15 @@ class Trainer:
         tc = cfg.training
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self._open_data()
-        self.config = transformer_config(
-            self.arch, cfg.parallel, params_dtype=torch.bfloat16 if tc.bf16 else torch.float32,
-            recompute_granularity=tc.recompute_granularity, calculate_per_token_loss=True,
-            variable_seq_lengths=cfg.parallel.pipeline_model_parallel_size > 1,
-        )
+        self.config = run_transformer_config(self.arch, cfg)
         self.model = build_model(self.arch, self.config, use_distributed_optimizer=tc.use_distributed_optimizer)
         check_wiring(self.config)
         self.optimizer = build_optimizer(self.model, cfg.optimizer, tc)
         self.scheduler = build_scheduler(self.optimizer, cfg.optimizer, self.train_iters, tc.global_batch_size)
         self.state, _ = ckpt.load_checkpoint(cfg.checkpoint.load, self.model, self.optimizer, self.scheduler,
                                              finetune=cfg.checkpoint.finetune)
+        if cfg.checkpoint.save:
+            self._prepare_save_dir(cfg.checkpoint.save)
         self.forward_step = functools.partial(
             forward_step, objective_cfg=cfg.amopo, tp_group=ps.get_tensor_model_parallel_group(),
             cp_group=ps.get_context_parallel_group(),
@@ -85,6 +152,15 @@ class Trainer:
         self.run_dir = cfg.data.run_dir or cfg.checkpoint.save or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
         self.writer = MetricsWriter(self.run_dir, enabled=dist.get_rank() == 0)
         self.stop = StopRequested()
+
+    def _prepare_save_dir(self, root: str) -> None:
+        """--save holds amopo_model.json and the tokenizer, so it can be resumed from and exported."""
+        meta = self.model_meta
+        if os.path.abspath(root) != os.path.abspath(self.cfg.checkpoint.load):
+            write_model_metadata(root, meta.arch, meta.hf_config, meta.tokenizer_dir,
+                                 source={**meta.source, "trained_from": os.path.abspath(self.cfg.checkpoint.load)},
+                                 generation_config=meta.generation_config)
+        dist.barrier()
 
     # ----------------------------------------------------------------- data
     def _open_data(self) -> None:
@@ -122,35 +198,13 @@ class Trainer:
         return tokenizer_fingerprint(load_tokenizer(path), path)["vocab_hash"]
 
     # ----------------------------------------------------------------- steps
-    def _is_reporting_rank(self) -> bool:
-        ps = self.ps
-        return (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
-                and ps.get_context_parallel_rank() == 0)
-
-    def _run_schedule(self, batches: list[dict], forward_only: bool) -> list[dict]:
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        rows = max(b["tokens"].shape[0] for b in batches)
-        seq = max(b["tokens"].shape[1] for b in batches)
-        return get_forward_backward_func()(
-            forward_step_func=self.forward_step, data_iterator=iter(batches), model=self.model,
-            num_microbatches=len(batches), seq_length=seq, micro_batch_size=rows, forward_only=forward_only,
-        )
-
     def _reduce(self, reports: list[dict], batches: list[dict]) -> dict:
-        reduced = reduce_reports(reports, self._is_reporting_rank(), len(self.pair_names), len(PAIR_METRIC_NAMES))
-        counts = torch.zeros(2, dtype=torch.float64)
-        if self._is_reporting_rank():
-            counts[0] = sum(len(b["sample_ids"]) for b in batches)
-            counts[1] = sum(int((b["segment_ids"] >= 0).sum()) for b in batches)
-        dist.all_reduce(counts)
-        reduced["groups"], reduced["tokens"] = counts.tolist()
-        return reduced
+        return reduce_step(reports, batches, len(self.pair_names))
 
     def _check_finite(self, reduced: dict, reports: list[dict]) -> None:
         if math.isfinite(reduced["loss"]):
             return
-        ids = [int(i) for r in reports for i in r["sample_ids"]] if self._is_reporting_rank() else []
+        ids = [int(i) for r in reports for i in r["sample_ids"]] if is_reporting_rank() else []
         everyone: list = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, ids)
         all_ids = sorted({i for part in everyone for i in part})
@@ -168,7 +222,7 @@ class Trainer:
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        reports = self._run_schedule(batches, forward_only=False)
+        reports = run_schedule(self.model, self.forward_step, batches, forward_only=False)
         reduced = self._reduce(reports, batches)
         if tc.exit_on_nan:
             self._check_finite(reduced, reports)
@@ -180,23 +234,13 @@ class Trainer:
         reduced["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         return reduced
 
-    @torch.no_grad()
-    def evaluate(self, split=None, plan=None, label: str = "valid") -> Optional[dict[str, float]]:
-        split, plan = split or self.valid_split, plan or self.valid_plan
-        if plan is None or plan.num_microbatches == 0:
+    def evaluate(self) -> Optional[dict[str, float]]:
+        if self.valid_plan is None:
             return None
-        stop = plan.num_microbatches if self.cfg.training.eval_batches is None else self.cfg.training.eval_batches
-        for chunk in self.model:
-            chunk.eval()
-        batches = list(tdata.microbatches(split, plan, self.cfg.training, 0, stop))
-        reduced = self._reduce(self._run_schedule(batches, forward_only=True), batches)
-        for chunk in self.model:
-            chunk.train()
-        values = summarize(reduced, self.pair_names)
-        self.writer.write(self.state.iteration, values, kind=label)
-        acc = " ".join(f"{n} {values.get(f'accuracy/{n}', float('nan')):.3f}" for n in self.pair_names)
-        log0(f"[{label} @ iter {self.state.iteration}] loss {values['loss']:.4f} | accuracy: {acc} | "
-             f"margin/all {values.get('margin/all', float('nan')):.3f}")
+        values = evaluate_split(self.model, self.forward_step, self.valid_split, self.valid_plan,
+                                self.cfg.training, self.pair_names)
+        self.writer.write(self.state.iteration, values, kind="valid")
+        log0(format_eval(values, self.pair_names, f"valid @ iter {self.state.iteration}"))
         return values
 
     # ----------------------------------------------------------------- run

@@ -1,0 +1,77 @@
+"""Evaluate a checkpoint on a preprocessed dataset: per-dimension preference accuracy,
+reward margins and AMoPO loss (general pair reported separately).
+
+    torchrun --nproc-per-node 2 tools/evaluate.py --load CKPT --data-path DATA \\
+        --tensor-model-parallel-size 2 --micro-batch-size 2 --seq-length 512 [--output eval.json]
+
+Takes the training flags (same parallel layout and batching options); the whole
+dataset is evaluated once, split over data-parallel ranks.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_amopo.config import run_arg_parser, run_config_from_args  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = run_arg_parser(__doc__.splitlines()[0])
+    parser.add_argument("--output", default=None, help="write the metrics as JSON here")
+    args = parser.parse_args(argv)
+    if args.__dict__.get("TrainingConfig.train_iters") is None and args.__dict__.get("TrainingConfig.train_epochs") is None:
+        setattr(args, "TrainingConfig.train_iters", 1)  # no training: the schedule length is irrelevant
+    cfg = run_config_from_args(args)
+    if not cfg.checkpoint.load or not cfg.data.data_path:
+        parser.error("--load and --data-path are required")
+
+    from megatron.core import parallel_state as ps
+
+    from megatron_amopo.convert.checkpoint_io import load_model_state, read_model_metadata
+    from megatron_amopo.data.tokenization import load_tokenizer, tokenizer_fingerprint
+    from megatron_amopo.model.build import build_model
+    from megatron_amopo.model.sharding import unwrap
+    from megatron_amopo.runtime.distributed import destroy_distributed, initialize_distributed, set_seed
+    from megatron_amopo.training import data as tdata
+    from megatron_amopo.training.loop import evaluate_split, format_eval, log0, run_transformer_config
+    from megatron_amopo.training.step import forward_step
+
+    initialize_distributed(cfg.parallel)
+    set_seed(cfg.training.seed)
+    try:
+        meta = read_model_metadata(cfg.checkpoint.load)
+        vocab_hash = None
+        if meta.tokenizer_dir:
+            vocab_hash = tokenizer_fingerprint(load_tokenizer(meta.tokenizer_dir), meta.tokenizer_dir)["vocab_hash"]
+        split, _ = tdata.open_splits(cfg.data, cfg.training.seed, vocab_hash, cfg.training.seq_length)
+        model = build_model(meta.arch, run_transformer_config(meta.arch, cfg))
+        iteration = load_model_state(unwrap(model[0]), cfg.checkpoint.load)
+        plan = tdata.make_plan(split, cfg.training, num_epochs=1, seed=cfg.training.seed,
+                               dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size())
+        step = functools.partial(forward_step, objective_cfg=cfg.amopo,
+                                 tp_group=ps.get_tensor_model_parallel_group(),
+                                 cp_group=ps.get_context_parallel_group())
+        pair_names = ["general"] + split.dataset.dimensions
+        values = evaluate_split(model, step, split, plan, cfg.training, pair_names)
+        values["iteration"] = iteration
+        log0(format_eval(values, pair_names, f"eval {cfg.checkpoint.load} @ iter {iteration}"))
+        if cfg.checkpoint.load and args.output and torch_rank0():
+            with open(args.output, "w") as fh:
+                json.dump(values, fh, indent=1)
+    finally:
+        destroy_distributed()
+    return 0
+
+
+def torch_rank0() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
