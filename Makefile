@@ -30,5 +30,8 @@ test-unit: $(STAMP)
 test-distributed: $(STAMP)
 	$(PY) -m pytest tests/distributed $(PYTEST_ARGS)
 
+demo: $(STAMP)
+	PYTHON=$(PY) bash examples/cpu_quickstart.sh
+
 clean:
 	rm -rf $(VENV) build *.egg-info megatron_amopo/*.so
