@@ -21,6 +21,8 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <functional>
+#include <limits>
 #include <numeric>
 #include <sstream>
 #include <stdexcept>
@@ -85,6 +87,10 @@ struct Options {
   int64_t token_budget;           // > 0: token budget mode; 0: fixed k
   bool packed;                    // cost (and sort key): packed total_len, else padded max_len
   int64_t window;
+  int64_t seq_length;             // packed token budget: row length S (0 otherwise)
+  // Packed token budget: rows of seq_length per micro-batch (budget / seq_length).
+  int64_t max_rows() const { return seq_length > 0 ? token_budget / seq_length : 0; }
+  bool packed_budget() const { return packed && token_budget > 0; }
 };
 
 struct Plan {
@@ -128,13 +134,119 @@ void check_options(const Options& o, int64_t num_groups) {
            << o.groups_per_microbatch << " and " << o.token_budget);
 }
 
+// Best fit (the rule of megatron_amopo.data.indexer_ref.best_fit): each item of
+// items[0..n) (non-increasing) goes into the row with the least free space that
+// holds it, else into a new row of seq_length. free is the rows' free space,
+// ascending (a multiset: which row is which does not change the count). Returns
+// false as soon as more than max_rows rows would be needed.
+bool best_fit(std::vector<int64_t>& free, const int64_t* items, int64_t n, int64_t seq_length,
+              int64_t max_rows) {
+  // Plain loops instead of vector::insert / std::move_backward: the arrays hold a few
+  // dozen values, where memmove calls cost more than they move.
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t len = items[i];
+    int64_t* f = free.data();
+    auto size = static_cast<int64_t>(free.size());
+    int64_t at = 0;  // first row with free >= len; a branchless count beats bisection on few rows
+    if (size <= 64) {
+      for (int64_t r = 0; r < size; ++r) at += f[r] < len;
+    } else {
+      at = std::lower_bound(f, f + size, len) - f;
+    }
+    int64_t left;
+    if (at < size) {
+      left = f[at] - len;  // < f[at]: its sorted place is at or before at
+    } else if (size < max_rows) {
+      left = seq_length - len;
+      free.push_back(0);
+      f = free.data();
+      at = size++;
+    } else {
+      return false;
+    }
+    // Insert after equal values (Python's insort), shifting f[j..at) up by one.
+    int64_t j = at;
+    while (j > 0 && f[j - 1] > left) {
+      f[j] = f[j - 1];
+      --j;
+    }
+    f[j] = left;
+  }
+  return true;
+}
+
+// A group's 2P sequence lengths, longest first (insertion sort when 2P is small).
+void sorted_lengths(const int64_t* seq_lens, int64_t spg, int64_t g, std::vector<int64_t>* out) {
+  const int64_t* src = seq_lens + g * spg;
+  if (spg > 32) {
+    out->assign(src, src + spg);
+    std::sort(out->begin(), out->end(), std::greater<int64_t>());
+    return;
+  }
+  out->resize(spg);
+  int64_t* o = out->data();
+  for (int64_t i = 0; i < spg; ++i) {
+    const int64_t v = src[i];
+    int64_t j = i;
+    while (j > 0 && o[j - 1] < v) {
+      o[j] = o[j - 1];
+      --j;
+    }
+    o[j] = v;
+  }
+}
+
+// Rows the group needs alone (packed): best fit of its own sequences, unbounded.
+int64_t rows_alone(const Options& o, const int64_t* seq_lens, int64_t g, std::vector<int64_t>* buf,
+                   std::vector<int64_t>* free) {
+  sorted_lengths(seq_lens, o.seqs_per_group, g, buf);
+  free->clear();
+  best_fit(*free, buf->data(), o.seqs_per_group, o.seq_length, o.seqs_per_group);
+  return static_cast<int64_t>(free->size());
+}
+
 int64_t group_cost(const Options& o, int64_t max_len, int64_t total_len) {
   return o.packed ? total_len : o.seqs_per_group * max_len;
 }
 
+// Packed token budget: per-sequence lengths in [1, seq_length], consistent with
+// max_len/total_len, and every group alone within max_rows rows.
+void check_seq_lens(const Options& o, const int64_t* max_len, const int64_t* total_len,
+                    const int64_t* seq_lens, int64_t G) {
+  std::ostringstream m;
+  const int64_t spg = o.seqs_per_group;
+  for (int64_t g = 0; g < G; ++g) {
+    int64_t mx = 0, sum = 0;
+    for (int64_t j = 0; j < spg; ++j) {
+      const int64_t len = seq_lens[g * spg + j];
+      if (len < 1 || len > o.seq_length)
+        fail(m << "group " << g << ": sequence lengths must be in [1, seq_length=" << o.seq_length
+               << "], got " << len << " at index " << j);
+      mx = std::max(mx, len);
+      sum += len;
+    }
+    if (mx != max_len[g] || sum != total_len[g])
+      fail(m << "group " << g << ": seq_lens give max " << mx << " and sum " << sum
+             << ", but max_len=" << max_len[g] << " total_len=" << total_len[g]);
+  }
+  std::vector<int64_t> buf, free;
+  int64_t worst = 0, first_over = -1, over_rows = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t rows = rows_alone(o, seq_lens, g, &buf, &free);
+    worst = std::max(worst, rows);
+    if (rows > o.max_rows() && first_over < 0) first_over = g, over_rows = rows;
+  }
+  if (first_over >= 0)
+    fail(m << "group " << first_over << " alone costs " << over_rows * o.seq_length
+           << " tokens (packed: " << over_rows << " rows of seq_length=" << o.seq_length
+           << "), above token_budget=" << o.token_budget
+           << "; the minimum budget that fits every group is " << worst * o.seq_length);
+}
+
 // Lengths must be consistent (max <= total <= 2P * max) and no single group may
 // exceed the token budget; checked before any planning work.
-void check_lengths(const Options& o, const int64_t* max_len, const int64_t* total_len, int64_t G) {
+void check_lengths(const Options& o, const int64_t* max_len, const int64_t* total_len,
+                   const int64_t* seq_lens, int64_t G) {
   std::ostringstream m;
   int64_t worst = 0;
   int64_t first_over = -1;
@@ -150,6 +262,7 @@ void check_lengths(const Options& o, const int64_t* max_len, const int64_t* tota
     worst = std::max(worst, c);
     if (o.token_budget > 0 && c > o.token_budget && first_over < 0) first_over = g;
   }
+  if (o.packed_budget()) return check_seq_lens(o, max_len, total_len, seq_lens, G);
   if (first_over >= 0)
     fail(m << "group " << first_over << " alone costs "
            << group_cost(o, max_len[first_over], total_len[first_over]) << " tokens ("
@@ -202,7 +315,7 @@ void sort_windows(const std::vector<Id>& ids, const int64_t* key, int64_t window
 }
 
 // Step 2 (fill): returns micro-batch start positions into the order, plus the end.
-// The key is the group's cost driver: max_len (padded) or total_len (packed).
+// The key is max_len (padded budget) or the sort key (fixed k, unused).
 // Fixed k drops a short last run (its groups are counted in *tail_dropped).
 std::vector<int64_t> fill(const Options& o, const std::vector<int64_t>& key, int64_t* tail_dropped) {
   const auto G = static_cast<int64_t>(key.size());
@@ -213,25 +326,97 @@ std::vector<int64_t> fill(const Options& o, const std::vector<int64_t>& key, int
     *tail_dropped = G - bounds.back();
     return bounds;
   }
-  int64_t n = 0, cur_max = 0, cur_sum = 0;
+  int64_t n = 0, cur_max = 0;
   for (int64_t pos = 0; pos < G; ++pos) {
-    bool fits;
-    if (o.packed) {
-      fits = cur_sum + key[pos] <= o.token_budget;
-    } else {  // 2P*(n+1)*max can pass 2^63 (max <= 2^40, 2P*n <= budget): use 128 bits
-      const __int128 cost = static_cast<__int128>(o.seqs_per_group * (n + 1)) * std::max(cur_max, key[pos]);
-      fits = cost <= o.token_budget;
-    }
-    if (n > 0 && !fits) {
+    // Padded budget (packed budgets go to fill_packed). 2P*(n+1)*max can pass 2^63
+    // (max <= 2^40, 2P*n <= budget): use 128 bits.
+    const __int128 cost = static_cast<__int128>(o.seqs_per_group * (n + 1)) * std::max(cur_max, key[pos]);
+    if (n > 0 && cost > o.token_budget) {
       bounds.push_back(pos);
-      n = cur_max = cur_sum = 0;
+      n = cur_max = 0;
     }
     ++n;
     cur_max = std::max(cur_max, key[pos]);
-    cur_sum += key[pos];
   }
   bounds.push_back(G);
   *tail_dropped = 0;
+  return bounds;
+}
+
+// Step 2, packed token budget: the micro-batch of a window starts with its largest
+// remaining group (the window is sorted by total_len, largest first) and takes every
+// later remaining group, in order, that passes three tests: its tokens fit the free
+// tokens (max_rows * seq_length - tokens so far), it fits by best fit on top of the
+// rows built so far group by group (a cheap filter), and the best fit of ALL the
+// micro-batch's sequences, longest first (the builder's rule), needs <= max_rows rows.
+// Writes the micro-batches' groups, one after another, to *out; returns the bounds.
+struct Candidate {  // a window's group with its lengths at hand (no scattered loads)
+  int64_t total;
+  int64_t longest;
+  int64_t group;
+};
+
+std::vector<int64_t> fill_packed(const Options& o, const int64_t* max_len, const int64_t* total_len,
+                                 const int64_t* seq_lens, const std::vector<int64_t>& order,
+                                 std::vector<int64_t>* out) {
+  const auto G = static_cast<int64_t>(order.size());
+  const int64_t spg = o.seqs_per_group, R = o.max_rows(), S = o.seq_length;
+  const int64_t capacity = R * S;
+  std::vector<int64_t> bounds{0}, items, mine, merged, proxy, trial, check;
+  std::vector<Candidate> rem;
+  std::vector<char> taken;
+  std::vector<int64_t> suffix_min;  // shortest longest-sequence from each position on
+  out->clear();
+  for (int64_t lo = 0; lo < G; lo += o.window) {
+    rem.clear();
+    for (int64_t i = lo; i < std::min(G, lo + o.window); ++i)
+      rem.push_back(Candidate{total_len[order[i]], max_len[order[i]], order[i]});
+    while (!rem.empty()) {
+      taken.assign(rem.size(), 0);
+      taken[0] = 1;
+      sorted_lengths(seq_lens, spg, rem[0].group, &items);
+      proxy.clear();
+      best_fit(proxy, items.data(), spg, S, R);
+      int64_t tokens = rem[0].total;
+      out->push_back(rem[0].group);
+      suffix_min.resize(rem.size() + 1);
+      suffix_min[rem.size()] = std::numeric_limits<int64_t>::max();
+      for (size_t i = rem.size(); i-- > 0;) suffix_min[i] = std::min(suffix_min[i + 1], rem[i].longest);
+      auto pos = rem.begin() + 1;
+      while (true) {
+        const int64_t free_tokens = capacity - tokens;
+        pos = std::partition_point(pos, rem.end(),
+                                   [&](const Candidate& c) { return c.total > free_tokens; });
+        if (pos == rem.end()) break;
+        // Not in the Python reference, same plan: with all rows open and every later
+        // candidate's longest sequence above the largest gap, the O(1) test below
+        // rejects them all.
+        if (static_cast<int64_t>(proxy.size()) == R && proxy.back() < suffix_min[pos - rem.begin()])
+          break;
+        const Candidate c = *pos++;
+        if (static_cast<int64_t>(proxy.size()) == R && proxy.back() < c.longest) continue;
+        sorted_lengths(seq_lens, spg, c.group, &mine);
+        trial.resize(proxy.size());
+        for (size_t i = 0; i < proxy.size(); ++i) trial[i] = proxy[i];
+        if (!best_fit(trial, mine.data(), spg, S, R)) continue;
+        merged.resize(items.size() + mine.size());
+        std::merge(items.begin(), items.end(), mine.begin(), mine.end(), merged.begin(),
+                   std::greater<int64_t>());
+        check.clear();
+        if (!best_fit(check, merged.data(), static_cast<int64_t>(merged.size()), S, R)) continue;
+        items.swap(merged);
+        proxy.swap(trial);
+        tokens += c.total;
+        taken[pos - 1 - rem.begin()] = 1;
+        out->push_back(c.group);
+      }
+      bounds.push_back(static_cast<int64_t>(out->size()));
+      size_t kept = 0;
+      for (size_t i = 0; i < rem.size(); ++i)
+        if (!taken[i]) rem[kept++] = rem[i];
+      rem.resize(kept);
+    }
+  }
   return bounds;
 }
 
@@ -258,16 +443,31 @@ void assign_epoch(const Options& o, int64_t epoch, const std::vector<int64_t>& o
 // Id is uint32_t when G < 2^32: the shuffled array is half the size, which keeps
 // more of the random swaps in cache.
 template <typename Id>
-Plan build_plan(const Options& o, const int64_t* max_len, const int64_t* total_len, int64_t G) {
+Plan build_plan(const Options& o, const int64_t* max_len, const int64_t* total_len,
+                const int64_t* seq_lens, int64_t G) {
   Plan plan;
   plan.group_ids_N.reserve(static_cast<size_t>(G / o.dp_size + 1) * o.num_epochs);
   std::vector<Id> ids(G);
   EpochOrder order{std::vector<int64_t>(G), std::vector<int64_t>(G)};
+  // Packed budget sorts largest first: a stable ascending sort on (max - total_len).
+  std::vector<int64_t> desc_key;
+  if (o.packed_budget()) {
+    const int64_t top = *std::max_element(total_len, total_len + G);
+    desc_key.resize(G);
+    for (int64_t g = 0; g < G; ++g) desc_key[g] = top - total_len[g];
+  }
+  const int64_t* key = o.packed_budget() ? desc_key.data() : (o.packed ? total_len : max_len);
+  std::vector<int64_t> packed_order;
   for (int64_t e = 0; e < o.num_epochs; ++e) {
     std::iota(ids.begin(), ids.end(), Id{0});
     SplitMix64 rng(o.seed, static_cast<uint64_t>(e), 0);
     shuffle(ids, rng);
-    sort_windows(ids, o.packed ? total_len : max_len, o.window, &order);
+    sort_windows(ids, key, o.window, &order);
+    if (o.packed_budget()) {
+      const auto bounds = fill_packed(o, max_len, total_len, seq_lens, order.group, &packed_order);
+      assign_epoch(o, e, packed_order, bounds, &plan);
+      continue;
+    }
     int64_t tail_dropped = 0;
     const auto bounds = fill(o, order.key, &tail_dropped);
     plan.dropped_groups += tail_dropped;
@@ -284,9 +484,10 @@ py::array_t<int64_t> to_numpy(std::vector<int64_t>&& v) {
 }
 
 py::tuple plan_microbatches(const py::array& max_len_G, const py::array& total_len_G,
-                            int64_t seqs_per_group, int64_t num_epochs, uint64_t seed,
-                            int64_t dp_rank, int64_t dp_size, int64_t groups_per_microbatch,
-                            int64_t token_budget, bool packed, int64_t window) {
+                            const py::array& seq_lens_GS, int64_t seq_length, int64_t seqs_per_group,
+                            int64_t num_epochs, uint64_t seed, int64_t dp_rank, int64_t dp_size,
+                            int64_t groups_per_microbatch, int64_t token_budget, bool packed,
+                            int64_t window) {
   const int64_t* max_len = int64_vector(max_len_G, "max_len");
   const int64_t* total_len = int64_vector(total_len_G, "total_len");
   if (max_len_G.size() != total_len_G.size()) {
@@ -296,18 +497,45 @@ py::tuple plan_microbatches(const py::array& max_len_G, const py::array& total_l
   }
   const auto G = static_cast<int64_t>(max_len_G.size());
   const Options o{seqs_per_group, num_epochs,   seed,   dp_rank, dp_size,
-                  groups_per_microbatch, token_budget, packed, window};
+                  groups_per_microbatch, token_budget, packed, window,
+                  packed && token_budget > 0 ? seq_length : 0};
   check_options(o, G);
-  check_lengths(o, max_len, total_len, G);
+  const int64_t* seq_lens = nullptr;
+  if (o.packed_budget()) {
+    std::ostringstream m;
+    if (seq_length < 1 || seq_length > kMaxLength)
+      fail(m << "packed token budget needs seq_length in [1, 2^40], got " << seq_length);
+    if (!seq_lens_GS.dtype().is(py::dtype::of<int64_t>()) || seq_lens_GS.ndim() != 2 ||
+        !(seq_lens_GS.flags() & py::array::c_style) || seq_lens_GS.shape(0) != G ||
+        seq_lens_GS.shape(1) != seqs_per_group)
+      fail(m << "packed token budget needs seq_lens as a C-contiguous int64 array [G, 2P] = [" << G
+             << ", " << seqs_per_group << "]");
+    seq_lens = static_cast<const int64_t*>(seq_lens_GS.data());
+  }
+  check_lengths(o, max_len, total_len, seq_lens, G);
   Plan plan;
   {
-    // The input buffers stay alive: the caller holds references to both arrays.
+    // The input buffers stay alive: the caller holds references to every array.
     py::gil_scoped_release release;
-    plan = G < (int64_t{1} << 32) ? build_plan<uint32_t>(o, max_len, total_len, G)
-                                  : build_plan<int64_t>(o, max_len, total_len, G);
+    plan = G < (int64_t{1} << 32) ? build_plan<uint32_t>(o, max_len, total_len, seq_lens, G)
+                                  : build_plan<int64_t>(o, max_len, total_len, seq_lens, G);
   }
   return py::make_tuple(to_numpy(std::move(plan.offsets_M1)), to_numpy(std::move(plan.group_ids_N)),
                         to_numpy(std::move(plan.epochs_M)), plan.dropped_groups);
+}
+
+py::int_ packed_rows(const py::array& seq_lens, int64_t seq_length) {
+  const int64_t* lens = int64_vector(seq_lens, "seq_lens");
+  const auto n = static_cast<int64_t>(seq_lens.size());
+  std::vector<int64_t> items(lens, lens + n), free;
+  for (int64_t len : items) {
+    std::ostringstream m;
+    if (len < 1 || len > seq_length)
+      fail(m << "sequence lengths must be in [1, seq_length=" << seq_length << "], got " << len);
+  }
+  std::sort(items.begin(), items.end(), std::greater<int64_t>());
+  best_fit(free, items.data(), n, seq_length, n);
+  return py::int_(free.size());
 }
 
 }  // namespace
@@ -315,9 +543,12 @@ py::tuple plan_microbatches(const py::array& max_len_G, const py::array& total_l
 PYBIND11_MODULE(_indexer, m) {
   m.doc() = "C++ micro-batch planner for AMoPO groups; see megatron_amopo.data.indexer.";
   m.def("plan_microbatches", &plan_microbatches, py::arg("max_len"), py::arg("total_len"),
-        py::arg("seqs_per_group"), py::arg("num_epochs"), py::arg("seed"), py::arg("dp_rank"),
+        py::arg("seq_lens"), py::arg("seq_length"), py::arg("seqs_per_group"), py::arg("num_epochs"), py::arg("seed"), py::arg("dp_rank"),
         py::arg("dp_size"), py::arg("groups_per_microbatch"), py::arg("token_budget"),
         py::arg("packed"), py::arg("window"),
         "Plan one rank's micro-batches. Returns (offsets[M+1], group_ids[N], epochs[M], "
-        "dropped_groups). Exactly one of groups_per_microbatch / token_budget is > 0.");
+        "dropped_groups). Exactly one of groups_per_microbatch / token_budget is > 0; a packed "
+        "token budget also needs seq_lens [G, 2P] int64 and seq_length (else pass an empty array, 0).");
+  m.def("packed_rows", &packed_rows, py::arg("seq_lens"), py::arg("seq_length"),
+        "Rows of seq_length that best fit decreasing gives the 1-D int64 seq_lens (the builder's rule).");
 }

@@ -9,8 +9,12 @@ Shift as in Megatron GPT: a stored sequence x of L tokens gives inputs x[:-1] an
 
 Layouts:
   padded  one sequence per row, R = N.
-  packed  sequences laid end to end in rows of at most S positions (first fit, in sequence order),
-          attention block-diagonal across sequences, position ids restarting at 0 per sequence.
+  packed  sequences laid end to end in rows of at most S positions, attention block-diagonal
+          across sequences, position ids restarting at 0 per sequence. Which sequences share a
+          row: best fit decreasing — sequences by length, longest first (ties: lower n first),
+          each into the open row with the least free space that holds it (ties: lower row), else
+          a new row; within a row in that placement order. The planner
+          (megatron_amopo.data.indexer, cost="packed") charges a micro-batch by these rows.
 
 ``attention_mask`` follows Megatron: bool [R, 1, S, S], True = masked (not attended). Real
 tokens see only earlier tokens of their own sequence. A padding query sees only itself, so no
@@ -22,6 +26,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+
+from megatron_amopo.data.indexer_ref import pack_rows
 
 LAYOUTS = ("padded", "packed")
 
@@ -39,21 +45,14 @@ def _shifted(groups: list[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor]
 
 
 def _place(lengths: list[int], S: int, layout: str) -> list[list[int]]:
-    """Row assignment: a list of sequence indices per row."""
+    """Row assignment: a list of sequence indices per row.
+
+    packed: best fit decreasing (``indexer.pack_rows``), the rule the planner charges a packed
+    micro-batch by, so a planned micro-batch gets exactly the planned number of rows.
+    """
     if layout == "padded":
         return [[n] for n in range(len(lengths))]
-    rows: list[list[int]] = []
-    used: list[int] = []
-    for n, length in enumerate(lengths):
-        for r, u in enumerate(used):
-            if u + length <= S:
-                rows[r].append(n)
-                used[r] += length
-                break
-        else:
-            rows.append([n])
-            used.append(length)
-    return rows
+    return pack_rows(lengths, S)
 
 
 def build_micro_batch(groups: list[dict], layout: str = "padded", seq_length: Optional[int] = None,

@@ -9,11 +9,19 @@ algorithm in :mod:`megatron_amopo.data.indexer_ref`; both give identical plans.
 
 Inputs per group g: ``max_len[g]`` (its longest sequence, tokens) and
 ``total_len[g]`` (sum of its 2P sequence lengths), e.g. ``group_max_len`` and
-``group_total_len`` of ``reader.PreferenceGroupDataset``. Micro-batch cost:
+``group_total_len`` of ``reader.PreferenceGroupDataset`` (model positions); a
+packed token budget also needs ``seq_lens[g]`` (the 2P lengths,
+``group_seq_lens`` there) and ``seq_length`` S. Micro-batch cost:
 
 * padded: (number of sequences in it) * (longest sequence in it)
   = 2P * n_groups * max(max_len) — every sequence padded to the longest;
-* packed: sum of total_len — sequences laid end to end.
+* packed: (rows it needs) * S, where the rows come from the ROW RULE shared
+  with ``batch.build_micro_batch(layout="packed")``: best fit decreasing —
+  the micro-batch's sequences by length, longest first (ties: lower sequence
+  index n = group_position * 2P + 2k + side first), each into the open row with
+  the least free space that still holds it (ties: lower row), else into a new
+  row of S positions; sequences are never split. A token budget B allows
+  R = B // S rows. (``pack_rows`` gives the rows, ``packed_rows`` their count.)
 
 Algorithm, for each epoch e = 0 .. num_epochs - 1:
 
@@ -26,15 +34,25 @@ Algorithm, for each epoch e = 0 .. num_epochs - 1:
    our own PRNG so that C++ and Python draw the same numbers.
 2. Cut the shuffled order into windows of ``window`` consecutive groups (the
    last one may be shorter) and stable-sort each window by the length key:
-   max_len for cost="padded", total_len for cost="packed" (also in fixed-k
-   mode). Then fill micro-batches greedily along the concatenated windows
-   (a micro-batch may straddle a window boundary):
-   fixed k -> consecutive runs of k groups; a short last run of the epoch is
-   DROPPED so every micro-batch has exactly k groups (Megatron's fixed
-   micro-batch size); token budget -> append the next group while the
-   micro-batch cost stays <= token_budget, else start a new micro-batch; the
-   last, possibly light, micro-batch is kept. A group that alone exceeds the
-   budget is a ValueError raised before any planning.
+   max_len for cost="padded", total_len for cost="packed" (ascending), but
+   total_len DEScending for a packed token budget. Then form micro-batches:
+   fixed k -> consecutive runs of k groups along the concatenated windows; a
+   short last run of the epoch is DROPPED so every micro-batch has exactly k
+   groups (Megatron's fixed micro-batch size); padded token budget -> along
+   the concatenated windows (a micro-batch may straddle a window boundary),
+   append the next group while the micro-batch cost stays <= token_budget,
+   else start a new micro-batch; the last, possibly light, one is kept.
+   Packed token budget (first-fit by groups inside one window, largest first):
+   a micro-batch starts with the window's largest remaining group, then scans
+   the window's remaining groups in order and takes each one that passes, in
+   this order: (a) its total_len <= R*S - tokens taken so far; (b) "proxy":
+   its sequences, longest first, fit by best fit on top of the proxy rows
+   (the rows built group by group, in taking order, by the same best fit, at
+   most R) — a cheap filter; (c) the ROW RULE over all the micro-batch's
+   sequences plus its own needs <= R rows. Taken groups leave the window; the
+   next micro-batch starts; a micro-batch never crosses a window. A group that
+   alone exceeds the budget (padded: 2P * max_len, packed: its rows * S) is a
+   ValueError raised before any planning.
 3. Shuffle the epoch's micro-batches with the stream (seed, e, 1) so lengths
    do not trend within the epoch.
 4. Micro-batch j of the shuffled list goes to DP rank j % dp_size; the last
@@ -46,6 +64,18 @@ length end up together (less padding); a larger window sorts more globally but
 makes micro-batch membership less random; window=1 disables length grouping
 (random batches, as a plain collator over a shuffled sampler gives); the
 default 512 is several micro-batches' worth of groups for k <= 16.
+
+Why packed budgets cost what they cost: a row's waste is what best fit cannot
+fill. Sequences longer than S/2 each need their own row, so a micro-batch is
+efficient only if it also holds short sequences that fit their gaps; taking the
+largest group first and then the largest ones that still fit (a first-fit
+decreasing over groups) lets the short groups of the window fill the gaps. The
+filter (b) keeps planning linear in practice: the exact check (c) runs about
+once per group taken. With few rows per micro-batch there is little choice of
+partners: on HelpSteer2 (Qwen2 tokens, S = 1024, 2P = 8, 47% of sequences
+longer than S/2) R = 8 holds about two groups, and even the best pairing of
+groups (a maximum-weight matching, each micro-batch one or two groups) reaches
+only 0.947, while R = 32 and 64 reach 0.95-0.96 (benchmarks/bench_indexer.py).
 
 Guarantee: within one epoch each group appears at most once across all ranks,
 and exactly once unless it is in a dropped micro-batch (step 4: < dp_size
@@ -73,6 +103,7 @@ from megatron_amopo.data import indexer_ref
 _MAX_LENGTH = 1 << 40  # keeps every cost inside int64 in the C++ (see check_lengths there)
 _MAX_SEQS_PER_GROUP = 1 << 20
 _MAX_BUDGET = 1 << 62
+pack_rows = indexer_ref.pack_rows  # the packed layout's rows; batch.build_micro_batch uses it
 
 _BUILD_HINT = (
     "the C++ extension megatron_amopo._indexer is not built; run `pip install -e .` from the "
@@ -142,6 +173,46 @@ def _check_scalars(*, seqs_per_group, num_epochs, seed, dp_rank, dp_size, k, bud
         raise ValueError(f"token_budget must be in [1, 2^62], got {budget}")
 
 
+def _as_seq_lens(seq_lens, max_len, total_len, seqs_per_group: int):
+    """[G, 2P] int64 lengths; max_len/total_len derived from them when not given."""
+    seq_lens_GS = np.asarray(seq_lens)
+    if seq_lens_GS.ndim != 2 or seq_lens_GS.shape[1] != seqs_per_group:
+        raise ValueError(f"seq_lens must be [G, seqs_per_group={seqs_per_group}], got shape "
+                         f"{seq_lens_GS.shape}")
+    if seq_lens_GS.size and not np.issubdtype(seq_lens_GS.dtype, np.integer):
+        raise TypeError(f"seq_lens must hold integers (token counts), got dtype {seq_lens_GS.dtype}")
+    seq_lens_GS = np.ascontiguousarray(seq_lens_GS, dtype=np.int64)
+    if max_len is None:
+        max_len = seq_lens_GS.max(axis=1) if len(seq_lens_GS) else np.zeros(0, np.int64)
+    if total_len is None:
+        total_len = seq_lens_GS.sum(axis=1)
+    return seq_lens_GS, max_len, total_len
+
+
+def _check_seq_lens(seq_lens_GS, max_len_G, total_len_G, *, seq_length, budget) -> None:
+    """Packed token budget; same checks, order and messages as check_seq_lens in the C++."""
+    bad_GS = (seq_lens_GS < 1) | (seq_lens_GS > seq_length)
+    mismatch_G = (seq_lens_GS.max(axis=1) != max_len_G) | (seq_lens_GS.sum(axis=1) != total_len_G)
+    bad = np.flatnonzero(bad_GS.any(axis=1) | mismatch_G)
+    if bad.size:
+        g = int(bad[0])
+        if bad_GS[g].any():
+            j = int(np.flatnonzero(bad_GS[g])[0])
+            raise ValueError(f"group {g}: sequence lengths must be in [1, seq_length={seq_length}], "
+                             f"got {int(seq_lens_GS[g, j])} at index {j}")
+        raise ValueError(f"group {g}: seq_lens give max {int(seq_lens_GS[g].max())} and sum "
+                         f"{int(seq_lens_GS[g].sum())}, but max_len={int(max_len_G[g])} "
+                         f"total_len={int(total_len_G[g])}")
+    rows_G = np.array([packed_rows(row, seq_length) for row in seq_lens_GS], np.int64)
+    over = np.flatnonzero(rows_G > budget // seq_length)
+    if over.size:
+        g = int(over[0])
+        raise ValueError(f"group {g} alone costs {int(rows_G[g]) * seq_length} tokens (packed: "
+                         f"{int(rows_G[g])} rows of seq_length={seq_length}), above token_budget="
+                         f"{budget}; the minimum budget that fits every group is "
+                         f"{int(rows_G.max()) * seq_length}")
+
+
 def _check_lengths(max_len_G, total_len_G, *, seqs_per_group, budget, cost) -> None:
     """Same checks, order and messages as check_lengths in csrc/group_indexer.cpp."""
     if len(max_len_G) != len(total_len_G):
@@ -160,8 +231,8 @@ def _check_lengths(max_len_G, total_len_G, *, seqs_per_group, budget, cost) -> N
             raise ValueError(f"group {g}: lengths must be in [1, 2^40], got max_len={ml} total_len={tl}")
         raise ValueError(f"group {g}: need max_len <= total_len <= seqs_per_group * max_len, got "
                          f"max_len={ml} total_len={tl} seqs_per_group={seqs_per_group}")
-    if budget is not None:
-        cost_G = total_len_G if cost == "packed" else seqs_per_group * max_len_G
+    if budget is not None and cost == "padded":
+        cost_G = seqs_per_group * max_len_G
         over = np.flatnonzero(cost_G > budget)
         if over.size:
             g = int(over[0])
@@ -171,8 +242,8 @@ def _check_lengths(max_len_G, total_len_G, *, seqs_per_group, budget, cost) -> N
 
 
 def plan_microbatches(
-    max_len,
-    total_len,
+    max_len=None,
+    total_len=None,
     *,
     seqs_per_group: int,
     num_epochs: int,
@@ -183,14 +254,19 @@ def plan_microbatches(
     token_budget: Optional[int] = None,
     cost: Literal["padded", "packed"] = "padded",
     window: int = 512,
+    seq_lens=None,
+    seq_length: Optional[int] = None,
     backend: Literal["cpp", "python"] = "cpp",
 ) -> MicrobatchPlan:
     """Plans this DP rank's micro-batches over ``num_epochs`` epochs (algorithm: module docstring).
 
     ``max_len``/``total_len``: int arrays [G]. Give exactly one of
     ``groups_per_microbatch`` (fixed k) or ``token_budget`` (max cost per
-    micro-batch, in tokens, under ``cost``). backend="python" runs the slow
-    reference; backend="cpp" never falls back to it.
+    micro-batch, in tokens, under ``cost``). cost="packed" with a token budget
+    also needs ``seq_lens`` (int [G, seqs_per_group], model positions; max_len
+    and total_len may then be left out, else they must match it) and
+    ``seq_length`` (the row length). backend="python" runs the slow reference;
+    backend="cpp" never falls back to it.
     """
     if backend not in ("cpp", "python"):
         raise ValueError(f"backend must be 'cpp' or 'python', got {backend!r}")
@@ -202,15 +278,35 @@ def plan_microbatches(
     k = None if groups_per_microbatch is None else operator.index(groups_per_microbatch)
     budget = None if token_budget is None else operator.index(token_budget)
     _check_scalars(**ints, k=k, budget=budget)
+    packed_budget = cost == "packed" and budget is not None
+    seq_lens_GS = np.zeros((0, 0), np.int64)
+    if packed_budget:
+        if seq_lens is None or seq_length is None:
+            raise ValueError("cost='packed' with token_budget needs seq_lens [G, 2P] and seq_length: "
+                             "packed micro-batches are charged by rows of seq_length positions")
+        seq_length = operator.index(seq_length)
+        if not 1 <= seq_length <= _MAX_LENGTH:
+            raise ValueError(f"seq_length must be in [1, 2^40], got {seq_length}")
+        seq_lens_GS, max_len, total_len = _as_seq_lens(seq_lens, max_len, total_len,
+                                                       ints["seqs_per_group"])
+    if max_len is None or total_len is None:
+        raise ValueError("max_len and total_len are required unless seq_lens is given "
+                         "(cost='packed' with token_budget)")
     max_len_G, total_len_G = _as_lengths("max_len", max_len), _as_lengths("total_len", total_len)
+    if packed_budget and len(seq_lens_GS) != len(max_len_G):
+        raise ValueError(f"seq_lens has {len(seq_lens_GS)} groups, max_len {len(max_len_G)}")
     args = dict(**ints, groups_per_microbatch=k or 0, token_budget=budget or 0,
                 packed=cost == "packed")
     if backend == "cpp":  # the extension runs the same length checks before planning
-        out = load_extension().plan_microbatches(max_len_G, total_len_G, **args)
+        out = load_extension().plan_microbatches(max_len_G, total_len_G, seq_lens=seq_lens_GS,
+                                                 seq_length=seq_length or 0, **args)
     else:
         _check_lengths(max_len_G, total_len_G, seqs_per_group=ints["seqs_per_group"],
                        budget=budget, cost=cost)
-        out = indexer_ref.plan_reference(max_len_G.tolist(), total_len_G.tolist(), **args)
+        if packed_budget:
+            _check_seq_lens(seq_lens_GS, max_len_G, total_len_G, seq_length=seq_length, budget=budget)
+        out = indexer_ref.plan_reference(max_len_G.tolist(), total_len_G.tolist(), **args,
+                                         seq_lens=seq_lens_GS.tolist(), seq_length=seq_length or 0)
     offsets, group_ids, epochs, dropped = out
     return MicrobatchPlan(
         offsets=np.asarray(offsets, dtype=np.int64),
@@ -220,18 +316,16 @@ def plan_microbatches(
     )
 
 
-def first_fit_rows(seq_lens, seq_length: int) -> int:
-    """Rows of ``seq_length`` tokens needed when each sequence, in order, goes
-    into the first row with room for it (sequences are never split)."""
-    free_rows: list[int] = []
-    for n in seq_lens:
-        for r, free in enumerate(free_rows):
-            if n <= free:
-                free_rows[r] = free - n
-                break
-        else:
-            free_rows.append(seq_length - n)
-    return len(free_rows)
+def packed_rows(seq_lens, seq_length: int) -> int:
+    """Rows of ``seq_length`` positions the packed layout uses for these sequence lengths
+    (the ROW RULE of the module docstring; same count as ``len(pack_rows(...))``)."""
+    free: list[int] = []
+    lens = sorted((int(n) for n in np.asarray(seq_lens).ravel()), reverse=True)
+    if lens and not (1 <= lens[-1] and lens[0] <= seq_length):
+        raise ValueError(f"sequence lengths must be in [1, seq_length={seq_length}], got "
+                         f"{lens[-1] if lens[-1] < 1 else lens[0]}")
+    indexer_ref.best_fit(free, lens, seq_length, len(lens))
+    return len(free)
 
 
 def padding_efficiency(
@@ -245,9 +339,8 @@ def padding_efficiency(
 
     ``seq_lens_GS``: int [G, S], the length of every sequence of every group.
     padded: a micro-batch processes (sequences in it) * (its longest sequence).
-    packed: each micro-batch's sequences, group after group, are laid end to
-    end into rows of ``seq_length`` tokens first-fit (a sequence goes to the
-    first row with room, never split); it processes rows * seq_length.
+    packed: a micro-batch processes (its rows under the ROW RULE) * seq_length,
+    the rows ``batch.build_micro_batch(layout="packed")`` builds.
     """
     seq_lens_GS = np.asarray(seq_lens_GS, dtype=np.int64)
     if seq_lens_GS.ndim != 2:
@@ -268,6 +361,6 @@ def padding_efficiency(
     if int(slots_NS.max()) > seq_length:
         raise ValueError(f"a sequence of {int(slots_NS.max())} tokens does not fit a row of "
                          f"seq_length={seq_length}")
-    rows = sum(first_fit_rows(slots_NS[lo:hi].ravel().tolist(), seq_length)
+    rows = sum(packed_rows(slots_NS[lo:hi], seq_length)
                for lo, hi in zip(plan.offsets[:-1], plan.offsets[1:]))
     return real / (rows * seq_length)

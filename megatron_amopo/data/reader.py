@@ -64,6 +64,7 @@ class PreferenceGroupDataset(torch.utils.data.Dataset):
         positions_GN = self.seq_lengths_GN - 1  # after the shift
         self.group_max_len = positions_GN.max(axis=1) if num_groups else np.zeros(0, np.int64)
         self.group_total_len = positions_GN.sum(axis=1)
+        self.group_seq_lens = positions_GN  # [G, 2P] per sequence, for the packed planner
 
     def __len__(self) -> int:
         return len(self.row_ids_G)

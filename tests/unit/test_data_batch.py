@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from megatron_amopo.data.batch import attention_mask_from_segments, build_micro_batch
+from megatron_amopo.data.indexer import pack_rows, packed_rows, plan_microbatches
 from megatron_amopo.data.config import DataConfig, PreprocessConfig, PromptConfig
 from megatron_amopo.data.preprocess import preprocess
 from megatron_amopo.data.reader import PreferenceGroupDataset
@@ -92,3 +93,25 @@ def test_packed_rows_respect_length_and_errors(ds):
         build_micro_batch(groups, "padded", seq_length=longest - 1)
     with pytest.raises(ValueError, match="packed layout needs seq_length"):
         build_micro_batch(groups, "packed")
+
+
+@pytest.mark.parametrize("backend", ["cpp", "python"])
+def test_builder_uses_the_rows_the_planner_charged(ds, backend):
+    """Packed plans of real groups: each built micro-batch has exactly the rows the planner's
+    rule gives (<= budget / seq_length), and they are pack_rows' rows, sequence by sequence."""
+    S, seq_lens_GS = 512, ds.group_seq_lens
+    assert seq_lens_GS.shape == (len(ds), 2 * ds.num_pairs)
+    R = max(packed_rows(row, S) for row in seq_lens_GS) + 2
+    plan = plan_microbatches(seq_lens=seq_lens_GS, seqs_per_group=2 * ds.num_pairs, num_epochs=2, seed=5,
+                             dp_rank=0, dp_size=1, token_budget=R * S + 100, cost="packed", seq_length=S,
+                             backend=backend)
+    assert plan.num_microbatches >= 2 and len(plan.group_ids) == 2 * len(ds)
+    for m in range(plan.num_microbatches):
+        gids = plan.microbatch(m).tolist()
+        batch = build_micro_batch([ds[g] for g in gids], "packed", seq_length=S)
+        lens = seq_lens_GS[gids].ravel().tolist()
+        assert batch["seq_lengths"].tolist() == lens
+        rows = pack_rows(lens, S)
+        assert batch["tokens"].shape[0] == len(rows) == packed_rows(lens, S) <= R
+        for r, members in enumerate(rows):
+            assert [int(x) for x in batch["seq_row"][members]] == [r] * len(members)

@@ -24,22 +24,33 @@ BACKENDS = ("cpp", "python")
 
 @st.composite
 def planner_inputs(draw):
-    """Consistent random lengths and planner settings (both budget and cost modes)."""
+    """Consistent random lengths and planner settings (both budget and cost modes).
+
+    Returns (max_len_G, total_len_G, kw); a packed token budget puts seq_lens [G, S] and
+    seq_length into kw.
+    """
     spg = draw(st.sampled_from([2, 4, 6, 8]))
     G = draw(st.integers(1, 300))
-    max_len_G = np.array(draw(st.lists(st.integers(1, 200), min_size=G, max_size=G)), np.int64)
-    frac_G = np.array(draw(st.lists(st.floats(0, 1), min_size=G, max_size=G)))
-    # max_len <= total_len <= S * max_len, as for real groups.
-    total_len_G = max_len_G + np.floor(frac_G * (spg - 1) * max_len_G).astype(np.int64)
+    seq_length = draw(st.integers(8, 200))
+    # numpy draws from a hypothesis-chosen seed: long lists of drawn integers are slow to build
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    low = draw(st.sampled_from([1, seq_length // 2, seq_length]))  # all short .. all full rows
+    seq_lens_GS = rng.integers(low, seq_length + 1, size=(G, spg), dtype=np.int64)
+    max_len_G, total_len_G = seq_lens_GS.max(axis=1), seq_lens_GS.sum(axis=1)
     cost = draw(st.sampled_from(["padded", "packed"]))
     kw = dict(seqs_per_group=spg, num_epochs=draw(st.integers(1, 3)),
               seed=draw(st.integers(0, 2**64 - 1)), dp_size=draw(st.integers(1, 5)),
               window=draw(st.sampled_from([1, 2, 7, 64, 1000])), cost=cost)
     if draw(st.booleans()):
         kw["groups_per_microbatch"] = draw(st.integers(1, 9))
+    elif cost == "packed":
+        rows_alone = max(indexer.packed_rows(row, seq_length) for row in seq_lens_GS)
+        # budgets that are not a multiple of seq_length too: R = budget // seq_length
+        kw["token_budget"] = (rows_alone + draw(st.integers(0, 12))) * seq_length + draw(
+            st.integers(0, seq_length - 1))
+        kw.update(seq_lens=seq_lens_GS, seq_length=seq_length)
     else:
-        cost_G = total_len_G if cost == "packed" else spg * max_len_G
-        kw["token_budget"] = int(cost_G.max()) + draw(st.integers(0, 3000))
+        kw["token_budget"] = int(spg * max_len_G.max()) + draw(st.integers(0, 3000))
     return max_len_G, total_len_G, kw
 
 
@@ -115,28 +126,97 @@ def test_dp_split_is_a_strided_slice_of_the_single_rank_plan(inputs):
 @settings(max_examples=40, deadline=None)
 @given(planner_inputs())
 def test_every_microbatch_respects_the_token_budget(inputs):
+    """padded: 2P * groups * longest <= budget; packed: the builder's rows * seq_length <= budget."""
     max_len_G, total_len_G, kw = inputs
     if "token_budget" not in kw:
         kw.pop("groups_per_microbatch")
         kw["token_budget"] = int(kw["seqs_per_group"] * max_len_G.max()) + 100
+        kw["cost"] = "padded"
     for plan in all_ranks(max_len_G, total_len_G, **kw):
         assert plan.num_microbatches == len(plan.epochs) == len(plan.offsets) - 1
         for mb in microbatches(plan):
             if kw["cost"] == "packed":
-                cost = int(total_len_G[mb].sum())
+                S = kw["seq_length"]
+                lens = kw["seq_lens"][mb].ravel().tolist()  # sequence n = b * 2P + j, as built
+                rows = indexer.pack_rows(lens, S)
+                assert sorted(n for r in rows for n in r) == list(range(len(lens)))
+                assert all(sum(lens[n] for n in r) <= S for r in rows)
+                cost = len(rows) * S
             else:
                 cost = kw["seqs_per_group"] * len(mb) * int(max_len_G[mb].max())
             assert 1 <= len(mb) and cost <= kw["token_budget"]
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 60), st.data())
+def test_row_rule_is_the_same_everywhere(seq_length, data):
+    """pack_rows (the builder), the multiset best fit (Python planner) and the C++ agree."""
+    lens = data.draw(st.lists(st.integers(1, seq_length), min_size=1, max_size=80))
+    rows = indexer.pack_rows(lens, seq_length)
+    assert sorted(n for r in rows for n in r) == list(range(len(lens)))
+    assert all(sum(lens[n] for n in r) <= seq_length for r in rows)
+    want = len(rows)
+    assert indexer.packed_rows(lens, seq_length) == want
+    assert _indexer.packed_rows(np.array(lens, np.int64), seq_length) == want
+    free = []
+    assert indexer_ref.best_fit(free, sorted(lens, reverse=True), seq_length, want)
+    assert len(free) == want and not indexer_ref.best_fit([], sorted(lens, reverse=True),
+                                                          seq_length, want - 1)
+
+
+def test_pack_rows_by_hand():
+    # longest first: 6 -> row 0 (free 2); 5 -> row 1 (3); 4 -> row 2 (4); 3 -> best fit is
+    # row 1 (3 free, not row 2's 4); 2 -> row 0 (2 free, not row 2's 4).
+    assert indexer.pack_rows([5, 6, 3, 4, 2], 8) == [[1, 4], [0, 2], [3]]
+    assert indexer.pack_rows([2, 2, 2], 4) == [[0, 1], [2]]  # ties: lower index, lower row
+    assert indexer.packed_rows([3, 3, 3], 4) == 3
+    with pytest.raises(ValueError, match=r"sequence lengths must be in \[1, seq_length=4\], got 5"):
+        indexer.packed_rows([3, 5], 4)
+    with pytest.raises(ValueError, match=r"sequence lengths must be in \[1, seq_length=4\], got 5"):
+        _indexer.packed_rows(np.array([3, 5], np.int64), 4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_budget_checks_the_rows_of_the_whole_micro_batch(backend):
+    """Group by group, B fits on top of A in 3 rows of 10 ({5,5} {4,3,3} {4,3,3}); the
+    builder's best fit over all 8 sequences longest first needs 4 ({5,5} {4,4} {3,3,3} {3}),
+    so with 3 rows allowed A and B must not share a micro-batch."""
+    seq_lens_GS = np.array([[5, 5, 4, 3], [4, 3, 3, 3]], np.int64)
+    proxy: list[int] = []
+    assert indexer_ref.best_fit(proxy, [5, 5, 4, 3], 10, 3)
+    assert indexer_ref.best_fit(proxy, [4, 3, 3, 3], 10, 3) and len(proxy) == 3
+    assert indexer.packed_rows(seq_lens_GS, 10) == 4
+    plan = plan_microbatches(seq_lens=seq_lens_GS, seqs_per_group=4, num_epochs=1, seed=0,
+                             dp_rank=0, dp_size=1, token_budget=30, cost="packed", seq_length=10,
+                             window=8, backend=backend)
+    assert sorted(microbatches(plan)) == [[0], [1]]
+    plan = plan_microbatches(seq_lens=seq_lens_GS, seqs_per_group=4, num_epochs=1, seed=0,
+                             dp_rank=0, dp_size=1, token_budget=40, cost="packed", seq_length=10,
+                             window=8, backend=backend)
+    assert microbatches(plan) == [[0, 1]]  # largest first
+
+
+def test_packed_budget_fills_rows_and_beats_the_summed_cost():
+    """Groups of one long and one short sequence: the short ones of other groups fill the
+    long ones' rows, so every full micro-batch uses all R rows with no waste."""
+    seq_lens_GS = np.array([[7, 1], [6, 2], [5, 3], [4, 4]] * 30, np.int64)
+    plan = plan_microbatches(seq_lens=seq_lens_GS, seqs_per_group=2, num_epochs=1, seed=3,
+                             dp_rank=0, dp_size=1, token_budget=8 * 4, cost="packed",
+                             seq_length=8, window=1000)
+    assert padding_efficiency(plan, seq_lens_GS, cost="packed", seq_length=8) == 1.0
+    assert np.all(np.diff(plan.offsets) == 4)  # 4 rows of 8 = 32 tokens = 4 groups of 8
+
+
 def test_token_budget_fill_is_greedy_inside_a_sorted_window():
-    """One window holding every group: micro-batches are maximal runs of the
-    length-sorted order, so with equal lengths each holds budget // cost groups."""
-    max_len_G = np.full(103, 10, np.int64)
-    total_len_G = np.full(103, 35, np.int64)
+    """One window holding every group: micro-batches are as full as the budget allows, so
+    with equal groups each holds budget // cost groups (packed: each group fills one row of
+    35 exactly, 1000 // 35 = 28 rows)."""
+    seq_lens_GS = np.tile(np.array([10, 10, 5, 10], np.int64), (103, 1))
+    max_len_G, total_len_G = seq_lens_GS.max(axis=1), seq_lens_GS.sum(axis=1)
     for cost, per_group in (("padded", 4 * 10), ("packed", 35)):
         plan = plan_microbatches(max_len_G, total_len_G, seqs_per_group=4, num_epochs=1, seed=1,
-                                 dp_rank=0, dp_size=1, token_budget=1000, cost=cost, window=1024)
+                                 dp_rank=0, dp_size=1, token_budget=1000, cost=cost, window=1024,
+                                 seq_lens=seq_lens_GS, seq_length=35)
         sizes = sorted(np.diff(plan.offsets).tolist())
         n = 1000 // per_group
         assert sizes == sorted([n] * (103 // n) + ([103 % n] if 103 % n else []))
@@ -169,19 +249,52 @@ def test_plans_are_deterministic_and_depend_on_seed_and_epoch(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cost", ["padded", "packed"])
 def test_oversize_group_is_rejected_before_planning(backend, cost):
-    max_len_G = np.array([10, 10, 60, 10, 70], np.int64)
-    total_len_G = np.array([20, 20, 100, 20, 130], np.int64)
+    seq_lens_GS = np.array([[10, 10], [10, 10], [60, 40], [10, 10], [70, 60]], np.int64)
+    max_len_G, total_len_G = seq_lens_GS.max(axis=1), seq_lens_GS.sum(axis=1)
     # num_epochs is so large that any planning work before the check would never end.
     with pytest.raises(ValueError) as err:
         plan_microbatches(max_len_G, total_len_G, seqs_per_group=2, num_epochs=10**12, seed=0,
-                          dp_rank=0, dp_size=1, token_budget=110, cost=cost, backend=backend)
+                          dp_rank=0, dp_size=1, token_budget=110, cost=cost, backend=backend,
+                          seq_lens=seq_lens_GS, seq_length=70)
     if cost == "padded":
         want = ("group 2 alone costs 120 tokens (padded), above token_budget=110; "
                 "the minimum budget that fits every group is 140")
-    else:
-        want = ("group 4 alone costs 130 tokens (packed), above token_budget=110; "
-                "the minimum budget that fits every group is 130")
+    else:  # 60 + 40 > 70: two rows of 70, above the one row that 110 tokens allow
+        want = ("group 2 alone costs 140 tokens (packed: 2 rows of seq_length=70), above "
+                "token_budget=110; the minimum budget that fits every group is 140")
     assert str(err.value) == want
+
+
+PACKED = dict(seqs_per_group=2, num_epochs=1, seed=0, dp_rank=0, dp_size=1, token_budget=64,
+              cost="packed", seq_length=16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "max_len, total_len, overrides, match",
+    [
+        ([3, 4], [5, 5], {}, r"needs seq_lens \[G, 2P\] and seq_length"),
+        ([3, 4], [5, 5], {"seq_lens": [[3, 2], [4, 1]], "seq_length": None}, r"needs seq_lens"),
+        (None, None, {"seq_lens": [[3, 2, 1], [4, 1, 1]]}, r"seq_lens must be \[G, seqs_per_group=2\]"),
+        (None, None, {"seq_lens": [[3, 2], [17, 1]]},
+         r"group 1: sequence lengths must be in \[1, seq_length=16\], got 17 at index 0"),
+        (None, None, {"seq_lens": [[3, 2], [4, 0]]}, r"group 1: .*got 0 at index 1"),
+        ([3, 4], [5, 6], {"seq_lens": [[3, 2], [4, 1]]},
+         r"group 1: seq_lens give max 4 and sum 5, but max_len=4 total_len=6"),
+        ([3], [5], {"seq_lens": [[3, 2], [4, 1]]}, r"seq_lens has 2 groups, max_len 1"),
+        (None, None, {"seq_lens": [[3, 2]], "seq_length": 0}, r"seq_length must be in \[1, 2\^40\]"),
+    ],
+)
+def test_packed_budget_inputs_are_checked(backend, max_len, total_len, overrides, match):
+    kw = {**PACKED, "seq_lens": None, **overrides}
+    with pytest.raises(ValueError, match=match):
+        plan_microbatches(max_len, total_len, backend=backend, **kw)
+
+
+def test_packed_fixed_k_and_padded_need_no_seq_lens():
+    kw = {**GOOD, "dp_size": 1}
+    for cost in ("padded", "packed"):
+        assert plan_microbatches([3, 4], [5, 5], cost=cost, **kw).num_microbatches == 1
 
 
 GOOD = dict(seqs_per_group=4, num_epochs=1, seed=0, dp_rank=0, dp_size=2, groups_per_microbatch=2)
@@ -227,8 +340,9 @@ def test_unknown_backend_is_an_error():
 def test_extension_validates_its_own_inputs():
     """Direct callers of the extension get checked too (dtype, layout, ranges)."""
     ml, tl = np.array([3, 4], np.int64), np.array([5, 5], np.int64)
-    args = dict(seqs_per_group=4, num_epochs=1, seed=0, dp_rank=0, dp_size=1,
-                groups_per_microbatch=1, token_budget=0, packed=False, window=8)
+    args = dict(seq_lens=np.zeros((0, 0), np.int64), seq_length=0, seqs_per_group=4, num_epochs=1,
+                seed=0, dp_rank=0, dp_size=1, groups_per_microbatch=1, token_budget=0,
+                packed=False, window=8)
     with pytest.raises(TypeError, match="max_len must have dtype int64, got int32"):
         _indexer.plan_microbatches(ml.astype(np.int32), tl, **args)
     with pytest.raises(ValueError, match="total_len must be a 1-D C-contiguous int64 array"):
@@ -237,6 +351,14 @@ def test_extension_validates_its_own_inputs():
         _indexer.plan_microbatches(ml, tl, **{**args, "dp_rank": 1})
     with pytest.raises(ValueError, match="exactly one of groups_per_microbatch > 0 or token_budget"):
         _indexer.plan_microbatches(ml, tl, **{**args, "token_budget": 64})
+    packed = {**args, "groups_per_microbatch": 0, "token_budget": 64, "packed": True, "seq_length": 16}
+    with pytest.raises(ValueError, match=r"needs seq_lens as a C-contiguous int64 array \[G, 2P\] = \[2, 4\]"):
+        _indexer.plan_microbatches(ml, tl, **packed)
+    with pytest.raises(ValueError, match=r"needs seq_length in \[1, 2\^40\], got 0"):
+        _indexer.plan_microbatches(ml, tl, **{**packed, "seq_length": 0})
+    seq_lens = np.array([[3, 1, 1, 0], [4, 1, 0, 0]], np.int64)
+    with pytest.raises(ValueError, match=r"group 0: sequence lengths must be in \[1, seq_length=16\], got 0"):
+        _indexer.plan_microbatches(ml, tl, **{**packed, "seq_lens": seq_lens})
     offsets, group_ids, epochs, dropped = _indexer.plan_microbatches(ml, tl, **args)
     assert offsets.tolist() == [0, 1, 2] and sorted(group_ids.tolist()) == [0, 1]
     assert epochs.tolist() == [0, 0] and dropped == 0
@@ -277,24 +399,23 @@ def _counter_progress_during(call) -> int:
     return progress
 
 
-def test_cpp_planner_releases_the_gil():
+@pytest.mark.parametrize("packed", [False, True])
+def test_cpp_planner_releases_the_gil(packed):
     rng = np.random.default_rng(2)
-    max_len_G = rng.integers(1, 1000, size=1_000_000).astype(np.int64)
-    total_len_G = 4 * max_len_G
-    args = dict(seqs_per_group=4, num_epochs=3, seed=1, dp_rank=0, dp_size=1,
-                groups_per_microbatch=0, token_budget=16_000, packed=False, window=512)
+    G = 40_000 if packed else 1_000_000
+    seq_lens_GS = rng.integers(1, 1000, size=(G, 4)).astype(np.int64)
+    max_len_G, total_len_G = seq_lens_GS.max(axis=1), seq_lens_GS.sum(axis=1)
+    args = dict(seq_lens=seq_lens_GS, seq_length=1000, seqs_per_group=4, num_epochs=3, seed=1,
+                dp_rank=0, dp_size=1, groups_per_microbatch=0, token_budget=16_000, packed=packed,
+                window=512)
     assert _counter_progress_during(lambda: _indexer.plan_microbatches(
         max_len_G, total_len_G, **args)) >= 1000
     # Control: the pure-Python planner holds the GIL, and the harness sees it.
     # (Called directly: numpy calls in the wrapper may release the GIL briefly.)
-    ml, tl = max_len_G[:20_000].tolist(), total_len_G[:20_000].tolist()
+    n = 2_000 if packed else 20_000
+    ml, tl, sl = max_len_G[:n].tolist(), total_len_G[:n].tolist(), seq_lens_GS[:n].tolist()
+    args.update(seq_lens=sl)
     assert _counter_progress_during(lambda: indexer_ref.plan_reference(ml, tl, **args)) == 0
-
-
-def test_first_fit_rows_by_hand():
-    assert indexer.first_fit_rows([3, 2, 2, 1], 4) == 2  # 1 goes back to the first row
-    assert indexer.first_fit_rows([3, 3, 3], 4) == 3
-    assert indexer.first_fit_rows([1] * 9, 4) == 3
 
 
 def test_padding_efficiency_by_hand():
@@ -303,9 +424,9 @@ def test_padding_efficiency_by_hand():
                           epochs=np.array([0, 0]), dropped_groups=0)
     # padded: mb0 = 4 sequences * longest 3, mb1 = 2 * 4; real = 8 + 8 tokens.
     assert padding_efficiency(plan, seq_lens_GS, cost="padded") == pytest.approx(16 / 20)
-    # packed, rows of 4 first-fit: mb0 = [2, 2, 3, 1] -> rows {2,2} {3,1}; mb1 = 2 rows.
+    # packed, rows of 4, best fit decreasing: mb0 = [2, 2, 3, 1] -> {3, 1} {2, 2}; mb1 = 2 rows.
     assert padding_efficiency(plan, seq_lens_GS, cost="packed", seq_length=4) == 1.0
-    # rows of 5: mb0 = [2, 2 | 3 | 1 joins the first row] = 2 rows, mb1 = 2 rows -> 16 / 20.
+    # rows of 5: mb0 -> {3, 2} {2, 1} = 2 rows, mb1 = 2 rows -> 16 / 20.
     assert padding_efficiency(plan, seq_lens_GS, cost="packed", seq_length=5) == pytest.approx(0.8)
     with pytest.raises(ValueError, match="a sequence of 4 tokens does not fit a row of seq_length=3"):
         padding_efficiency(plan, seq_lens_GS, cost="packed", seq_length=3)
