@@ -44,6 +44,11 @@ def build_model(
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     stage = build_model_stage(arch, config, use_te)
+    if config.bf16:
+        # Megatron-LM's Float16Module convention: every parameter in bf16, norms included
+        # (the local spec builds torch norms in fp32, which then take the unfused path);
+        # the mixed-precision optimizer keeps fp32 main parameters.
+        stage.to(torch.bfloat16)
     if torch.cuda.is_available():
         stage.cuda(torch.cuda.current_device())
     ddp_config = DistributedDataParallelConfig(

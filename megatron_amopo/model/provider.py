@@ -103,12 +103,17 @@ def transformer_config(
 
 
 def layer_spec(arch: ModelArch, use_te: Optional[bool] = None):
-    """TE spec on GPU with TE, local spec otherwise (norm via torch RMSNorm)."""
+    """TE spec on GPU with TE, local spec otherwise (norm via torch RMSNorm, attention via SDPA)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_te if use_te is not None else transformer_engine_available():
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=False)
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=False)
+    # Fused SDPA instead of the unfused matmul-softmax-matmul DotProductAttention.
+    from megatron_amopo.model.attention import SDPAttention
+
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
 
 
 def model_provider(

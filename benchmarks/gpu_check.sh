@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# GPU check for a one-GPU machine without internet (Python 3.12, torch with CUDA preinstalled).
+#
+# Run from the repository root, with megatron-core carried as a wheel in .whl/ (see docs/GPU.md):
+#     bash benchmarks/gpu_check.sh [OUTDIR]          # OUTDIR defaults to $OUT, else /tmp/gpu_check
+# Steps (about 5 minutes on an H200, bounded by per-step timeouts to stay under 8):
+#   1. install the carried wheels into /tmp/site; pip install -e . (builds the C++ extension)
+#   2. report the card, torch, and whether Transformer Engine is importable
+#   3. the GPU test subset: SDPA attention (flash / memory-efficient kernels), THD bookkeeping,
+#      the benchmark's end-to-end test
+#   4. bench_train_step.py for the Qwen2.5-0.5B and 1.5B shapes at sequence length 1024, 4 samples per
+#      step in 4 micro-batches (the baseline needs ~80 GiB at 1.5B: use an H200, kind nvidia-h200)
+# Each step's result is printed; the exit status is non-zero if any step failed.
+set -uo pipefail
+OUTDIR=${1:-${OUT:-/tmp/gpu_check}}
+mkdir -p "$OUTDIR"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+PY=${PYTHON:-python3}
+T0=$(date +%s)
+FAILED=()
+stamp() { echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
+step() {  # step NAME TIMEOUT_S CMD... : run, record failure, never abort the script
+  local name=$1 limit=$2; shift 2
+  stamp "$name"
+  timeout "$limit" "$@"
+  local rc=$?
+  [ $rc -eq 0 ] || { FAILED+=("$name (rc $rc)"); stamp "$name FAILED rc=$rc"; }
+  return $rc
+}
+
+stamp "install"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "installing the carried wheels failed"; exit 1; }
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+# Our package and its pybind11 extension (pybind11, setuptools and wheel are on the image).
+if ! $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . ; then
+  echo "pip install -e . failed; building the extension in place instead" >&2
+  $PY setup.py -q build_ext --inplace || { echo "building the C++ extension failed"; exit 1; }
+  export PYTHONPATH=$PWD:$PYTHONPATH
+fi
+$PY - <<'EOF' || exit 1
+import torch, megatron.core, transformers
+import megatron_amopo._indexer  # the C++ extension must import
+from megatron_amopo.model.provider import transformer_engine_available
+print(f"torch {torch.__version__} cuda {torch.version.cuda}; megatron-core {megatron.core.__version__}; "
+      f"transformers {transformers.__version__}; device {torch.cuda.get_device_name()}; "
+      f"transformer-engine {'yes' if transformer_engine_available() else 'no (local spec + SDPA)'}")
+EOF
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+
+step "gpu tests" 130 $PY -m pytest -q -p no:cacheprovider -o addopts="" -rs \
+  tests/unit/test_sdpa_attention.py tests/unit/test_packed_thd.py tests/e2e/test_bench_train_step.py
+
+for model in qwen2.5-0.5b qwen2.5-1.5b; do
+  step "bench $model" 150 $PY benchmarks/bench_train_step.py --model "$model" --seq-length 1024 \
+    --micro-batch 1 --num-microbatches 4 --dims 4 --steps 5 --warmup 2 --json "$OUTDIR/bench_${model}.json"
+done
+
+stamp "done"
+if [ ${#FAILED[@]} -gt 0 ]; then
+  printf 'FAILED: %s\n' "${FAILED[@]}"
+  exit 1
+fi
+echo "all steps passed"

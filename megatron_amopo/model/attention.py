@@ -1,0 +1,139 @@
+"""Core attention for the local (non-Transformer-Engine) layer spec, through PyTorch's fused
+``scaled_dot_product_attention`` (SDPA).
+
+Megatron-Core's local spec uses ``DotProductAttention``: an explicit [b, np, sq, sk] score
+matrix, a masked softmax and a second batched matmul. ``SDPAttention`` replaces it where TE
+is absent (``megatron_amopo.model.provider.layer_spec``): on GPU, SDPA picks the flash kernel
+for causal attention and the memory-efficient kernel for an explicit mask, neither of which
+stores the score matrix; on CPU it uses PyTorch's fused CPU kernel. It is a drop-in: same
+constructor arguments and the same ``forward`` signature that ``Attention.forward`` in
+megatron-core 0.16.1 calls ``core_attention`` with, the same inputs and output layout.
+
+Mask conventions (Megatron's): ``attention_mask`` is bool, broadcastable to [b, 1, sq, sk],
+True = masked. Given a mask, it alone decides what is attended (as in the unfused softmax
+path, ``FusedScaleMaskSoftmax.forward_torch_softmax``); without one, ``attn_mask_type``
+causal means a causal mask. A row of the mask that masks every key is not supported (the
+unfused path gives uniform weights there, SDPA gives NaN); ``data/batch.py`` never builds one.
+
+Packed THD input (``packed_seq_params.qkv_format == "thd"``, see ``training/packed.py``):
+q/k/v are [t, heads, hn] holding sequences end to end at ``cu_seqlens_q``; each sequence is
+attended causally on its own. Here that runs one SDPA call per sequence, for correctness on
+any device; on GPU with TE the TE spec's fused attention takes THD directly.
+
+Shape legend: sq/sk query/key positions, b rows, np query heads and ng query groups on this
+tensor-parallel rank, hn head size, hp = np * hn, t packed tokens.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+
+
+class SDPAttention(MegatronModule):
+    """Megatron ``core_attention`` submodule computed with ``F.scaled_dot_product_attention``."""
+
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout:
+            raise ValueError(
+                f"SDPAttention supports attention_dropout=0 only, got {dropout}; this project trains without "
+                "attention dropout (set attention_dropout=0.0 in the TransformerConfig)"
+            )
+        if config.context_parallel_size != 1:
+            raise ValueError("context parallelism needs Transformer Engine attention (the TE layer spec)")
+        if config.softmax_type != "vanilla":
+            raise ValueError(f"SDPAttention supports softmax_type='vanilla' only, got {config.softmax_type!r}")
+        if config.window_size is not None:
+            raise ValueError("SDPAttention does not implement sliding-window attention (window_size)")
+        self.layer_number = max(1, layer_number)
+        self.attn_mask_type = attn_mask_type
+        self.attention_type = attention_type
+        # Megatron's query-key layer scaling divides the scale by layer_number and multiplies the
+        # scores back inside the softmax: the net scale is the plain one, which is what SDPA gets.
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[torch.Tensor] = None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        """q [sq, b, np, hn], k/v [sk, b, ng, hn] -> [sq, b, hp] (THD: [t, *, hn] -> [t, hp])."""
+        if attention_bias is not None:
+            raise ValueError("SDPAttention does not take an attention_bias")
+        if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+            return self._forward_thd(query, key, value, packed_seq_params)
+        if packed_seq_params is not None:
+            raise ValueError(f"SDPAttention takes packed_seq_params only in 'thd' format, got "
+                             f"{packed_seq_params.qkv_format!r}")
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        sq, b, np_, hn = query.shape
+        q_BNSH, k_BGSH, v_BGSH = (x.permute(1, 2, 0, 3) for x in (query, key, value))
+        if attention_mask is not None:
+            # The memory-efficient kernel takes an explicit mask but not GQA: expand the groups
+            # (what the unfused path does too). SDPA's bool mask is True = attend.
+            k_BNSH, v_BNSH = self._expand_groups(k_BGSH, v_BGSH, np_)
+            out_BNSH = F.scaled_dot_product_attention(
+                q_BNSH, k_BNSH, v_BNSH, attn_mask=~attention_mask, scale=self.softmax_scale
+            )
+        else:
+            causal = mask_type == AttnMaskType.causal and sq > 1
+            out_BNSH = F.scaled_dot_product_attention(
+                q_BNSH, k_BGSH, v_BGSH, is_causal=causal, scale=self.softmax_scale,
+                enable_gqa=k_BGSH.shape[1] != np_,
+            )
+        return out_BNSH.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
+
+    @staticmethod
+    def _expand_groups(k_BGSH: torch.Tensor, v_BGSH: torch.Tensor, heads: int):
+        groups = k_BGSH.shape[1]
+        if heads % groups:
+            raise ValueError(f"{heads} query heads are not a multiple of {groups} key/value groups")
+        if groups == heads:
+            return k_BGSH, v_BGSH
+        rep = heads // groups  # head h uses group h // rep (Megatron's repeat_interleave order)
+        return k_BGSH.repeat_interleave(rep, dim=1), v_BGSH.repeat_interleave(rep, dim=1)
+
+    def _forward_thd(self, query, key, value, params) -> torch.Tensor:
+        """One causal SDPA call per packed sequence; q [t, np, hn] (or [t, 1, np, hn])."""
+        q_TNH, k_TGH, v_TGH = (x.reshape(x.shape[0], x.shape[-2], x.shape[-1]) for x in (query, key, value))
+        cu_q, cu_kv = params.cu_seqlens_q, params.cu_seqlens_kv
+        if cu_kv is not None and not torch.equal(cu_q, cu_kv):
+            raise ValueError("SDPAttention THD: self-attention needs cu_seqlens_kv == cu_seqlens_q")
+        bounds = cu_q.tolist()
+        if bounds[0] != 0 or bounds[-1] != q_TNH.shape[0]:
+            raise ValueError(f"SDPAttention THD: cu_seqlens_q must run from 0 to the {q_TNH.shape[0]} packed "
+                             f"tokens, got {bounds[0]}..{bounds[-1]}")
+        heads = q_TNH.shape[1]
+        pieces = []
+        for a, e in zip(bounds[:-1], bounds[1:]):
+            if e < a:
+                raise ValueError(f"SDPAttention THD: cu_seqlens_q must not decrease, got {bounds}")
+            if e == a:
+                continue
+            q, k, v = (x[a:e].transpose(0, 1)[None] for x in (q_TNH, k_TGH, v_TGH))
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=e - a > 1, scale=self.softmax_scale,
+                                               enable_gqa=k.shape[1] != heads)
+            pieces.append(o[0].transpose(0, 1))
+        return torch.cat(pieces).reshape(q_TNH.shape[0], -1)
