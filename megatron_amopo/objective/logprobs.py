@@ -1,0 +1,298 @@
+"""Vocab-parallel token log-probs and per-sequence statistics: the objective's communication.
+
+The output layer leaves each tensor-parallel rank with its slice of the vocabulary.
+``token_logprobs`` turns those slices into log p(label) without gathering the full
+vocabulary, following Megatron-Core's ``tensor_parallel/cross_entropy.py``: each rank
+computes the log-sum-exp of its slice (from a fused log-softmax), then an all-reduce
+of the maxima (MAX) and one all-reduce of the rescaled sums and of the label's logit,
+which only its owning rank contributes (SUM). Arithmetic is fp32 (fp64 for fp64 logits). Only tokens that
+enter the loss are touched, in runs of consecutive tokens cut into chunks: slices of the
+logits are views, so the extra memory is one [C, V] work buffer plus O(tokens)
+vectors. Backward recomputes the softmax chunk by chunk from the saved logits and the
+saved per-token log-sum-exps, writing g * (onehot(label) - softmax) straight into the
+gradient's rows; no full-vocabulary softmax is ever stored.
+
+``sequence_stats`` reduces token log-probs to the sufficient statistics the AMoPO
+objective consumes (``megatron_amopo/objective/amopo.py``); with context parallelism
+each rank holds part of every sequence, so the partial sums are all-reduced over the
+CP group before any weighting.
+
+This module and ``megatron_amopo/training/step.py`` are the only code of the
+objective path that talks to other ranks; every process group is an argument
+(``None`` means a group of one).
+
+Shape legend:
+    T  tokens (rows x positions, flattened)
+    V  vocabulary entries on this tensor-parallel rank
+    C  tokens in one chunk
+    N  sequences in the micro-batch
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+# Budget of the fp32 [C, V] work buffer, far below the logits of any real micro-batch.
+# CPU: 4 MiB is reused from the allocator's cache (no page faults) and stays in the
+# last-level cache between passes. GPU: 256 MiB keeps the number of kernel launches small.
+DEFAULT_CHUNK_BYTES = {"cpu": 4 * 2**20, "cuda": 256 * 2**20}
+
+STAT_NAMES = ("sum_logp", "n", "sum_p", "sum_p2")
+
+
+def _group_size(group: Optional[dist.ProcessGroup]) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _group_rank(group: Optional[dist.ProcessGroup]) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16 logits; fp64 stays fp64 (float64 gradchecks)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def default_chunk_tokens(vocab_local: int, device: torch.device) -> int:
+    budget = DEFAULT_CHUNK_BYTES.get(device.type, DEFAULT_CHUNK_BYTES["cuda"])
+    return max(1, budget // (4 * max(vocab_local, 1)))
+
+
+def _pieces(idx_T: torch.Tensor, chunk_tokens: int) -> list[tuple[int, int, int]]:
+    """Runs of consecutive selected tokens, cut to at most ``chunk_tokens``: (first, end, offset).
+
+    Tokens [first, end) of the flattened logits are selected tokens offset .. offset +
+    end - first in selection order. Slices of runs are views: no gathered copy of the
+    logits is ever made.
+    """
+    if idx_T.numel() == 0:
+        return []
+    breaks = ((idx_T[1:] - idx_T[:-1]) != 1).nonzero().squeeze(1) + 1
+    firsts = torch.cat([idx_T[:1], idx_T[breaks]]).tolist()
+    lasts = torch.cat([idx_T[breaks - 1], idx_T[-1:]]).tolist()
+    pieces, offset = [], 0
+    for first, last in zip(firsts, lasts):
+        for a in range(first, last + 1, chunk_tokens):
+            b = min(a + chunk_tokens, last + 1)
+            pieces.append((a, b, offset))
+            offset += b - a
+    return pieces
+
+
+def _owned_labels(labels_T: torch.Tensor, vocab_start: int, vocab_local: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(label index within this rank's slice, clamped to be valid; whether this rank owns it)."""
+    local_T = labels_T - vocab_start
+    owned_T = (local_T >= 0) & (local_T < vocab_local)
+    return torch.where(owned_T, local_T, torch.zeros_like(local_T)), owned_T
+
+
+def _combine_lse(lse_local_T, target_T, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global log-sum-exp and label logit from every rank's share (Megatron's two all-reduces):
+    lse = M + log sum_r exp(lse_r - M) with M the MAX over ranks; the label logit is a SUM
+    to which only the owning rank contributes."""
+    max_T = lse_local_T.clone()
+    dist.all_reduce(max_T, op=dist.ReduceOp.MAX, group=group)
+    sums_2T = torch.stack([torch.exp(lse_local_T - max_T), target_T])
+    dist.all_reduce(sums_2T, op=dist.ReduceOp.SUM, group=group)
+    return max_T + torch.log(sums_2T[0]), sums_2T[1]
+
+
+def _zero_gaps(grad_TV: torch.Tensor, pieces: list[tuple[int, int, int]]) -> None:
+    """Zero the rows of ``grad_TV`` that no piece covers (tokens outside the loss)."""
+    end = 0
+    for a, b, _ in pieces:
+        if a > end:
+            grad_TV[end:a].zero_()
+        end = b
+    if end < grad_TV.shape[0]:
+        grad_TV[end:].zero_()
+
+
+class _VocabParallelLogprobs(torch.autograd.Function):
+    """log p(label) of the selected tokens from vocab-sharded logits (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, logits_TV, labels_T, idx_T, group, chunk_tokens):
+        vocab_local = logits_TV.shape[-1]
+        label_T, owned_T = _owned_labels(labels_T[idx_T], _group_rank(group) * vocab_local, vocab_local)
+        dtype = compute_dtype(logits_TV.dtype)
+        logp_local_T = logits_TV.new_empty(idx_T.numel(), dtype=dtype)
+        target_T = torch.empty_like(logp_local_T)
+        pieces = _pieces(idx_T, chunk_tokens)
+        for a, b, o in pieces:
+            sl = slice(o, o + b - a)
+            # Fused log-softmax of this rank's slice, in a chunk-sized buffer (the logits stay untouched).
+            lsm_CV = torch.log_softmax(logits_TV[a:b], dim=1, dtype=dtype)
+            logp_local_T[sl] = lsm_CV.gather(1, label_T[sl, None]).squeeze(1)
+            target_T[sl] = logits_TV[a:b].gather(1, label_T[sl, None]).squeeze(1).to(dtype)
+            del lsm_CV
+        # This slice's log-sum-exp, from any entry: lse_r = x_j - log_softmax(x)_j (j = the label).
+        lse_local_T = target_T - logp_local_T
+        lse_T, logp_T = lse_local_T, logp_local_T
+        if _group_size(group) > 1 and idx_T.numel():
+            lse_T, target_T = _combine_lse(lse_local_T, torch.where(owned_T, target_T, 0.0), group)
+            logp_T = target_T - lse_T
+        ctx.save_for_backward(logits_TV, label_T, owned_T, lse_local_T, lse_T)
+        ctx.pieces = pieces
+        return logp_T
+
+    @staticmethod
+    def backward(ctx, grad_T):
+        logits_TV, label_T, owned_T, lse_local_T, lse_T = ctx.saved_tensors
+        grad_logits_TV = torch.empty_like(logits_TV)
+        _zero_gaps(grad_logits_TV, ctx.pieces)  # tokens outside the loss get no gradient
+        grad_T = grad_T.to(lse_T.dtype)
+        onehot_grad_T = torch.where(owned_T, grad_T, torch.zeros_like(grad_T))
+        # g * (onehot - softmax); the global softmax is the local one times exp(lse_r - lse).
+        scale_T = -grad_T * torch.exp(lse_local_T - lse_T)
+        direct = grad_logits_TV.dtype == lse_T.dtype
+        for a, b, o in ctx.pieces:
+            sl = slice(o, o + b - a)
+            p_CV = torch.softmax(logits_TV[a:b], dim=1, dtype=lse_T.dtype)  # chunk-sized buffer
+            if direct:  # written straight into the gradient's rows
+                p_CV = torch.mul(p_CV, scale_T[sl, None], out=grad_logits_TV[a:b])
+            else:  # bf16/fp16 logits: finished in fp32, rounded once below
+                p_CV.mul_(scale_T[sl, None])
+            p_CV.scatter_add_(1, label_T[sl, None], onehot_grad_T[sl, None])
+            if not direct:
+                grad_logits_TV[a:b].copy_(p_CV)
+            del p_CV
+        return grad_logits_TV, None, None, None, None
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    tp_group: Optional[dist.ProcessGroup],
+    mask: Optional[torch.Tensor] = None,
+    chunk_tokens: Optional[int] = None,
+) -> torch.Tensor:
+    """log p(labels) (fp32; fp64 for fp64 logits) from this rank's vocabulary slice of ``logits``.
+
+    ``logits`` [..., V] hold vocabulary entries [r V, (r + 1) V) on rank r of
+    ``tp_group`` (Megatron's ``VocabParallelEmbedding`` split; ``None``: the full
+    vocabulary). ``labels`` has the leading shape of ``logits``. Only positions where
+    ``mask`` is non-zero are computed; the others are 0 and pass no gradient. Every
+    rank of ``tp_group`` must pass the same labels and mask.
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"token_logprobs: labels of shape {tuple(labels.shape)} do not match logits {tuple(logits.shape)} "
+            "without the vocabulary dimension"
+        )
+    if not logits.is_floating_point():
+        raise ValueError(f"token_logprobs: logits must be floating point, got {logits.dtype}")
+    vocab_local = logits.shape[-1]
+    logits_TV = logits.reshape(-1, vocab_local)
+    labels_T = labels.reshape(-1).to(torch.int64)
+    if mask is None:
+        idx_T = torch.arange(labels_T.numel(), device=labels_T.device)
+    else:
+        if mask.shape != labels.shape:
+            raise ValueError(f"token_logprobs: mask shape {tuple(mask.shape)} != labels shape {tuple(labels.shape)}")
+        idx_T = mask.reshape(-1).nonzero().squeeze(1)
+    _check_labels(labels_T[idx_T], vocab_local * _group_size(tp_group), tp_group)
+    chunk = chunk_tokens if chunk_tokens is not None else default_chunk_tokens(vocab_local, logits.device)
+    if chunk < 1:
+        raise ValueError(f"token_logprobs: chunk_tokens must be >= 1, got {chunk}")
+    logp_sel_T = _VocabParallelLogprobs.apply(logits_TV, labels_T, idx_T, tp_group, chunk)
+    logp_T = logp_sel_T.new_zeros(labels_T.numel()).index_put((idx_T,), logp_sel_T)
+    return logp_T.view(labels.shape)
+
+
+def _check_labels(labels_T: torch.Tensor, vocab_size: int, group) -> None:
+    if labels_T.numel() and (labels_T.min() < 0 or labels_T.max() >= vocab_size):
+        where = "the full vocabulary" if _group_size(group) == 1 else "tensor-parallel size x vocabulary slice"
+        raise ValueError(
+            f"token_logprobs: label ids must lie in [0, {vocab_size}) ({where}), got "
+            f"[{int(labels_T.min())}, {int(labels_T.max())}]; was the data tokenised for another model?"
+        )
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """SUM all-reduce whose backward is a SUM all-reduce too.
+
+    Every CP rank computes the same loss from the reduced statistics, so the gradient
+    reaching each rank's partial sums is the sum of identical copies: CP-size times
+    dL/dstat. That matches Megatron's context-parallel convention, where gradients
+    are summed over DP x CP and divided by the loss count summed over DP x CP (each CP
+    rank contributes its count once, see ``training/step.py``).
+    """
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+def sequence_stats(
+    logp: torch.Tensor,
+    segment_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    num_seqs: int,
+    cp_group: Optional[dist.ProcessGroup] = None,
+) -> dict[str, torch.Tensor]:
+    """Per-sequence sums over response tokens, each [N] (fp32, or fp64 for fp64 logp): ``STAT_NAMES``.
+
+    ``sum_logp`` = sum of log p (carries the gradient), ``n`` = token count,
+    ``sum_p`` / ``sum_p2`` = sums of p and p^2 with p = exp(log p) (no gradient: the
+    AMoPO weights are constants). A token counts when ``loss_mask`` > 0; its sequence
+    is ``segment_ids`` (0 <= id < ``num_seqs``). With ``cp_group`` the partial sums
+    of this rank's part of each sequence are all-reduced over the CP group.
+    """
+    if not (logp.shape == segment_ids.shape == loss_mask.shape):
+        raise ValueError(
+            f"sequence_stats: logp {tuple(logp.shape)}, segment_ids {tuple(segment_ids.shape)} and loss_mask "
+            f"{tuple(loss_mask.shape)} must have the same shape"
+        )
+    num_seqs = int(num_seqs)
+    sel_T = loss_mask.reshape(-1) > 0
+    seg_T = segment_ids.reshape(-1)[sel_T].to(torch.int64)
+    if seg_T.numel() and (seg_T.min() < 0 or seg_T.max() >= num_seqs):
+        raise ValueError(
+            f"sequence_stats: loss-masked tokens must belong to sequences 0..{num_seqs - 1}, got segment ids in "
+            f"[{int(seg_T.min())}, {int(seg_T.max())}] (a response token on padding, or a wrong num_seqs)"
+        )
+    logp_T = logp.reshape(-1)[sel_T].to(compute_dtype(logp.dtype))
+    p_T = logp_T.detach().exp()
+    zeros_N = logp_T.new_zeros(num_seqs)
+    stats = {
+        "sum_logp": zeros_N.index_add(0, seg_T, logp_T),
+        "n": zeros_N.index_add(0, seg_T, torch.ones_like(p_T)),
+        "sum_p": zeros_N.index_add(0, seg_T, p_T),
+        "sum_p2": zeros_N.index_add(0, seg_T, p_T * p_T),
+    }
+    if _group_size(cp_group) > 1:
+        stats = reduce_stats(stats, cp_group)
+    return stats
+
+
+def reduce_stats(stats: dict[str, torch.Tensor], cp_group: dist.ProcessGroup) -> dict[str, torch.Tensor]:
+    """Sum partial statistics over the CP group (one collective; gradient only through ``sum_logp``)."""
+    sum_logp_N = _AllReduceSum.apply(stats["sum_logp"], cp_group)
+    rest_3N = torch.stack([stats[name].detach() for name in STAT_NAMES[1:]])
+    dist.all_reduce(rest_3N, op=dist.ReduceOp.SUM, group=cp_group)
+    return {"sum_logp": sum_logp_N, **dict(zip(STAT_NAMES[1:], rest_3N.unbind(0)))}
+
+
+def stats_to_pairs(stats: dict[str, torch.Tensor], num_pairs: int) -> dict[str, torch.Tensor]:
+    """[N] statistics -> [B, P, 2]: sequence n = b * 2P + 2k + side (the micro-batch layout)."""
+    out = {}
+    for name, t_N in stats.items():
+        if t_N.numel() % (2 * num_pairs):
+            raise ValueError(
+                f"stats_to_pairs: {t_N.numel()} sequences is not a multiple of 2P = {2 * num_pairs} "
+                f"(P = {num_pairs} pairs per sample, chosen and rejected each)"
+            )
+        out[name] = t_N.view(-1, num_pairs, 2)
+    return out

@@ -1,0 +1,162 @@
+"""One micro-batch through the model and the AMoPO loss, in the shape of Megatron's
+``pretrain_gpt.py``: ``get_batch``, ``forward_step``, ``loss_func``.
+
+Everything a run chooses is bound with ``functools.partial`` (no globals)::
+
+    step = functools.partial(forward_step, objective_cfg=cfg,
+                             tp_group=ps.get_tensor_model_parallel_group(),
+                             cp_group=ps.get_context_parallel_group())
+    get_forward_backward_func()(forward_step_func=step, data_iterator=..., model=[model],
+                                num_microbatches=M, seq_length=S, micro_batch_size=R, ...)
+
+``micro_batch_size`` is the number of rows R of a micro-batch, 2P sequences per sample
+in the padded layout; the packed layout has a varying R, so pipeline parallelism then
+needs ``config.variable_seq_lengths = True``.
+
+Loss convention (Megatron-Core 0.16, ``calculate_per_token_loss=True``): ``loss_func``
+returns (sum of per-sample losses, number of valid samples, report). The schedule sums
+both over micro-batches; ``finalize_model_grads`` divides the gradients by the count
+summed over DP x CP. The global-batch loss is thus the mean over valid samples for any
+micro-batch split and DP size. Under context parallelism every CP rank returns the full
+loss and count; ``sequence_stats``' all-reduce backward sums the CP copies so the
+gradients match that count.
+
+Shape legend: R rows, S positions per row (this CP rank's share), V vocabulary slice,
+N sequences, B samples, P pairs, M pair-metric rows.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_amopo.objective.amopo import amopo_loss, reduce_for_schedule
+from megatron_amopo.objective.logprobs import sequence_stats, stats_to_pairs, token_logprobs
+
+# Keys laid out along the sequence (split over CP ranks); the rest are per sample/sequence.
+SEQUENCE_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "segment_ids", "attention_mask")
+# Report entries that are plain sums: the training loop all-reduces them over DP for logging.
+REDUCIBLE_KEYS = ("loss_sum", "count", "pair_sums", "pair_counts")
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def get_batch(data_iterator: Iterator[dict], cp_group: Optional[dist.ProcessGroup] = None) -> dict:
+    """The next micro-batch dict on this rank's device, sliced to this rank's CP share."""
+    batch = next(data_iterator)
+    missing = [k for k in SEQUENCE_KEYS + ("num_seqs",) if k not in batch]
+    if missing:
+        raise KeyError(f"micro-batch lacks {missing}; build it with megatron_amopo.data.batch.build_micro_batch")
+    device = _device()
+    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    if cp_group is not None and dist.get_world_size(cp_group) > 1:
+        from megatron.core.utils import get_batch_on_this_cp_rank
+
+        # Megatron's load-balanced split: chunks r and 2 CP - 1 - r of the sequence on rank r.
+        batch.update(get_batch_on_this_cp_rank({k: batch[k] for k in SEQUENCE_KEYS}, cp_group))
+    return batch
+
+
+def sample_ids(batch: dict) -> torch.Tensor:
+    """Global sample ids [B] that key the Gaussian draws (``sample_ids``, else the builder's ``group_ids``)."""
+    for key in ("sample_ids", "group_ids"):
+        if key in batch:
+            return batch[key]
+    raise KeyError("micro-batch has neither sample_ids nor group_ids (global sample ids [B])")
+
+
+def loss_func(
+    batch: dict,
+    cfg,
+    logits: torch.Tensor,
+    *,
+    tp_group: Optional[dist.ProcessGroup] = None,
+    cp_group: Optional[dist.ProcessGroup] = None,
+    chunk_tokens: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """logits [R, S, V] -> token log-probs -> stats [B, P, 2] -> AMoPO -> (loss_sum, count, report).
+
+    ``batch["epoch"]`` (default 0) is the epoch of this micro-batch's samples, part of
+    the key of their Gaussian draws.
+    """
+    logp_RS = token_logprobs(logits, batch["labels"], tp_group, mask=batch["loss_mask"], chunk_tokens=chunk_tokens)
+    stats_N = sequence_stats(logp_RS, batch["segment_ids"], batch["loss_mask"], int(batch["num_seqs"]), cp_group)
+    ids_B = sample_ids(batch)
+    num_seqs, num_samples = int(batch["num_seqs"]), ids_B.numel()
+    if num_samples == 0 or num_seqs % (2 * num_samples):
+        raise ValueError(
+            f"micro-batch has {num_seqs} sequences for {num_samples} samples; expected 2P sequences per sample"
+        )
+    stats_BPS = stats_to_pairs(stats_N, num_seqs // (2 * num_samples))
+    loss_B, metrics = amopo_loss(stats_BPS, cfg, sample_ids=ids_B, epoch=int(batch.get("epoch", 0)))
+    loss_sum, count = reduce_for_schedule(loss_B, metrics)
+    return loss_sum, count, make_report(loss_sum, count, metrics, ids_B)
+
+
+def make_report(loss_sum: torch.Tensor, count: torch.Tensor, metrics: dict, ids_B: torch.Tensor) -> dict:
+    """Detached clones for logging (the schedule may divide the returned loss in place).
+
+    ``REDUCIBLE_KEYS`` are sums to all-reduce over DP; ``weights`` [B, P] and
+    ``sample_ids`` [B] are this micro-batch's own.
+    """
+    return {
+        "loss_sum": loss_sum.detach().clone(),
+        "count": count.detach().clone().to(loss_sum.dtype),
+        "pair_sums": metrics["pair_sums"].detach().clone(),
+        "pair_counts": metrics["pair_counts"].detach().clone(),
+        "weights": metrics["weights"].detach().clone(),
+        "sample_ids": ids_B.detach().clone(),
+    }
+
+
+def packed_rows(batch: dict) -> bool:
+    """True when some row holds more than one sequence (the packed layout)."""
+    seg_RS = batch["segment_ids"]
+    prev_RS = torch.cat([seg_RS[:, :1], seg_RS[:, :-1]], dim=1)
+    return bool(((seg_RS != prev_RS) & (seg_RS >= 0) & (prev_RS >= 0)).any())
+
+
+def check_attention_support(batch: dict, use_te: bool) -> None:
+    """Refuse packed rows where the attention would ignore the block-diagonal mask.
+
+    Megatron's Transformer Engine layer spec uses a causal mask type and drops
+    ``attention_mask``; packed rows would then attend across sequences. The local
+    (non-TE) spec applies the mask. RoPE depends only on relative positions, so the
+    local spec gives the same logits for packed and padded rows.
+    """
+    if use_te and packed_rows(batch):
+        raise NotImplementedError(
+            "packed micro-batches with Transformer Engine attention need THD packed_seq_params, which this "
+            "step does not build yet; use the padded layout (one sequence per row)"
+        )
+
+
+def forward_step(
+    data_iterator: Iterator[dict],
+    model: torch.nn.Module,
+    *,
+    objective_cfg,
+    tp_group: Optional[dist.ProcessGroup] = None,
+    cp_group: Optional[dist.ProcessGroup] = None,
+    chunk_tokens: Optional[int] = None,
+    use_te: Optional[bool] = None,
+) -> tuple[torch.Tensor, Any]:
+    """Megatron ``forward_step_func``: (output tensor, loss function of that output).
+
+    The loss function is only called on the last pipeline stage (by the schedule).
+    """
+    batch = get_batch(data_iterator, cp_group)
+    if use_te is None:
+        from megatron_amopo.model.provider import transformer_engine_available
+
+        use_te = transformer_engine_available()
+    check_attention_support(batch, use_te)
+    output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
+    loss = functools.partial(
+        loss_func, batch, objective_cfg, tp_group=tp_group, cp_group=cp_group, chunk_tokens=chunk_tokens
+    )
+    return output, loss
