@@ -11,14 +11,10 @@ qwen2, llama, mistral. No remote code is executed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, RuntimeError)
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
@@ -37,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> int:
     from megatron_amopo.config import ParallelConfig
-    from megatron_amopo.convert.check import check_against_hf
+    from megatron_amopo.convert.check import check_against_hf, report_check
     from megatron_amopo.convert.hf_to_megatron import convert_hf_to_megatron, plan_import
     from megatron_amopo.convert.runtime import check_output_dir, single_process_distributed
     from megatron_amopo.model.provider import validate_layout
@@ -50,23 +46,14 @@ def run(args: argparse.Namespace) -> int:
         convert_hf_to_megatron(args.hf_path, args.save, overwrite=args.overwrite)
         print(f"wrote {args.save} ({plan.arch.model_type}, {plan.arch.num_layers} layers, {plan.dtype})")
         if args.check:
-            report = check_against_hf(args.hf_path, args.save)
-            print(json.dumps(report, indent=1))
-            if not report["max_abs"] <= args.check_threshold:
-                print(f"check FAILED: max |Δlogit| {report['max_abs']:.3g} > {args.check_threshold:g}",
-                      file=sys.stderr)
-                return 1
-            print(f"check passed: max |Δlogit| {report['max_abs']:.3g} <= {args.check_threshold:g}")
+            return report_check(check_against_hf(args.hf_path, args.save), args.check_threshold)
     return 0
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except USER_ERRORS as e:
-        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
-        return 2
+    from megatron_amopo.convert.runtime import run_cli
+
+    return run_cli(run, parse_args(argv))
 
 
 if __name__ == "__main__":

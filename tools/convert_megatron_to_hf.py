@@ -13,14 +13,10 @@ transformers.AutoModelForCausalLM.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, RuntimeError)
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
@@ -36,7 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_amopo.convert.check import check_against_hf
+    from megatron_amopo.convert.check import check_against_hf, report_check
     from megatron_amopo.convert.checkpoint_io import read_model_metadata
     from megatron_amopo.convert.hf_io import parse_size
     from megatron_amopo.convert.megatron_to_hf import convert_megatron_to_hf, resolve_iteration
@@ -51,23 +47,14 @@ def run(args: argparse.Namespace) -> int:
                                overwrite=args.overwrite)
         print(f"wrote {args.save} ({meta.arch.model_type}, iteration {iteration})")
         if args.check:
-            report = check_against_hf(args.save, args.load, iteration)
-            print(json.dumps(report, indent=1))
-            if not report["max_abs"] <= args.check_threshold:
-                print(f"check FAILED: max |Δlogit| {report['max_abs']:.3g} > {args.check_threshold:g}",
-                      file=sys.stderr)
-                return 1
-            print(f"check passed: max |Δlogit| {report['max_abs']:.3g} <= {args.check_threshold:g}")
+            return report_check(check_against_hf(args.save, args.load, iteration), args.check_threshold)
     return 0
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except USER_ERRORS as e:
-        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
-        return 2
+    from megatron_amopo.convert.runtime import run_cli
+
+    return run_cli(run, parse_args(argv))
 
 
 if __name__ == "__main__":

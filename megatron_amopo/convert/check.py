@@ -117,3 +117,16 @@ def check_against_hf(hf_dir: str, root: str, iteration: Optional[int] = None) ->
         report[key] = compare(hf_logits(hf, seqs, padded), got)
     report["max_abs"] = max(report["unpadded"]["max_abs"], report["left_padded"]["max_abs"])
     return report
+
+
+def report_check(report: dict, threshold: float) -> int:
+    """Print a ``check_against_hf`` report; exit status 1 when max |Δlogit| is over ``threshold``."""
+    import json
+    import sys
+
+    print(json.dumps(report, indent=1))
+    if not report["max_abs"] <= threshold:
+        print(f"check FAILED: max |Δlogit| {report['max_abs']:.3g} > {threshold:g}", file=sys.stderr)
+        return 1
+    print(f"check passed: max |Δlogit| {report['max_abs']:.3g} <= {threshold:g}")
+    return 0

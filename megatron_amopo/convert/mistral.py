@@ -3,31 +3,6 @@
 Mistral configs declare ``sliding_window``; Megatron-Core's attention here is full
 causal, which matches for sequences no longer than the window.
 """
-from megatron_amopo.convert.common import Row
+from megatron_amopo.convert.llama import TABLE  # same tensor names, shapes and transforms
 
-_L = "model.layers.{i}."
-_M = "decoder.layers.{i}."
-
-TABLE = (
-    Row("embedding.word_embeddings.weight", (("model.embed_tokens.weight", ("V", "H")),)),
-    Row(_M + "input_layernorm.weight", ((_L + "input_layernorm.weight", ("H",)),)),
-    Row(
-        _M + "self_attention.linear_qkv.weight",
-        (
-            (_L + "self_attn.q_proj.weight", ("Q", "H")),
-            (_L + "self_attn.k_proj.weight", ("K", "H")),
-            (_L + "self_attn.v_proj.weight", ("K", "H")),
-        ),
-        "qkv",
-    ),
-    Row(_M + "self_attention.linear_proj.weight", ((_L + "self_attn.o_proj.weight", ("H", "Q")),)),
-    Row(_M + "pre_mlp_layernorm.weight", ((_L + "post_attention_layernorm.weight", ("H",)),)),
-    Row(
-        _M + "mlp.linear_fc1.weight",
-        ((_L + "mlp.gate_proj.weight", ("F", "H")), (_L + "mlp.up_proj.weight", ("F", "H"))),
-        "gate_up",
-    ),
-    Row(_M + "mlp.linear_fc2.weight", ((_L + "mlp.down_proj.weight", ("H", "F")),)),
-    Row("decoder.final_layernorm.weight", (("model.norm.weight", ("H",)),)),
-    Row("output_layer.weight", (("lm_head.weight", ("V", "H")),), untied_only=True),
-)
+__all__ = ["TABLE"]

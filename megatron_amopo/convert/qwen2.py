@@ -2,40 +2,21 @@
 
 Small Qwen2 models (0.5B-3B) ship tied embeddings and no ``lm_head.weight``.
 """
+from megatron_amopo.convert import llama
 from megatron_amopo.convert.common import Row
 
 _L = "model.layers.{i}."
 _M = "decoder.layers.{i}."
 
-TABLE = (
-    Row("embedding.word_embeddings.weight", (("model.embed_tokens.weight", ("V", "H")),)),
-    Row(_M + "input_layernorm.weight", ((_L + "input_layernorm.weight", ("H",)),)),
-    Row(
-        _M + "self_attention.linear_qkv.weight",
-        (
-            (_L + "self_attn.q_proj.weight", ("Q", "H")),
-            (_L + "self_attn.k_proj.weight", ("K", "H")),
-            (_L + "self_attn.v_proj.weight", ("K", "H")),
-        ),
-        "qkv",
+# Llama's table plus the QKV bias, interleaved per query group like the weight.
+_QKV_BIAS = Row(
+    _M + "self_attention.linear_qkv.bias",
+    (
+        (_L + "self_attn.q_proj.bias", ("Q",)),
+        (_L + "self_attn.k_proj.bias", ("K",)),
+        (_L + "self_attn.v_proj.bias", ("K",)),
     ),
-    Row(
-        _M + "self_attention.linear_qkv.bias",
-        (
-            (_L + "self_attn.q_proj.bias", ("Q",)),
-            (_L + "self_attn.k_proj.bias", ("K",)),
-            (_L + "self_attn.v_proj.bias", ("K",)),
-        ),
-        "qkv",
-    ),
-    Row(_M + "self_attention.linear_proj.weight", ((_L + "self_attn.o_proj.weight", ("H", "Q")),)),
-    Row(_M + "pre_mlp_layernorm.weight", ((_L + "post_attention_layernorm.weight", ("H",)),)),
-    Row(
-        _M + "mlp.linear_fc1.weight",
-        ((_L + "mlp.gate_proj.weight", ("F", "H")), (_L + "mlp.up_proj.weight", ("F", "H"))),
-        "gate_up",
-    ),
-    Row(_M + "mlp.linear_fc2.weight", ((_L + "mlp.down_proj.weight", ("H", "F")),)),
-    Row("decoder.final_layernorm.weight", (("model.norm.weight", ("H",)),)),
-    Row("output_layer.weight", (("lm_head.weight", ("V", "H")),), untied_only=True),
+    "qkv",
 )
+_AFTER_QKV = next(i for i, row in enumerate(llama.TABLE) if row.megatron.endswith("linear_qkv.weight")) + 1
+TABLE = llama.TABLE[:_AFTER_QKV] + (_QKV_BIAS,) + llama.TABLE[_AFTER_QKV:]
