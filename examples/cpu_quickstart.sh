@@ -10,10 +10,10 @@ PYTHON=${PYTHON:-.venv/bin/python}
 TORCHRUN=${TORCHRUN:-"$PYTHON -m torch.distributed.run"}
 OUT=${OUT:-runs/quickstart}
 NPROC=${NPROC:-2}
-NUM_PROMPTS=${NUM_PROMPTS:-24}   # the shortest HelpSteer2 prompts: keeps the demo within minutes on 2 cores
+NUM_PROMPTS=${NUM_PROMPTS:-32}   # the shortest HelpSteer2 prompts: keeps the demo within minutes on 2 cores
 SEQ_LENGTH=${SEQ_LENGTH:-320}
-EPOCHS=${EPOCHS:-8}
-LR=${LR:-2e-3}
+EPOCHS=${EPOCHS:-3}
+LR=${LR:-1e-3}
 
 rm -rf "$OUT"
 mkdir -p "$OUT"

@@ -201,6 +201,8 @@ class TrainingConfig:
     eval_interval: Optional[int] = _f(None, "evaluate on the validation split every N steps (and at the end)")
     eval_batches: Optional[int] = _f(None, "micro-batches per evaluation per rank (default: the whole split)")
     log_interval: int = _f(1, "print a log line every N steps")
+    exit_interval: Optional[int] = _f(None, "save and exit after every N-th step of this launch's schedule "
+                                            "(step count divisible by N), e.g. to split a run into jobs")
     exit_on_nan: bool = _f(True, "stop (without saving) when the loss is not finite")
 
     def __post_init__(self) -> None:

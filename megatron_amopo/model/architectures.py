@@ -38,6 +38,7 @@ class ModelArch:
     qkv_bias: bool
     tie_word_embeddings: bool
     rope_scaling_factor: Optional[float] = None  # Llama 3.x scaling factor; None = no scaling
+    sliding_window: Optional[int] = None  # Mistral's attention window; runs must stay within it
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -100,7 +101,21 @@ def arch_from_hf_config(cfg: dict[str, Any]) -> ModelArch:
         qkv_bias=model_type == "qwen2",
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         rope_scaling_factor=_rope_scaling(cfg) if model_type == "llama" else None,
+        sliding_window=_sliding_window(cfg),
     )
+
+
+def _sliding_window(cfg: dict) -> Optional[int]:
+    """The attention window, if the model uses one (Mistral v0.1; Qwen2 with use_sliding_window).
+
+    Megatron-Core's local and TE specs here attend over the whole causal context, which
+    equals sliding-window attention only for sequences no longer than the window; the
+    trainer refuses longer sequences.
+    """
+    window = cfg.get("sliding_window")
+    if cfg.get("model_type") == "qwen2" and not cfg.get("use_sliding_window", False):
+        return None
+    return int(window) if window else None
 
 
 def load_hf_config(path: str) -> dict:

@@ -61,12 +61,25 @@ def _worker(fn, rank, world_size, port, out_q, args, kwargs, env) -> None:
     except BaseException:  # report everything, including SystemExit from inside fn
         out_q.put((rank, "error", traceback.format_exc()))
     finally:
+        _shutdown_checkpoint_writer()
         try:
             from megatron_amopo.runtime.distributed import destroy_distributed
 
             destroy_distributed()
         except Exception:
             pass
+
+
+def _shutdown_checkpoint_writer() -> None:
+    """dist_checkpointing starts a multiprocessing manager per rank for its writer
+    results; left running, it outlives the rank and keeps the parent's pipes open."""
+    import sys
+
+    module = sys.modules.get("megatron.core.dist_checkpointing.strategies.filesystem_async")
+    queue_proxy = getattr(module, "_results_queue", None) if module else None
+    manager = getattr(queue_proxy, "_manager", None)
+    if manager is not None:
+        manager.shutdown()
 
 
 def run_multirank(

@@ -57,6 +57,7 @@ def make_plan(split: Split, train_cfg: TrainingConfig, *, num_epochs: int, seed:
     ds = split.dataset
     plan = plan_microbatches(
         ds.group_max_len[split.group_ids], ds.group_total_len[split.group_ids],
+        seq_lens=ds.group_seq_lens[split.group_ids], seq_length=train_cfg.seq_length,
         seqs_per_group=2 * ds.num_pairs, num_epochs=num_epochs, seed=seed, dp_rank=dp_rank, dp_size=dp_size,
         groups_per_microbatch=train_cfg.micro_batch_size, token_budget=train_cfg.micro_batch_tokens,
         cost="packed" if train_cfg.batch_layout == "packed" else "padded", window=train_cfg.plan_window,

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_amopo.config import RunConfig
-from megatron_amopo.convert.checkpoint_io import read_model_metadata, write_model_metadata
+from megatron_amopo.convert.checkpoint_io import METADATA_FILE, read_model_metadata, write_model_metadata
 from megatron_amopo.model.build import build_model, check_wiring
 from megatron_amopo.model.provider import transformer_config
 from megatron_amopo.objective.amopo import PAIR_METRIC_NAMES
@@ -133,6 +133,12 @@ class Trainer:
                              "or a training run's checkpoint directory")
         self.model_meta = read_model_metadata(cfg.checkpoint.load)
         self.arch = self.model_meta.arch
+        if self.arch.sliding_window and cfg.training.seq_length > self.arch.sliding_window:
+            raise ValueError(
+                f"--seq-length {cfg.training.seq_length} is longer than this model's sliding attention window "
+                f"({self.arch.sliding_window}); full causal attention would differ from the model's: use "
+                f"--seq-length <= {self.arch.sliding_window}"
+            )
         tc = cfg.training
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self._open_data()
@@ -156,6 +162,15 @@ class Trainer:
     def _prepare_save_dir(self, root: str) -> None:
         """--save holds amopo_model.json and the tokenizer, so it can be resumed from and exported."""
         meta = self.model_meta
+        if os.path.isfile(os.path.join(root, METADATA_FILE)):
+            existing = read_model_metadata(root).arch
+            if existing != meta.arch:
+                raise ValueError(
+                    f"--save {root} already holds checkpoints of another model ({existing.model_type}, "
+                    f"{existing.num_layers} layers, hidden {existing.hidden_size}) than --load "
+                    f"({meta.arch.model_type}, {meta.arch.num_layers} layers, hidden {meta.arch.hidden_size}); "
+                    "choose an empty --save directory"
+                )
         if os.path.abspath(root) != os.path.abspath(self.cfg.checkpoint.load):
             write_model_metadata(root, meta.arch, meta.hf_config, meta.tokenizer_dir,
                                  source={**meta.source, "trained_from": os.path.abspath(self.cfg.checkpoint.load)},
@@ -283,6 +298,11 @@ class Trainer:
             if ck.save_interval and it % ck.save_interval == 0:
                 self.save()
                 last_saved = it
+            if tc.exit_interval and it % tc.exit_interval == 0 and it != self.train_iters:
+                log0(f"--exit-interval {tc.exit_interval}: saving at iteration {it} and exiting")
+                if last_saved != it:
+                    self.save()
+                return history
             if self.stop.agreed():
                 log0(f"stop signal received: saving at iteration {it} and exiting")
                 if last_saved != it:

@@ -120,19 +120,27 @@ def packed_rows(batch: dict) -> bool:
     return bool(((seg_RS != prev_RS) & (seg_RS >= 0) & (prev_RS >= 0)).any())
 
 
-def check_attention_support(batch: dict, use_te: bool) -> None:
-    """Refuse packed rows where the attention would ignore the block-diagonal mask.
+def packed_to_thd(batch: dict, use_te: bool, cp_group=None, tp_group=None, sequence_parallel: bool = False):
+    """Packed rows under TE attention -> one THD stream and its ``PackedSeqParams``.
 
-    Megatron's Transformer Engine layer spec uses a causal mask type and drops
-    ``attention_mask``; packed rows would then attend across sequences. The local
-    (non-TE) spec applies the mask. RoPE depends only on relative positions, so the
-    local spec gives the same logits for packed and padded rows.
+    Megatron's TE layer spec uses a causal mask type and drops ``attention_mask``, so
+    packed rows must go to TE as THD sequences (``cu_seqlens``), which also skips the
+    masked blocks. The local spec applies the block-diagonal mask itself (RoPE is
+    relative, so packed rows give the logits of separate sequences): no change there.
+    Returns (batch, packed_seq_params or None).
     """
-    if use_te and packed_rows(batch):
+    if not (use_te and packed_rows(batch)):
+        return batch, None
+    if cp_group is not None and dist.get_world_size(cp_group) > 1:
         raise NotImplementedError(
-            "packed micro-batches with Transformer Engine attention need THD packed_seq_params, which this "
-            "step does not build yet; use the padded layout (one sequence per row)"
+            "packed micro-batches with context parallelism need padded THD boundaries (cu_seqlens_padded), "
+            "which this step does not build; use --batch-layout padded with --context-parallel-size > 1"
         )
+    from megatron_amopo.training.packed import packed_seq_params_from_batch, to_thd
+
+    tp = 1 if tp_group is None else dist.get_world_size(tp_group)
+    thd = to_thd(batch, pad_to_multiple=tp if sequence_parallel else 1)
+    return thd, packed_seq_params_from_batch(thd)
 
 
 def forward_step(
@@ -154,8 +162,10 @@ def forward_step(
         from megatron_amopo.model.provider import transformer_engine_available
 
         use_te = transformer_engine_available()
-    check_attention_support(batch, use_te)
-    output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
+    sequence_parallel = bool(getattr(getattr(model, "config", None), "sequence_parallel", False))
+    batch, packed_seq_params = packed_to_thd(batch, use_te, cp_group, tp_group, sequence_parallel)
+    output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
+                   packed_seq_params=packed_seq_params)
     loss = functools.partial(
         loss_func, batch, objective_cfg, tp_group=tp_group, cp_group=cp_group, chunk_tokens=chunk_tokens
     )

@@ -137,18 +137,23 @@ def test_bad_inputs_are_refused():
         sequence_stats(torch.zeros(labels.shape), segments, torch.ones(labels.shape), 1)
 
 
-def test_step_glue_refuses_incomplete_batches_and_packed_rows_under_te():
-    from megatron_amopo.training.step import check_attention_support, get_batch, packed_rows
+def test_step_glue_refuses_incomplete_batches_and_sends_packed_rows_to_te_as_thd():
+    from megatron_amopo.training.step import get_batch, packed_rows, packed_to_thd
 
     with pytest.raises(KeyError, match="lacks"):
         get_batch(iter([{"tokens": torch.zeros(1, 4)}]))
     packed = {"segment_ids": torch.tensor([[0, 0, 1, 1, -1]])}
     padded = {"segment_ids": torch.tensor([[0, 0, 0, -1, -1], [1, 1, -1, -1, -1]])}
     assert packed_rows(packed) and not packed_rows(padded)
-    check_attention_support(packed, use_te=False)
-    check_attention_support(padded, use_te=True)
-    with pytest.raises(NotImplementedError, match="padded layout"):
-        check_attention_support(packed, use_te=True)
+    assert packed_to_thd(packed, use_te=False)[1] is None  # the local spec applies the mask itself
+    assert packed_to_thd(padded, use_te=True)[1] is None  # one sequence per row: causal is exact
+    tokens = torch.arange(5)[None]
+    full = dict(packed, tokens=tokens, labels=tokens, loss_mask=torch.tensor([[1.0, 1, 1, 1, 0]]),
+                position_ids=torch.tensor([[0, 1, 0, 1, 0]]),
+                attention_mask=None, cu_seqlens=torch.tensor([[0, 2, 4]]), num_seqs=torch.tensor(2))
+    thd, params = packed_to_thd(full, use_te=True)
+    assert params.qkv_format == "thd" and params.cu_seqlens_q.tolist() == [0, 2, 4]
+    assert thd["tokens"].shape == (1, 4)
 
 
 # ---------------------------------------------------------------------------

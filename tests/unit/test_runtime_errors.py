@@ -77,3 +77,10 @@ def test_cpu_compat_not_applied_when_cuda_is_available(monkeypatch):
     assert cpu_compat.apply() is False
     assert torch.cuda.current_device is before
     assert not cpu_compat.is_applied()
+
+
+def test_sliding_window_recorded():
+    assert arch_from_hf_config(tiny_hf_config("mistral", sliding_window=64)).sliding_window == 64
+    assert arch_from_hf_config(tiny_hf_config("mistral", sliding_window=None)).sliding_window is None
+    # Qwen2 configs carry a sliding_window value that is unused unless use_sliding_window is set.
+    assert arch_from_hf_config(tiny_hf_config("qwen2", sliding_window=64)).sliding_window is None
