@@ -19,7 +19,7 @@ import json
 import os
 import re
 import shutil
-import warnings
+import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -70,7 +70,9 @@ def find_loadable_iteration(root: str) -> int:
         problem = checkpoint_problem(iteration_dir(root, it))
         if problem is None:
             return it
-        warnings.warn(f"skipping checkpoint {iteration_dir(root, it)}: {problem}; trying an older one")
+        if _rank0():  # printed, not warnings.warn: it must show even with warnings filtered
+            print(f"warning: skipping checkpoint {iteration_dir(root, it)}: {problem}; trying an older one",
+                  file=sys.stderr, flush=True)
     raise FileNotFoundError(
         f"--load {root}: no complete checkpoint found (expected iter_NNNNNNN/ with {MARKER}); convert a Hugging "
         "Face model with tools/convert_hf_to_megatron.py or point --load at a training run's --save directory"

@@ -1,0 +1,51 @@
+"""Flags generated from the config dataclasses, YAML run files mapping onto the same fields."""
+from __future__ import annotations
+
+import pytest
+
+from megatron_amopo.config import run_arg_parser, run_config_from_args
+
+
+def parse(argv):
+    return run_config_from_args(run_arg_parser().parse_args(argv))
+
+
+def test_flags_reach_their_fields():
+    cfg = parse("--micro-batch-size 2 --train-iters 3 --amopo-beta 2.5 --amopo-loss orpo --amopo-seed 9 --seed 5 "
+                "--tensor-model-parallel-size 2 --sequence-parallel --amopo-weighting fixed "
+                "--amopo-fixed-weights 1 2 3 4 --lr 1e-5 --use-distributed-optimizer".split())
+    assert (cfg.training.micro_batch_size, cfg.training.train_iters, cfg.training.seed) == (2, 3, 5)
+    assert (cfg.amopo.beta, cfg.amopo.loss_type, cfg.amopo.seed) == (2.5, "orpo", 9)
+    assert cfg.amopo.fixed_weights == [1.0, 2.0, 3.0, 4.0]
+    assert cfg.parallel.sequence_parallel and cfg.parallel.tensor_model_parallel_size == 2
+    assert cfg.optimizer.lr == 1e-5 and cfg.training.use_distributed_optimizer
+
+
+def test_yaml_supplies_fields_and_flags_override(tmp_path):
+    run = tmp_path / "run.yaml"
+    run.write_text("micro_batch_size: 4\ntrain_epochs: 3\namopo_gamma: 1.5\nlr: 3.0e-7\nseq_length: 512\n")
+    cfg = parse(["--config", str(run), "--lr", "1e-6"])
+    assert cfg.training.micro_batch_size == 4 and cfg.training.train_epochs == 3
+    assert cfg.amopo.gamma == 1.5 and cfg.training.seq_length == 512
+    assert cfg.optimizer.lr == 1e-6  # the command line wins
+
+
+def test_yaml_unknown_key_is_named(tmp_path):
+    run = tmp_path / "run.yaml"
+    run.write_text("micro_batch_size: 4\ntrain_iters: 2\nlearning_rate: 1.0\n")
+    with pytest.raises(ValueError, match=r"unknown keys \['learning_rate'\]"):
+        parse(["--config", str(run)])
+
+
+@pytest.mark.parametrize("argv, match", [
+    ("--train-iters 2", "exactly one of --micro-batch-size"),
+    ("--micro-batch-size 1", "exactly one of --train-iters or --train-epochs"),
+    ("--micro-batch-size 1 --train-iters 2 --amopo-loss dpo", "--amopo-loss must be one of"),
+    ("--micro-batch-size 1 --train-iters 2 --amopo-weighting fixed", "needs --amopo-fixed-weights"),
+    ("--micro-batch-size 1 --train-iters 2 --lr-decay-style exp", "--lr-decay-style must be"),
+    ("--micro-batch-size 1 --train-iters 2 --split 95", "--split must be two non-negative numbers"),
+    ("--micro-batch-size 1 --train-iters 2 --sequence-parallel", "--sequence-parallel needs"),
+])
+def test_bad_flags_are_refused_before_any_work(argv, match):
+    with pytest.raises(ValueError, match=match):
+        parse(argv.split())
