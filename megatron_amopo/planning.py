@@ -41,7 +41,7 @@ Pipeline (1F1B, Narayanan et al. 2021): stage i holds min(p - i, m) micro-batche
 activations in flight, m micro-batches per step. The last stage also holds the
 vocab-parallel logits [T, V / t] in the weights' dtype (saved for the backward of
 ``token_logprobs``), their gradient of the same size, and one fp32 [C, V / t] work
-chunk of ``objective.logprobs.DEFAULT_CHUNK_BYTES`` (no full fp32 copy is made).
+chunk of ``objective.logprobs.DEFAULT_CHUNK_BYTES['cuda']`` (no full fp32 copy is made).
 
 The micro-batch of an AMoPO run is micro_batch_size groups of 2(D + 1) sequences
 (one chosen/rejected pair for the general preference and one per dimension), laid
@@ -55,6 +55,8 @@ from typing import Iterator, Optional
 
 from megatron_amopo.model.architectures import ModelArch
 from megatron_amopo.objective.logprobs import DEFAULT_CHUNK_BYTES
+
+LOGPROB_CHUNK_BYTES = DEFAULT_CHUNK_BYTES["cuda"]  # plans are for GPUs
 
 GiB = 2**30
 RECOMPUTE = ("none", "selective", "full")
@@ -208,7 +210,7 @@ def layer_activation_bytes(arch: ModelArch, work: Workload, rows: int, layout: L
 def logits_bytes(arch: ModelArch, work: Workload, rows: int, tp: int) -> int:
     """Logits [T, V/t] and their gradient in the weights' dtype, plus one fp32 work chunk."""
     tokens = rows * work.seq_length
-    return 2 * work.param_bytes * tokens * (arch.vocab_size // tp) + DEFAULT_CHUNK_BYTES
+    return 2 * work.param_bytes * tokens * (arch.vocab_size // tp) + LOGPROB_CHUNK_BYTES
 
 
 @dataclass

@@ -82,7 +82,7 @@ def test_pipeline_stage0_holds_p_microbatches_and_last_stage_the_logits():
     first, last = (planning.stage_memory(a, work, lay, i) for i in (0, 3))
     assert first.activations == 4 * last.activations and first.logits == 0
     tokens = 8 * 1024
-    assert last.logits == 2 * 2 * tokens * (152064 // 8) + planning.DEFAULT_CHUNK_BYTES
+    assert last.logits == 2 * 2 * tokens * (152064 // 8) + planning.LOGPROB_CHUNK_BYTES
 
 
 def test_plan_respects_memory_and_nodes_and_ranks_cheapest_first():
