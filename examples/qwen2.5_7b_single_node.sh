@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # AMoPO on Qwen2.5-7B-Instruct, one node of 8 x 80 GB GPUs: TP2 x PP1 x DP4, micro-batch 1 group.
 # Layout from: python tools/plan_parallelism.py --model examples/model_configs/qwen2.5-7b.json --gpus 8
-# (first choice: 51.3 GiB estimated peak; micro-batch 2 would be 70.6 GiB of 74 usable, too tight).
+# (first choice: 53.2 GiB estimated peak; micro-batch 2 would be about 72.5 GiB of 74 usable, too tight).
 # Run from anywhere:  RUN_ROOT=/scratch/me/amopo HF_MODEL=/models/Qwen2.5-7B-Instruct bash examples/qwen2.5_7b_single_node.sh
 # Rerunning resumes from the newest checkpoint under $SAVE; SIGTERM/SIGUSR1 save and stop.
 set -euo pipefail
