@@ -23,6 +23,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_amopo.convert.runtime import barrier as _barrier
+from megatron_amopo.convert.runtime import is_rank0 as _rank0
 from megatron_amopo.model.architectures import ModelArch, arch_from_hf_config
 
 FORMAT_VERSION = 1
@@ -46,15 +48,6 @@ class ModelMetadata:
     tokenizer_dir: Optional[str]
     source: dict
     generation_config: Optional[dict] = None
-
-
-def _rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _write_json_atomic(path: str, obj) -> None:
@@ -208,8 +201,10 @@ def _any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
-def save_model_state(model_chunk: torch.nn.Module, root: str, iteration: int) -> str:
-    """Save ``{"model": model_chunk.sharded_state_dict()}`` as ``iter_NNNNNNN`` (collective)."""
+def atomic_save(sharded_state_dict: dict, root: str, iteration: int, kind: str, extra: Optional[dict] = None,
+                content_metadata: Optional[dict] = None) -> str:
+    """``dist_checkpointing.save`` into ``.tmp_iter_NNNNNNN``, completion marker, rename, then the
+    ``latest`` file (collective; file operations on global rank 0). Returns the final directory."""
     from megatron.core import dist_checkpointing
 
     final, tmp = iteration_dir(root, iteration), _tmp_iteration_dir(root, iteration)
@@ -218,16 +213,21 @@ def save_model_state(model_chunk: torch.nn.Module, root: str, iteration: int) ->
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     _barrier()
-    dist_checkpointing.save({"model": model_chunk.sharded_state_dict()}, tmp)
+    dist_checkpointing.save(sharded_state_dict, tmp, content_metadata=content_metadata)
     _barrier()
     if _rank0():
-        write_completion_marker(tmp, "model", {"iteration": iteration})
+        write_completion_marker(tmp, kind, {"iteration": iteration, **(extra or {})})
         if os.path.isdir(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
         write_latest_iteration(root, iteration)
     _barrier()
     return final
+
+
+def save_model_state(model_chunk: torch.nn.Module, root: str, iteration: int) -> str:
+    """Save ``{"model": model_chunk.sharded_state_dict()}`` as ``iter_NNNNNNN`` (collective)."""
+    return atomic_save({"model": model_chunk.sharded_state_dict()}, root, iteration, "model")
 
 
 def model_arch_mismatches(model_chunk: torch.nn.Module, arch: ModelArch) -> list[str]:

@@ -26,14 +26,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_amopo.convert.checkpoint_io import (
-    MARKER,
-    checkpoint_problem,
-    iteration_dir,
-    latest_iteration,
-    write_completion_marker,
-    write_latest_iteration,
-)
+from megatron_amopo.convert.checkpoint_io import MARKER, atomic_save, checkpoint_problem, iteration_dir, latest_iteration
+from megatron_amopo.convert.runtime import barrier, is_rank0
 from megatron_amopo.model.sharding import unwrap
 
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
@@ -49,15 +43,6 @@ class TrainState:
     consumed_microbatches: int = 0  # per DP rank: position in the micro-batch plan
 
 
-def _rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def find_loadable_iteration(root: str) -> int:
     """The newest complete checkpoint, preferring the ``latest`` pointer; warns on skipped ones."""
     if not os.path.isdir(root):
@@ -70,7 +55,7 @@ def find_loadable_iteration(root: str) -> int:
         problem = checkpoint_problem(iteration_dir(root, it))
         if problem is None:
             return it
-        if _rank0():  # printed, not warnings.warn: it must show even with warnings filtered
+        if is_rank0():  # printed, not warnings.warn: it must show even with warnings filtered
             print(f"warning: skipping checkpoint {iteration_dir(root, it)}: {problem}; trying an older one",
                   file=sys.stderr, flush=True)
     raise FileNotFoundError(
@@ -118,14 +103,6 @@ def _layout() -> dict:
 def save_checkpoint(root: str, model_chunks: list, optimizer, scheduler, state: TrainState, run_config: dict,
                     keep_last: Optional[int] = None) -> str:
     """Save everything a resume needs; returns the final directory."""
-    from megatron.core import dist_checkpointing
-
-    final, tmp = iteration_dir(root, state.iteration), os.path.join(root, f".tmp_iter_{state.iteration:07d}")
-    if _rank0():
-        os.makedirs(root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    _barrier()
     model_sd = unwrap(model_chunks[0]).sharded_state_dict()
     sharded = {
         "model": model_sd,
@@ -136,17 +113,11 @@ def save_checkpoint(root: str, model_chunks: list, optimizer, scheduler, state: 
         "run_config": run_config,
         "rng_state": _rng_object(load=False),
     }
-    dist_checkpointing.save(sharded, tmp, content_metadata=SHARDING_METADATA)
-    _barrier()
-    if _rank0():
-        write_completion_marker(tmp, "train", {"iteration": state.iteration, "layout": _layout()})
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        write_latest_iteration(root, state.iteration)
-        if keep_last:
-            _prune(root, keep_last)
-    _barrier()
+    final = atomic_save(sharded, root, state.iteration, "train", {"layout": _layout()},
+                        content_metadata=SHARDING_METADATA)
+    if keep_last and is_rank0():
+        _prune(root, keep_last)
+    barrier()
     return final
 
 
