@@ -146,21 +146,23 @@ def run_ours(args, cfg: dict, chunks: list[list[dict]]) -> dict:
     set_seed(args.seed)
     cuda = torch.cuda.is_available()
     arch = arch_from_hf_config(cfg)
+    disabled = set(filter(None, args.disable.split(",")))
+    overrides = {"bias_activation_fusion": False} if "swiglu-fusion" in disabled else {}
     config = transformer_config(arch, parallel, params_dtype=torch.bfloat16 if cuda else torch.float32,
-                                calculate_per_token_loss=True)
+                                calculate_per_token_loss=True, **overrides)
     model = build_model(arch, config)
     if args.weights:
         _load_hf_weights(model[0], args.weights)
-    if args.bf16_norms and cuda:  # diagnostic: norm weights in bf16, as Megatron-LM's Float16Module keeps them
-        for name, p in model[0].named_parameters():
-            if "norm" in name:
-                p.data = p.data.to(torch.bfloat16)
     train_cfg = TrainingConfig(micro_batch_size=args.micro_batch, train_iters=1, bf16=cuda,
                                seq_length=args.seq_length)
     optimizer = build_optimizer(model, OptimizerConfig(lr=args.lr, lr_warmup_fraction=0.0), train_cfg)
+    if "fused-adam" in disabled:  # diagnostic: torch's default multi-tensor AdamW, as megatron-core builds it
+        for group in optimizer.optimizer.param_groups:
+            group["fused"], group["foreach"] = False, None
     step_fn = functools.partial(forward_step, objective_cfg=AmopoConfig(), tp_group=ps.get_tensor_model_parallel_group(),
-                                cp_group=ps.get_context_parallel_group(), chunk_tokens=args.chunk_tokens)
-    if args.layout == "packed":
+                                cp_group=ps.get_context_parallel_group(), chunk_tokens=args.chunk_tokens,
+                                packed_thd=args.layout == "packed-thd" or None)
+    if args.layout.startswith("packed"):
         batches = [build_micro_batch(c, "packed", seq_length=args.seq_length) for c in chunks]
     else:
         batches = [build_micro_batch(c, "padded") for c in chunks]
@@ -185,7 +187,7 @@ def run_ours(args, cfg: dict, chunks: list[list[dict]]) -> dict:
         _profile(step)
     attention = "te" if transformer_engine_available() else "sdpa"
     return dict(losses=losses, times=times, rows=sum(b["tokens"].shape[0] for b in batches),
-                attention=f"{attention}/{args.layout}" + ("/bf16-norms" if args.bf16_norms else ""))
+                attention=f"{attention}/{args.layout}" + "".join(f"/no-{d}" for d in sorted(disabled)))
 
 
 def _profile(step) -> None:
@@ -284,7 +286,7 @@ def _spawn(args, side: str, tmp: str, extra: list[str]) -> dict:
            "--num-microbatches", str(args.num_microbatches), "--dims", str(args.dims), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--seed", str(args.seed), "--lr", str(args.lr), "--layout", args.layout,
            *(["--chunk-tokens", str(args.chunk_tokens)] if args.chunk_tokens else []),
-           *(["--bf16-norms"] if args.bf16_norms else []), *(["--profile"] if args.profile else []), *extra]
+           "--disable", args.disable, *(["--profile"] if args.profile else []), *extra]
     subprocess.run(cmd, check=True)
     with open(out) as fh:
         return json.load(fh)
@@ -313,11 +315,13 @@ def main(argv=None) -> dict:
     p.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: 989 on H100/H200)")
     p.add_argument("--same-weights", action="store_true",
                    help="start ours from the baseline's initial weights (saved and converted): first losses must agree")
-    p.add_argument("--layout", default="packed", choices=["packed", "padded", "padded-causal"],
-                   help="ours: packed rows (block-diagonal mask), one padded row per sequence with its mask, or "
-                        "padded rows with plain causal attention (no mask: flash kernel)")
+    p.add_argument("--layout", default="packed", choices=["packed", "packed-thd", "padded", "padded-causal"],
+                   help="ours: packed rows (block-diagonal mask), the packed rows as one THD stream (TE, or "
+                        "variable-length flash attention without TE), one padded row per sequence with its "
+                        "mask, or padded rows with plain causal attention (no mask: flash kernel)")
     p.add_argument("--chunk-tokens", type=int, default=None, help="ours: tokens per chunk of the log-prob kernel")
-    p.add_argument("--bf16-norms", action="store_true", help="ours, diagnostic: RMSNorm weights in bf16 (GPU)")
+    p.add_argument("--disable", default="", help="ours, diagnostic: comma list of speed-ups to turn off: "
+                   "swiglu-fusion (compiled SwiGLU), fused-adam (single-kernel AdamW)")
     p.add_argument("--sides", default="ours,baseline", help="which sides to run (ours-only for variants)")
     p.add_argument("--profile", action="store_true", help="ours: print a torch.profiler table of one more step")
     p.add_argument("--json", default=None, help="write the summary here")

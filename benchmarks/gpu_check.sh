@@ -10,6 +10,8 @@
 #      the benchmark's end-to-end test
 #   4. bench_train_step.py for the Qwen2.5-0.5B and 1.5B shapes at sequence length 1024, 4 samples per
 #      step in 4 micro-batches (the baseline needs ~80 GiB at 1.5B: use an H200, kind nvidia-h200)
+#   5. with GPU_CHECK_VARIANTS=1 (about 3 more minutes): ours alone at 1.5B with each speed-up turned
+#      off or swapped (--layout packed-thd, --disable ...), and a profile of the default step
 # Each step's result is printed; the exit status is non-zero if any step failed.
 set -uo pipefail
 OUTDIR=${1:-${OUT:-/tmp/gpu_check}}
@@ -30,17 +32,17 @@ step() {  # step NAME TIMEOUT_S CMD... : run, record failure, never abort the sc
 
 stamp "install"
 if compgen -G ".whl/*.whl" >/dev/null; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "installing the carried wheels failed"; exit 1; }
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 # Our package and its pybind11 extension (pybind11, setuptools and wheel are on the image).
-if ! $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . ; then
+if ! "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . ; then
   echo "pip install -e . failed; building the extension in place instead" >&2
-  $PY setup.py -q build_ext --inplace || { echo "building the C++ extension failed"; exit 1; }
+  "$PY" setup.py -q build_ext --inplace || { echo "building the C++ extension failed"; exit 1; }
   export PYTHONPATH=$PWD:$PYTHONPATH
 fi
-$PY - <<'EOF' || exit 1
+"$PY" - <<'EOF' || exit 1
 import torch, megatron.core, transformers
 import megatron_amopo._indexer  # the C++ extension must import
 from megatron_amopo.model.provider import transformer_engine_available
@@ -50,13 +52,24 @@ print(f"torch {torch.__version__} cuda {torch.version.cuda}; megatron-core {mega
 EOF
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 
-step "gpu tests" 130 $PY -m pytest -q -p no:cacheprovider -o addopts="" -rs \
-  tests/unit/test_sdpa_attention.py tests/unit/test_packed_thd.py tests/e2e/test_bench_train_step.py
+step "gpu tests" 170 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -rs \
+  tests/unit/test_sdpa_attention.py tests/unit/test_gpu_fusions.py tests/unit/test_packed_thd.py \
+  tests/e2e/test_bench_train_step.py
 
 for model in qwen2.5-0.5b qwen2.5-1.5b; do
-  step "bench $model" 150 $PY benchmarks/bench_train_step.py --model "$model" --seq-length 1024 \
+  step "bench $model" 150 "$PY" benchmarks/bench_train_step.py --model "$model" --seq-length 1024 \
     --micro-batch 1 --num-microbatches 4 --dims 4 --steps 5 --warmup 2 --json "$OUTDIR/bench_${model}.json"
 done
+
+if [ "${GPU_CHECK_VARIANTS:-0}" = 1 ]; then
+  common=(--model qwen2.5-1.5b --seq-length 1024 --micro-batch 1 --num-microbatches 4 --dims 4 --sides ours)
+  step "variant packed-thd" 120 "$PY" benchmarks/bench_train_step.py "${common[@]}" --steps 4 --warmup 2 \
+    --layout packed-thd --json "$OUTDIR/variant_packed-thd.json"
+  step "variant no fusions" 120 "$PY" benchmarks/bench_train_step.py "${common[@]}" --steps 4 --warmup 2 \
+    --disable swiglu-fusion,fused-adam --json "$OUTDIR/variant_no-fusions.json"
+  step "variant default + profile" 150 "$PY" benchmarks/bench_train_step.py "${common[@]}" --steps 3 --warmup 2 \
+    --profile --json "$OUTDIR/variant_profile.json"
+fi
 
 stamp "done"
 if [ ${#FAILED[@]} -gt 0 ]; then

@@ -17,14 +17,18 @@ unfused path gives uniform weights there, SDPA gives NaN); ``data/batch.py`` nev
 
 Packed THD input (``packed_seq_params.qkv_format == "thd"``, see ``training/packed.py``):
 q/k/v are [t, heads, hn] holding sequences end to end at ``cu_seqlens_q``; each sequence is
-attended causally on its own. Here that runs one SDPA call per sequence, for correctness on
-any device; on GPU with TE the TE spec's fused attention takes THD directly.
+attended causally on its own. On CUDA this is one call of PyTorch's variable-length flash
+attention (``torch.nn.attention.varlen.varlen_attn``, where the installed torch has it), which
+computes no block outside a sequence; elsewhere one causal SDPA call per sequence. With TE, the
+TE spec's fused attention takes THD directly instead.
 
 Shape legend: sq/sk query/key positions, b rows, np query heads and ng query groups on this
 tensor-parallel rank, hn head size, hp = np * hn, t packed tokens.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from typing import Optional
 
@@ -116,11 +120,20 @@ class SDPAttention(MegatronModule):
         return k_BGSH.repeat_interleave(rep, dim=1), v_BGSH.repeat_interleave(rep, dim=1)
 
     def _forward_thd(self, query, key, value, params) -> torch.Tensor:
-        """One causal SDPA call per packed sequence; q [t, np, hn] (or [t, 1, np, hn])."""
+        """Causal attention within each packed sequence; q [t, np, hn] (or [t, 1, np, hn])."""
         q_TNH, k_TGH, v_TGH = (x.reshape(x.shape[0], x.shape[-2], x.shape[-1]) for x in (query, key, value))
         cu_q, cu_kv = params.cu_seqlens_q, params.cu_seqlens_kv
-        if cu_kv is not None and not torch.equal(cu_q, cu_kv):
+        if cu_kv is not None and cu_kv is not cu_q and not torch.equal(cu_q, cu_kv):
             raise ValueError("SDPAttention THD: self-attention needs cu_seqlens_kv == cu_seqlens_q")
+        varlen = varlen_causal_attention() if _flash_eligible(q_TNH) else None
+        if varlen is not None and params.max_seqlen_q is not None:
+            # cu_seqlens were checked where they were built (training/packed.py): no host sync here.
+            out_TNH = varlen(q_TNH, k_TGH, v_TGH, cu_q.to(torch.int32), int(params.max_seqlen_q), self.softmax_scale)
+            return out_TNH.reshape(q_TNH.shape[0], -1)
+        return self._thd_per_sequence(q_TNH, k_TGH, v_TGH, cu_q)
+
+    def _thd_per_sequence(self, q_TNH, k_TGH, v_TGH, cu_q) -> torch.Tensor:
+        """One causal SDPA call per packed sequence (any device)."""
         bounds = cu_q.tolist()
         if bounds[0] != 0 or bounds[-1] != q_TNH.shape[0]:
             raise ValueError(f"SDPAttention THD: cu_seqlens_q must run from 0 to the {q_TNH.shape[0]} packed "
@@ -137,3 +150,51 @@ class SDPAttention(MegatronModule):
                                                enable_gqa=k.shape[1] != heads)
             pieces.append(o[0].transpose(0, 1))
         return torch.cat(pieces).reshape(q_TNH.shape[0], -1)
+
+
+def _flash_eligible(q_TNH: torch.Tensor) -> bool:
+    """Flash attention's limits: CUDA, fp16/bf16, head size a multiple of 8 up to 256."""
+    hn = q_TNH.shape[-1]
+    return q_TNH.is_cuda and q_TNH.dtype in (torch.float16, torch.bfloat16) and hn % 8 == 0 and hn <= 256
+
+
+@functools.lru_cache(maxsize=1)
+def varlen_causal_attention():
+    """``f(q [t, np, hn], k/v [t, ng, hn], cu_seqlens int32, max_seqlen, scale) -> [t, np, hn]``:
+    causal attention within each sequence through ``torch.nn.attention.varlen.varlen_attn``
+    (flash attention, CUDA), or None when this torch has no such function.
+
+    The function's keywords changed across torch releases (causality as ``is_causal`` or as
+    ``window_size=(-1, 0)``; ``scale`` and ``enable_gqa`` are newer), so they are read from its
+    signature: missing GQA support expands the key/value groups, a missing ``scale`` is folded
+    into q.
+    """
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:
+        causal = {"window_size": (-1, 0)}
+    elif "is_causal" in params:
+        causal = {"is_causal": True}
+    else:
+        return None
+    has_scale, has_gqa = "scale" in params, "enable_gqa" in params
+
+    def attend(q_TNH, k_TGH, v_TGH, cu_K, max_seqlen: int, scale: float):
+        heads, groups = q_TNH.shape[1], k_TGH.shape[1]
+        kwargs = dict(causal)
+        if groups != heads:
+            if has_gqa:
+                kwargs["enable_gqa"] = True
+            else:  # Megatron's order: head h uses group h // (heads // groups)
+                k_TGH = k_TGH.repeat_interleave(heads // groups, dim=1)
+                v_TGH = v_TGH.repeat_interleave(heads // groups, dim=1)
+        if has_scale:
+            kwargs["scale"] = scale
+        else:
+            q_TNH = q_TNH * (scale * math.sqrt(q_TNH.shape[-1]))
+        return varlen_attn(q_TNH, k_TGH, v_TGH, cu_K, cu_K, max_seqlen, max_seqlen, **kwargs)
+
+    return attend

@@ -27,6 +27,30 @@ def transformer_engine_available() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=1)
+def compiled_fusions_available() -> bool:
+    """Megatron's SwiGLU fusion (``fusions/fused_bias_swiglu.py``) is ``torch.compile``d: on GPU
+    that needs a working Triton toolchain (CUDA builds of torch ship Triton; it compiles its
+    launcher with the system's C compiler and Python headers). It needs no Transformer Engine.
+    Probed once per process with a tiny compiled kernel; a failure is reported and the
+    unfused activation is used instead."""
+    if not torch.cuda.is_available():
+        return False
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        probe = torch.compile(lambda y: F.silu(y[..., :8]) * y[..., 8:], dynamic=False)
+        x = torch.ones(4, 16, device="cuda", dtype=torch.bfloat16)
+        torch.testing.assert_close(probe(x), F.silu(x[..., :8]) * x[..., 8:])
+    except Exception as err:  # noqa: BLE001 - any toolchain failure means: do not fuse
+        print(f"megatron_amopo: torch.compile does not work here ({type(err).__name__}: {str(err)[:200]}); "
+              "using the unfused SwiGLU", flush=True)
+        return False
+    return True
+
+
 def validate_layout(arch: ModelArch, parallel: ParallelConfig) -> None:
     """Errors for layouts this model cannot take, raised before any work."""
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
@@ -63,6 +87,9 @@ def transformer_config(
     cuda = torch.cuda.is_available()
     dtype = params_dtype or (torch.bfloat16 if cuda else torch.float32)
     fused = cuda and transformer_engine_available()
+    # One compiled SiLU-and-multiply kernel pair instead of silu, mul and their autograd graph;
+    # it also saves only the MLP's input for backward (not the SiLU output).
+    swiglu_fused = fused or compiled_fusions_available()
     kwargs = dict(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -87,7 +114,7 @@ def transformer_config(
         pipeline_dtype=dtype,
         use_cpu_initialization=not cuda if use_cpu_initialization is None else use_cpu_initialization,
         # Fused kernels need CUDA (and most of them TE); off on CPU.
-        bias_activation_fusion=fused,
+        bias_activation_fusion=swiglu_fused,
         bias_dropout_fusion=fused,
         apply_rope_fusion=fused,
         masked_softmax_fusion=fused,

@@ -15,6 +15,11 @@ device, in one place:
    then copies every state key of a parameter from the checkpoint's tensors, which
    carry no ``step`` (it travels in the param groups): ``_keep_step_on_reshard``
    lets the parameter keep the step that ``load_state_dict`` already set.
+
+And one speed-up: the fallback is built with torch's default multi-tensor (``foreach``)
+AdamW, which runs one kernel per arithmetic operation over all parameters and keeps
+intermediate copies of them. ``use_fused_adamw`` switches it to torch's single-kernel
+``fused`` implementation (CPU and CUDA), the counterpart of TE's / Apex's FusedAdam.
 """
 from __future__ import annotations
 
@@ -48,6 +53,34 @@ def untie_adam_steps(optimizer) -> int:
     return fixed
 
 
+def use_fused_adamw(optimizer) -> int:
+    """Run every torch AdamW of ``optimizer`` with ``fused=True``; returns how many param groups.
+
+    Also applied after a checkpoint load (the loaded param groups carry the saved flags).
+    Fused AdamW keeps ``step`` as a float32 tensor on the parameter's device.
+    """
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    supported = set(_get_fused_kernels_supported_devices())
+    switched = 0
+    for opt in _torch_optimizers(optimizer):
+        if not _is_torch_adamw(opt):
+            continue
+        for group in opt.param_groups:
+            params = group["params"]
+            if group.get("differentiable") or not all(
+                p.device.type in supported and p.is_floating_point() for p in params
+            ):
+                continue
+            group["fused"], group["foreach"] = True, False
+            switched += 1
+            for p in params:
+                step = opt.state.get(p, {}).get("step")
+                if torch.is_tensor(step) and (step.device != p.device or step.dtype != torch.float32):
+                    opt.state[p]["step"] = step.to(device=p.device, dtype=torch.float32)
+    return switched
+
+
 def _extend_init_state_fn(megatron_opt) -> None:
     """Fix 2: the state initialiser also creates AdamW's ``step``."""
     original = getattr(megatron_opt, "init_state_fn", None)
@@ -58,8 +91,10 @@ def _extend_init_state_fn(megatron_opt) -> None:
         original(opt, config)
         if _is_torch_adamw(opt):
             for group in opt.param_groups:
+                # fused AdamW wants the step on the parameter's device
+                device = (lambda p: p.device) if group.get("fused") else (lambda p: None)
                 for p in group["params"]:
-                    opt.state[p].setdefault("step", torch.tensor(0.0, dtype=torch.float32))
+                    opt.state[p].setdefault("step", torch.tensor(0.0, dtype=torch.float32, device=device(p)))
 
     init_state_fn._amopo_adds_step = True
     megatron_opt.init_state_fn = init_state_fn
@@ -101,6 +136,7 @@ def build_optimizer(model_chunks: list, opt_cfg: OptimizerConfig, train_cfg: Tra
         use_distributed_optimizer=train_cfg.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(mc, model_chunks)
+    use_fused_adamw(optimizer)
     from megatron.core.optimizer import DistributedOptimizer
 
     for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
@@ -120,9 +156,10 @@ def optimizer_load_request(optimizer, model_sharded_state_dict: dict, metadata: 
 
 
 def load_optimizer_state(optimizer, state_dict) -> None:
-    """``optimizer.load_state_dict`` followed by fix 1."""
+    """``optimizer.load_state_dict`` followed by fix 1 (and fused AdamW again)."""
     optimizer.load_state_dict(state_dict)
     untie_adam_steps(optimizer)
+    use_fused_adamw(optimizer)
 
 
 def build_scheduler(optimizer, opt_cfg: OptimizerConfig, train_iters: int, global_batch_size: int):

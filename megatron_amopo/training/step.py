@@ -121,13 +121,14 @@ def packed_rows(batch: dict) -> bool:
 
 
 def packed_to_thd(batch: dict, use_te: bool, cp_group=None, tp_group=None, sequence_parallel: bool = False):
-    """Packed rows under TE attention -> one THD stream and its ``PackedSeqParams``.
+    """Packed rows under THD attention -> one THD stream and its ``PackedSeqParams``.
 
-    Megatron's TE layer spec uses a causal mask type and drops ``attention_mask``, so
-    packed rows must go to TE as THD sequences (``cu_seqlens``), which also skips the
-    masked blocks. The local spec applies the block-diagonal mask itself (RoPE is
-    relative, so packed rows give the logits of separate sequences): no change there.
-    Returns (batch, packed_seq_params or None).
+    ``use_te`` says the attention takes THD input: Megatron's TE layer spec uses a causal
+    mask type and drops ``attention_mask``, so packed rows must go to TE as THD sequences
+    (``cu_seqlens``), which also skips the masked blocks. The local spec applies the
+    block-diagonal mask itself (RoPE is relative, so packed rows give the logits of
+    separate sequences), or takes THD through ``SDPAttention``'s variable-length path
+    when asked to (``forward_step(packed_thd=True)``). Returns (batch, packed_seq_params or None).
     """
     if not (use_te and packed_rows(batch)):
         return batch, None
@@ -152,10 +153,12 @@ def forward_step(
     cp_group: Optional[dist.ProcessGroup] = None,
     chunk_tokens: Optional[int] = None,
     use_te: Optional[bool] = None,
+    packed_thd: Optional[bool] = None,
 ) -> tuple[torch.Tensor, Any]:
     """Megatron ``forward_step_func``: (output tensor, loss function of that output).
 
     The loss function is only called on the last pipeline stage (by the schedule).
+    ``packed_thd``: feed packed rows to the model as one THD stream (default: with TE only).
     """
     batch = get_batch(data_iterator, cp_group)
     if use_te is None:
@@ -163,7 +166,8 @@ def forward_step(
 
         use_te = transformer_engine_available()
     sequence_parallel = bool(getattr(getattr(model, "config", None), "sequence_parallel", False))
-    batch, packed_seq_params = packed_to_thd(batch, use_te, cp_group, tp_group, sequence_parallel)
+    thd = use_te if packed_thd is None else packed_thd
+    batch, packed_seq_params = packed_to_thd(batch, thd, cp_group, tp_group, sequence_parallel)
     output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
                    packed_seq_params=packed_seq_params)
     loss = functools.partial(

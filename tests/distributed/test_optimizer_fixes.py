@@ -99,7 +99,8 @@ def _body(path: str, untie: bool, fix_init_state: bool):
     _step(fresh, fresh_opt, 1)
     resumed = _params(fresh)
     diff = max((resumed[n] - reference[n]).abs().max().item() for n in reference)
-    return {"shared_step": shared, "max_diff": diff, "steps": sorted({float(s["step"]) for s in states})}
+    return {"shared_step": shared, "max_diff": diff, "steps": sorted({float(s["step"]) for s in states}),
+            "fused": [bool(g.get("fused")) for g in fresh_opt.optimizer.param_groups]}
 
 
 @pytest.mark.distributed
@@ -108,6 +109,7 @@ def test_adamw_resume_fixes(tmp_path):
     assert "load_error" not in fixed, fixed
     assert not fixed["shared_step"] and fixed["steps"] == [2.0]
     assert fixed["max_diff"] == 0.0  # bit-identical to the run that never stopped
+    assert fixed["fused"] and all(fixed["fused"])  # build_optimizer switched torch AdamW to its fused kernel
 
     # Defect 1: without untying, one step tensor is shared and advanced once per parameter.
     tied = run_multirank(_body, 2, str(tmp_path / "b"), False, True, timeout=240)[0]

@@ -153,3 +153,32 @@ def test_cuda_kernels_bf16(one_rank, mask_name, backend):
     torch.testing.assert_close(out.float(), out_ref, rtol=2e-2, atol=2e-2)
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g.float(), g_ref, rtol=5e-2, atol=5e-2)
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (variable-length flash attention)")
+def test_cuda_thd_varlen_bf16(one_rank):
+    """bf16 THD on GPU takes torch's variable-length flash kernel (one call, no host sync) and
+    matches the block-diagonal rows of the unfused path in fp32."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from megatron_amopo.model.attention import varlen_causal_attention
+
+    attend = varlen_causal_attention()
+    if attend is None:
+        pytest.skip(f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn")
+    sdpa, ref = _pair(_config())
+    seg = torch.tensor([[0] * 4 + [1] * 5 + [2] * 3, [3] * 7 + [4] * 5, [5] * 12])
+    q, k, v = _qkv(seed=4, device="cuda")
+    out_rows, grads_rows = _run(ref, (q, k, v), attention_mask_from_segments(seg).cuda())
+    flat = [x.detach().transpose(0, 1).reshape(B * S, *x.shape[2:]).to(torch.bfloat16).requires_grad_()
+            for x in (q, k, v)]
+    cu = torch.tensor([0, 4, 9, 12, 19, 24, 36], dtype=torch.int32, device="cuda")
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=12, max_seqlen_kv=12)
+    out = sdpa(*flat, None, packed_seq_params=params)
+    direct = attend(*(x.detach() for x in flat), cu, 12, sdpa.softmax_scale).reshape(B * S, -1)
+    assert torch.equal(out.detach(), direct)  # the module took the variable-length kernel
+    w = torch.randn(out_rows.shape, generator=torch.Generator().manual_seed(99)).cuda()
+    (out.float() * w.transpose(0, 1).reshape(B * S, -1)).sum().backward()
+    torch.testing.assert_close(out.float(), out_rows.transpose(0, 1).reshape(B * S, -1), rtol=2e-2, atol=2e-2)
+    for g, g_rows in zip((t.grad for t in flat), grads_rows):
+        torch.testing.assert_close(g.float(), g_rows.transpose(0, 1).reshape(B * S, *g_rows.shape[2:]),
+                                   rtol=5e-2, atol=5e-2)
