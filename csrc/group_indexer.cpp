@@ -87,9 +87,7 @@ struct Options {
   int64_t token_budget;           // > 0: token budget mode; 0: fixed k
   bool packed;                    // cost (and sort key): packed total_len, else padded max_len
   int64_t window;
-  int64_t seq_length;             // packed token budget: row length S (0 otherwise)
-  // Packed token budget: rows of seq_length per micro-batch (budget / seq_length).
-  int64_t max_rows() const { return seq_length > 0 ? token_budget / seq_length : 0; }
+  int64_t seq_length;             // packed token budget: longest row S (0 otherwise)
   bool packed_budget() const { return packed && token_budget > 0; }
 };
 
@@ -196,13 +194,83 @@ void sorted_lengths(const int64_t* seq_lens, int64_t spg, int64_t g, std::vector
   }
 }
 
-// Rows the group needs alone (packed): best fit of its own sequences, unbounded.
-int64_t rows_alone(const Options& o, const int64_t* seq_lens, int64_t g, std::vector<int64_t>* buf,
-                   std::vector<int64_t>* free) {
-  sorted_lengths(seq_lens, o.seqs_per_group, g, buf);
-  free->clear();
-  best_fit(*free, buf->data(), o.seqs_per_group, o.seq_length, o.seqs_per_group);
-  return static_cast<int64_t>(free->size());
+// Longest-processing-time (indexer_ref.balanced_width): items[0..n) (non-increasing)
+// each into the least-loaded of `rows` rows; returns the fullest row, or a value above
+// cap as soon as one row passes cap. loads is scratch, kept ascending (a multiset:
+// which row wins a tie does not change the loads).
+int64_t balanced_width(const int64_t* items, int64_t n, int64_t rows, int64_t cap,
+                       std::vector<int64_t>& loads) {
+  if (items[0] > cap) return items[0];
+  if (n <= rows) return items[0];  // one sequence per row
+  loads.resize(rows);
+  int64_t* l = loads.data();
+  for (int64_t r = 0; r < rows; ++r) l[r] = items[rows - 1 - r];  // the first `rows` open a row each
+  for (int64_t i = rows; i < n; ++i) {
+    const int64_t v = l[0] + items[i];
+    if (v > cap) return v;
+    int64_t j = 0;  // v >= l[0]: slide it up to its sorted place
+    while (j + 1 < rows && l[j + 1] < v) {
+      l[j] = l[j + 1];
+      ++j;
+    }
+    l[j] = v;
+  }
+  return l[rows - 1];
+}
+
+// The ROW RULE's (rows, width) for items[0..n) (non-increasing), as indexer_ref.packed_shape:
+// best fit decreasing into rows of seq_length, then longest-processing-time into R rows for
+// R = ceil(sum / seq_length) .. R0; the first candidate with the least R * W wins.
+std::pair<int64_t, int64_t> packed_shape(const int64_t* items, int64_t n, int64_t seq_length,
+                                         std::vector<int64_t>& free, std::vector<int64_t>& loads) {
+  free.clear();
+  best_fit(free, items, n, seq_length, n);
+  std::pair<int64_t, int64_t> best{static_cast<int64_t>(free.size()), seq_length - free[0]};
+  __int128 best_cost = static_cast<__int128>(best.first) * best.second;
+  int64_t total = 0;
+  for (int64_t i = 0; i < n; ++i) total += items[i];
+  for (int64_t rows = (total + seq_length - 1) / seq_length; rows <= best.first; ++rows) {
+    const int64_t width = balanced_width(items, n, rows, seq_length, loads);
+    if (width <= seq_length && static_cast<__int128>(rows) * width < best_cost) {
+      best = {rows, width};
+      best_cost = static_cast<__int128>(rows) * width;
+    }
+  }
+  return best;
+}
+
+// Whether the ROW RULE lays items[0..n) (non-increasing, summing to total) out in R * W <=
+// budget tokens, i.e. whether some candidate of packed_shape does; without computing the
+// least one. Every candidate (R, W) obeys W >= items[0], R * W >= total, with n > R
+// W >= items[R-1] + items[R] (two of the R + 1 longest share a row) and with n > 2R
+// W >= items[2R-2] + items[2R-1] + items[2R] (three of the 2R + 1 longest do), so rows R
+// whose bound passes the budget are skipped without placing anything; best fit stops
+// as soon as it needs more than budget / items[0] rows.
+bool fits_budget(const int64_t* items, int64_t n, int64_t total, int64_t seq_length, int64_t budget,
+                 std::vector<int64_t>& free, std::vector<int64_t>& loads) {
+  const int64_t longest = items[0];
+  const int64_t max_rows = std::min(n, budget / longest);  // candidates never have R > n
+  const int64_t min_rows = (total + seq_length - 1) / seq_length;
+  auto bound = [&](int64_t rows) {
+    int64_t w = std::max(longest, (total + rows - 1) / rows);
+    if (n > rows) w = std::max(w, items[rows - 1] + items[rows]);
+    if (n > 2 * rows) w = std::max(w, items[2 * rows - 2] + items[2 * rows - 1] + items[2 * rows]);
+    return static_cast<__int128>(rows) * w;
+  };
+  bool any = false;
+  for (int64_t rows = min_rows; rows <= max_rows && !any; ++rows) any = bound(rows) <= budget;
+  if (!any) return false;
+  free.clear();
+  const bool opened = best_fit(free, items, n, seq_length, max_rows);
+  const auto r0 = static_cast<int64_t>(free.size());
+  if (opened && static_cast<__int128>(r0) * (seq_length - free[0]) <= budget) return true;
+  const int64_t top = opened ? r0 : max_rows;
+  for (int64_t rows = min_rows; rows <= top; ++rows) {
+    if (bound(rows) > budget) continue;
+    const int64_t cap = std::min(seq_length, budget / rows);
+    if (balanced_width(items, n, rows, cap, loads) <= cap) return true;
+  }
+  return false;
 }
 
 int64_t group_cost(const Options& o, int64_t max_len, int64_t total_len) {
@@ -210,7 +278,7 @@ int64_t group_cost(const Options& o, int64_t max_len, int64_t total_len) {
 }
 
 // Packed token budget: per-sequence lengths in [1, seq_length], consistent with
-// max_len/total_len, and every group alone within max_rows rows.
+// max_len/total_len, and every group alone within the budget (its R * W).
 void check_seq_lens(const Options& o, const int64_t* max_len, const int64_t* total_len,
                     const int64_t* seq_lens, int64_t G) {
   std::ostringstream m;
@@ -229,18 +297,21 @@ void check_seq_lens(const Options& o, const int64_t* max_len, const int64_t* tot
       fail(m << "group " << g << ": seq_lens give max " << mx << " and sum " << sum
              << ", but max_len=" << max_len[g] << " total_len=" << total_len[g]);
   }
-  std::vector<int64_t> buf, free;
-  int64_t worst = 0, first_over = -1, over_rows = 0;
+  std::vector<int64_t> buf, free, loads;
+  int64_t worst = 0, first_over = -1;
+  std::pair<int64_t, int64_t> over_shape{0, 0};
   for (int64_t g = 0; g < G; ++g) {
-    const int64_t rows = rows_alone(o, seq_lens, g, &buf, &free);
-    worst = std::max(worst, rows);
-    if (rows > o.max_rows() && first_over < 0) first_over = g, over_rows = rows;
+    sorted_lengths(seq_lens, spg, g, &buf);
+    const auto shape = packed_shape(buf.data(), spg, o.seq_length, free, loads);
+    const int64_t cost = shape.first * shape.second;  // <= 2P * seq_length <= 2^60
+    worst = std::max(worst, cost);
+    if (cost > o.token_budget && first_over < 0) first_over = g, over_shape = shape;
   }
   if (first_over >= 0)
-    fail(m << "group " << first_over << " alone costs " << over_rows * o.seq_length
-           << " tokens (packed: " << over_rows << " rows of seq_length=" << o.seq_length
-           << "), above token_budget=" << o.token_budget
-           << "; the minimum budget that fits every group is " << worst * o.seq_length);
+    fail(m << "group " << first_over << " alone costs " << over_shape.first * over_shape.second
+           << " tokens (packed: " << over_shape.first << " rows of " << over_shape.second
+           << " positions), above token_budget=" << o.token_budget
+           << "; the minimum budget that fits every group is " << worst);
 }
 
 // Lengths must be consistent (max <= total <= 2P * max) and no single group may
@@ -345,14 +416,14 @@ std::vector<int64_t> fill(const Options& o, const std::vector<int64_t>& key, int
 
 // Step 2, packed token budget: the micro-batch of a window starts with its largest
 // remaining group (the window is sorted by total_len, largest first) and takes every
-// later remaining group, in order, that passes three tests: its tokens fit the free
-// tokens (max_rows * seq_length - tokens so far), it fits by best fit on top of the
-// rows built so far group by group (a cheap filter), and the best fit of ALL the
-// micro-batch's sequences, longest first (the builder's rule), needs <= max_rows rows.
-// Writes the micro-batches' groups, one after another, to *out; returns the bounds.
+// later remaining group, in order, whose tokens fit the free tokens (budget - tokens so
+// far) and with which the ROW RULE lays all the micro-batch's sequences out in R * W <=
+// budget (fits_budget). Writes the micro-batches' groups, one after another, to *out;
+// returns the bounds.
 struct Candidate {  // a window's group with its lengths at hand (no scattered loads)
   int64_t total;
   int64_t longest;
+  int64_t wide;  // sequences longer than seq_length / 2: each needs a row of its own
   int64_t group;
 };
 
@@ -360,53 +431,52 @@ std::vector<int64_t> fill_packed(const Options& o, const int64_t* max_len, const
                                  const int64_t* seq_lens, const std::vector<int64_t>& order,
                                  std::vector<int64_t>* out) {
   const auto G = static_cast<int64_t>(order.size());
-  const int64_t spg = o.seqs_per_group, R = o.max_rows(), S = o.seq_length;
-  const int64_t capacity = R * S;
-  std::vector<int64_t> bounds{0}, items, mine, merged, proxy, trial, check;
+  const int64_t spg = o.seqs_per_group, S = o.seq_length, B = o.token_budget;
+  std::vector<int64_t> bounds{0}, items, mine, merged, free, loads;
   std::vector<Candidate> rem;
   std::vector<char> taken;
-  std::vector<int64_t> suffix_min;  // shortest longest-sequence from each position on
+  std::vector<int64_t> suffix_min;  // fewest wide sequences from each position on
   out->clear();
   for (int64_t lo = 0; lo < G; lo += o.window) {
     rem.clear();
-    for (int64_t i = lo; i < std::min(G, lo + o.window); ++i)
-      rem.push_back(Candidate{total_len[order[i]], max_len[order[i]], order[i]});
+    for (int64_t i = lo; i < std::min(G, lo + o.window); ++i) {
+      const int64_t g = order[i];
+      int64_t wide = 0;
+      for (int64_t j = 0; j < spg; ++j) wide += 2 * seq_lens[g * spg + j] > S;
+      rem.push_back(Candidate{total_len[g], max_len[g], wide, g});
+    }
     while (!rem.empty()) {
       taken.assign(rem.size(), 0);
       taken[0] = 1;
       sorted_lengths(seq_lens, spg, rem[0].group, &items);
-      proxy.clear();
-      best_fit(proxy, items.data(), spg, S, R);
-      int64_t tokens = rem[0].total;
+      int64_t tokens = rem[0].total, longest = rem[0].longest, wide = rem[0].wide;
       out->push_back(rem[0].group);
       suffix_min.resize(rem.size() + 1);
-      suffix_min[rem.size()] = std::numeric_limits<int64_t>::max();
-      for (size_t i = rem.size(); i-- > 0;) suffix_min[i] = std::min(suffix_min[i + 1], rem[i].longest);
+      suffix_min[rem.size()] = std::numeric_limits<int64_t>::max() / 4;
+      for (size_t i = rem.size(); i-- > 0;) suffix_min[i] = std::min(suffix_min[i + 1], rem[i].wide);
       auto pos = rem.begin() + 1;
       while (true) {
-        const int64_t free_tokens = capacity - tokens;
+        const int64_t free_tokens = B - tokens;
         pos = std::partition_point(pos, rem.end(),
                                    [&](const Candidate& c) { return c.total > free_tokens; });
         if (pos == rem.end()) break;
-        // Not in the Python reference, same plan: with all rows open and every later
-        // candidate's longest sequence above the largest gap, the O(1) test below
-        // rejects them all.
-        if (static_cast<int64_t>(proxy.size()) == R && proxy.back() < suffix_min[pos - rem.begin()])
-          break;
+        // Not in the Python reference, same plan: R >= wide sequences and W >= the
+        // longest hold for every layout of the ROW RULE, so these tests only skip groups
+        // the rule rejects (the first one rejects every later group at once).
+        if (static_cast<__int128>(wide + suffix_min[pos - rem.begin()]) * longest > B) break;
         const Candidate c = *pos++;
-        if (static_cast<int64_t>(proxy.size()) == R && proxy.back() < c.longest) continue;
+        if (static_cast<__int128>(wide + c.wide) * std::max(longest, c.longest) > B) continue;
         sorted_lengths(seq_lens, spg, c.group, &mine);
-        trial.resize(proxy.size());
-        for (size_t i = 0; i < proxy.size(); ++i) trial[i] = proxy[i];
-        if (!best_fit(trial, mine.data(), spg, S, R)) continue;
         merged.resize(items.size() + mine.size());
         std::merge(items.begin(), items.end(), mine.begin(), mine.end(), merged.begin(),
                    std::greater<int64_t>());
-        check.clear();
-        if (!best_fit(check, merged.data(), static_cast<int64_t>(merged.size()), S, R)) continue;
+        if (!fits_budget(merged.data(), static_cast<int64_t>(merged.size()), tokens + c.total, S, B,
+                         free, loads))
+          continue;
         items.swap(merged);
-        proxy.swap(trial);
         tokens += c.total;
+        longest = std::max(longest, c.longest);
+        wide += c.wide;
         taken[pos - 1 - rem.begin()] = 1;
         out->push_back(c.group);
       }
@@ -524,18 +594,18 @@ py::tuple plan_microbatches(const py::array& max_len_G, const py::array& total_l
                         to_numpy(std::move(plan.epochs_M)), plan.dropped_groups);
 }
 
-py::int_ packed_rows(const py::array& seq_lens, int64_t seq_length) {
+py::tuple packed_shape_py(const py::array& seq_lens, int64_t seq_length) {
   const int64_t* lens = int64_vector(seq_lens, "seq_lens");
   const auto n = static_cast<int64_t>(seq_lens.size());
-  std::vector<int64_t> items(lens, lens + n), free;
-  for (int64_t len : items) {
-    std::ostringstream m;
+  std::ostringstream m;
+  if (n < 1) fail(m << "need at least one sequence length");
+  std::vector<int64_t> items(lens, lens + n), free, loads;
+  for (int64_t len : items)
     if (len < 1 || len > seq_length)
       fail(m << "sequence lengths must be in [1, seq_length=" << seq_length << "], got " << len);
-  }
   std::sort(items.begin(), items.end(), std::greater<int64_t>());
-  best_fit(free, items.data(), n, seq_length, n);
-  return py::int_(free.size());
+  const auto shape = packed_shape(items.data(), n, seq_length, free, loads);
+  return py::make_tuple(shape.first, shape.second);
 }
 
 }  // namespace
@@ -549,6 +619,6 @@ PYBIND11_MODULE(_indexer, m) {
         "Plan one rank's micro-batches. Returns (offsets[M+1], group_ids[N], epochs[M], "
         "dropped_groups). Exactly one of groups_per_microbatch / token_budget is > 0; a packed "
         "token budget also needs seq_lens [G, 2P] int64 and seq_length (else pass an empty array, 0).");
-  m.def("packed_rows", &packed_rows, py::arg("seq_lens"), py::arg("seq_length"),
-        "Rows of seq_length that best fit decreasing gives the 1-D int64 seq_lens (the builder's rule).");
+  m.def("packed_shape", &packed_shape_py, py::arg("seq_lens"), py::arg("seq_length"),
+        "(rows, width) of the packed layout (the ROW RULE) of the 1-D int64 seq_lens.");
 }

@@ -9,12 +9,12 @@ Shift as in Megatron GPT: a stored sequence x of L tokens gives inputs x[:-1] an
 
 Layouts:
   padded  one sequence per row, R = N.
-  packed  sequences laid end to end in rows of at most S positions, attention block-diagonal
+  packed  sequences laid end to end in R rows of W <= S positions, attention block-diagonal
           across sequences, position ids restarting at 0 per sequence. Which sequences share a
-          row: best fit decreasing — sequences by length, longest first (ties: lower n first),
-          each into the open row with the least free space that holds it (ties: lower row), else
-          a new row; within a row in that placement order. The planner
-          (megatron_amopo.data.indexer, cost="packed") charges a micro-batch by these rows.
+          row, and W (the fullest row): the ROW RULE of megatron_amopo.data.indexer (best fit
+          decreasing into rows of S, or longest-processing-time into fewer, balanced rows,
+          whichever gives the least R * W); within a row in placement order. The planner
+          (cost="packed") charges a micro-batch exactly R * W, the tensor built here.
 
 ``attention_mask`` follows Megatron: bool [R, 1, S, S], True = masked (not attended). Real
 tokens see only earlier tokens of their own sequence. A padding query sees only itself, so no
@@ -47,8 +47,8 @@ def _shifted(groups: list[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor]
 def _place(lengths: list[int], S: int, layout: str) -> list[list[int]]:
     """Row assignment: a list of sequence indices per row.
 
-    packed: best fit decreasing (``indexer.pack_rows``), the rule the planner charges a packed
-    micro-batch by, so a planned micro-batch gets exactly the planned number of rows.
+    packed: the ROW RULE (``indexer.pack_rows``) the planner charges a packed micro-batch by, so
+    a planned micro-batch gets exactly the planned rows and width.
     """
     if layout == "padded":
         return [[n] for n in range(len(lengths))]
@@ -60,8 +60,9 @@ def build_micro_batch(groups: list[dict], layout: str = "padded", seq_length: Op
     """Model inputs for the planned micro-batch ``groups`` (see the module docstring for the layout).
 
     ``seq_length`` is the row length S (default: the longest sequence's positions for padded,
-    required for packed). Returns tokens/labels/position_ids/segment_ids [R, S] int64,
-    loss_mask [R, S] float, attention_mask [R, 1, S, S] bool, cu_seqlens [R, M + 1] int32 (row-local
+    required for packed, where it caps the rows: they are W <= S positions, W = the fullest
+    row). Returns tokens/labels/position_ids/segment_ids [R, W] int64 (W = S for padded),
+    loss_mask [R, W] float, attention_mask [R, 1, W, W] bool, cu_seqlens [R, M + 1] int32 (row-local
     boundaries, padded by repeating the last value; M = most sequences in a row), num_segments [R],
     seq_row/seq_offset/seq_lengths [N], num_seqs (0-dim), group_ids/row_ids [B], chosen_scores and
     rejected_scores [B, D].
@@ -79,6 +80,8 @@ def build_micro_batch(groups: list[dict], layout: str = "padded", seq_length: Op
         raise ValueError(f"a sequence has {max(lengths)} positions, more than the row length {S}; "
                          "the dataset was built for a longer --seq-length")
     rows = _place(lengths, S, layout)
+    if layout == "packed":  # rows of W <= S positions: W is the fullest row
+        S = max(sum(lengths[n] for n in r) for r in rows)
     R, N = len(rows), len(lengths)
     out = {
         "tokens": torch.full((R, S), pad_id, dtype=torch.int64),

@@ -15,13 +15,19 @@ packed token budget also needs ``seq_lens[g]`` (the 2P lengths,
 
 * padded: (number of sequences in it) * (longest sequence in it)
   = 2P * n_groups * max(max_len) — every sequence padded to the longest;
-* packed: (rows it needs) * S, where the rows come from the ROW RULE shared
-  with ``batch.build_micro_batch(layout="packed")``: best fit decreasing —
-  the micro-batch's sequences by length, longest first (ties: lower sequence
-  index n = group_position * 2P + 2k + side first), each into the open row with
-  the least free space that still holds it (ties: lower row), else into a new
-  row of S positions; sequences are never split. A token budget B allows
-  R = B // S rows. (``pack_rows`` gives the rows, ``packed_rows`` their count.)
+* packed: R * W, the shape [R, W] of the rows it is laid out in, from the ROW
+  RULE shared with ``batch.build_micro_batch(layout="packed")``: the sequences,
+  longest first (ties: lower sequence index n = group_position * 2P + 2k +
+  side first), are placed by each candidate below, and the first candidate
+  with the least R * W wins; W (<= S) is its fullest row:
+  (1) best fit decreasing: each into the open row with the least free space
+  that still holds it (ties: lower row), else into a new row of S positions;
+  R0 rows; (2) for R = ceil(sum / S) .. R0: longest-processing-time, each into
+  the row with the least load (ties: lower row), kept when its fullest row is
+  <= S. Sequences are never split. (``pack_rows`` gives the rows,
+  ``packed_shape`` (R, W).) Rows are "at most S" positions and the tensor
+  [R, W] is what the model processes: lengths [5, 6, 3, 4, 2] with S = 8 are
+  3 rows of 7 (21 tokens), not best fit's 3 rows of 8.
 
 Algorithm, for each epoch e = 0 .. num_epochs - 1:
 
@@ -44,15 +50,12 @@ Algorithm, for each epoch e = 0 .. num_epochs - 1:
    else start a new micro-batch; the last, possibly light, one is kept.
    Packed token budget (first-fit by groups inside one window, largest first):
    a micro-batch starts with the window's largest remaining group, then scans
-   the window's remaining groups in order and takes each one that passes, in
-   this order: (a) its total_len <= R*S - tokens taken so far; (b) "proxy":
-   its sequences, longest first, fit by best fit on top of the proxy rows
-   (the rows built group by group, in taking order, by the same best fit, at
-   most R) — a cheap filter; (c) the ROW RULE over all the micro-batch's
-   sequences plus its own needs <= R rows. Taken groups leave the window; the
-   next micro-batch starts; a micro-batch never crosses a window. A group that
-   alone exceeds the budget (padded: 2P * max_len, packed: its rows * S) is a
-   ValueError raised before any planning.
+   the window's remaining groups in order and takes each one whose total_len
+   fits the free tokens (token_budget - tokens taken so far) and with which
+   the micro-batch's R * W under the ROW RULE stays <= token_budget. Taken
+   groups leave the window; the next micro-batch starts; a micro-batch never
+   crosses a window. A group that alone exceeds the budget (padded: 2P *
+   max_len, packed: its R * W) is a ValueError raised before any planning.
 3. Shuffle the epoch's micro-batches with the stream (seed, e, 1) so lengths
    do not trend within the epoch.
 4. Micro-batch j of the shuffled list goes to DP rank j % dp_size; the last
@@ -65,17 +68,19 @@ makes micro-batch membership less random; window=1 disables length grouping
 (random batches, as a plain collator over a shuffled sampler gives); the
 default 512 is several micro-batches' worth of groups for k <= 16.
 
-Why packed budgets cost what they cost: a row's waste is what best fit cannot
-fill. Sequences longer than S/2 each need their own row, so a micro-batch is
-efficient only if it also holds short sequences that fit their gaps; taking the
-largest group first and then the largest ones that still fit (a first-fit
-decreasing over groups) lets the short groups of the window fill the gaps. The
-filter (b) keeps planning linear in practice: the exact check (c) runs about
-once per group taken. With few rows per micro-batch there is little choice of
-partners: on HelpSteer2 (Qwen2 tokens, S = 1024, 2P = 8, 47% of sequences
-longer than S/2) R = 8 holds about two groups, and even the best pairing of
-groups (a maximum-weight matching, each micro-batch one or two groups) reaches
-only 0.947, while R = 32 and 64 reach 0.95-0.96 (benchmarks/bench_indexer.py).
+Why packed budgets cost what they cost: a row's waste is what the packing
+cannot fill up to the micro-batch's width W. Sequences longer than S/2 each
+need their own row, so with rows of exactly S a micro-batch is efficient only
+if it also holds short sequences that fit their gaps; rows of W <= S balanced
+by longest-processing-time shrink the gaps instead (on HelpSteer2, Qwen2
+tokens, S = 1024, 2P = 8, 47% of sequences are longer than S/2, and rows of
+exactly S cap a budget of 8 rows at ~0.93). Taking the largest group first and
+then the largest ones that still fit (a first-fit decreasing over groups) lets
+the short groups of the window fill the gaps. The C++ rejects most candidates
+without running the ROW RULE, by lower bounds that every candidate of the rule
+obeys (R >= sequences longer than S/2, W >= the longest, R * W >= tokens); the
+Python reference runs the rule on every candidate, so the two agree only if
+the bounds are right (tests compare them).
 
 Guarantee: within one epoch each group appears at most once across all ranks,
 and exactly once unless it is in a dropped micro-batch (step 4: < dp_size
@@ -203,14 +208,15 @@ def _check_seq_lens(seq_lens_GS, max_len_G, total_len_G, *, seq_length, budget) 
         raise ValueError(f"group {g}: seq_lens give max {int(seq_lens_GS[g].max())} and sum "
                          f"{int(seq_lens_GS[g].sum())}, but max_len={int(max_len_G[g])} "
                          f"total_len={int(total_len_G[g])}")
-    rows_G = np.array([packed_rows(row, seq_length) for row in seq_lens_GS], np.int64)
-    over = np.flatnonzero(rows_G > budget // seq_length)
+    shape_G2 = np.array([indexer_ref.packed_shape(row, seq_length) for row in seq_lens_GS.tolist()],
+                        np.int64)
+    cost_G = shape_G2[:, 0] * shape_G2[:, 1]
+    over = np.flatnonzero(cost_G > budget)
     if over.size:
         g = int(over[0])
-        raise ValueError(f"group {g} alone costs {int(rows_G[g]) * seq_length} tokens (packed: "
-                         f"{int(rows_G[g])} rows of seq_length={seq_length}), above token_budget="
-                         f"{budget}; the minimum budget that fits every group is "
-                         f"{int(rows_G.max()) * seq_length}")
+        raise ValueError(f"group {g} alone costs {int(cost_G[g])} tokens (packed: {int(shape_G2[g, 0])} "
+                         f"rows of {int(shape_G2[g, 1])} positions), above token_budget={budget}; the "
+                         f"minimum budget that fits every group is {int(cost_G.max())}")
 
 
 def _check_lengths(max_len_G, total_len_G, *, seqs_per_group, budget, cost) -> None:
@@ -265,7 +271,7 @@ def plan_microbatches(
     micro-batch, in tokens, under ``cost``). cost="packed" with a token budget
     also needs ``seq_lens`` (int [G, seqs_per_group], model positions; max_len
     and total_len may then be left out, else they must match it) and
-    ``seq_length`` (the row length). backend="python" runs the slow reference;
+    ``seq_length`` (the longest row). backend="python" runs the slow reference;
     backend="cpp" never falls back to it.
     """
     if backend not in ("cpp", "python"):
@@ -283,7 +289,7 @@ def plan_microbatches(
     if packed_budget:
         if seq_lens is None or seq_length is None:
             raise ValueError("cost='packed' with token_budget needs seq_lens [G, 2P] and seq_length: "
-                             "packed micro-batches are charged by rows of seq_length positions")
+                             "packed micro-batches are charged by rows of at most seq_length positions")
         seq_length = operator.index(seq_length)
         if not 1 <= seq_length <= _MAX_LENGTH:
             raise ValueError(f"seq_length must be in [1, 2^40], got {seq_length}")
@@ -316,16 +322,21 @@ def plan_microbatches(
     )
 
 
-def packed_rows(seq_lens, seq_length: int) -> int:
-    """Rows of ``seq_length`` positions the packed layout uses for these sequence lengths
-    (the ROW RULE of the module docstring; same count as ``len(pack_rows(...))``)."""
-    free: list[int] = []
-    lens = sorted((int(n) for n in np.asarray(seq_lens).ravel()), reverse=True)
-    if lens and not (1 <= lens[-1] and lens[0] <= seq_length):
+def packed_shape(seq_lens, seq_length: int) -> tuple[int, int]:
+    """(rows R, width W) of the packed layout for these sequence lengths (the ROW RULE of the
+    module docstring; ``batch.build_micro_batch(layout="packed")`` builds [R, W] rows)."""
+    lens = [int(n) for n in np.asarray(seq_lens).ravel()]
+    if not lens:
+        raise ValueError("need at least one sequence length")
+    if not (1 <= min(lens) and max(lens) <= seq_length):
         raise ValueError(f"sequence lengths must be in [1, seq_length={seq_length}], got "
-                         f"{lens[-1] if lens[-1] < 1 else lens[0]}")
-    indexer_ref.best_fit(free, lens, seq_length, len(lens))
-    return len(free)
+                         f"{min(lens) if min(lens) < 1 else max(lens)}")
+    return indexer_ref.packed_shape(lens, seq_length)
+
+
+def packed_rows(seq_lens, seq_length: int) -> int:
+    """Rows R of the packed layout (``packed_shape(...)[0]``, ``len(pack_rows(...))``)."""
+    return packed_shape(seq_lens, seq_length)[0]
 
 
 def padding_efficiency(
@@ -339,8 +350,8 @@ def padding_efficiency(
 
     ``seq_lens_GS``: int [G, S], the length of every sequence of every group.
     padded: a micro-batch processes (sequences in it) * (its longest sequence).
-    packed: a micro-batch processes (its rows under the ROW RULE) * seq_length,
-    the rows ``batch.build_micro_batch(layout="packed")`` builds.
+    packed: a micro-batch processes R * W, the [R, W] rows of the ROW RULE that
+    ``batch.build_micro_batch(layout="packed")`` builds.
     """
     seq_lens_GS = np.asarray(seq_lens_GS, dtype=np.int64)
     if seq_lens_GS.ndim != 2:
@@ -361,6 +372,8 @@ def padding_efficiency(
     if int(slots_NS.max()) > seq_length:
         raise ValueError(f"a sequence of {int(slots_NS.max())} tokens does not fit a row of "
                          f"seq_length={seq_length}")
-    rows = sum(packed_rows(slots_NS[lo:hi], seq_length)
-               for lo, hi in zip(plan.offsets[:-1], plan.offsets[1:]))
-    return real / (rows * seq_length)
+    processed = 0
+    for lo, hi in zip(plan.offsets[:-1].tolist(), plan.offsets[1:].tolist()):
+        rows, width = indexer_ref.packed_shape(slots_NS[lo:hi].ravel().tolist(), seq_length)
+        processed += rows * width
+    return real / processed

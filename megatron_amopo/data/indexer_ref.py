@@ -2,7 +2,8 @@
 
 The algorithm is written down in :mod:`megatron_amopo.data.indexer`. This file
 follows it step by step in plain Python so the C++ plan can be checked against
-it for exact equality; it is slow (about 3 us per group per epoch) and meant for
+it for exact equality; it is slow (about 3 us per group per epoch; a packed token
+budget runs the ROW RULE on every candidate, about 3 ms per group) and meant for
 tests, not training runs. Inputs are assumed valid: the public wrapper
 ``megatron_amopo.data.indexer.plan_microbatches`` validates them for both
 backends.
@@ -14,6 +15,7 @@ this rank (all epochs), N group slots of this rank (= offsets_M1[-1]).
 from __future__ import annotations
 
 from bisect import bisect_left, insort
+from heapq import heapify, heapreplace
 from typing import Sequence
 
 _MASK64 = (1 << 64) - 1
@@ -75,25 +77,62 @@ def best_fit(free: list[int], lens_desc: Sequence[int], seq_length: int, max_row
     return True
 
 
+def balanced_width(lens_desc: Sequence[int], rows: int) -> int:
+    """Longest-processing-time: each length (non-increasing order) goes into the row with the
+    least load; returns the largest load. Which row wins a tie does not change the loads."""
+    loads = [0] * rows
+    heapify(loads)
+    for n in lens_desc:
+        heapreplace(loads, loads[0] + n)
+    return max(loads)
+
+
+def packed_shape(lengths: Sequence[int], seq_length: int) -> tuple[int, int]:
+    """(rows R, width W) of the packed layout for these sequence lengths (the ROW RULE).
+
+    Candidates, in this order: best fit decreasing into rows of ``seq_length`` (R0 rows, W =
+    its fullest row), then longest-processing-time into R rows for R = ceil(sum / seq_length)
+    .. R0 (W = its fullest row, kept when W <= seq_length). The first candidate with the least
+    R * W wins.
+    """
+    lens = sorted(lengths, reverse=True)
+    free: list[int] = []
+    best_fit(free, lens, seq_length, len(lens))
+    best = (len(free), seq_length - free[0])
+    for rows in range(-(-sum(lens) // seq_length), best[0] + 1):
+        width = balanced_width(lens, rows)
+        if width <= seq_length and rows * width < best[0] * best[1]:
+            best = (rows, width)
+    return best
+
+
 def pack_rows(lengths: Sequence[int], seq_length: int) -> list[list[int]]:
     """The packed layout's rows: sequence indices per row, in placement order.
 
-    Best fit decreasing: sequences by length, longest first (ties: lower index first), each
-    into the open row with the least free space that holds it (ties: the lower row), else a
-    new row. Same row count as :func:`best_fit` on the sorted lengths.
+    Sequences by length, longest first (ties: lower index first), placed by the candidate
+    :func:`packed_shape` picks: best fit decreasing (each into the open row with the least free
+    space that holds it, ties: the lower row, else a new row) or longest-processing-time into
+    R rows (each into the row with the least load, ties: the lower row).
     """
-    rows: list[list[int]] = []
+    rows_wanted, width = packed_shape(lengths, seq_length)
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     free: list[int] = []
-    for n in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+    rows: list[list[int]] = []
+    for n in order:  # best fit decreasing
         fits = [r for r in range(len(rows)) if free[r] >= lengths[n]]
-        if fits:
-            r = min(fits, key=lambda r: (free[r], r))
-        else:
-            r = len(rows)
+        r = min(fits, key=lambda r: (free[r], r)) if fits else len(rows)
+        if not fits:
             rows.append([])
             free.append(seq_length)
         rows[r].append(n)
         free[r] -= lengths[n]
+    if len(rows) == rows_wanted and seq_length - min(free) == width:
+        return rows
+    rows, load = [[] for _ in range(rows_wanted)], [0] * rows_wanted
+    for n in order:  # longest-processing-time
+        r = min(range(rows_wanted), key=lambda r: (load[r], r))
+        rows[r].append(n)
+        load[r] += lengths[n]
     return rows
 
 
@@ -101,48 +140,36 @@ def fill_packed(
     order: list[int],
     seq_lens: Sequence[Sequence[int]],
     total_len: Sequence[int],
-    max_len: Sequence[int],
     *,
     seq_length: int,
-    max_rows: int,
+    token_budget: int,
     window: int,
 ) -> tuple[list[int], list[int]]:
     """Packed token budget; returns (groups micro-batch after micro-batch, bounds incl. the end).
 
     ``order`` is window-sorted by total_len, largest first. A micro-batch starts with its
     window's largest remaining group and takes, in order, every later remaining group whose
-    tokens fit the free tokens, that fits by best fit on top of the rows built so far group
-    by group (a cheap filter), and with which the best fit of all the micro-batch's sequences,
-    longest first (the builder's rule), needs <= max_rows rows. Never crosses a window.
+    tokens fit the free tokens and with which the micro-batch's :func:`packed_shape` costs
+    R * W <= token_budget. Never crosses a window.
     """
-    capacity = max_rows * seq_length
     out, bounds = [], [0]
     for lo in range(0, len(order), window):
         rem = order[lo : lo + window]
         while rem:
-            items = sorted(seq_lens[rem[0]], reverse=True)
-            proxy: list[int] = []
-            best_fit(proxy, items, seq_length, max_rows)
+            items = list(seq_lens[rem[0]])
             tokens, take = total_len[rem[0]], [rem[0]]
             neg_total = [-total_len[g] for g in rem]  # ascending: bisect finds what fits
             pos = 1
             while True:
-                pos = bisect_left(neg_total, tokens - capacity, pos)
+                pos = bisect_left(neg_total, tokens - token_budget, pos)
                 if pos >= len(rem):
                     break
                 g = rem[pos]
                 pos += 1
-                if len(proxy) == max_rows and proxy[-1] < max_len[g]:
-                    continue
-                mine = sorted(seq_lens[g], reverse=True)
-                trial = proxy[:]
-                if not best_fit(trial, mine, seq_length, max_rows):
-                    continue
-                merged = sorted(items + mine, reverse=True)
-                if not best_fit([], merged, seq_length, max_rows):
-                    continue
-                take.append(g)
-                items, proxy, tokens = merged, trial, tokens + total_len[g]
+                rows, width = packed_shape(items + list(seq_lens[g]), seq_length)
+                if rows * width <= token_budget:
+                    take.append(g)
+                    items, tokens = items + list(seq_lens[g]), tokens + total_len[g]
             out.extend(take)
             bounds.append(len(out))
             taken = set(take)
@@ -198,7 +225,7 @@ def plan_reference(
     """Returns (offsets_M1, group_ids_N, epochs_M, dropped_groups) as Python lists.
 
     A packed token budget (packed and token_budget > 0) needs ``seq_lens`` [G][2P] and
-    ``seq_length``; its micro-batches hold at most token_budget // seq_length rows.
+    ``seq_length``; each of its micro-batches costs R * W <= token_budget (:func:`packed_shape`).
     """
     max_len, total_len = list(max_len), list(total_len)
     packed_budget = packed and token_budget > 0
@@ -209,8 +236,8 @@ def plan_reference(
         shuffle(order, SplitMix64(seed, epoch, STREAM_GROUPS))
         order = sort_windows(order, key, window)
         if packed_budget:
-            order, bounds = fill_packed(order, seq_lens, total_len, max_len, seq_length=seq_length,
-                                        max_rows=token_budget // seq_length, window=window)
+            order, bounds = fill_packed(order, seq_lens, total_len, seq_length=seq_length,
+                                        token_budget=token_budget, window=window)
         else:
             bounds, tail_dropped = fill(
                 order, max_len, total_len, seqs_per_group=seqs_per_group,

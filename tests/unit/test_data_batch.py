@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from megatron_amopo.data.batch import attention_mask_from_segments, build_micro_batch
-from megatron_amopo.data.indexer import pack_rows, packed_rows, plan_microbatches
+from megatron_amopo.data.indexer import pack_rows, packed_rows, packed_shape, plan_microbatches
 from megatron_amopo.data.config import DataConfig, PreprocessConfig, PromptConfig
 from megatron_amopo.data.preprocess import preprocess
 from megatron_amopo.data.reader import PreferenceGroupDataset
@@ -97,13 +97,13 @@ def test_packed_rows_respect_length_and_errors(ds):
 
 @pytest.mark.parametrize("backend", ["cpp", "python"])
 def test_builder_uses_the_rows_the_planner_charged(ds, backend):
-    """Packed plans of real groups: each built micro-batch has exactly the rows the planner's
-    rule gives (<= budget / seq_length), and they are pack_rows' rows, sequence by sequence."""
+    """Packed plans of real groups: each built micro-batch is exactly the [R, W] the planner's
+    rule charges (R * W <= budget, W <= seq_length), and its rows are pack_rows' rows."""
     S, seq_lens_GS = 512, ds.group_seq_lens
     assert seq_lens_GS.shape == (len(ds), 2 * ds.num_pairs)
-    R = max(packed_rows(row, S) for row in seq_lens_GS) + 2
+    budget = 3 * max(packed_rows(row, S) for row in seq_lens_GS) * S + 100
     plan = plan_microbatches(seq_lens=seq_lens_GS, seqs_per_group=2 * ds.num_pairs, num_epochs=2, seed=5,
-                             dp_rank=0, dp_size=1, token_budget=R * S + 100, cost="packed", seq_length=S,
+                             dp_rank=0, dp_size=1, token_budget=budget, cost="packed", seq_length=S,
                              backend=backend)
     assert plan.num_microbatches >= 2 and len(plan.group_ids) == 2 * len(ds)
     for m in range(plan.num_microbatches):
@@ -112,6 +112,8 @@ def test_builder_uses_the_rows_the_planner_charged(ds, backend):
         lens = seq_lens_GS[gids].ravel().tolist()
         assert batch["seq_lengths"].tolist() == lens
         rows = pack_rows(lens, S)
-        assert batch["tokens"].shape[0] == len(rows) == packed_rows(lens, S) <= R
+        R, W = packed_shape(lens, S)
+        assert tuple(batch["tokens"].shape) == (len(rows), W) == (R, max(sum(lens[n] for n in r) for r in rows))
+        assert R * W <= budget and W <= S and batch["attention_mask"].shape == (R, 1, W, W)
         for r, members in enumerate(rows):
             assert [int(x) for x in batch["seq_row"][members]] == [r] * len(members)

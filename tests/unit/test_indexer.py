@@ -44,14 +44,31 @@ def planner_inputs(draw):
     if draw(st.booleans()):
         kw["groups_per_microbatch"] = draw(st.integers(1, 9))
     elif cost == "packed":
-        rows_alone = max(indexer.packed_rows(row, seq_length) for row in seq_lens_GS)
-        # budgets that are not a multiple of seq_length too: R = budget // seq_length
-        kw["token_budget"] = (rows_alone + draw(st.integers(0, 12))) * seq_length + draw(
-            st.integers(0, seq_length - 1))
+        alone = max(np.prod(indexer.packed_shape(row, seq_length)) for row in seq_lens_GS)
+        kw["token_budget"] = int(alone) + draw(st.integers(0, 12 * seq_length))
         kw.update(seq_lens=seq_lens_GS, seq_length=seq_length)
     else:
         kw["token_budget"] = int(spg * max_len_G.max()) + draw(st.integers(0, 3000))
     return max_len_G, total_len_G, kw
+
+
+@settings(max_examples=80, deadline=None)
+@given(planner_inputs(), st.data())
+def test_cpp_packed_budget_plan_equals_python_reference(inputs, data):
+    """The C++ skips candidates by lower bounds the Python reference does not use: same plans."""
+    max_len_G, total_len_G, kw = inputs
+    seq_length = kw.get("seq_length") or int(max_len_G.max())
+    seq_lens_GS = kw.get("seq_lens")
+    if seq_lens_GS is None:  # draw lengths of the same spread for this row length
+        rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+        seq_lens_GS = rng.integers(1, seq_length + 1, size=(len(max_len_G), kw["seqs_per_group"]))
+    alone = max(np.prod(indexer.packed_shape(row, seq_length)) for row in seq_lens_GS)
+    kw = {**{k: v for k, v in kw.items() if k != "groups_per_microbatch"}, "cost": "packed",
+          "seq_lens": seq_lens_GS, "seq_length": seq_length,
+          "token_budget": int(alone) + data.draw(st.integers(0, 12 * seq_length))}
+    rank = data.draw(st.integers(0, kw["dp_size"] - 1))
+    cpp = plan_microbatches(dp_rank=rank, backend="cpp", **kw)
+    assert_same_plan(cpp, plan_microbatches(dp_rank=rank, backend="python", **kw))
 
 
 def all_ranks(max_len_G, total_len_G, backend="cpp", **kw):
@@ -126,7 +143,7 @@ def test_dp_split_is_a_strided_slice_of_the_single_rank_plan(inputs):
 @settings(max_examples=40, deadline=None)
 @given(planner_inputs())
 def test_every_microbatch_respects_the_token_budget(inputs):
-    """padded: 2P * groups * longest <= budget; packed: the builder's rows * seq_length <= budget."""
+    """padded: 2P * groups * longest <= budget; packed: the builder's rows * width <= budget."""
     max_len_G, total_len_G, kw = inputs
     if "token_budget" not in kw:
         kw.pop("groups_per_microbatch")
@@ -140,60 +157,84 @@ def test_every_microbatch_respects_the_token_budget(inputs):
                 lens = kw["seq_lens"][mb].ravel().tolist()  # sequence n = b * 2P + j, as built
                 rows = indexer.pack_rows(lens, S)
                 assert sorted(n for r in rows for n in r) == list(range(len(lens)))
-                assert all(sum(lens[n] for n in r) <= S for r in rows)
-                cost = len(rows) * S
+                width = max(sum(lens[n] for n in r) for r in rows)
+                assert width <= S and (len(rows), width) == indexer.packed_shape(lens, S)
+                cost = len(rows) * width
             else:
                 cost = kw["seqs_per_group"] * len(mb) * int(max_len_G[mb].max())
             assert 1 <= len(mb) and cost <= kw["token_budget"]
 
 
+def _candidates(lens: list[int], S: int) -> list[tuple[int, int]]:
+    """The ROW RULE's candidates written out naively: best fit decreasing over explicit rows,
+    then longest-processing-time into R rows, R = ceil(sum / S) .. best fit's rows."""
+    free: list[int] = []
+    for n in sorted(lens, reverse=True):
+        fits = [r for r in range(len(free)) if free[r] >= n]
+        if fits:
+            free[min(fits, key=lambda r: free[r])] -= n
+        else:
+            free.append(S - n)
+    out = [(len(free), S - min(free))]
+    for R in range(-(-sum(lens) // S), len(free) + 1):
+        load = [0] * R
+        for n in sorted(lens, reverse=True):
+            load[load.index(min(load))] += n
+        if max(load) <= S:
+            out.append((R, max(load)))
+    return out
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 60), st.data())
 def test_row_rule_is_the_same_everywhere(seq_length, data):
-    """pack_rows (the builder), the multiset best fit (Python planner) and the C++ agree."""
+    """pack_rows (the builder), packed_shape (Python planner) and the C++ agree, and the shape
+    is the least R * W of the rule's candidates, never more than rows of exactly S."""
     lens = data.draw(st.lists(st.integers(1, seq_length), min_size=1, max_size=80))
     rows = indexer.pack_rows(lens, seq_length)
     assert sorted(n for r in rows for n in r) == list(range(len(lens)))
-    assert all(sum(lens[n] for n in r) <= seq_length for r in rows)
-    want = len(rows)
-    assert indexer.packed_rows(lens, seq_length) == want
-    assert _indexer.packed_rows(np.array(lens, np.int64), seq_length) == want
-    free = []
-    assert indexer_ref.best_fit(free, sorted(lens, reverse=True), seq_length, want)
-    assert len(free) == want and not indexer_ref.best_fit([], sorted(lens, reverse=True),
-                                                          seq_length, want - 1)
+    width = max(sum(lens[n] for n in r) for r in rows)
+    assert width <= seq_length
+    want = (len(rows), width)
+    assert indexer.packed_shape(lens, seq_length) == want and indexer.packed_rows(lens, seq_length) == want[0]
+    assert _indexer.packed_shape(np.array(lens, np.int64), seq_length) == want
+    cands = _candidates(lens, seq_length)
+    assert want[0] * want[1] == min(r * w for r, w in cands) <= cands[0][0] * seq_length
+    assert want == next(c for c in cands if c[0] * c[1] == want[0] * want[1])  # first of the least
 
 
 def test_pack_rows_by_hand():
-    # longest first: 6 -> row 0 (free 2); 5 -> row 1 (3); 4 -> row 2 (4); 3 -> best fit is
-    # row 1 (3 free, not row 2's 4); 2 -> row 0 (2 free, not row 2's 4).
-    assert indexer.pack_rows([5, 6, 3, 4, 2], 8) == [[1, 4], [0, 2], [3]]
-    assert indexer.pack_rows([2, 2, 2], 4) == [[0, 1], [2]]  # ties: lower index, lower row
-    assert indexer.packed_rows([3, 3, 3], 4) == 3
+    # best fit decreasing, rows of 8: 6 -> row 0 (free 2); 5 -> row 1 (3); 4 -> row 2 (4); 3 -> row 1
+    # (3 free, not row 2's 4); 2 -> row 0: 3 rows of 8 = 24. Longest-processing-time into 3 rows:
+    # 6, 5, 4 open them; 3 -> the row of 4 (7); 2 -> the row of 5 (7): 3 rows of 7 = 21 wins.
+    assert indexer.pack_rows([5, 6, 3, 4, 2], 8) == [[1], [0, 4], [3, 2]]
+    assert indexer.packed_shape([5, 6, 3, 4, 2], 8) == (3, 7)
+    # ties: best fit's {2, 2} {2} (2 rows of 4) and LPT's 2 rows of 4 cost the same: best fit wins
+    assert indexer.pack_rows([2, 2, 2], 4) == [[0, 1], [2]]
+    assert indexer.packed_shape([3, 3, 3], 4) == (3, 3)  # one per row, rows of 3 (not 4)
+    for fn in (indexer.packed_rows, indexer.packed_shape):
+        with pytest.raises(ValueError, match=r"sequence lengths must be in \[1, seq_length=4\], got 5"):
+            fn([3, 5], 4)
     with pytest.raises(ValueError, match=r"sequence lengths must be in \[1, seq_length=4\], got 5"):
-        indexer.packed_rows([3, 5], 4)
-    with pytest.raises(ValueError, match=r"sequence lengths must be in \[1, seq_length=4\], got 5"):
-        _indexer.packed_rows(np.array([3, 5], np.int64), 4)
+        _indexer.packed_shape(np.array([3, 5], np.int64), 4)
+    with pytest.raises(ValueError, match="need at least one sequence length"):
+        _indexer.packed_shape(np.zeros(0, np.int64), 4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_packed_budget_checks_the_rows_of_the_whole_micro_batch(backend):
-    """Group by group, B fits on top of A in 3 rows of 10 ({5,5} {4,3,3} {4,3,3}); the
-    builder's best fit over all 8 sequences longest first needs 4 ({5,5} {4,4} {3,3,3} {3}),
-    so with 3 rows allowed A and B must not share a micro-batch."""
+def test_packed_budget_charges_rows_times_width_of_the_whole_micro_batch(backend):
+    """A = [5, 5, 4, 3] alone: 2 rows of 9 (18); B = [4, 3, 3, 3]: 2 rows of 7 (14). Together
+    (30 tokens) best fit decreasing needs 4 rows of 10 ({5, 5} {4, 4} {3, 3, 3} {3}); balanced
+    into 3 rows one row passes 10; into 4 rows: {5, 3} {5, 3} {4, 3} {4, 3}, 4 rows of 8 = 32.
+    So A and B share a micro-batch at a budget of 32 tokens, not at 31."""
     seq_lens_GS = np.array([[5, 5, 4, 3], [4, 3, 3, 3]], np.int64)
-    proxy: list[int] = []
-    assert indexer_ref.best_fit(proxy, [5, 5, 4, 3], 10, 3)
-    assert indexer_ref.best_fit(proxy, [4, 3, 3, 3], 10, 3) and len(proxy) == 3
-    assert indexer.packed_rows(seq_lens_GS, 10) == 4
-    plan = plan_microbatches(seq_lens=seq_lens_GS, seqs_per_group=4, num_epochs=1, seed=0,
-                             dp_rank=0, dp_size=1, token_budget=30, cost="packed", seq_length=10,
-                             window=8, backend=backend)
-    assert sorted(microbatches(plan)) == [[0], [1]]
-    plan = plan_microbatches(seq_lens=seq_lens_GS, seqs_per_group=4, num_epochs=1, seed=0,
-                             dp_rank=0, dp_size=1, token_budget=40, cost="packed", seq_length=10,
-                             window=8, backend=backend)
-    assert microbatches(plan) == [[0, 1]]  # largest first
+    assert indexer.packed_shape(seq_lens_GS[0], 10) == (2, 9)
+    assert indexer.packed_shape(seq_lens_GS[1], 10) == (2, 7)
+    assert indexer.packed_shape(seq_lens_GS, 10) == (4, 8)
+    kw = dict(seq_lens=seq_lens_GS, seqs_per_group=4, num_epochs=1, seed=0, dp_rank=0, dp_size=1,
+              cost="packed", seq_length=10, window=8, backend=backend)
+    assert sorted(microbatches(plan_microbatches(token_budget=31, **kw))) == [[0], [1]]
+    assert microbatches(plan_microbatches(token_budget=32, **kw)) == [[0, 1]]  # largest first
 
 
 def test_packed_budget_fills_rows_and_beats_the_summed_cost():
@@ -210,7 +251,7 @@ def test_packed_budget_fills_rows_and_beats_the_summed_cost():
 def test_token_budget_fill_is_greedy_inside_a_sorted_window():
     """One window holding every group: micro-batches are as full as the budget allows, so
     with equal groups each holds budget // cost groups (packed: each group fills one row of
-    35 exactly, 1000 // 35 = 28 rows)."""
+    35 exactly, 1000 // 35 = 28 rows of 35)."""
     seq_lens_GS = np.tile(np.array([10, 10, 5, 10], np.int64), (103, 1))
     max_len_G, total_len_G = seq_lens_GS.max(axis=1), seq_lens_GS.sum(axis=1)
     for cost, per_group in (("padded", 4 * 10), ("packed", 35)):
@@ -259,8 +300,8 @@ def test_oversize_group_is_rejected_before_planning(backend, cost):
     if cost == "padded":
         want = ("group 2 alone costs 120 tokens (padded), above token_budget=110; "
                 "the minimum budget that fits every group is 140")
-    else:  # 60 + 40 > 70: two rows of 70, above the one row that 110 tokens allow
-        want = ("group 2 alone costs 140 tokens (packed: 2 rows of seq_length=70), above "
+    else:  # 60 + 40 > 70: two rows, of 60 positions (the fullest row); [70, 60]: two of 70
+        want = ("group 2 alone costs 120 tokens (packed: 2 rows of 60 positions), above "
                 "token_budget=110; the minimum budget that fits every group is 140")
     assert str(err.value) == want
 
@@ -402,7 +443,7 @@ def _counter_progress_during(call) -> int:
 @pytest.mark.parametrize("packed", [False, True])
 def test_cpp_planner_releases_the_gil(packed):
     rng = np.random.default_rng(2)
-    G = 40_000 if packed else 1_000_000
+    G = 10_000 if packed else 1_000_000
     seq_lens_GS = rng.integers(1, 1000, size=(G, 4)).astype(np.int64)
     max_len_G, total_len_G = seq_lens_GS.max(axis=1), seq_lens_GS.sum(axis=1)
     args = dict(seq_lens=seq_lens_GS, seq_length=1000, seqs_per_group=4, num_epochs=3, seed=1,
@@ -412,7 +453,7 @@ def test_cpp_planner_releases_the_gil(packed):
         max_len_G, total_len_G, **args)) >= 1000
     # Control: the pure-Python planner holds the GIL, and the harness sees it.
     # (Called directly: numpy calls in the wrapper may release the GIL briefly.)
-    n = 2_000 if packed else 20_000
+    n = 300 if packed else 20_000
     ml, tl, sl = max_len_G[:n].tolist(), total_len_G[:n].tolist(), seq_lens_GS[:n].tolist()
     args.update(seq_lens=sl)
     assert _counter_progress_during(lambda: indexer_ref.plan_reference(ml, tl, **args)) == 0
@@ -426,8 +467,14 @@ def test_padding_efficiency_by_hand():
     assert padding_efficiency(plan, seq_lens_GS, cost="padded") == pytest.approx(16 / 20)
     # packed, rows of 4, best fit decreasing: mb0 = [2, 2, 3, 1] -> {3, 1} {2, 2}; mb1 = 2 rows.
     assert padding_efficiency(plan, seq_lens_GS, cost="packed", seq_length=4) == 1.0
-    # rows of 5: mb0 -> {3, 2} {2, 1} = 2 rows, mb1 = 2 rows -> 16 / 20.
-    assert padding_efficiency(plan, seq_lens_GS, cost="packed", seq_length=5) == pytest.approx(0.8)
+    # rows of at most 5: mb0 -> {3, 2} {2, 1}, 2 rows of 5, or balanced {3, 1} {2, 2}, 2 rows
+    # of 4; mb1 = 2 rows of 4 -> 16 / 16.
+    assert padding_efficiency(plan, seq_lens_GS, cost="packed", seq_length=5) == 1.0
+    # a group [5, 2] in rows of at most 6: {5} {2}, 2 rows of 5 (its fullest row).
+    one = MicrobatchPlan(offsets=np.array([0, 1]), group_ids=np.array([2]), epochs=np.array([0]),
+                         dropped_groups=0)
+    assert padding_efficiency(one, np.array([[3, 1], [2, 2], [5, 2]]), cost="packed",
+                              seq_length=6) == pytest.approx(7 / 10)  # {5} {2}: 2 rows of 5
     with pytest.raises(ValueError, match="a sequence of 4 tokens does not fit a row of seq_length=3"):
         padding_efficiency(plan, seq_lens_GS, cost="packed", seq_length=3)
     with pytest.raises(ValueError, match="needs seq_length"):
