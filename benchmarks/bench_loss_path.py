@@ -3,13 +3,18 @@
 Path measured (CPU, fp32, one tensor-parallel rank): logits -> per-token log-probs ->
 per-sequence statistics -> AMoPO loss -> backward to the logits.
 
-  ours      ``token_logprobs`` (chunked, only loss tokens, backward recomputes the
-            softmax chunk-wise) + ``sequence_stats`` (one scatter-add per statistic).
+  ours      the training step's path: ``token_logprobs`` (chunked, only loss tokens,
+            backward recomputes the softmax chunk-wise from the saved log-sum-exps and,
+            with ``inplace_backward``, writes the gradient into the logits' own storage)
+            + ``sequence_stats`` (one scatter-add per statistic). --out-of-place measures
+            the public default (a fresh gradient tensor) instead.
   baseline  the published AMoPO code's approach: ``log_softmax`` and ``softmax`` over
             the full vocabulary, both materialised, then a Python loop over sequences
             for the per-sequence sums (log-probs, probabilities and their squares).
 
-Both feed the same ``amopo_loss`` and run on the same inputs in the same process.
+Both feed the same ``amopo_loss`` and run on the same inputs in the same process. Each
+run gets a fresh copy of the logits (untimed; its backward passes the gradient
+through), so that, as in training, they are the output of an autograd op.
 Peak memory is the kernel's resident-set high-water mark (VmHWM, reset through
 /proc/self/clear_refs before each phase; a 1 ms RSS sampler where that is not
 allowed) minus the resident size before the phase, reported relative to the logits'
@@ -20,13 +25,14 @@ logits, forward + backward extra <= 1.5x logits (the gradient of the logits itse
     .venv/bin/python benchmarks/bench_loss_path.py            # default sizes
     .venv/bin/python benchmarks/bench_loss_path.py --lengths 256 --vocabs 32000
 
-A size whose baseline would not fit in the memory available (estimated 6.5x the
+A size whose baseline would not fit in the memory available (estimated 7.5x the
 logits, at most --memory-fraction of what is free) runs ours only; the largest length
 (halving) at which the baseline fits is then added for that vocabulary.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import threading
 import time
@@ -39,8 +45,8 @@ from megatron_amopo.objective.amopo import amopo_loss
 from megatron_amopo.objective.logprobs import sequence_stats, stats_to_pairs, token_logprobs
 
 GIB = 2**30
-BASELINE_FACTOR = 6.5  # logits + log_softmax + softmax + their gradients + grad of the logits, and slack
-OURS_FACTOR = 2.5
+BASELINE_FACTOR = 7.5  # inputs + fresh copy + log_softmax + softmax + their gradients + grad of the logits, slack
+OURS_FACTOR = {True: 2.2, False: 3.2}  # inputs + fresh copy (+ gradient when out of place) + slack, by inplace
 
 
 class PeakRSS:
@@ -101,8 +107,8 @@ def make_inputs(num_seqs: int, length: int, vocab: int, prompt_frac: float, seed
     return dict(logits=logits, labels=labels, loss_mask=mask, segment_ids=segments)
 
 
-def ours_stats(inp: dict, logits: torch.Tensor) -> dict:
-    logp = token_logprobs(logits, inp["labels"], None, mask=inp["loss_mask"])
+def ours_stats(inp: dict, logits: torch.Tensor, inplace_backward: bool = True) -> dict:
+    logp = token_logprobs(logits, inp["labels"], None, mask=inp["loss_mask"], inplace_backward=inplace_backward)
     return sequence_stats(logp, inp["segment_ids"], inp["loss_mask"], logits.shape[0])
 
 
@@ -124,8 +130,8 @@ def baseline_stats(inp: dict, logits: torch.Tensor) -> dict:
 
 
 def run_path(name: str, stats_fn, inp: dict, cfg: AmopoConfig, num_pairs: int) -> dict:
-    logits = inp["logits"].requires_grad_(True)
-    logits.grad = None
+    leaf = inp["logits"].requires_grad_(True)
+    logits = leaf.clone()  # an op's output, like the output layer's; the in-place backward overwrites it
     with PeakRSS() as fwd_mem:
         t0 = time.perf_counter()
         stats = stats_to_pairs(stats_fn(inp, logits), num_pairs)
@@ -140,10 +146,10 @@ def run_path(name: str, stats_fn, inp: dict, cfg: AmopoConfig, num_pairs: int) -
     # Forward + backward: the higher of the two peaks, above the resident size before the forward.
     total_extra = max(fwd_mem.peak, bwd_mem.peak) - fwd_mem.start
     out = dict(name=name, loss=loss.item(), fwd_s=t_fwd, bwd_s=t_bwd, fwd_extra=fwd_mem.extra, total_extra=total_extra,
-               grad=logits.grad)
-    del loss, loss_B, stats
-    logits.grad = None
-    logits.requires_grad_(False)
+               grad=leaf.grad)
+    del loss, loss_B, stats, logits
+    leaf.grad = None
+    leaf.requires_grad_(False)
     return out
 
 
@@ -161,19 +167,27 @@ def _fmt(name: str, r: dict, logits_bytes: int) -> str:
             f"fwd+bwd {r['total_extra'] / logits_bytes:4.2f}x")
 
 
+def _ratio(base_extra: int, ours_extra: int, logits_bytes: int) -> str:
+    """Baseline / ours extra memory; ours below 1% of the logits (in-place gradient) reads as such."""
+    if ours_extra < 0.01 * logits_bytes:
+        return f"ours < 0.01x logits vs {base_extra / logits_bytes:4.2f}x"
+    return f"{base_extra / ours_extra:4.1f}x less"
+
+
 def bench_size(num_seqs, length, vocab, args, cfg, repeats) -> bool:
     """Print one line for this size; True when the baseline ran too."""
     logits_bytes = num_seqs * length * vocab * 4
     available = psutil.virtual_memory().available * args.memory_fraction
     size = f"{num_seqs} x {length} x {vocab:,}"
-    if logits_bytes * OURS_FACTOR > available:
+    if logits_bytes * OURS_FACTOR[not args.out_of_place] > available:
         print(f"{size:>22}: skipped, logits {logits_bytes / GIB:.2f} GiB do not fit ({available / GIB:.1f} GiB usable)")
         return False
     with_baseline = logits_bytes * BASELINE_FACTOR <= available
     inp = make_inputs(num_seqs, length, vocab, args.prompt_frac)
     ours_runs, base_runs, grad_err = [], [], None
     for _ in range(repeats):  # interleaved, so that both see the same machine load
-        ours_runs.append(run_path("ours", ours_stats, inp, cfg, args.pairs))
+        ours_runs.append(run_path("ours", functools.partial(ours_stats, inplace_backward=not args.out_of_place),
+                                  inp, cfg, args.pairs))
         ours_grad = ours_runs[-1].pop("grad")
         if with_baseline:
             base_runs.append(run_path("baseline", baseline_stats, inp, cfg, args.pairs))
@@ -188,8 +202,8 @@ def bench_size(num_seqs, length, vocab, args, cfg, repeats) -> bool:
         return False
     base = _best(base_runs)
     print(line + " | " + _fmt("baseline", base, logits_bytes) + (
-        f" | speed-up {base['total_s'] / ours['total_s']:4.1f}x, memory fwd+bwd "
-        f"{base['total_extra'] / max(ours['total_extra'], 1):4.1f}x"
+        f" | speed-up {base['total_s'] / ours['total_s']:4.1f}x (fwd {base['fwd_s'] / ours['fwd_s']:4.1f}x), "
+        f"memory fwd+bwd {_ratio(base['total_extra'], ours['total_extra'], logits_bytes)}"
         f" | loss diff {abs(base['loss'] - ours['loss']):.1e}, grad rel diff {grad_err:.1e}"
     ), flush=True)
     return True
@@ -204,12 +218,15 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt-frac", type=float, default=0.25, help="leading share of each row without loss")
     parser.add_argument("--memory-fraction", type=float, default=0.6, help="share of free memory a size may use")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats per size (best time kept)")
+    parser.add_argument("--out-of-place", action="store_true",
+                        help="ours without inplace_backward (the public default; a fresh gradient tensor)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = AmopoConfig(weighting="gaussian")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU, prompt share {args.prompt_frac}, "
+          f"ours {'out of place' if args.out_of_place else 'inplace_backward'}, "
           f"free memory {psutil.virtual_memory().available / GIB:.1f} GiB")
     print("warm-up (first-call overheads; ignore):")
     bench_size(args.seqs, 64, 1000, args, cfg, 1)

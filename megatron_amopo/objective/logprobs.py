@@ -3,14 +3,19 @@
 The output layer leaves each tensor-parallel rank with its slice of the vocabulary.
 ``token_logprobs`` turns those slices into log p(label) without gathering the full
 vocabulary, following Megatron-Core's ``tensor_parallel/cross_entropy.py``: each rank
-computes the log-sum-exp of its slice (from a fused log-softmax), then an all-reduce
-of the maxima (MAX) and one all-reduce of the rescaled sums and of the label's logit,
-which only its owning rank contributes (SUM). Arithmetic is fp32 (fp64 for fp64 logits). Only tokens that
-enter the loss are touched, in runs of consecutive tokens cut into chunks: slices of the
-logits are views, so the extra memory is one [C, V] work buffer plus O(tokens)
-vectors. Backward recomputes the softmax chunk by chunk from the saved logits and the
-saved per-token log-sum-exps, writing g * (onehot(label) - softmax) straight into the
-gradient's rows; no full-vocabulary softmax is ever stored.
+computes the log-sum-exp of its slice (m + log sum exp(x - m), m the row maximum; on
+CUDA from one fused log-softmax per chunk, where memory traffic rather than cache reuse
+decides), then
+an all-reduce of the maxima (MAX) and one all-reduce of the rescaled sums and of the
+label's logit, which only its owning rank contributes (SUM). Chunk arithmetic is fp32
+(fp64 for fp64 logits); the O(tokens) log-sum-exps and log p = x_label - lse are fp64.
+Only tokens that enter the loss are touched, in runs of consecutive tokens cut into
+chunks: slices of the logits are views, so the extra memory is one [C, V] work buffer
+plus O(tokens) vectors. Backward recomputes the softmax chunk by chunk as exp(x - lse)
+from the saved logits and per-token log-sum-exps (no max or sum passes), writing
+g * (onehot(label) - softmax) straight into the gradient's rows; no full-vocabulary
+softmax is ever stored. With ``inplace_backward`` those rows are the logits' own, as
+Megatron's ``vocab_parallel_cross_entropy`` reuses its saved softmax for the gradient.
 
 ``sequence_stats`` reduces token log-probs to the sufficient statistics the AMoPO
 objective consumes (``megatron_amopo/objective/amopo.py``); with context parallelism
@@ -35,8 +40,8 @@ import torch
 import torch.distributed as dist
 
 # Budget of the fp32 [C, V] work buffer, far below the logits of any real micro-batch.
-# CPU: 4 MiB is reused from the allocator's cache (no page faults) and stays in the
-# last-level cache between passes. GPU: 2 GiB keeps kernel launches few (measured on an H200:
+# CPU: 4 MiB stays in the last-level cache between the passes over a chunk (1 to 16 MiB
+# measured within noise on 2 cores, except 1 MiB at V = 151,936: one row per chunk). GPU: 2 GiB keeps kernel launches few (measured on an H200:
 # ~4,096-token chunks took 13% off a Qwen2.5-0.5B step against 64 MiB, for +0.5 GiB).
 DEFAULT_CHUNK_BYTES = {"cpu": 4 * 2**20, "cuda": 2 * 2**30}
 
@@ -100,6 +105,17 @@ def _combine_lse(lse_local_T, target_T, group) -> tuple[torch.Tensor, torch.Tens
     return max_T + torch.log(sums_2T[0]), sums_2T[1]
 
 
+def _split(lse_T: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp64 log-sum-exp -> (hi, lo) in ``dtype`` with hi + lo = lse to fp64 precision.
+
+    Backward forms exp(x - hi) * exp(-lo): x - hi is exact for the entries near the
+    log-sum-exp (Sterbenz), which carry the probability mass, so the gradient keeps
+    the precision of a softmax computed from the row maximum.
+    """
+    hi_T = lse_T.to(dtype)
+    return hi_T, (lse_T - hi_T.to(lse_T.dtype)).to(dtype)
+
+
 def _zero_gaps(grad_TV: torch.Tensor, pieces: list[tuple[int, int, int]]) -> None:
     """Zero the rows of ``grad_TV`` that no piece covers (tokens outside the loss)."""
     end = 0
@@ -111,56 +127,83 @@ def _zero_gaps(grad_TV: torch.Tensor, pieces: list[tuple[int, int, int]]) -> Non
         grad_TV[end:].zero_()
 
 
+def _local_lse(logits_TV, target_T, pieces, chunk_tokens: int, dtype) -> torch.Tensor:
+    """fp64 log-sum-exp of this rank's vocabulary slice for every selected token."""
+    lse_T = target_T.new_empty(target_T.numel())
+    if logits_TV.is_cuda:
+        # GPU: memory traffic decides; the fused log-softmax reads a chunk twice and writes it
+        # once. lse = x_j - log_softmax(x)_j for any j; j = the row's maximum, where
+        # log_softmax is nearest 0 and so has the smallest absolute rounding error.
+        for a, b, o in pieces:
+            x_CV = logits_TV[a:b]
+            m_C, j_C = torch.max(x_CV, dim=1)
+            lsm_C = torch.log_softmax(x_CV, dim=1, dtype=dtype).gather(1, j_C[:, None]).squeeze(1)
+            lse_T[o: o + b - a] = m_C.double() - lsm_C.double()
+        return lse_T
+    max_T = logits_TV.new_empty(target_T.numel())  # the logits' dtype: amax writes it directly
+    sumexp_T = logits_TV.new_empty(target_T.numel(), dtype=dtype)
+    work_CV = logits_TV.new_empty(min(chunk_tokens, target_T.numel()), logits_TV.shape[1], dtype=dtype)
+    for a, b, o in pieces:
+        sl, x_CV = slice(o, o + b - a), logits_TV[a:b]
+        # CPU: lse_r = m + log sum exp(x - m): one read of the chunk from memory (amax), the
+        # rest on the cache-resident chunk in one reused fp32 buffer.
+        m_C = torch.amax(x_CV, dim=1, out=max_T[sl])
+        shifted_CV = torch.sub(x_CV, m_C[:, None].to(dtype), out=work_CV[: b - a])
+        torch.sum(shifted_CV.exp_(), dim=1, out=sumexp_T[sl])
+    return torch.add(max_T.double(), sumexp_T.double().log(), out=lse_T)
+
+
 class _VocabParallelLogprobs(torch.autograd.Function):
     """log p(label) of the selected tokens from vocab-sharded logits (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, logits_TV, labels_T, idx_T, group, chunk_tokens):
+    def forward(ctx, logits_TV, labels_T, idx_T, group, chunk_tokens, inplace_backward):
         vocab_local = logits_TV.shape[-1]
         label_T, owned_T = _owned_labels(labels_T[idx_T], _group_rank(group) * vocab_local, vocab_local)
         dtype = compute_dtype(logits_TV.dtype)
-        logp_local_T = logits_TV.new_empty(idx_T.numel(), dtype=dtype)
-        target_T = torch.empty_like(logp_local_T)
         pieces = _pieces(idx_T, chunk_tokens)
-        for a, b, o in pieces:
-            sl = slice(o, o + b - a)
-            # Fused log-softmax of this rank's slice, in a chunk-sized buffer (the logits stay untouched).
-            lsm_CV = torch.log_softmax(logits_TV[a:b], dim=1, dtype=dtype)
-            logp_local_T[sl] = lsm_CV.gather(1, label_T[sl, None]).squeeze(1)
-            target_T[sl] = logits_TV[a:b].gather(1, label_T[sl, None]).squeeze(1).to(dtype)
-            del lsm_CV
-        # This slice's log-sum-exp, from any entry: lse_r = x_j - log_softmax(x)_j (j = the label).
-        lse_local_T = target_T - logp_local_T
-        lse_T, logp_T = lse_local_T, logp_local_T
+        # In fp64 (O(tokens)): log p = x_label - lse loses nothing to a large lse.
+        target_T = logits_TV[idx_T, label_T].double()
+        lse_T = _local_lse(logits_TV, target_T, pieces, chunk_tokens, dtype)
         if _group_size(group) > 1 and idx_T.numel():
-            lse_T, target_T = _combine_lse(lse_local_T, torch.where(owned_T, target_T, 0.0), group)
-            logp_T = target_T - lse_T
-        ctx.save_for_backward(logits_TV, label_T, owned_T, lse_local_T, lse_T)
-        ctx.pieces = pieces
-        return logp_T
+            lse_T, target_T = _combine_lse(lse_T, torch.where(owned_T, target_T, 0.0), group)
+        lse_hi_T, lse_lo_T = _split(lse_T, dtype)
+        ctx.save_for_backward(logits_TV, label_T, owned_T, lse_hi_T, lse_lo_T)
+        ctx.pieces, ctx.inplace_backward, ctx.backward_done = pieces, inplace_backward, False
+        return (target_T - lse_T).to(dtype)
 
     @staticmethod
     def backward(ctx, grad_T):
-        logits_TV, label_T, owned_T, lse_local_T, lse_T = ctx.saved_tensors
-        grad_logits_TV = torch.empty_like(logits_TV)
+        if ctx.inplace_backward and ctx.backward_done:
+            raise RuntimeError(
+                "token_logprobs(inplace_backward=True): a second backward through the same log-probs (retain_graph) "
+                "would read logits that the first backward overwrote with their gradient; use inplace_backward=False"
+            )
+        ctx.backward_done = True
+        logits_TV, label_T, owned_T, lse_hi_T, lse_lo_T = ctx.saved_tensors
+        # In place (Megatron's vocab_parallel_cross_entropy writes its gradient into its saved
+        # softmax the same way): no [T, V] allocation, and the write bumps the logits' version
+        # counter, so any other saved use of them fails loudly at its backward.
+        grad_logits_TV = logits_TV if ctx.inplace_backward else torch.empty_like(logits_TV)
         _zero_gaps(grad_logits_TV, ctx.pieces)  # tokens outside the loss get no gradient
-        grad_T = grad_T.to(lse_T.dtype)
+        grad_T = grad_T.to(lse_hi_T.dtype)
+        scale_T = -grad_T * torch.exp(-lse_lo_T)  # softmax = exp(x - hi) * exp(-lo)
         onehot_grad_T = torch.where(owned_T, grad_T, torch.zeros_like(grad_T))
-        # g * (onehot - softmax); the global softmax is the local one times exp(lse_r - lse).
-        scale_T = -grad_T * torch.exp(lse_local_T - lse_T)
-        direct = grad_logits_TV.dtype == lse_T.dtype
+        direct = grad_logits_TV.dtype == lse_hi_T.dtype
         for a, b, o in ctx.pieces:
             sl = slice(o, o + b - a)
-            p_CV = torch.softmax(logits_TV[a:b], dim=1, dtype=lse_T.dtype)  # chunk-sized buffer
-            if direct:  # written straight into the gradient's rows
-                p_CV = torch.mul(p_CV, scale_T[sl, None], out=grad_logits_TV[a:b])
-            else:  # bf16/fp16 logits: finished in fp32, rounded once below
-                p_CV.mul_(scale_T[sl, None])
-            p_CV.scatter_add_(1, label_T[sl, None], onehot_grad_T[sl, None])
+            # g * (onehot - softmax) with the softmax from the saved global log-sum-exp: no max
+            # or sum passes, and every pass after the first runs on a cache-resident chunk.
+            if direct:  # written straight into the gradient's rows (the logits' own rows in place)
+                rows_CV = torch.sub(logits_TV[a:b], lse_hi_T[sl, None], out=grad_logits_TV[a:b])
+            else:  # bf16/fp16 logits: finished in fp32 (promotion), rounded once below
+                rows_CV = torch.sub(logits_TV[a:b], lse_hi_T[sl, None])
+            rows_CV.exp_().mul_(scale_T[sl, None])
+            rows_CV.scatter_add_(1, label_T[sl, None], onehot_grad_T[sl, None])
             if not direct:
-                grad_logits_TV[a:b].copy_(p_CV)
-            del p_CV
-        return grad_logits_TV, None, None, None, None
+                grad_logits_TV[a:b].copy_(rows_CV)
+            del rows_CV
+        return grad_logits_TV, None, None, None, None, None
 
 
 def token_logprobs(
@@ -169,6 +212,7 @@ def token_logprobs(
     tp_group: Optional[dist.ProcessGroup],
     mask: Optional[torch.Tensor] = None,
     chunk_tokens: Optional[int] = None,
+    inplace_backward: bool = False,
 ) -> torch.Tensor:
     """log p(labels) (fp32; fp64 for fp64 logits) from this rank's vocabulary slice of ``logits``.
 
@@ -177,6 +221,11 @@ def token_logprobs(
     vocabulary). ``labels`` has the leading shape of ``logits``. Only positions where
     ``mask`` is non-zero are computed; the others are 0 and pass no gradient. Every
     rank of ``tp_group`` must pass the same labels and mask.
+
+    ``inplace_backward``: backward writes the logits' gradient into the logits' own
+    storage (no [T, V] allocation). Only for logits that nothing else reads after this
+    backward, such as the output layer's logits in the training step; a single backward
+    only (no retain_graph), and not for leaf tensors, whose values would be lost.
     """
     if logits.shape[:-1] != labels.shape:
         raise ValueError(
@@ -185,6 +234,12 @@ def token_logprobs(
         )
     if not logits.is_floating_point():
         raise ValueError(f"token_logprobs: logits must be floating point, got {logits.dtype}")
+    storage = logits if logits._base is None else logits._base
+    if inplace_backward and storage.requires_grad and storage.grad_fn is None:
+        raise ValueError(
+            "token_logprobs: inplace_backward=True would overwrite a leaf tensor (or a view of one) with its own "
+            "gradient; pass logits produced by an autograd op (the output layer's), or use inplace_backward=False"
+        )
     vocab_local = logits.shape[-1]
     logits_TV = logits.reshape(-1, vocab_local)
     labels_T = labels.reshape(-1).to(torch.int64)
@@ -198,7 +253,7 @@ def token_logprobs(
     chunk = chunk_tokens if chunk_tokens is not None else default_chunk_tokens(vocab_local, logits.device)
     if chunk < 1:
         raise ValueError(f"token_logprobs: chunk_tokens must be >= 1, got {chunk}")
-    logp_sel_T = _VocabParallelLogprobs.apply(logits_TV, labels_T, idx_T, tp_group, chunk)
+    logp_sel_T = _VocabParallelLogprobs.apply(logits_TV, labels_T, idx_T, tp_group, chunk, inplace_backward)
     logp_T = logp_sel_T.new_zeros(labels_T.numel()).index_put((idx_T,), logp_sel_T)
     return logp_T.view(labels.shape)
 

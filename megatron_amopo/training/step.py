@@ -83,7 +83,9 @@ def loss_func(
     ``batch["epoch"]`` (default 0) is the epoch of this micro-batch's samples, part of
     the key of their Gaussian draws.
     """
-    logp_RS = token_logprobs(logits, batch["labels"], tp_group, mask=batch["loss_mask"], chunk_tokens=chunk_tokens)
+    # The logits are the output layer's and nothing else reads them: their storage takes the gradient.
+    logp_RS = token_logprobs(logits, batch["labels"], tp_group, mask=batch["loss_mask"], chunk_tokens=chunk_tokens,
+                             inplace_backward=True)
     stats_N = sequence_stats(logp_RS, batch["segment_ids"], batch["loss_mask"], int(batch["num_seqs"]), cp_group)
     ids_B = sample_ids(batch)
     num_seqs, num_samples = int(batch["num_seqs"]), ids_B.numel()

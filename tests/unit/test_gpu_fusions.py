@@ -92,3 +92,27 @@ def test_cuda_fused_adamw_steps_like_foreach(one_rank):
     assert max(float((a - b).abs().max()) for a, b in zip(results[0], start)) > 1e-3  # the step moved them
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_cuda_token_logprobs_match_log_softmax(dtype, inplace):
+    """The CUDA branch of token_logprobs (fused log-softmax per chunk) against fp64 log_softmax."""
+    from megatron_amopo.objective.logprobs import token_logprobs
+
+    gen = torch.Generator().manual_seed(3)
+    base = (torch.randn(3, 40, 1000, generator=gen) * 4).cuda()
+    labels = torch.randint(0, 1000, (3, 40), generator=gen).cuda()
+    mask = (torch.rand(3, 40, generator=gen) > 0.3).cuda()
+    weights = torch.randn(3, 40, generator=gen).double().cuda()
+    leaf = base.to(dtype).requires_grad_()
+    logits = leaf * 1.0  # not a leaf: in-place backward may overwrite it
+    logp = token_logprobs(logits, labels, None, mask=mask, chunk_tokens=16, inplace_backward=inplace)
+    (logp.double() * weights).sum().backward()
+    ref_leaf = leaf.detach().double().requires_grad_()
+    ref = torch.log_softmax(ref_leaf, dim=-1).gather(-1, labels[..., None]).squeeze(-1) * mask
+    (ref * weights).sum().backward()
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(logp.double(), ref.detach(), **tol)
+    torch.testing.assert_close(leaf.grad.double(), ref_leaf.grad, **tol)

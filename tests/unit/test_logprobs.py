@@ -75,6 +75,64 @@ def test_chunk_size_does_not_change_results():
         assert torch.equal(grad, results[0][1])
 
 
+def _grads(logits, labels, mask, g, inplace, dtype=None, chunk=4):
+    """(log-probs, gradient of sum(g * logp) w.r.t. the logits, the logits' storage afterwards).
+
+    The logits are the output of an op (``leaf * 1``), as the output layer's are in training.
+    """
+    leaf = logits.clone().requires_grad_(True)
+    x = leaf * 1
+    logp = token_logprobs(x, labels, None, mask=mask, chunk_tokens=chunk, inplace_backward=inplace)
+    (grad,) = torch.autograd.grad((logp * g).sum(), x)
+    return logp.detach(), grad, x.detach()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inplace_backward_equals_out_of_place(dtype):
+    logits, labels, mask = _inputs(shape=(4, 13), vocab=61, dtype=dtype)
+    g = torch.randn(labels.shape, generator=torch.Generator().manual_seed(4))
+    logp, grad, after = _grads(logits, labels, mask, g, inplace=False)
+    logp_in, grad_in, after_in = _grads(logits, labels, mask, g, inplace=True)
+    assert torch.equal(after, logits)  # out of place: the logits are untouched
+    assert torch.equal(logp_in, logp) and torch.equal(grad_in, grad)  # same arithmetic, bit for bit
+    assert grad_in.data_ptr() == after_in.data_ptr()  # in place: the gradient is the logits' storage
+    assert torch.equal(after_in, grad) and not torch.equal(after_in, logits)
+
+
+def test_inplace_backward_refuses_unsafe_uses():
+    logits, labels, mask = _inputs()
+    with pytest.raises(ValueError, match="would overwrite a leaf tensor"):
+        token_logprobs(logits.clone().requires_grad_(True), labels, None, mask=mask, inplace_backward=True)
+    with pytest.raises(ValueError, match="or a view of one"):
+        token_logprobs(logits.clone().requires_grad_(True)[1:], labels[1:], None, inplace_backward=True)
+    x = logits.clone().requires_grad_(True) * 1
+    logp = token_logprobs(x, labels, None, mask=mask, inplace_backward=True)
+    logp.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward through the same log-probs"):
+        logp.sum().backward()
+    # A second consumer that saved the logits before them and runs its backward after: autograd's
+    # version counter catches the overwritten logits instead of letting it read the gradient.
+    x = logits.clone().requires_grad_(True) * 1
+    other = (x**2).sum()
+    logp = token_logprobs(x, labels, None, mask=mask, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (logp.sum() + other).backward()
+
+
+def test_inplace_backward_with_a_consumer_that_runs_first_stays_exact():
+    """A consumer recorded after the log-probs runs its backward first (autograd's order), so it
+    still reads the logits; the summed gradient equals the out-of-place one."""
+    logits, labels, mask = _inputs(shape=(3, 7), vocab=29)
+    grads = []
+    for inplace in (False, True):
+        leaf = logits.clone().requires_grad_(True)
+        x = leaf * 1
+        logp = token_logprobs(x, labels, None, mask=mask, inplace_backward=inplace)
+        (logp.sum() + (x**2).sum()).backward()
+        grads.append(leaf.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
 def test_sequence_stats_match_a_per_sequence_loop():
     gen = torch.Generator().manual_seed(3)
     logp = -torch.rand(2, 12, generator=gen) * 4
@@ -190,9 +248,14 @@ def _tp2_full_vocab():
     x = logits.chunk(world, dim=-1)[rank].clone().requires_grad_(True)
     logp = token_logprobs(x, labels, dist.group.WORLD, mask=mask, chunk_tokens=4)
     (grad,) = torch.autograd.grad((logp * g).sum(), x)
+    x_in = x.detach().clone().requires_grad_(True) * 1  # an op's output, as in training
+    logp_in = token_logprobs(x_in, labels, dist.group.WORLD, mask=mask, chunk_tokens=4, inplace_backward=True)
+    (grad_in,) = torch.autograd.grad((logp_in * g).sum(), x_in)
     return dict(
         logp_err=(logp - ref).abs().max().item(),
         grad_err=(grad - grad_ref.chunk(world, dim=-1)[rank]).abs().max().item(),
+        inplace_same=torch.equal(logp_in, logp) and torch.equal(grad_in, grad),
+        inplace_in_logits=grad_in.data_ptr() == x_in.data_ptr(),
     )
 
 
@@ -247,6 +310,20 @@ def _padded_vs_packed_on_tiny_model():
             rows=batch["tokens"].shape[0], loss=loss_sum.item(), count=int(count), weights=report["weights"],
             pair_sums=report["pair_sums"], grads={n: p.grad.clone() for n, p in model.named_parameters()},
         )
+    # The in-place gradient through the real output layer (ColumnParallelLinear + the transpose of
+    # GPTModel's logits) gives the same parameter gradients: nothing there reads the logits again.
+    batch = build_micro_batch(groups, "padded", seq_length=32)
+    g = torch.randn(batch["labels"].shape, generator=torch.Generator().manual_seed(8))
+    grads = []
+    for inplace in (False, True):
+        model.zero_grad()
+        logits = model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
+        logp = token_logprobs(logits, batch["labels"], ps.get_tensor_model_parallel_group(),
+                              mask=batch["loss_mask"], inplace_backward=inplace)
+        (logp * g).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    out["inplace_grad_err"] = max((grads[1][n] - t).abs().max().item() for n, t in grads[0].items())
+    out["inplace_grad_max"] = min(t.abs().max().item() for t in grads[0].values())
     dist.barrier()
     return out
 
@@ -259,8 +336,10 @@ def _two_rank_body():
 def test_two_ranks_tp2_cp2_and_padded_vs_packed_model():
     for res in run_multirank(_two_rank_body, 2, timeout=120):
         assert res["tp2"]["logp_err"] <= 1e-5 and res["tp2"]["grad_err"] <= 1e-6, res["tp2"]
+        assert res["tp2"]["inplace_same"] and res["tp2"]["inplace_in_logits"], res["tp2"]
         assert res["cp2"]["cp_err"] <= 1e-5 and res["cp2"]["cp_grad_err"] <= 1e-6, res["cp2"]
         padded, packed = res["model"]["padded"], res["model"]["packed"]
+        assert res["model"]["inplace_grad_max"] > 0 and res["model"]["inplace_grad_err"] == 0, res["model"]
         assert padded["rows"] == 12 and packed["rows"] < padded["rows"]  # really packed
         assert padded["count"] == packed["count"] == 2
         assert packed["loss"] == pytest.approx(padded["loss"], rel=1e-5)
