@@ -3,9 +3,9 @@
 
 (a) Planning time for one epoch, C++ (best of 3) against the Python reference (one run); goal
     >= 50x. Fixed k and padded budget: 1M groups, C++ alone on 10M. Packed budget: the Python
-    reference runs the ROW RULE on every candidate (~2 ms per group), so the ratio is taken on
-    10k groups (windows are planned independently: the cost is linear in G) and C++ alone runs
-    100k.
+    reference runs the ROW RULE on every candidate (~3 ms per group), so it plans 10k groups
+    (windows are planned independently: the cost is linear in G, the ratio is per group) and
+    C++ alone plans 1M groups on 1 and --threads threads, and 10M.
 (b) Padding efficiency (real tokens / tokens processed, see
     megatron_amopo.data.indexer.padding_efficiency) of our plans against fixed batches of
     k = 1, 2, 4, 8 random groups padded to the batch's longest sequence (what a plain collator
@@ -35,7 +35,8 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from megatron_amopo.data.indexer import packed_shape, padding_efficiency, plan_microbatches  # noqa: E402
+from megatron_amopo.data.indexer import (  # noqa: E402
+    default_num_threads, packed_shape, padding_efficiency, plan_microbatches)
 
 SEQ_LENGTH = 1024
 
@@ -81,7 +82,7 @@ def same_plan(a, b) -> bool:
     return all(np.array_equal(getattr(a, f), getattr(b, f)) for f in ("offsets", "group_ids", "epochs"))
 
 
-def bench_speed(seq_lens_GS: np.ndarray, k: int) -> None:
+def bench_speed(seq_lens_GS: np.ndarray, k: int, threads: int) -> None:
     S = seq_lens_GS.shape[1]
     budget = S * SEQ_LENGTH * k
     base = dict(seqs_per_group=S, num_epochs=1, seed=1234, dp_rank=0, dp_size=8, window=512)
@@ -89,25 +90,42 @@ def bench_speed(seq_lens_GS: np.ndarray, k: int) -> None:
           f"(2 shared CPU cores, load average {os.getloadavg()[0]:.1f})")
     print(f"{'mode':<15}{'groups':>8}{'C++':>10}{'Python':>10}{'ratio':>8}{'same plan':>11}"
           f"{'C++ x10 groups':>16}")
-    modes = [(f"fixed k={k}", dict(groups_per_microbatch=k), 1_000_000, True),
-             ("padded budget", dict(token_budget=budget, cost="padded"), 1_000_000, True),
-             ("packed budget", dict(token_budget=budget, cost="packed", seq_length=SEQ_LENGTH),
-              10_000, False)]
-    for name, mode, G, reps10 in modes:
+    modes = [(f"fixed k={k}", dict(groups_per_microbatch=k)),
+             ("padded budget", dict(token_budget=budget, cost="padded"))]
+    for name, mode in modes:
         row = []
-        for n in (G, 10 * G):
+        for n in (1_000_000, 10_000_000):
             lens = tiled(seq_lens_GS, n)
             data = dict(max_len=lens.max(axis=1), total_len=lens.sum(axis=1))
-            if "seq_length" in mode:
-                data["seq_lens"] = lens
-            t_cpp, cpp = best_time(lambda: plan_microbatches(**data, **base, **mode), 3 if reps10 or n == G else 1)
+            t_cpp, cpp = best_time(lambda: plan_microbatches(**data, **base, **mode), 3)
             row.append(t_cpp)
-            if n == G:
+            if n == 1_000_000:
                 t_py, ref = best_time(lambda: plan_microbatches(**data, **base, **mode, backend="python"), 1)
                 row += [t_py, t_py / t_cpp, same_plan(cpp, ref)]
         t1, tp, ratio, same, t10 = row
-        print(f"{name:<15}{G:>8}{t1 * 1e3:>8.0f}ms{tp:>9.2f}s{ratio:>7.0f}x{str(same):>11}{t10 * 1e3:>14.0f}ms")
+        print(f"{name:<15}{1_000_000:>8}{t1 * 1e3:>8.0f}ms{tp:>9.2f}s{ratio:>7.0f}x{str(same):>11}{t10 * 1e3:>14.0f}ms")
     print("Python on 10x the groups is not run; its ratio at the smaller size stands for it.")
+    bench_packed_speed(seq_lens_GS, base, budget, threads)
+
+
+def bench_packed_speed(seq_lens_GS: np.ndarray, base: dict, budget: int, threads: int) -> None:
+    """Packed budget: the Python reference runs the ROW RULE on every candidate (~3 ms per group),
+    so it plans 10k groups; windows are planned independently, so the cost is linear in G and the
+    ratio is taken per group. C++ on 1M groups with 1 and `threads` threads, and on 10M."""
+    mode = dict(token_budget=budget, cost="packed", seq_length=SEQ_LENGTH)
+    small = tiled(seq_lens_GS, 10_000)
+    t_py, ref = best_time(lambda: plan_microbatches(seq_lens=small, **base, **mode, backend="python"), 1)
+    same = same_plan(ref, plan_microbatches(seq_lens=small, **base, **mode, num_threads=threads))
+    print(f"\npacked budget: Python reference on 10000 groups {t_py:.1f} s ({t_py / 1e4 * 1e6:.0f} us per "
+          f"group); C++ plan identical on them (any thread count): {same}")
+    print(f"{'groups':>10}{'threads':>9}{'C++':>10}{'us/group':>10}{'ratio':>8}")
+    for n, thread_counts in ((1_000_000, sorted({1, threads})), (10_000_000, [threads])):
+        lens = tiled(seq_lens_GS, n)
+        for t in thread_counts:
+            t_cpp, _ = best_time(lambda: plan_microbatches(seq_lens=lens, **base, **mode, num_threads=t), 1)
+            print(f"{n:>10}{t:>9}{t_cpp:>9.2f}s{t_cpp / n * 1e6:>10.2f}{t_py / 1e4 / (t_cpp / n):>7.0f}x",
+                  flush=True)
+        del lens
 
 
 def bench_efficiency(seq_lens_GS: np.ndarray, epochs: int) -> None:
@@ -146,12 +164,14 @@ def main() -> None:
                         f"(HelpSteer2, --seq-length {SEQ_LENGTH}); default: preprocess into a temp dir")
     parser.add_argument("--workers", type=int, default=1, help="tokenisation workers when preprocessing")
     parser.add_argument("--epochs", type=int, default=10, help="epochs of the efficiency plans")
+    parser.add_argument("--threads", type=int, default=default_num_threads(),
+                        help="C++ threads for the packed budget (also timed with 1)")
     args = parser.parse_args()
     seq_lens_GS = load_seq_lens(args.dataset, args.workers)
     print(f"{seq_lens_GS.shape[0]} groups of {seq_lens_GS.shape[1]} sequences; length (positions) "
           f"p10/p50/p90/max = {np.percentile(seq_lens_GS, [10, 50, 90]).astype(int).tolist()} "
           f"/ {int(seq_lens_GS.max())}")
-    bench_speed(seq_lens_GS, k=4)
+    bench_speed(seq_lens_GS, k=4, threads=args.threads)
     bench_efficiency(seq_lens_GS, args.epochs)
 
 

@@ -161,7 +161,7 @@ def run_ours(args, cfg: dict, chunks: list[list[dict]]) -> dict:
             group["fused"], group["foreach"] = False, None
     step_fn = functools.partial(forward_step, objective_cfg=AmopoConfig(), tp_group=ps.get_tensor_model_parallel_group(),
                                 cp_group=ps.get_context_parallel_group(), chunk_tokens=args.chunk_tokens,
-                                packed_thd=args.layout == "packed-thd" or None)
+                                packed_thd={"packed-thd": True, "packed-mask": False}.get(args.layout))
     if args.layout.startswith("packed"):
         batches = [build_micro_batch(c, "packed", seq_length=args.seq_length) for c in chunks]
     else:
@@ -185,9 +185,13 @@ def run_ours(args, cfg: dict, chunks: list[list[dict]]) -> dict:
     losses, times = _timed(step, args.steps, args.warmup)
     if args.profile:
         _profile(step)
-    attention = "te" if transformer_engine_available() else "sdpa"
+    attention, layout = "te" if transformer_engine_available() else "sdpa", args.layout
+    if layout == "packed":  # what the training step's default chose
+        from megatron_amopo.training.step import packed_thd_default
+
+        layout = "packed-thd" if packed_thd_default(model[0].config, transformer_engine_available()) else "packed-mask"
     return dict(losses=losses, times=times, rows=sum(b["tokens"].shape[0] for b in batches),
-                attention=f"{attention}/{args.layout}" + "".join(f"/no-{d}" for d in sorted(disabled)))
+                attention=f"{attention}/{layout}" + "".join(f"/no-{d}" for d in sorted(disabled)))
 
 
 def _profile(step) -> None:
@@ -315,10 +319,12 @@ def main(argv=None) -> dict:
     p.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: 989 on H100/H200)")
     p.add_argument("--same-weights", action="store_true",
                    help="start ours from the baseline's initial weights (saved and converted): first losses must agree")
-    p.add_argument("--layout", default="packed", choices=["packed", "packed-thd", "padded", "padded-causal"],
-                   help="ours: packed rows (block-diagonal mask), the packed rows as one THD stream (TE, or "
-                        "variable-length flash attention without TE), one padded row per sequence with its "
-                        "mask, or padded rows with plain causal attention (no mask: flash kernel)")
+    p.add_argument("--layout", default="packed",
+                   choices=["packed", "packed-thd", "packed-mask", "padded", "padded-causal"],
+                   help="ours: packed rows as the training step feeds them (training.step.packed_thd_default), "
+                        "forced to one THD stream (TE, or variable-length flash attention without TE), or forced "
+                        "to rows with their block-diagonal mask; one padded row per sequence with its mask, or "
+                        "padded rows with plain causal attention (no mask: flash kernel)")
     p.add_argument("--chunk-tokens", type=int, default=None, help="ours: tokens per chunk of the log-prob kernel")
     p.add_argument("--disable", default="", help="ours, diagnostic: comma list of speed-ups to turn off: "
                    "swiglu-fusion (compiled SwiGLU), fused-adam (single-kernel AdamW)")

@@ -63,9 +63,9 @@ done
 
 if [ "${GPU_CHECK_VARIANTS:-0}" = 1 ]; then
   common=(--model qwen2.5-1.5b --seq-length 1024 --micro-batch 1 --num-microbatches 4 --dims 4 --sides ours)
-  step "variant packed-thd" 120 "$PY" benchmarks/bench_train_step.py "${common[@]}" --steps 4 --warmup 2 \
+  step "variant packed-thd" 120 "$PY" benchmarks/bench_train_step.py "${common[@]}" --steps 3 --warmup 2 \
     --layout packed-thd --json "$OUTDIR/variant_packed-thd.json"
-  step "variant no fusions" 120 "$PY" benchmarks/bench_train_step.py "${common[@]}" --steps 4 --warmup 2 \
+  step "variant no fusions" 120 "$PY" benchmarks/bench_train_step.py "${common[@]}" --steps 3 --warmup 2 \
     --disable swiglu-fusion,fused-adam --json "$OUTDIR/variant_no-fusions.json"
   step "variant default + profile" 150 "$PY" benchmarks/bench_train_step.py "${common[@]}" --steps 3 --warmup 2 \
     --profile --json "$OUTDIR/variant_profile.json"

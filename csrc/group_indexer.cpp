@@ -12,7 +12,8 @@
  *
  * Style follows megatron/core/datasets/helpers.cpp: a thin pybind11 module that
  * builds index arrays with the GIL released and hands them to numpy through a
- * capsule (no copy).
+ * capsule (no copy). A packed token budget plans its windows on num_threads
+ * std::threads (windows are independent; the plan does not depend on the count).
  */
 
 #include <pybind11/numpy.h>
@@ -20,13 +21,17 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <limits>
+#include <mutex>
 #include <numeric>
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -38,6 +43,7 @@ namespace {
 constexpr int64_t kMaxLength = int64_t{1} << 40;
 constexpr int64_t kMaxSeqsPerGroup = int64_t{1} << 20;
 constexpr int64_t kMaxBudget = int64_t{1} << 62;
+constexpr int64_t kMaxThreads = 256;
 
 constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ULL;
 
@@ -88,6 +94,7 @@ struct Options {
   bool packed;                    // cost (and sort key): packed total_len, else padded max_len
   int64_t window;
   int64_t seq_length;             // packed token budget: longest row S (0 otherwise)
+  int64_t num_threads;            // packed token budget: workers planning windows (>= 1)
   bool packed_budget() const { return packed && token_budget > 0; }
 };
 
@@ -114,6 +121,26 @@ const int64_t* int64_vector(const py::array& a, const char* name) {
   return static_cast<const int64_t*>(a.data());
 }
 
+// Runs work(worker) on `threads` workers (the calling thread is worker 0) and rethrows the
+// first exception any of them raised.
+void run_workers(int64_t threads, const std::function<void(int64_t)>& work) {
+  std::exception_ptr error;
+  std::mutex error_mutex;
+  auto guarded = [&](int64_t worker) {
+    try {
+      work(worker);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(error_mutex);
+      if (!error) error = std::current_exception();
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int64_t t = 1; t < threads; ++t) pool.emplace_back(guarded, t);
+  guarded(0);
+  for (std::thread& t : pool) t.join();
+  if (error) std::rethrow_exception(error);
+}
+
 void check_options(const Options& o, int64_t num_groups) {
   std::ostringstream m;
   if (num_groups < 1) fail(m << "need at least one group, got " << num_groups);
@@ -130,6 +157,23 @@ void check_options(const Options& o, int64_t num_groups) {
   if (o.groups_per_microbatch < 0 || o.token_budget < 0 || o.token_budget > kMaxBudget)
     fail(m << "groups_per_microbatch must be >= 0 and token_budget in [0, 2^62], got "
            << o.groups_per_microbatch << " and " << o.token_budget);
+  if (o.num_threads < 1 || o.num_threads > kMaxThreads)
+    fail(m << "num_threads must be in [1, " << kMaxThreads << "], got " << o.num_threads);
+}
+
+// Branchless bisection: the first index i of a[0..size) with !before(a[i]), where
+// before(a[i]) holds for a prefix of a (the arrays here are a few dozen values, where
+// unpredictable branches cost more than the extra steps).
+template <typename Before>
+inline int64_t partition_index(const int64_t* a, int64_t size, Before before) {
+  if (size == 0) return 0;
+  const int64_t* base = a;
+  for (int64_t n = size; n > 1;) {
+    const int64_t half = n / 2;
+    base = before(base[half - 1]) ? base + half : base;
+    n -= half;
+  }
+  return (base - a) + before(*base);
 }
 
 // Best fit (the rule of megatron_amopo.data.indexer_ref.best_fit): each item of
@@ -139,18 +183,19 @@ void check_options(const Options& o, int64_t num_groups) {
 // false as soon as more than max_rows rows would be needed.
 bool best_fit(std::vector<int64_t>& free, const int64_t* items, int64_t n, int64_t seq_length,
               int64_t max_rows) {
-  // Plain loops instead of vector::insert / std::move_backward: the arrays hold a few
-  // dozen values, where memmove calls cost more than they move.
-  for (int64_t i = 0; i < n; ++i) {
+  // Items longer than seq_length / 2 come first and each opens a row: every open row
+  // already holds one of them, so its free space is < seq_length / 2. Their free space
+  // seq_length - items[i] is ascending already.
+  int64_t i = partition_index(items, n, [&](int64_t len) { return 2 * len > seq_length; });
+  if (i > max_rows) return false;
+  free.resize(i);
+  for (int64_t r = 0; r < i; ++r) free[r] = seq_length - items[r];
+  for (; i < n; ++i) {
     const int64_t len = items[i];
     int64_t* f = free.data();
     auto size = static_cast<int64_t>(free.size());
-    int64_t at = 0;  // first row with free >= len; a branchless count beats bisection on few rows
-    if (size <= 64) {
-      for (int64_t r = 0; r < size; ++r) at += f[r] < len;
-    } else {
-      at = std::lower_bound(f, f + size, len) - f;
-    }
+    // The row with the least free space that holds len.
+    int64_t at = partition_index(f, size, [&](int64_t room) { return room < len; });
     int64_t left;
     if (at < size) {
       left = f[at] - len;  // < f[at]: its sorted place is at or before at
@@ -158,64 +203,63 @@ bool best_fit(std::vector<int64_t>& free, const int64_t* items, int64_t n, int64
       left = seq_length - len;
       free.push_back(0);
       f = free.data();
-      at = size++;
+      at = size;
     } else {
       return false;
     }
-    // Insert after equal values (Python's insort), shifting f[j..at) up by one.
-    int64_t j = at;
-    while (j > 0 && f[j - 1] > left) {
-      f[j] = f[j - 1];
-      --j;
-    }
+    // Insert after equal values (Python's insort), shifting f[j..at) up by one; a plain
+    // loop, as memmove calls cost more than they move on a few values.
+    const int64_t j = partition_index(f, at, [&](int64_t room) { return room <= left; });
+    for (int64_t r = at; r > j; --r) f[r] = f[r - 1];
     f[j] = left;
   }
   return true;
 }
 
-// A group's 2P sequence lengths, longest first (insertion sort when 2P is small).
-void sorted_lengths(const int64_t* seq_lens, int64_t spg, int64_t g, std::vector<int64_t>* out) {
-  const int64_t* src = seq_lens + g * spg;
+// A group's 2P sequence lengths src[0..spg), longest first, into out[0..spg) (insertion
+// sort when 2P is small).
+void sort_lengths(const int64_t* src, int64_t spg, int64_t* out) {
   if (spg > 32) {
-    out->assign(src, src + spg);
-    std::sort(out->begin(), out->end(), std::greater<int64_t>());
+    std::copy(src, src + spg, out);
+    std::sort(out, out + spg, std::greater<int64_t>());
     return;
   }
-  out->resize(spg);
-  int64_t* o = out->data();
   for (int64_t i = 0; i < spg; ++i) {
     const int64_t v = src[i];
     int64_t j = i;
-    while (j > 0 && o[j - 1] < v) {
-      o[j] = o[j - 1];
+    while (j > 0 && out[j - 1] < v) {
+      out[j] = out[j - 1];
       --j;
     }
-    o[j] = v;
+    out[j] = v;
   }
 }
 
 // Longest-processing-time (indexer_ref.balanced_width): items[0..n) (non-increasing)
 // each into the least-loaded of `rows` rows; returns the fullest row, or a value above
-// cap as soon as one row passes cap. loads is scratch, kept ascending (a multiset:
-// which row wins a tie does not change the loads).
+// cap as soon as one row passes cap. loads is scratch, a binary min-heap as in the
+// reference (a multiset: which row wins a tie does not change the loads).
 int64_t balanced_width(const int64_t* items, int64_t n, int64_t rows, int64_t cap,
                        std::vector<int64_t>& loads) {
   if (items[0] > cap) return items[0];
   if (n <= rows) return items[0];  // one sequence per row
   loads.resize(rows);
   int64_t* l = loads.data();
-  for (int64_t r = 0; r < rows; ++r) l[r] = items[rows - 1 - r];  // the first `rows` open a row each
+  // The first `rows` open a row each; ascending order is a valid heap.
+  for (int64_t r = 0; r < rows; ++r) l[r] = items[rows - 1 - r];
   for (int64_t i = rows; i < n; ++i) {
     const int64_t v = l[0] + items[i];
     if (v > cap) return v;
-    int64_t j = 0;  // v >= l[0]: slide it up to its sorted place
-    while (j + 1 < rows && l[j + 1] < v) {
-      l[j] = l[j + 1];
-      ++j;
+    int64_t pos = 0;  // sift v down from the root (heapreplace)
+    for (int64_t child = 1; child < rows; child = 2 * pos + 1) {
+      child += child + 1 < rows && l[child + 1] < l[child];
+      if (l[child] >= v) break;
+      l[pos] = l[child];
+      pos = child;
     }
-    l[j] = v;
+    l[pos] = v;
   }
-  return l[rows - 1];
+  return *std::max_element(l, l + rows);
 }
 
 // The ROW RULE's (rows, width) for items[0..n) (non-increasing), as indexer_ref.packed_shape:
@@ -223,7 +267,6 @@ int64_t balanced_width(const int64_t* items, int64_t n, int64_t rows, int64_t ca
 // R = ceil(sum / seq_length) .. R0; the first candidate with the least R * W wins.
 std::pair<int64_t, int64_t> packed_shape(const int64_t* items, int64_t n, int64_t seq_length,
                                          std::vector<int64_t>& free, std::vector<int64_t>& loads) {
-  free.clear();
   best_fit(free, items, n, seq_length, n);
   std::pair<int64_t, int64_t> best{static_cast<int64_t>(free.size()), seq_length - free[0]};
   __int128 best_cost = static_cast<__int128>(best.first) * best.second;
@@ -239,34 +282,62 @@ std::pair<int64_t, int64_t> packed_shape(const int64_t* items, int64_t n, int64_
   return best;
 }
 
+// Martello and Toth's lower bound L2 for bin packing (Discrete Applied Mathematics 28(1),
+// 1990, 59-70): whether items[0..n) (non-increasing, items[0] <= cap, summing to total) might
+// fit in `rows` rows of capacity cap; false only if no packing at all does. The h items above
+// cap / 2 need a row each; for K = items[t] <= cap / 2, the items in [K, cap / 2] fit only into
+// the space left free by the big items <= cap - K (no other item fits beside those above it) or
+// into the rows - h other rows. One sweep over t, O(n).
+bool may_fit_rows(const int64_t* items, int64_t n, int64_t total, int64_t cap, int64_t rows) {
+  if (total > rows * cap) return false;  // rows * cap <= budget < 2^63 (callers)
+  const int64_t h = partition_index(items, n, [&](int64_t len) { return 2 * len > cap; });
+  if (h > rows) return false;
+  const int64_t spare = (rows - h) * cap;
+  int64_t small = 0, room = 0, p = h;  // room: free space of the big rows items[p..h)
+  for (int64_t t = h; t < n; ++t) {
+    small += items[t];
+    while (p > 0 && items[p - 1] <= cap - items[t]) room += cap - items[--p];
+    if (small - room > spare) return false;
+  }
+  return true;
+}
+
+// Whether some packing of items[0..n) into `rows` rows of width W <= seq_length has
+// rows * W <= budget: W >= items[0]; rows * W >= total; with n > R, two of the R + 1 longest
+// share a row; with n > 2R, three of the 2R + 1 longest do; and L2 above. Every candidate of
+// the ROW RULE is such a packing, so a false here rejects it without placing anything.
+bool rows_may_fit(const int64_t* items, int64_t n, int64_t total, int64_t rows, int64_t seq_length,
+                  int64_t budget) {
+  const int64_t cap = std::min(seq_length, budget / rows);
+  if (items[0] > cap) return false;
+  if (n > rows && items[rows - 1] + items[rows] > cap) return false;
+  if (n > 2 * rows && items[2 * rows - 2] + items[2 * rows - 1] + items[2 * rows] > cap) return false;
+  return may_fit_rows(items, n, total, cap, rows);
+}
+
 // Whether the ROW RULE lays items[0..n) (non-increasing, summing to total) out in R * W <=
 // budget tokens, i.e. whether some candidate of packed_shape does; without computing the
-// least one. Every candidate (R, W) obeys W >= items[0], R * W >= total, with n > R
-// W >= items[R-1] + items[R] (two of the R + 1 longest share a row) and with n > 2R
-// W >= items[2R-2] + items[2R-1] + items[2R] (three of the 2R + 1 longest do), so rows R
-// whose bound passes the budget are skipped without placing anything; best fit stops
-// as soon as it needs more than budget / items[0] rows.
+// least one. rows_at_least: a lower bound on R that the caller knows (1 if none). Rows R
+// that rows_may_fit rules out are skipped (if it rules out all of max(rows_at_least,
+// ceil(total / S)) .. budget / items[0], nothing is placed at all); best fit stops as soon
+// as it needs more than budget / items[0] rows.
 bool fits_budget(const int64_t* items, int64_t n, int64_t total, int64_t seq_length, int64_t budget,
-                 std::vector<int64_t>& free, std::vector<int64_t>& loads) {
-  const int64_t longest = items[0];
-  const int64_t max_rows = std::min(n, budget / longest);  // candidates never have R > n
-  const int64_t min_rows = (total + seq_length - 1) / seq_length;
-  auto bound = [&](int64_t rows) {
-    int64_t w = std::max(longest, (total + rows - 1) / rows);
-    if (n > rows) w = std::max(w, items[rows - 1] + items[rows]);
-    if (n > 2 * rows) w = std::max(w, items[2 * rows - 2] + items[2 * rows - 1] + items[2 * rows]);
-    return static_cast<__int128>(rows) * w;
-  };
-  bool any = false;
-  for (int64_t rows = min_rows; rows <= max_rows && !any; ++rows) any = bound(rows) <= budget;
-  if (!any) return false;
-  free.clear();
-  const bool opened = best_fit(free, items, n, seq_length, max_rows);
-  const auto r0 = static_cast<int64_t>(free.size());
-  if (opened && static_cast<__int128>(r0) * (seq_length - free[0]) <= budget) return true;
-  const int64_t top = opened ? r0 : max_rows;
-  for (int64_t rows = min_rows; rows <= top; ++rows) {
-    if (bound(rows) > budget) continue;
+                 int64_t rows_at_least, std::vector<int64_t>& free, std::vector<int64_t>& loads) {
+  const int64_t max_rows = std::min(n, budget / items[0]);  // candidates never have R > n
+  auto may_fit = [&](int64_t rows) { return rows_may_fit(items, n, total, rows, seq_length, budget); };
+  int64_t first = std::max(rows_at_least, (total + seq_length - 1) / seq_length);
+  while (first <= max_rows && !may_fit(first)) ++first;
+  if (first > max_rows) return false;
+  // Best fit's layout fits, or longest-processing-time's for some R in [first, R0] (R0 >
+  // max_rows when best fit stops early).
+  int64_t last = max_rows;
+  if (best_fit(free, items, n, seq_length, max_rows)) {
+    const auto r0 = static_cast<int64_t>(free.size());
+    if (static_cast<__int128>(r0) * (seq_length - free[0]) <= budget) return true;
+    last = r0;
+  }
+  for (int64_t rows = first; rows <= last; ++rows) {
+    if (rows > first && !may_fit(rows)) continue;
     const int64_t cap = std::min(seq_length, budget / rows);
     if (balanced_width(items, n, rows, cap, loads) <= cap) return true;
   }
@@ -297,21 +368,35 @@ void check_seq_lens(const Options& o, const int64_t* max_len, const int64_t* tot
       fail(m << "group " << g << ": seq_lens give max " << mx << " and sum " << sum
              << ", but max_len=" << max_len[g] << " total_len=" << total_len[g]);
   }
-  std::vector<int64_t> buf, free, loads;
-  int64_t worst = 0, first_over = -1;
+  // Each group alone within the budget, checked by fits_budget (cheaper than the exact
+  // shape) on contiguous chunks in parallel; the exact shapes only for the error message.
+  const int64_t threads = std::min(o.num_threads, (G + 4095) / 4096);
+  std::vector<int64_t> first_over(threads, G);
+  run_workers(threads, [&](int64_t t) {
+    std::vector<int64_t> buf(spg), free, loads;
+    for (int64_t g = G * t / threads; g < G * (t + 1) / threads; ++g) {
+      sort_lengths(seq_lens + g * spg, spg, buf.data());
+      if (!fits_budget(buf.data(), spg, total_len[g], o.seq_length, o.token_budget, 1, free, loads)) {
+        first_over[t] = g;
+        return;
+      }
+    }
+  });
+  const int64_t over = *std::min_element(first_over.begin(), first_over.end());
+  if (over == G) return;
+  std::vector<int64_t> buf(spg), free, loads;
+  int64_t worst = 0;
   std::pair<int64_t, int64_t> over_shape{0, 0};
   for (int64_t g = 0; g < G; ++g) {
-    sorted_lengths(seq_lens, spg, g, &buf);
+    sort_lengths(seq_lens + g * spg, spg, buf.data());
     const auto shape = packed_shape(buf.data(), spg, o.seq_length, free, loads);
-    const int64_t cost = shape.first * shape.second;  // <= 2P * seq_length <= 2^60
-    worst = std::max(worst, cost);
-    if (cost > o.token_budget && first_over < 0) first_over = g, over_shape = shape;
+    worst = std::max(worst, shape.first * shape.second);  // <= 2P * seq_length <= 2^60
+    if (g == over) over_shape = shape;
   }
-  if (first_over >= 0)
-    fail(m << "group " << first_over << " alone costs " << over_shape.first * over_shape.second
-           << " tokens (packed: " << over_shape.first << " rows of " << over_shape.second
-           << " positions), above token_budget=" << o.token_budget
-           << "; the minimum budget that fits every group is " << worst);
+  fail(m << "group " << over << " alone costs " << over_shape.first * over_shape.second
+         << " tokens (packed: " << over_shape.first << " rows of " << over_shape.second
+         << " positions), above token_budget=" << o.token_budget
+         << "; the minimum budget that fits every group is " << worst);
 }
 
 // Lengths must be consistent (max <= total <= 2P * max) and no single group may
@@ -414,79 +499,135 @@ std::vector<int64_t> fill(const Options& o, const std::vector<int64_t>& key, int
   return bounds;
 }
 
-// Step 2, packed token budget: the micro-batch of a window starts with its largest
-// remaining group (the window is sorted by total_len, largest first) and takes every
-// later remaining group, in order, whose tokens fit the free tokens (budget - tokens so
-// far) and with which the ROW RULE lays all the micro-batch's sequences out in R * W <=
-// budget (fits_budget). Writes the micro-batches' groups, one after another, to *out;
-// returns the bounds.
-struct Candidate {  // a window's group with its lengths at hand (no scattered loads)
+// A window's group with what the packed fill needs at hand (no scattered loads).
+struct Candidate {
   int64_t total;
   int64_t longest;
-  int64_t wide;  // sequences longer than seq_length / 2: each needs a row of its own
+  int64_t wide;  // sequences longer than S / 2: at most one per row
+  int64_t mid;   // sequences in (S / 3, S / 2]: at most two per row, one beside a wide one
   int64_t group;
+  const int64_t* lens;  // its 2P lengths, longest first
 };
 
+// Rows that any packing of sequences with these counts needs (see Candidate), for rows
+// of at most S positions: each row holds one wide sequence and one mid one, or two mid.
+inline int64_t min_rows_by_count(int64_t wide, int64_t mid) {
+  return wide + (std::max<int64_t>(0, mid - wide) + 1) / 2;
+}
+
+// Merges a[0..na) and b[0..nb) (both non-increasing) into out: each b[j] goes after the
+// values of a that are >= it, found by bisection (b is one group, a few values; a is the
+// micro-batch, a few dozen); the runs of a between are copied.
+void merge_desc(const int64_t* a, int64_t na, const int64_t* b, int64_t nb, int64_t* out) {
+  int64_t from = 0;
+  for (int64_t j = 0; j < nb; ++j) {
+    const int64_t v = b[j];
+    const int64_t to = from + partition_index(a + from, na - from, [&](int64_t x) { return x >= v; });
+    for (; from < to; ++from) *out++ = a[from];
+    *out++ = v;
+  }
+  for (; from < na; ++from) *out++ = a[from];
+}
+
+// Scratch of one worker, reused across candidates, micro-batches and windows.
+struct FillScratch {
+  std::vector<int64_t> items, merged, free, loads, sorted, suffix_min;
+  std::vector<Candidate> rem;
+  std::vector<char> taken;
+};
+
+// Step 2, packed token budget, for the window order[lo, hi): a micro-batch starts with the
+// window's largest remaining group (the window is sorted by total_len, largest first) and
+// takes every later remaining group, in order, whose tokens fit the free tokens (budget -
+// tokens so far) and with which the ROW RULE lays all the micro-batch's sequences out in
+// R * W <= budget (fits_budget). Writes the window's groups, micro-batch after micro-batch,
+// to out[lo, hi) and sets starts[pos] where a micro-batch starts.
+void fill_window(const Options& o, const int64_t* max_len, const int64_t* total_len,
+                 const int64_t* seq_lens, const int64_t* order, int64_t lo, int64_t hi,
+                 int64_t* out, char* starts, FillScratch& s) {
+  const int64_t spg = o.seqs_per_group, S = o.seq_length, B = o.token_budget;
+  s.sorted.resize((hi - lo) * spg);  // not resized below: the lens pointers stay valid
+  s.rem.clear();
+  for (int64_t i = lo; i < hi; ++i) {
+    const int64_t g = order[i];
+    int64_t* lens = s.sorted.data() + (i - lo) * spg;
+    sort_lengths(seq_lens + g * spg, spg, lens);
+    int64_t wide = 0, mid = 0;
+    for (int64_t j = 0; j < spg; ++j) {
+      wide += 2 * lens[j] > S;
+      mid += 2 * lens[j] <= S && 3 * lens[j] > S;
+    }
+    s.rem.push_back(Candidate{total_len[g], max_len[g], wide, mid, g, lens});
+  }
+  std::vector<Candidate>& rem = s.rem;
+  int64_t written = lo;
+  while (!rem.empty()) {
+    s.taken.assign(rem.size(), 0);
+    s.taken[0] = 1;
+    s.items.assign(rem[0].lens, rem[0].lens + spg);
+    int64_t tokens = rem[0].total, longest = rem[0].longest, wide = rem[0].wide, mid = rem[0].mid;
+    starts[written] = 1;
+    out[written++] = rem[0].group;
+    s.suffix_min.resize(rem.size() + 1);
+    s.suffix_min[rem.size()] = std::numeric_limits<int64_t>::max() / 4;
+    for (size_t i = rem.size(); i-- > 0;) s.suffix_min[i] = std::min(s.suffix_min[i + 1], rem[i].wide);
+    auto pos = rem.begin() + 1;
+    while (true) {
+      const int64_t free_tokens = B - tokens;
+      pos = std::partition_point(pos, rem.end(),
+                                 [&](const Candidate& c) { return c.total > free_tokens; });
+      if (pos == rem.end()) break;
+      // Not in the Python reference, same plan: R >= the rows the counts of wide and mid
+      // sequences need and W >= the longest hold for every layout of the ROW RULE, so these
+      // tests only skip groups the rule rejects (the first one rejects every later group).
+      if (static_cast<__int128>(wide + s.suffix_min[pos - rem.begin()]) * longest > B) break;
+      const Candidate c = *pos++;
+      const int64_t rows = min_rows_by_count(wide + c.wide, mid + c.mid);
+      if (static_cast<__int128>(rows) * std::max(longest, c.longest) > B) continue;
+      s.merged.resize(s.items.size() + spg);
+      merge_desc(s.items.data(), static_cast<int64_t>(s.items.size()), c.lens, spg, s.merged.data());
+      if (!fits_budget(s.merged.data(), static_cast<int64_t>(s.merged.size()), tokens + c.total, S,
+                       B, rows, s.free, s.loads))
+        continue;
+      s.items.swap(s.merged);
+      tokens += c.total;
+      longest = std::max(longest, c.longest);
+      wide += c.wide;
+      mid += c.mid;
+      s.taken[pos - 1 - rem.begin()] = 1;
+      out[written++] = c.group;
+    }
+    size_t kept = 0;
+    for (size_t i = 0; i < rem.size(); ++i)
+      if (!s.taken[i]) rem[kept++] = rem[i];
+    rem.resize(kept);
+  }
+}
+
+// Step 2, packed token budget, over the whole epoch: fill_window on every window. Windows
+// are independent and each writes only its own slots of *out, so workers take windows in
+// turns from a shared counter and the plan is the same for any number of threads. Returns
+// the micro-batch bounds into *out (incl. the end).
 std::vector<int64_t> fill_packed(const Options& o, const int64_t* max_len, const int64_t* total_len,
                                  const int64_t* seq_lens, const std::vector<int64_t>& order,
                                  std::vector<int64_t>* out) {
   const auto G = static_cast<int64_t>(order.size());
-  const int64_t spg = o.seqs_per_group, S = o.seq_length, B = o.token_budget;
-  std::vector<int64_t> bounds{0}, items, mine, merged, free, loads;
-  std::vector<Candidate> rem;
-  std::vector<char> taken;
-  std::vector<int64_t> suffix_min;  // fewest wide sequences from each position on
-  out->clear();
-  for (int64_t lo = 0; lo < G; lo += o.window) {
-    rem.clear();
-    for (int64_t i = lo; i < std::min(G, lo + o.window); ++i) {
-      const int64_t g = order[i];
-      int64_t wide = 0;
-      for (int64_t j = 0; j < spg; ++j) wide += 2 * seq_lens[g * spg + j] > S;
-      rem.push_back(Candidate{total_len[g], max_len[g], wide, g});
+  const int64_t num_windows = (G + o.window - 1) / o.window;
+  out->assign(G, 0);
+  std::vector<char> starts(G, 0);
+  std::atomic<int64_t> next{0};
+  run_workers(std::min(o.num_threads, num_windows), [&](int64_t) {
+    FillScratch scratch;
+    for (int64_t w; (w = next.fetch_add(1)) < num_windows;) {
+      const int64_t lo = w * o.window;
+      fill_window(o, max_len, total_len, seq_lens, order.data(), lo, std::min(G, lo + o.window),
+                  out->data(), starts.data(), scratch);
     }
-    while (!rem.empty()) {
-      taken.assign(rem.size(), 0);
-      taken[0] = 1;
-      sorted_lengths(seq_lens, spg, rem[0].group, &items);
-      int64_t tokens = rem[0].total, longest = rem[0].longest, wide = rem[0].wide;
-      out->push_back(rem[0].group);
-      suffix_min.resize(rem.size() + 1);
-      suffix_min[rem.size()] = std::numeric_limits<int64_t>::max() / 4;
-      for (size_t i = rem.size(); i-- > 0;) suffix_min[i] = std::min(suffix_min[i + 1], rem[i].wide);
-      auto pos = rem.begin() + 1;
-      while (true) {
-        const int64_t free_tokens = B - tokens;
-        pos = std::partition_point(pos, rem.end(),
-                                   [&](const Candidate& c) { return c.total > free_tokens; });
-        if (pos == rem.end()) break;
-        // Not in the Python reference, same plan: R >= wide sequences and W >= the
-        // longest hold for every layout of the ROW RULE, so these tests only skip groups
-        // the rule rejects (the first one rejects every later group at once).
-        if (static_cast<__int128>(wide + suffix_min[pos - rem.begin()]) * longest > B) break;
-        const Candidate c = *pos++;
-        if (static_cast<__int128>(wide + c.wide) * std::max(longest, c.longest) > B) continue;
-        sorted_lengths(seq_lens, spg, c.group, &mine);
-        merged.resize(items.size() + mine.size());
-        std::merge(items.begin(), items.end(), mine.begin(), mine.end(), merged.begin(),
-                   std::greater<int64_t>());
-        if (!fits_budget(merged.data(), static_cast<int64_t>(merged.size()), tokens + c.total, S, B,
-                         free, loads))
-          continue;
-        items.swap(merged);
-        tokens += c.total;
-        longest = std::max(longest, c.longest);
-        wide += c.wide;
-        taken[pos - 1 - rem.begin()] = 1;
-        out->push_back(c.group);
-      }
-      bounds.push_back(static_cast<int64_t>(out->size()));
-      size_t kept = 0;
-      for (size_t i = 0; i < rem.size(); ++i)
-        if (!taken[i]) rem[kept++] = rem[i];
-      rem.resize(kept);
-    }
-  }
+  });
+  std::vector<int64_t> bounds;
+  for (int64_t pos = 0; pos < G; ++pos)
+    if (starts[pos]) bounds.push_back(pos);
+  bounds.push_back(G);
   return bounds;
 }
 
@@ -557,7 +698,7 @@ py::tuple plan_microbatches(const py::array& max_len_G, const py::array& total_l
                             const py::array& seq_lens_GS, int64_t seq_length, int64_t seqs_per_group,
                             int64_t num_epochs, uint64_t seed, int64_t dp_rank, int64_t dp_size,
                             int64_t groups_per_microbatch, int64_t token_budget, bool packed,
-                            int64_t window) {
+                            int64_t window, int64_t num_threads) {
   const int64_t* max_len = int64_vector(max_len_G, "max_len");
   const int64_t* total_len = int64_vector(total_len_G, "total_len");
   if (max_len_G.size() != total_len_G.size()) {
@@ -568,7 +709,7 @@ py::tuple plan_microbatches(const py::array& max_len_G, const py::array& total_l
   const auto G = static_cast<int64_t>(max_len_G.size());
   const Options o{seqs_per_group, num_epochs,   seed,   dp_rank, dp_size,
                   groups_per_microbatch, token_budget, packed, window,
-                  packed && token_budget > 0 ? seq_length : 0};
+                  packed && token_budget > 0 ? seq_length : 0, num_threads};
   check_options(o, G);
   const int64_t* seq_lens = nullptr;
   if (o.packed_budget()) {
@@ -582,11 +723,13 @@ py::tuple plan_microbatches(const py::array& max_len_G, const py::array& total_l
              << ", " << seqs_per_group << "]");
     seq_lens = static_cast<const int64_t*>(seq_lens_GS.data());
   }
-  check_lengths(o, max_len, total_len, seq_lens, G);
   Plan plan;
   {
-    // The input buffers stay alive: the caller holds references to every array.
+    // The input buffers stay alive: the caller holds references to every array. The
+    // errors thrown below are plain C++ exceptions until pybind11 translates them, after
+    // the GIL is taken back.
     py::gil_scoped_release release;
+    check_lengths(o, max_len, total_len, seq_lens, G);
     plan = G < (int64_t{1} << 32) ? build_plan<uint32_t>(o, max_len, total_len, seq_lens, G)
                                   : build_plan<int64_t>(o, max_len, total_len, seq_lens, G);
   }
@@ -608,6 +751,28 @@ py::tuple packed_shape_py(const py::array& seq_lens, int64_t seq_length) {
   return py::make_tuple(shape.first, shape.second);
 }
 
+// Whether the ROW RULE lays seq_lens out in R * W <= budget, by fits_budget (the planner's
+// test, with its lower bounds); tests compare it with packed_shape.
+bool packed_fits_py(const py::array& seq_lens, int64_t seq_length, int64_t budget) {
+  const int64_t* lens = int64_vector(seq_lens, "seq_lens");
+  const auto n = static_cast<int64_t>(seq_lens.size());
+  std::ostringstream m;
+  if (n < 1) fail(m << "need at least one sequence length");
+  if (budget < 1 || budget > kMaxBudget) fail(m << "budget must be in [1, 2^62], got " << budget);
+  if (seq_length < 1 || seq_length > kMaxLength)
+    fail(m << "seq_length must be in [1, 2^40], got " << seq_length);
+  std::vector<int64_t> items(lens, lens + n), free, loads;
+  int64_t total = 0;
+  for (int64_t len : items) {
+    if (len < 1 || len > seq_length)
+      fail(m << "sequence lengths must be in [1, seq_length=" << seq_length << "], got " << len);
+    total += len;
+  }
+  if (total > budget) return false;  // fits_budget's callers check the tokens first
+  std::sort(items.begin(), items.end(), std::greater<int64_t>());
+  return fits_budget(items.data(), n, total, seq_length, budget, 1, free, loads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_indexer, m) {
@@ -615,10 +780,14 @@ PYBIND11_MODULE(_indexer, m) {
   m.def("plan_microbatches", &plan_microbatches, py::arg("max_len"), py::arg("total_len"),
         py::arg("seq_lens"), py::arg("seq_length"), py::arg("seqs_per_group"), py::arg("num_epochs"), py::arg("seed"), py::arg("dp_rank"),
         py::arg("dp_size"), py::arg("groups_per_microbatch"), py::arg("token_budget"),
-        py::arg("packed"), py::arg("window"),
+        py::arg("packed"), py::arg("window"), py::arg("num_threads") = 1,
         "Plan one rank's micro-batches. Returns (offsets[M+1], group_ids[N], epochs[M], "
         "dropped_groups). Exactly one of groups_per_microbatch / token_budget is > 0; a packed "
-        "token budget also needs seq_lens [G, 2P] int64 and seq_length (else pass an empty array, 0).");
+        "token budget also needs seq_lens [G, 2P] int64 and seq_length (else pass an empty array, "
+        "0), and plans its windows on num_threads threads (the same plan for any number).");
   m.def("packed_shape", &packed_shape_py, py::arg("seq_lens"), py::arg("seq_length"),
         "(rows, width) of the packed layout (the ROW RULE) of the 1-D int64 seq_lens.");
+  m.def("packed_fits", &packed_fits_py, py::arg("seq_lens"), py::arg("seq_length"), py::arg("budget"),
+        "Whether rows * width of the packed layout of seq_lens is <= budget, by the planner's "
+        "test (lower bounds first, the ROW RULE only where they allow it).");
 }

@@ -77,10 +77,18 @@ tokens, S = 1024, 2P = 8, 47% of sequences are longer than S/2, and rows of
 exactly S cap a budget of 8 rows at ~0.93). Taking the largest group first and
 then the largest ones that still fit (a first-fit decreasing over groups) lets
 the short groups of the window fill the gaps. The C++ rejects most candidates
-without running the ROW RULE, by lower bounds that every candidate of the rule
-obeys (R >= sequences longer than S/2, W >= the longest, R * W >= tokens); the
-Python reference runs the rule on every candidate, so the two agree only if
-the bounds are right (tests compare them).
+without running the ROW RULE, by lower bounds that every packing into R rows of
+at most min(S, budget / R) positions obeys, hence every candidate of the rule
+(W >= the longest; R * W >= tokens; R >= the sequences longer than S/2 plus
+half those in (S/3, S/2] beyond them; two of the R + 1 and three of the 2R + 1
+longest share a row; Martello and Toth's bin-packing bound L2); on HelpSteer2
+(S = 1024, budgets of 1-8 full groups) they leave the rule 1.5-3 runs per group
+instead of 7-11 with the first four bounds alone. The Python
+reference runs the rule on every candidate, so the two agree only if the bounds
+are right (tests compare them, and ``_indexer.packed_fits`` with
+``packed_shape``). Windows are planned independently, so the C++ plans them on
+``num_threads`` threads, each writing its windows' own slots: the same plan for
+any thread count.
 
 Guarantee: within one epoch each group appears at most once across all ranks,
 and exactly once unless it is in a dropped micro-batch (step 4: < dp_size
@@ -98,6 +106,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import operator
+import os
 from types import ModuleType
 from typing import Literal, Optional
 
@@ -108,6 +117,8 @@ from megatron_amopo.data import indexer_ref
 _MAX_LENGTH = 1 << 40  # keeps every cost inside int64 in the C++ (see check_lengths there)
 _MAX_SEQS_PER_GROUP = 1 << 20
 _MAX_BUDGET = 1 << 62
+_MAX_THREADS = 256  # kMaxThreads in the C++
+_DEFAULT_THREADS_CAP = 16  # windows are short; more threads mostly wait on memory
 pack_rows = indexer_ref.pack_rows  # the packed layout's rows; batch.build_micro_batch uses it
 
 _BUILD_HINT = (
@@ -137,6 +148,12 @@ class MicrobatchPlan:
     def microbatch(self, m: int) -> np.ndarray:
         """Group ids of micro-batch m."""
         return self.group_ids[self.offsets[m] : self.offsets[m + 1]]
+
+
+def default_num_threads() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one), at most 16."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cpus or 1, _DEFAULT_THREADS_CAP))
 
 
 def load_extension() -> ModuleType:
@@ -263,6 +280,7 @@ def plan_microbatches(
     seq_lens=None,
     seq_length: Optional[int] = None,
     backend: Literal["cpp", "python"] = "cpp",
+    num_threads: Optional[int] = None,
 ) -> MicrobatchPlan:
     """Plans this DP rank's micro-batches over ``num_epochs`` epochs (algorithm: module docstring).
 
@@ -272,7 +290,9 @@ def plan_microbatches(
     also needs ``seq_lens`` (int [G, seqs_per_group], model positions; max_len
     and total_len may then be left out, else they must match it) and
     ``seq_length`` (the longest row). backend="python" runs the slow reference;
-    backend="cpp" never falls back to it.
+    backend="cpp" never falls back to it. ``num_threads``: threads the C++ plans a packed
+    token budget's windows on (default: the CPUs this process may use, at most 16); the
+    plan is the same for any number.
     """
     if backend not in ("cpp", "python"):
         raise ValueError(f"backend must be 'cpp' or 'python', got {backend!r}")
@@ -284,6 +304,9 @@ def plan_microbatches(
     k = None if groups_per_microbatch is None else operator.index(groups_per_microbatch)
     budget = None if token_budget is None else operator.index(token_budget)
     _check_scalars(**ints, k=k, budget=budget)
+    threads = default_num_threads() if num_threads is None else operator.index(num_threads)
+    if not 1 <= threads <= _MAX_THREADS:
+        raise ValueError(f"num_threads must be in [1, {_MAX_THREADS}], got {threads}")
     packed_budget = cost == "packed" and budget is not None
     seq_lens_GS = np.zeros((0, 0), np.int64)
     if packed_budget:
@@ -305,7 +328,8 @@ def plan_microbatches(
                 packed=cost == "packed")
     if backend == "cpp":  # the extension runs the same length checks before planning
         out = load_extension().plan_microbatches(max_len_G, total_len_G, seq_lens=seq_lens_GS,
-                                                 seq_length=seq_length or 0, **args)
+                                                 seq_length=seq_length or 0, num_threads=threads,
+                                                 **args)
     else:
         _check_lengths(max_len_G, total_len_G, seqs_per_group=ints["seqs_per_group"],
                        budget=budget, cost=cost)

@@ -152,10 +152,13 @@ class SDPAttention(MegatronModule):
         return torch.cat(pieces).reshape(q_TNH.shape[0], -1)
 
 
+def flash_head_size_ok(hn: int) -> bool:
+    return hn > 0 and hn % 8 == 0 and hn <= 256
+
+
 def _flash_eligible(q_TNH: torch.Tensor) -> bool:
     """Flash attention's limits: CUDA, fp16/bf16, head size a multiple of 8 up to 256."""
-    hn = q_TNH.shape[-1]
-    return q_TNH.is_cuda and q_TNH.dtype in (torch.float16, torch.bfloat16) and hn % 8 == 0 and hn <= 256
+    return q_TNH.is_cuda and q_TNH.dtype in (torch.float16, torch.bfloat16) and flash_head_size_ok(q_TNH.shape[-1])
 
 
 @functools.lru_cache(maxsize=1)

@@ -83,9 +83,10 @@ def loss_func(
     ``batch["epoch"]`` (default 0) is the epoch of this micro-batch's samples, part of
     the key of their Gaussian draws.
     """
-    # The logits are the output layer's and nothing else reads them: their storage takes the gradient.
+    # The model's logits come out of the output layer and nothing else reads them: their storage
+    # takes the gradient. Logits that are leaves (tests, tools) keep theirs.
     logp_RS = token_logprobs(logits, batch["labels"], tp_group, mask=batch["loss_mask"], chunk_tokens=chunk_tokens,
-                             inplace_backward=True)
+                             inplace_backward=logits.grad_fn is not None)
     stats_N = sequence_stats(logp_RS, batch["segment_ids"], batch["loss_mask"], int(batch["num_seqs"]), cp_group)
     ids_B = sample_ids(batch)
     num_seqs, num_samples = int(batch["num_seqs"]), ids_B.numel()
@@ -146,6 +147,20 @@ def packed_to_thd(batch: dict, use_te: bool, cp_group=None, tp_group=None, seque
     return thd, packed_seq_params_from_batch(thd)
 
 
+def packed_thd_default(config, use_te: bool) -> bool:
+    """Whether packed rows go to the model as one THD stream: with TE (its fused attention needs
+    THD for packing), and without TE where ``SDPAttention`` has variable-length flash attention
+    (CUDA, bf16/fp16, a torch with ``varlen_attn``): it skips the masked blocks that the rows'
+    block-diagonal mask computes (measured on an H200 in docs/GPU.md)."""
+    if use_te:
+        return True
+    from megatron_amopo.model.attention import flash_head_size_ok, varlen_causal_attention
+
+    half = bool(getattr(config, "bf16", False) or getattr(config, "fp16", False))
+    return (torch.cuda.is_available() and half and flash_head_size_ok(getattr(config, "kv_channels", 0) or 0)
+            and varlen_causal_attention() is not None)
+
+
 def forward_step(
     data_iterator: Iterator[dict],
     model: torch.nn.Module,
@@ -160,7 +175,7 @@ def forward_step(
     """Megatron ``forward_step_func``: (output tensor, loss function of that output).
 
     The loss function is only called on the last pipeline stage (by the schedule).
-    ``packed_thd``: feed packed rows to the model as one THD stream (default: with TE only).
+    ``packed_thd``: feed packed rows to the model as one THD stream (default: ``packed_thd_default``).
     """
     batch = get_batch(data_iterator, cp_group)
     if use_te is None:
@@ -168,7 +183,7 @@ def forward_step(
 
         use_te = transformer_engine_available()
     sequence_parallel = bool(getattr(getattr(model, "config", None), "sequence_parallel", False))
-    thd = use_te if packed_thd is None else packed_thd
+    thd = packed_thd_default(getattr(model, "config", None), use_te) if packed_thd is None else packed_thd
     batch, packed_seq_params = packed_to_thd(batch, thd, cp_group, tp_group, sequence_parallel)
     output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
                    packed_seq_params=packed_seq_params)

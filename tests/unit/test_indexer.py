@@ -67,8 +67,54 @@ def test_cpp_packed_budget_plan_equals_python_reference(inputs, data):
           "seq_lens": seq_lens_GS, "seq_length": seq_length,
           "token_budget": int(alone) + data.draw(st.integers(0, 12 * seq_length))}
     rank = data.draw(st.integers(0, kw["dp_size"] - 1))
-    cpp = plan_microbatches(dp_rank=rank, backend="cpp", **kw)
+    threads = data.draw(st.integers(1, 4))
+    cpp = plan_microbatches(dp_rank=rank, backend="cpp", num_threads=threads, **kw)
     assert_same_plan(cpp, plan_microbatches(dp_rank=rank, backend="python", **kw))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(2, 120), st.data())
+def test_planner_fit_test_agrees_with_the_row_rule(seq_length, data):
+    """The C++ planner's fit test (lower bounds first, the ROW RULE only where they allow it)
+    says yes exactly when the rule's R * W is within the budget. Lengths at S/2, S/3 and S/4
+    (and one above) sit on the bounds' thresholds."""
+    S = seq_length
+    edges = sorted({max(1, min(S, v)) for v in (1, S // 4, S // 4 + 1, S // 3, S // 3 + 1, S // 2,
+                                                S // 2 + 1, S - 1, S)})
+    lens = data.draw(st.lists(st.one_of(st.integers(1, S), st.sampled_from(edges)),
+                              min_size=1, max_size=70))
+    rows, width = indexer.packed_shape(lens, S)
+    cost = rows * width
+    budgets = {cost - 1, cost, cost + 1, sum(lens), data.draw(st.integers(1, 2 * cost))} - {0}
+    for budget in sorted(budgets):
+        assert _indexer.packed_fits(np.array(lens, np.int64), S, budget) == (cost <= budget), budget
+
+
+def test_packed_fits_by_hand_and_checks_its_inputs():
+    # [5, 6, 3, 4, 2] in rows of at most 8: 3 rows of 7 = 21 (test_pack_rows_by_hand).
+    lens = np.array([5, 6, 3, 4, 2], np.int64)
+    assert _indexer.packed_fits(lens, 8, 21) and not _indexer.packed_fits(lens, 8, 20)
+    # Two sequences over S/2 never share a row: [5, 5] in rows of 8 is 2 rows of 5.
+    assert not _indexer.packed_fits(np.array([5, 5], np.int64), 8, 9)
+    with pytest.raises(ValueError, match=r"sequence lengths must be in \[1, seq_length=4\], got 5"):
+        _indexer.packed_fits(np.array([3, 5], np.int64), 4, 10)
+    with pytest.raises(ValueError, match=r"budget must be in \[1, 2\^62\], got 0"):
+        _indexer.packed_fits(lens, 8, 0)
+    with pytest.raises(ValueError, match=r"seq_length must be in \[1, 2\^40\], got 0"):
+        _indexer.packed_fits(lens, 0, 10)
+
+
+def test_packed_plan_is_the_same_for_any_thread_count():
+    """Windows are planned on several threads, each writing its own windows' slots: every
+    thread count gives the Python reference's plan."""
+    rng = np.random.default_rng(5)
+    seq_lens_GS = rng.integers(1, 121, size=(400, 6)).astype(np.int64)
+    kw = dict(seq_lens=seq_lens_GS, seqs_per_group=6, num_epochs=2, seed=11, dp_rank=1, dp_size=2,
+              token_budget=6 * 120 * 3, cost="packed", seq_length=120, window=16)
+    ref = plan_microbatches(**kw, backend="python")
+    assert ref.num_microbatches > 20
+    for threads in (1, 2, 3, 8, 64):
+        assert_same_plan(plan_microbatches(**kw, num_threads=threads), ref)
 
 
 def all_ranks(max_len_G, total_len_G, backend="cpp", **kw):
@@ -365,6 +411,8 @@ GOOD = dict(seqs_per_group=4, num_epochs=1, seed=0, dp_rank=0, dp_size=2, groups
         ([3, 4], [5, 5], {"seed": -1}, ValueError, r"seed must be in \[0, 2\^64\)"),
         ([3, 4], [5, 5], {"cost": "dense"}, ValueError, r"cost must be 'padded' or 'packed'"),
         ([3, 4], [5, 5], {"dp_size": 2.0}, TypeError, r"integer"),
+        ([3, 4], [5, 5], {"num_threads": 0}, ValueError, r"num_threads must be in \[1, 256\], got 0"),
+        ([3, 4], [5, 5], {"num_threads": 257}, ValueError, r"num_threads must be in \[1, 256\]"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(backend, max_len, total_len, overrides, error, match):
@@ -392,6 +440,8 @@ def test_extension_validates_its_own_inputs():
         _indexer.plan_microbatches(ml, tl, **{**args, "dp_rank": 1})
     with pytest.raises(ValueError, match="exactly one of groups_per_microbatch > 0 or token_budget"):
         _indexer.plan_microbatches(ml, tl, **{**args, "token_budget": 64})
+    with pytest.raises(ValueError, match=r"num_threads must be in \[1, 256\], got 0"):
+        _indexer.plan_microbatches(ml, tl, **args, num_threads=0)
     packed = {**args, "groups_per_microbatch": 0, "token_budget": 64, "packed": True, "seq_length": 16}
     with pytest.raises(ValueError, match=r"needs seq_lens as a C-contiguous int64 array \[G, 2P\] = \[2, 4\]"):
         _indexer.plan_microbatches(ml, tl, **packed)
