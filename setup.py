@@ -12,7 +12,8 @@ EXT_MODULES: list = [
         "megatron_amopo._indexer",
         ["csrc/group_indexer.cpp"],
         cxx_std=17,
-        extra_compile_args=["-O3"],
+        extra_compile_args=["-O3", "-pthread"],
+        extra_link_args=["-pthread"],  # std::thread (window planning) on glibc < 2.34
     ),
 ]
 

@@ -10,8 +10,8 @@
 #      the benchmark's end-to-end test
 #   4. bench_train_step.py for the Qwen2.5-0.5B and 1.5B shapes at sequence length 1024, 4 samples per
 #      step in 4 micro-batches (the baseline needs ~80 GiB at 1.5B: use an H200, kind nvidia-h200)
-#   5. with GPU_CHECK_VARIANTS=1 (about 3 more minutes): ours alone at 1.5B with each speed-up turned
-#      off or swapped (--layout packed-thd, --disable ...), and a profile of the default step
+#   5. with GPU_CHECK_VARIANTS=1 (about 2 more minutes), or a comma list of packed-mask, packed-thd,
+#      no-fusions, profile: ours alone at 1.5B with a speed-up swapped or turned off, or profiled
 # Each step's result is printed; the exit status is non-zero if any step failed.
 set -uo pipefail
 OUTDIR=${1:-${OUT:-/tmp/gpu_check}}
@@ -61,15 +61,21 @@ for model in qwen2.5-0.5b qwen2.5-1.5b; do
     --micro-batch 1 --num-microbatches 4 --dims 4 --steps 5 --warmup 2 --json "$OUTDIR/bench_${model}.json"
 done
 
-if [ "${GPU_CHECK_VARIANTS:-0}" = 1 ]; then
-  common=(--model qwen2.5-1.5b --seq-length 1024 --micro-batch 1 --num-microbatches 4 --dims 4 --sides ours)
-  step "variant packed-thd" 120 "$PY" benchmarks/bench_train_step.py "${common[@]}" --steps 3 --warmup 2 \
-    --layout packed-thd --json "$OUTDIR/variant_packed-thd.json"
-  step "variant no fusions" 120 "$PY" benchmarks/bench_train_step.py "${common[@]}" --steps 3 --warmup 2 \
-    --disable swiglu-fusion,fused-adam --json "$OUTDIR/variant_no-fusions.json"
-  step "variant default + profile" 150 "$PY" benchmarks/bench_train_step.py "${common[@]}" --steps 3 --warmup 2 \
-    --profile --json "$OUTDIR/variant_profile.json"
-fi
+VARIANTS=${GPU_CHECK_VARIANTS:-}
+[ "$VARIANTS" = 1 ] && VARIANTS=packed-mask,no-fusions,profile
+common=(--model qwen2.5-1.5b --seq-length 1024 --micro-batch 1 --num-microbatches 4 --dims 4 --sides ours
+        --steps 3 --warmup 2)
+for variant in ${VARIANTS//,/ }; do
+  case $variant in
+    packed-mask) extra=(--layout packed-mask) ;;        # rows with their block-diagonal mask
+    packed-thd) extra=(--layout packed-thd) ;;
+    no-fusions) extra=(--disable swiglu-fusion,fused-adam) ;;
+    profile) extra=(--profile) ;;                      # the default step under torch.profiler
+    *) echo "unknown variant $variant"; FAILED+=("variant $variant"); continue ;;
+  esac
+  step "variant $variant" 150 "$PY" benchmarks/bench_train_step.py "${common[@]}" "${extra[@]}" \
+    --json "$OUTDIR/variant_${variant}.json"
+done
 
 stamp "done"
 if [ ${#FAILED[@]} -gt 0 ]; then
