@@ -69,7 +69,7 @@ for variant in ${VARIANTS//,/ }; do
   case $variant in
     packed-mask) extra=(--layout packed-mask) ;;        # rows with their block-diagonal mask
     packed-thd) extra=(--layout packed-thd) ;;
-    no-fusions) extra=(--disable swiglu-fusion,fused-adam) ;;
+    no-fusions) extra=(--disable "swiglu-fusion,fused-adam") ;;
     profile) extra=(--profile) ;;                      # the default step under torch.profiler
     *) echo "unknown variant $variant"; FAILED+=("variant $variant"); continue ;;
   esac
