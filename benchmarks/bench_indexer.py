@@ -2,16 +2,21 @@
 """Micro-batch planner benchmark: C++ vs the pure-Python reference, and padding efficiency.
 
 (a) Planning time for one epoch, C++ (best of 3) against the Python reference (one run); goal
-    >= 50x. Fixed k and padded budget: 1M groups, C++ alone on 10M. Packed budget: the Python
-    reference runs the ROW RULE on every candidate (~3 ms per group), so it plans 10k groups
-    (windows are planned independently: the cost is linear in G, the ratio is per group) and
-    C++ alone plans 1M groups on 1 and --threads threads, and 10M.
+    >= 50x. Fixed k, padded budget and THD budget (cost="thd": sum of the groups' tokens): 1M
+    groups, C++ alone on 10M (THD goal: about a second, like the padded budget). Packed
+    budget: the Python reference runs the ROW RULE on every candidate (~3 ms per group), so it
+    plans 10k groups (windows are planned independently: the cost is linear in G, the ratio is
+    per group) and C++ alone plans 1M groups on 1 and --threads threads, and 10M.
 (b) Padding efficiency (real tokens / tokens processed, see
     megatron_amopo.data.indexer.padding_efficiency) of our plans against fixed batches of
     k = 1, 2, 4, 8 random groups padded to the batch's longest sequence (what a plain collator
     over a shuffled sampler does), all at the same micro-batch token budget 2P * seq_length * k.
     Packed: tokens processed = R * W, the [R, W] rows (W <= seq_length) that
     batch.build_micro_batch(layout="packed") builds and the planner charges (the ROW RULE).
+    THD (one stream per micro-batch, training/packed.py to_thd): tokens processed = real tokens,
+    so its efficiency is 1.0 by construction (unless to_thd pads the stream to a multiple, e.g.
+    for sequence parallelism: then < that multiple per micro-batch); what tells how full its
+    micro-batches are is the budget fill = real tokens / (micro-batches * budget), printed beside.
 
 Lengths are real: the bundled HelpSteer2 rows (data/helpsteer2) preprocessed with the bundled
 Qwen2 tokenizer by the project's own pipeline (megatron_amopo.data.preprocess, seq_length 1024,
@@ -91,7 +96,8 @@ def bench_speed(seq_lens_GS: np.ndarray, k: int, threads: int) -> None:
     print(f"{'mode':<15}{'groups':>8}{'C++':>10}{'Python':>10}{'ratio':>8}{'same plan':>11}"
           f"{'C++ x10 groups':>16}")
     modes = [(f"fixed k={k}", dict(groups_per_microbatch=k)),
-             ("padded budget", dict(token_budget=budget, cost="padded"))]
+             ("padded budget", dict(token_budget=budget, cost="padded")),
+             ("thd budget", dict(token_budget=budget, cost="thd"))]
     for name, mode in modes:
         row = []
         for n in (1_000_000, 10_000_000):
@@ -135,7 +141,9 @@ def bench_efficiency(seq_lens_GS: np.ndarray, epochs: int) -> None:
     print(f"\n(b) padding efficiency = real tokens / tokens processed, {G} real groups x {epochs} "
           f"epochs, 2P={S}, seq_length={SEQ_LENGTH}, budget = 2P*{SEQ_LENGTH}*k")
     print(f"{'k':>3}{'random k (collator)':>21}{'sorted k':>10}{'padded budget':>15}"
-          f"{'packed budget':>15}{'groups/mb padded':>18}{'packed':>8}{'max R*W/budget':>16}")
+          f"{'packed budget':>15}{'groups/mb padded':>18}{'packed':>8}{'max R*W/budget':>16}"
+          f"{'thd budget':>12}{'thd fill':>10}{'groups/mb thd':>15}")
+    pad8 = []
     for k in (1, 2, 4, 8):
         budget = S * SEQ_LENGTH * k
         plans = {
@@ -144,18 +152,26 @@ def bench_efficiency(seq_lens_GS: np.ndarray, epochs: int) -> None:
             "padded": plan_microbatches(max_len_G, total_len_G, **base, token_budget=budget),
             "packed": plan_microbatches(seq_lens=seq_lens_GS, **base, token_budget=budget, cost="packed",
                                         seq_length=SEQ_LENGTH),
+            "thd": plan_microbatches(max_len_G, total_len_G, **base, token_budget=budget, cost="thd"),
         }
-        eff = {name: padding_efficiency(p, seq_lens_GS, cost="packed" if name == "packed" else "padded",
+        eff = {name: padding_efficiency(p, seq_lens_GS, cost=name if name in ("packed", "thd") else "padded",
                                         seq_length=SEQ_LENGTH) for name, p in plans.items()}
-        per_mb = {name: len(plans[name].group_ids) / plans[name].num_microbatches for name in ("padded", "packed")}
+        thd = plans["thd"]
+        pad8.append(padding_efficiency(thd, seq_lens_GS, cost="thd", pad_to_multiple=8))
+        fill = int(total_len_G[thd.group_ids].sum()) / (thd.num_microbatches * budget)
+        per_mb = {name: len(plans[name].group_ids) / plans[name].num_microbatches
+                  for name in ("padded", "packed", "thd")}
         packed = plans["packed"]
         most = max(int(np.prod(packed_shape(seq_lens_GS[packed.microbatch(m)], SEQ_LENGTH)))
                    for m in range(packed.num_microbatches))
         print(f"{k:>3}{eff['random']:>21.3f}{eff['sorted']:>10.3f}{eff['padded']:>15.3f}"
               f"{eff['packed']:>15.3f}{per_mb['padded']:>18.2f}{per_mb['packed']:>8.2f}"
-              f"{most / budget:>16.3f}")
+              f"{most / budget:>16.3f}{eff['thd']:>12.3f}{fill:>10.3f}{per_mb['thd']:>15.2f}")
     print("random k: window=1 (no length grouping); sorted k / budgets: window=512; packed: R rows of "
           f"W <= {SEQ_LENGTH} by the ROW RULE, tokens processed = R * W.")
+    print("thd: one THD stream of the micro-batch's real tokens, nothing padded, so its efficiency is "
+          "1.0 unless to_thd pads the stream to a multiple (with pad_to_multiple=8, k=1/2/4/8: "
+          + "/".join(f"{e:.4f}" for e in pad8) + "); thd fill = real tokens / (micro-batches * budget).")
 
 
 def main() -> None:

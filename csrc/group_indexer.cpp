@@ -12,7 +12,7 @@
  *
  * Style follows megatron/core/datasets/helpers.cpp: a thin pybind11 module that
  * builds index arrays with the GIL released and hands them to numpy through a
- * capsule (no copy). A packed token budget plans its windows on num_threads
+ * capsule (no copy). A packed or THD token budget plans its windows on num_threads
  * std::threads (windows are independent; the plan does not depend on the count).
  */
 
@@ -92,10 +92,12 @@ struct Options {
   int64_t groups_per_microbatch;  // > 0: fixed k; 0: token budget mode
   int64_t token_budget;           // > 0: token budget mode; 0: fixed k
   bool packed;                    // cost (and sort key): packed total_len, else padded max_len
+  bool thd;                       // cost: the sum of total_len (one THD stream); not with packed
   int64_t window;
   int64_t seq_length;             // packed token budget: longest row S (0 otherwise)
-  int64_t num_threads;            // packed token budget: workers planning windows (>= 1)
+  int64_t num_threads;            // packed or THD token budget: workers planning windows (>= 1)
   bool packed_budget() const { return packed && token_budget > 0; }
+  bool thd_budget() const { return thd && token_budget > 0; }
 };
 
 struct Plan {
@@ -157,6 +159,7 @@ void check_options(const Options& o, int64_t num_groups) {
   if (o.groups_per_microbatch < 0 || o.token_budget < 0 || o.token_budget > kMaxBudget)
     fail(m << "groups_per_microbatch must be >= 0 and token_budget in [0, 2^62], got "
            << o.groups_per_microbatch << " and " << o.token_budget);
+  if (o.packed && o.thd) fail(m << "give at most one of packed and thd (the cost), got both");
   if (o.num_threads < 1 || o.num_threads > kMaxThreads)
     fail(m << "num_threads must be in [1, " << kMaxThreads << "], got " << o.num_threads);
 }
@@ -345,7 +348,7 @@ bool fits_budget(const int64_t* items, int64_t n, int64_t total, int64_t seq_len
 }
 
 int64_t group_cost(const Options& o, int64_t max_len, int64_t total_len) {
-  return o.packed ? total_len : o.seqs_per_group * max_len;
+  return o.packed || o.thd ? total_len : o.seqs_per_group * max_len;
 }
 
 // Packed token budget: per-sequence lengths in [1, seq_length], consistent with
@@ -422,7 +425,8 @@ void check_lengths(const Options& o, const int64_t* max_len, const int64_t* tota
   if (first_over >= 0)
     fail(m << "group " << first_over << " alone costs "
            << group_cost(o, max_len[first_over], total_len[first_over]) << " tokens ("
-           << (o.packed ? "packed" : "padded") << "), above token_budget=" << o.token_budget
+           << (o.thd ? "thd: the sum of its sequence lengths" : o.packed ? "packed" : "padded")
+           << "), above token_budget=" << o.token_budget
            << "; the minimum budget that fits every group is " << worst);
 }
 
@@ -604,24 +608,21 @@ void fill_window(const Options& o, const int64_t* max_len, const int64_t* total_
   }
 }
 
-// Step 2, packed token budget, over the whole epoch: fill_window on every window. Windows
-// are independent and each writes only its own slots of *out, so workers take windows in
-// turns from a shared counter and the plan is the same for any number of threads. Returns
-// the micro-batch bounds into *out (incl. the end).
-std::vector<int64_t> fill_packed(const Options& o, const int64_t* max_len, const int64_t* total_len,
-                                 const int64_t* seq_lens, const std::vector<int64_t>& order,
-                                 std::vector<int64_t>* out) {
-  const auto G = static_cast<int64_t>(order.size());
+// Step 2 for a token budget planned window by window (packed, THD): fill(lo, hi, out, starts,
+// scratch) plans the window order[lo, hi) into out[lo, hi) and marks micro-batch starts.
+// Windows are independent and each writes only its own slots of out, so workers take
+// windows in turns from a shared counter and the plan is the same for any number of
+// threads. Returns the micro-batch bounds into out (incl. the end).
+template <typename Scratch, typename FillWindow>
+std::vector<int64_t> fill_windows(const Options& o, int64_t G, int64_t* out, const FillWindow& fill) {
   const int64_t num_windows = (G + o.window - 1) / o.window;
-  out->assign(G, 0);
   std::vector<char> starts(G, 0);
   std::atomic<int64_t> next{0};
   run_workers(std::min(o.num_threads, num_windows), [&](int64_t) {
-    FillScratch scratch;
+    Scratch scratch;
     for (int64_t w; (w = next.fetch_add(1)) < num_windows;) {
       const int64_t lo = w * o.window;
-      fill_window(o, max_len, total_len, seq_lens, order.data(), lo, std::min(G, lo + o.window),
-                  out->data(), starts.data(), scratch);
+      fill(lo, std::min(G, lo + o.window), out, starts.data(), scratch);
     }
   });
   std::vector<int64_t> bounds;
@@ -629,6 +630,79 @@ std::vector<int64_t> fill_packed(const Options& o, const int64_t* max_len, const
     if (starts[pos]) bounds.push_back(pos);
   bounds.push_back(G);
   return bounds;
+}
+
+std::vector<int64_t> fill_packed(const Options& o, const int64_t* max_len, const int64_t* total_len,
+                                 const int64_t* seq_lens, const std::vector<int64_t>& order,
+                                 std::vector<int64_t>* out) {
+  out->resize(order.size());
+  return fill_windows<FillScratch>(
+      o, static_cast<int64_t>(order.size()), out->data(),
+      [&](int64_t lo, int64_t hi, int64_t* dst, char* starts, FillScratch& s) {
+        fill_window(o, max_len, total_len, seq_lens, order.data(), lo, hi, dst, starts, s);
+      });
+}
+
+// Scratch of one THD worker: the window's groups and total_len (non-increasing) and, per
+// position, the next position that may still be remaining (a union-find over taken positions).
+struct ThdScratch {
+  std::vector<int64_t> groups, tokens, next;
+};
+
+// The first remaining position >= i (n if none), halving the path as it goes.
+inline int64_t next_remaining(std::vector<int64_t>& next, int64_t i) {
+  while (next[i] != i) {
+    next[i] = next[next[i]];
+    i = next[i];
+  }
+  return i;
+}
+
+// Step 2, THD token budget (indexer_ref.fill_thd), for the window order[lo, hi) sorted by
+// total_len, largest first: a micro-batch starts with the largest remaining group and takes,
+// in order, every later remaining group whose tokens fit the free tokens. As the tokens are
+// non-increasing, the next group taken is the first remaining one at or after the first
+// position whose tokens fit: a bisection, then a union-find jump over taken positions, so
+// a window costs O(n log n) instead of the reference's rescans.
+// The window is copied to scratch first, so out may be the order itself (planned in place).
+void fill_thd_window(const Options& o, const EpochOrder& order, int64_t top, int64_t lo, int64_t hi,
+                     int64_t* out, char* starts, ThdScratch& s) {
+  const int64_t n = hi - lo;
+  s.tokens.resize(n);
+  for (int64_t i = 0; i < n; ++i) s.tokens[i] = top - order.key[lo + i];  // total_len
+  s.groups.assign(order.group.begin() + lo, order.group.begin() + hi);
+  s.next.resize(n + 1);
+  std::iota(s.next.begin(), s.next.end(), int64_t{0});
+  const int64_t* tokens = s.tokens.data();
+  int64_t written = lo;
+  int64_t last = n - 1;  // the last remaining position (its tokens are the fewest left)
+  for (int64_t first = 0; (first = next_remaining(s.next, first)) < n;) {
+    starts[written] = 1;
+    out[written++] = s.groups[first];
+    s.next[first] = first + 1;
+    int64_t room = o.token_budget - tokens[first];
+    for (int64_t pos = first + 1;;) {
+      while (last > first && s.next[last] != last) --last;  // remaining: next[i] == i
+      if (last <= first || tokens[last] > room) break;  // nothing left fits: skip the search
+      pos += partition_index(tokens + pos, n - pos, [&](int64_t t) { return t > room; });
+      const int64_t j = next_remaining(s.next, pos);
+      if (j == n) break;
+      out[written++] = s.groups[j];
+      s.next[j] = j + 1;
+      room -= tokens[j];
+      pos = j + 1;  // [old pos, j] is taken: the next one lies beyond j
+    }
+  }
+}
+
+// Plans order->group in place; order->key holds top - total_len (the descending sort key),
+// already gathered in order.
+std::vector<int64_t> fill_thd(const Options& o, int64_t top, EpochOrder* order) {
+  return fill_windows<ThdScratch>(
+      o, static_cast<int64_t>(order->group.size()), order->group.data(),
+      [&](int64_t lo, int64_t hi, int64_t* dst, char* starts, ThdScratch& s) {
+        fill_thd_window(o, *order, top, lo, hi, dst, starts, s);
+      });
 }
 
 // Steps 3-4 for one epoch: shuffle micro-batches, keep whole rounds of dp_size,
@@ -660,14 +734,15 @@ Plan build_plan(const Options& o, const int64_t* max_len, const int64_t* total_l
   plan.group_ids_N.reserve(static_cast<size_t>(G / o.dp_size + 1) * o.num_epochs);
   std::vector<Id> ids(G);
   EpochOrder order{std::vector<int64_t>(G), std::vector<int64_t>(G)};
-  // Packed budget sorts largest first: a stable ascending sort on (max - total_len).
+  // Packed and THD budgets sort largest first: a stable ascending sort on (max - total_len).
+  const bool desc = o.packed_budget() || o.thd_budget();
   std::vector<int64_t> desc_key;
-  if (o.packed_budget()) {
-    const int64_t top = *std::max_element(total_len, total_len + G);
+  const int64_t top = desc ? *std::max_element(total_len, total_len + G) : 0;
+  if (desc) {
     desc_key.resize(G);
     for (int64_t g = 0; g < G; ++g) desc_key[g] = top - total_len[g];
   }
-  const int64_t* key = o.packed_budget() ? desc_key.data() : (o.packed ? total_len : max_len);
+  const int64_t* key = desc ? desc_key.data() : (o.packed || o.thd ? total_len : max_len);
   std::vector<int64_t> packed_order;
   for (int64_t e = 0; e < o.num_epochs; ++e) {
     std::iota(ids.begin(), ids.end(), Id{0});
@@ -677,6 +752,11 @@ Plan build_plan(const Options& o, const int64_t* max_len, const int64_t* total_l
     if (o.packed_budget()) {
       const auto bounds = fill_packed(o, max_len, total_len, seq_lens, order.group, &packed_order);
       assign_epoch(o, e, packed_order, bounds, &plan);
+      continue;
+    }
+    if (o.thd_budget()) {
+      const auto bounds = fill_thd(o, top, &order);
+      assign_epoch(o, e, order.group, bounds, &plan);
       continue;
     }
     int64_t tail_dropped = 0;
@@ -698,7 +778,7 @@ py::tuple plan_microbatches(const py::array& max_len_G, const py::array& total_l
                             const py::array& seq_lens_GS, int64_t seq_length, int64_t seqs_per_group,
                             int64_t num_epochs, uint64_t seed, int64_t dp_rank, int64_t dp_size,
                             int64_t groups_per_microbatch, int64_t token_budget, bool packed,
-                            int64_t window, int64_t num_threads) {
+                            int64_t window, int64_t num_threads, bool thd) {
   const int64_t* max_len = int64_vector(max_len_G, "max_len");
   const int64_t* total_len = int64_vector(total_len_G, "total_len");
   if (max_len_G.size() != total_len_G.size()) {
@@ -708,7 +788,7 @@ py::tuple plan_microbatches(const py::array& max_len_G, const py::array& total_l
   }
   const auto G = static_cast<int64_t>(max_len_G.size());
   const Options o{seqs_per_group, num_epochs,   seed,   dp_rank, dp_size,
-                  groups_per_microbatch, token_budget, packed, window,
+                  groups_per_microbatch, token_budget, packed, thd, window,
                   packed && token_budget > 0 ? seq_length : 0, num_threads};
   check_options(o, G);
   const int64_t* seq_lens = nullptr;
@@ -780,11 +860,13 @@ PYBIND11_MODULE(_indexer, m) {
   m.def("plan_microbatches", &plan_microbatches, py::arg("max_len"), py::arg("total_len"),
         py::arg("seq_lens"), py::arg("seq_length"), py::arg("seqs_per_group"), py::arg("num_epochs"), py::arg("seed"), py::arg("dp_rank"),
         py::arg("dp_size"), py::arg("groups_per_microbatch"), py::arg("token_budget"),
-        py::arg("packed"), py::arg("window"), py::arg("num_threads") = 1,
+        py::arg("packed"), py::arg("window"), py::arg("num_threads") = 1, py::arg("thd") = false,
         "Plan one rank's micro-batches. Returns (offsets[M+1], group_ids[N], epochs[M], "
         "dropped_groups). Exactly one of groups_per_microbatch / token_budget is > 0; a packed "
         "token budget also needs seq_lens [G, 2P] int64 and seq_length (else pass an empty array, "
-        "0), and plans its windows on num_threads threads (the same plan for any number).");
+        "0). thd=True (not with packed) charges a micro-batch the sum of its groups' total_len. "
+        "Packed and THD budgets plan their windows on num_threads threads (the same plan for "
+        "any number).");
   m.def("packed_shape", &packed_shape_py, py::arg("seq_lens"), py::arg("seq_length"),
         "(rows, width) of the packed layout (the ROW RULE) of the 1-D int64 seq_lens.");
   m.def("packed_fits", &packed_fits_py, py::arg("seq_lens"), py::arg("seq_length"), py::arg("budget"),

@@ -38,7 +38,8 @@ def main(argv=None) -> int:
     from megatron_amopo.runtime.distributed import destroy_distributed, initialize_distributed, set_seed
     from megatron_amopo.training import data as tdata
     from megatron_amopo.training.loop import evaluate_split, format_eval, log0, run_transformer_config
-    from megatron_amopo.training.step import forward_step
+    from megatron_amopo.model.provider import transformer_engine_available
+    from megatron_amopo.training.step import forward_step, packed_thd_default
 
     initialize_distributed(cfg.parallel)
     set_seed(cfg.training.seed)
@@ -48,13 +49,15 @@ def main(argv=None) -> int:
         if meta.tokenizer_dir:
             vocab_hash = tokenizer_fingerprint(load_tokenizer(meta.tokenizer_dir), meta.tokenizer_dir)["vocab_hash"]
         split, _ = tdata.open_splits(cfg.data, cfg.training.seed, vocab_hash, cfg.training.seq_length)
-        model = build_model(meta.arch, run_transformer_config(meta.arch, cfg))
+        config = run_transformer_config(meta.arch, cfg)
+        model = build_model(meta.arch, config)
         iteration = load_model_state(unwrap(model[0]), cfg.checkpoint.load)
+        thd = packed_thd_default(config, transformer_engine_available())  # the plan charges what the step feeds
         plan = tdata.make_plan(split, cfg.training, num_epochs=1, seed=cfg.training.seed,
-                               dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size())
+                               dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(), thd=thd)
         step = functools.partial(forward_step, objective_cfg=cfg.amopo,
                                  tp_group=ps.get_tensor_model_parallel_group(),
-                                 cp_group=ps.get_context_parallel_group())
+                                 cp_group=ps.get_context_parallel_group(), packed_thd=thd)
         pair_names = ["general"] + split.dataset.dimensions
         values = evaluate_split(model, step, split, plan, cfg.training, pair_names)
         values["iteration"] = iteration

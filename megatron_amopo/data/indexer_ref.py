@@ -177,6 +177,32 @@ def fill_packed(
     return out, bounds
 
 
+def fill_thd(
+    order: list[int], total_len: Sequence[int], *, token_budget: int, window: int
+) -> tuple[list[int], list[int]]:
+    """THD token budget; returns (groups micro-batch after micro-batch, bounds incl. the end).
+
+    ``order`` is window-sorted by total_len, largest first. A micro-batch starts with its
+    window's largest remaining group and takes, in order, every later remaining group whose
+    total_len fits the free tokens (token_budget - tokens taken so far): first-fit decreasing
+    by groups. Never crosses a window.
+    """
+    out, bounds = [], [0]
+    for lo in range(0, len(order), window):
+        rem = order[lo : lo + window]
+        while rem:
+            free, take = token_budget - total_len[rem[0]], [rem[0]]
+            for g in rem[1:]:
+                if total_len[g] <= free:
+                    take.append(g)
+                    free -= total_len[g]
+            out.extend(take)
+            bounds.append(len(out))
+            taken = set(take)
+            rem = [g for g in rem if g not in taken]
+    return out, bounds
+
+
 def fill(
     order: list[int],
     max_len: Sequence[int],
@@ -221,15 +247,19 @@ def plan_reference(
     window: int,
     seq_lens: Sequence[Sequence[int]] = (),
     seq_length: int = 0,
+    thd: bool = False,
 ) -> tuple[list[int], list[int], list[int], int]:
     """Returns (offsets_M1, group_ids_N, epochs_M, dropped_groups) as Python lists.
 
     A packed token budget (packed and token_budget > 0) needs ``seq_lens`` [G][2P] and
     ``seq_length``; each of its micro-batches costs R * W <= token_budget (:func:`packed_shape`).
+    ``thd`` (cost="thd", not with packed): a micro-batch costs the sum of its groups' total_len.
     """
     max_len, total_len = list(max_len), list(total_len)
     packed_budget = packed and token_budget > 0
-    key = [-t for t in total_len] if packed_budget else (total_len if packed else max_len)
+    thd_budget = thd and token_budget > 0
+    by_total = packed or thd
+    key = [-t for t in total_len] if packed_budget or thd_budget else (total_len if by_total else max_len)
     offsets_M1, group_ids_N, epochs_M, dropped = [0], [], [], 0
     for epoch in range(num_epochs):
         order = list(range(len(max_len)))
@@ -238,6 +268,8 @@ def plan_reference(
         if packed_budget:
             order, bounds = fill_packed(order, seq_lens, total_len, seq_length=seq_length,
                                         token_budget=token_budget, window=window)
+        elif thd_budget:
+            order, bounds = fill_thd(order, total_len, token_budget=token_budget, window=window)
         else:
             bounds, tail_dropped = fill(
                 order, max_len, total_len, seqs_per_group=seqs_per_group,

@@ -51,16 +51,27 @@ def open_splits(cfg: TrainDataConfig, seed: int, vocab_hash: Optional[str], seq_
     return Split(train, np.sort(perm[:cut])), (Split(train, np.sort(perm[cut:])) if cut < len(train) else None)
 
 
+def plan_cost(train_cfg: TrainingConfig, thd: bool) -> str:
+    """The planner's micro-batch cost: ``padded`` rows; ``packed`` rows under the ROW RULE; ``thd``
+    (real tokens) when packed micro-batches reach the model as one THD stream (``thd``, see
+    ``training.step.packed_thd_default``), which has no padding to charge."""
+    if train_cfg.batch_layout != "packed":
+        return "padded"
+    return "thd" if thd else "packed"
+
+
 def make_plan(split: Split, train_cfg: TrainingConfig, *, num_epochs: int, seed: int, dp_rank: int,
-              dp_size: int) -> MicrobatchPlan:
-    """This DP rank's micro-batches over ``num_epochs`` epochs; group ids index the dataset."""
+              dp_size: int, thd: bool = False) -> MicrobatchPlan:
+    """This DP rank's micro-batches over ``num_epochs`` epochs; group ids index the dataset.
+
+    ``thd``: packed micro-batches go to the model as THD streams (charged by real tokens)."""
     ds = split.dataset
     plan = plan_microbatches(
         ds.group_max_len[split.group_ids], ds.group_total_len[split.group_ids],
         seq_lens=ds.group_seq_lens[split.group_ids], seq_length=train_cfg.seq_length,
         seqs_per_group=2 * ds.num_pairs, num_epochs=num_epochs, seed=seed, dp_rank=dp_rank, dp_size=dp_size,
         groups_per_microbatch=train_cfg.micro_batch_size, token_budget=train_cfg.micro_batch_tokens,
-        cost="packed" if train_cfg.batch_layout == "packed" else "padded", window=train_cfg.plan_window,
+        cost=plan_cost(train_cfg, thd), window=train_cfg.plan_window,
     )
     return MicrobatchPlan(plan.offsets, split.group_ids[plan.group_ids], plan.epochs, plan.dropped_groups)
 

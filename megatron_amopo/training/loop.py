@@ -21,12 +21,13 @@ import torch.distributed as dist
 from megatron_amopo.config import RunConfig
 from megatron_amopo.convert.checkpoint_io import METADATA_FILE, read_model_metadata, write_model_metadata
 from megatron_amopo.model.build import build_model, check_wiring
-from megatron_amopo.model.provider import transformer_config
+from megatron_amopo.model.provider import transformer_config, transformer_engine_available
 from megatron_amopo.objective.amopo import PAIR_METRIC_NAMES
 from megatron_amopo.training import checkpoint as ckpt
 from megatron_amopo.training import data as tdata
 from megatron_amopo.training.metrics import MetricsWriter, format_line, reduce_reports, summarize
 from megatron_amopo.training.optimizer import build_optimizer, build_scheduler
+from megatron_amopo.training.step import packed_thd_default
 
 
 class StopRequested:
@@ -141,8 +142,10 @@ class Trainer:
             )
         tc = cfg.training
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        self._open_data()
         self.config = run_transformer_config(self.arch, cfg)
+        # Packed micro-batches as THD streams or as masked rows: the plan charges what the step feeds.
+        self.thd = packed_thd_default(self.config, transformer_engine_available())
+        self._open_data()
         self.model = build_model(self.arch, self.config, use_distributed_optimizer=tc.use_distributed_optimizer)
         check_wiring(self.config)
         self.optimizer = build_optimizer(self.model, cfg.optimizer, tc)
@@ -153,7 +156,7 @@ class Trainer:
             self._prepare_save_dir(cfg.checkpoint.save)
         self.forward_step = functools.partial(
             forward_step, objective_cfg=cfg.amopo, tp_group=ps.get_tensor_model_parallel_group(),
-            cp_group=ps.get_context_parallel_group(),
+            cp_group=ps.get_context_parallel_group(), packed_thd=self.thd,
         )
         self.run_dir = cfg.data.run_dir or cfg.checkpoint.save or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
         self.writer = MetricsWriter(self.run_dir, enabled=dist.get_rank() == 0)
@@ -184,7 +187,7 @@ class Trainer:
         self.train_split, self.valid_split = tdata.open_splits(self.cfg.data, tc.seed, vocab_hash, tc.seq_length)
         self.pair_names = ["general"] + self.train_split.dataset.dimensions
         one_epoch = tdata.make_plan(self.train_split, tc, num_epochs=1, seed=tc.seed, dp_rank=self.dp_rank,
-                                    dp_size=self.dp_size)
+                                    dp_size=self.dp_size, thd=self.thd)
         if one_epoch.num_microbatches == 0:
             raise ValueError(f"--data-path has {len(self.train_split)} training groups: not enough for one "
                              f"micro-batch on each of {self.dp_size} data-parallel ranks")
@@ -196,11 +199,11 @@ class Trainer:
         self.train_iters = tc.train_iters or tc.train_epochs * steps_per_epoch
         epochs = math.ceil(self.train_iters / steps_per_epoch)
         self.plan = tdata.make_plan(self.train_split, tc, num_epochs=epochs, seed=tc.seed, dp_rank=self.dp_rank,
-                                    dp_size=self.dp_size)
+                                    dp_size=self.dp_size, thd=self.thd)
         self.valid_plan = None
         if self.valid_split is not None and len(self.valid_split):
             self.valid_plan = tdata.make_plan(self.valid_split, tc, num_epochs=1, seed=tc.seed + 1,
-                                              dp_rank=self.dp_rank, dp_size=self.dp_size)
+                                              dp_rank=self.dp_rank, dp_size=self.dp_size, thd=self.thd)
 
     def _tokenizer_vocab_hash(self) -> Optional[str]:
         """Vocab hash of the tokenizer stored with the model (checked against the datasets)."""

@@ -37,7 +37,7 @@ def planner_inputs(draw):
     low = draw(st.sampled_from([1, seq_length // 2, seq_length]))  # all short .. all full rows
     seq_lens_GS = rng.integers(low, seq_length + 1, size=(G, spg), dtype=np.int64)
     max_len_G, total_len_G = seq_lens_GS.max(axis=1), seq_lens_GS.sum(axis=1)
-    cost = draw(st.sampled_from(["padded", "packed"]))
+    cost = draw(st.sampled_from(["padded", "packed", "thd"]))
     kw = dict(seqs_per_group=spg, num_epochs=draw(st.integers(1, 3)),
               seed=draw(st.integers(0, 2**64 - 1)), dp_size=draw(st.integers(1, 5)),
               window=draw(st.sampled_from([1, 2, 7, 64, 1000])), cost=cost)
@@ -47,6 +47,8 @@ def planner_inputs(draw):
         alone = max(np.prod(indexer.packed_shape(row, seq_length)) for row in seq_lens_GS)
         kw["token_budget"] = int(alone) + draw(st.integers(0, 12 * seq_length))
         kw.update(seq_lens=seq_lens_GS, seq_length=seq_length)
+    elif cost == "thd":  # from one group alone to several groups' tokens
+        kw["token_budget"] = int(total_len_G.max()) + draw(st.integers(0, 4 * spg * seq_length))
     else:
         kw["token_budget"] = int(spg * max_len_G.max()) + draw(st.integers(0, 3000))
     return max_len_G, total_len_G, kw
@@ -115,6 +117,60 @@ def test_packed_plan_is_the_same_for_any_thread_count():
     assert ref.num_microbatches > 20
     for threads in (1, 2, 3, 8, 64):
         assert_same_plan(plan_microbatches(**kw, num_threads=threads), ref)
+
+
+@settings(max_examples=80, deadline=None)
+@given(planner_inputs(), st.data())
+def test_cpp_thd_plan_equals_python_reference(inputs, data):
+    """cost="thd": fixed k and a token budget (sum of total_len), any DP size, rank, epochs,
+    window and thread count: the C++ (bisection + union-find) gives the reference's plan."""
+    max_len_G, total_len_G, kw = inputs
+    kw = {k: v for k, v in kw.items() if k not in ("seq_lens", "seq_length", "token_budget",
+                                                    "groups_per_microbatch")}
+    if data.draw(st.booleans()):
+        kw["groups_per_microbatch"] = data.draw(st.integers(1, 9))
+    else:
+        kw["token_budget"] = int(total_len_G.max()) + data.draw(st.integers(0, 6 * int(total_len_G.max())))
+    kw["cost"] = "thd"
+    rank = data.draw(st.integers(0, kw["dp_size"] - 1))
+    cpp = plan_microbatches(max_len_G, total_len_G, dp_rank=rank,
+                            num_threads=data.draw(st.integers(1, 4)), **kw)
+    assert_same_plan(cpp, plan_microbatches(max_len_G, total_len_G, dp_rank=rank, backend="python", **kw))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_thd_budget_is_first_fit_decreasing_inside_a_window(backend):
+    """totals 9, 7, 6, 4, 3, 1 in one window, budget 10: each micro-batch starts with the largest
+    remaining group and takes the largest ones that still fit: {9, 1} {7, 3} {6, 4}, all full
+    (a run along the sorted window would give {1, 3, 4} {6} {7} {9})."""
+    total_len_G = np.array([4, 9, 1, 6, 3, 7], np.int64)
+    kw = dict(seqs_per_group=2, num_epochs=1, seed=3, dp_rank=0, dp_size=1, token_budget=10,
+              cost="thd", window=8, backend=backend)
+    plan = plan_microbatches((total_len_G + 1) // 2, total_len_G, **kw)
+    got = sorted(sorted(total_len_G[mb].tolist()) for mb in microbatches(plan))
+    assert got == [[1, 9], [3, 7], [4, 6]]
+    # window=2 cuts the shuffled order in pairs: micro-batches never cross a window.
+    pairs = plan_microbatches((total_len_G + 1) // 2, total_len_G, **{**kw, "window": 2})
+    shuffled = list(range(6))
+    indexer_ref.shuffle(shuffled, indexer_ref.SplitMix64(3, 0, indexer_ref.STREAM_GROUPS))
+    windows = [set(shuffled[i : i + 2]) for i in (0, 2, 4)]
+    assert all(any(set(mb) <= w for w in windows) for mb in microbatches(pairs))
+
+
+def test_thd_plan_is_the_same_for_any_thread_count_and_fixed_k_matches_packed():
+    rng = np.random.default_rng(6)
+    seq_lens_GS = rng.integers(1, 121, size=(700, 6)).astype(np.int64)
+    max_len_G, total_len_G = seq_lens_GS.max(axis=1), seq_lens_GS.sum(axis=1)
+    kw = dict(seqs_per_group=6, num_epochs=2, seed=11, dp_rank=1, dp_size=2, cost="thd", window=16)
+    ref = plan_microbatches(max_len_G, total_len_G, token_budget=6 * 120 * 3, **kw, backend="python")
+    assert ref.num_microbatches > 40
+    for threads in (1, 2, 3, 8, 64):
+        assert_same_plan(plan_microbatches(max_len_G, total_len_G, token_budget=6 * 120 * 3, **kw,
+                                           num_threads=threads), ref)
+    # fixed k sorts windows by total_len ascending, as cost="packed" does
+    fixed = {**kw, "groups_per_microbatch": 4}
+    assert_same_plan(plan_microbatches(max_len_G, total_len_G, **fixed),
+                     plan_microbatches(max_len_G, total_len_G, **{**fixed, "cost": "packed"}))
 
 
 def all_ranks(max_len_G, total_len_G, backend="cpp", **kw):
@@ -189,7 +245,8 @@ def test_dp_split_is_a_strided_slice_of_the_single_rank_plan(inputs):
 @settings(max_examples=40, deadline=None)
 @given(planner_inputs())
 def test_every_microbatch_respects_the_token_budget(inputs):
-    """padded: 2P * groups * longest <= budget; packed: the builder's rows * width <= budget."""
+    """padded: 2P * groups * longest <= budget; packed: the builder's rows * width <= budget;
+    thd: the micro-batch's real tokens (its THD stream) <= budget."""
     max_len_G, total_len_G, kw = inputs
     if "token_budget" not in kw:
         kw.pop("groups_per_microbatch")
@@ -206,6 +263,8 @@ def test_every_microbatch_respects_the_token_budget(inputs):
                 width = max(sum(lens[n] for n in r) for r in rows)
                 assert width <= S and (len(rows), width) == indexer.packed_shape(lens, S)
                 cost = len(rows) * width
+            elif kw["cost"] == "thd":
+                cost = int(total_len_G[mb].sum())
             else:
                 cost = kw["seqs_per_group"] * len(mb) * int(max_len_G[mb].max())
             assert 1 <= len(mb) and cost <= kw["token_budget"]
@@ -320,11 +379,12 @@ def test_length_grouping_sorts_windows_and_reduces_padding():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_plans_are_deterministic_and_depend_on_seed_and_epoch(backend):
+@pytest.mark.parametrize("cost", ["padded", "thd"])
+def test_plans_are_deterministic_and_depend_on_seed_and_epoch(backend, cost):
     rng = np.random.default_rng(1)
     max_len_G = rng.integers(1, 50, size=500)
     kw = dict(seqs_per_group=4, num_epochs=2, dp_rank=1, dp_size=2, token_budget=400,
-              window=32, backend=backend)
+              window=32, backend=backend, cost=cost)
     a = plan_microbatches(max_len_G, 2 * max_len_G, seed=11, **kw)
     assert_same_plan(a, plan_microbatches(max_len_G, 2 * max_len_G, seed=11, **kw))
     b = plan_microbatches(max_len_G, 2 * max_len_G, seed=12, **kw)
@@ -334,7 +394,7 @@ def test_plans_are_deterministic_and_depend_on_seed_and_epoch(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("cost", ["padded", "packed"])
+@pytest.mark.parametrize("cost", ["padded", "packed", "thd"])
 def test_oversize_group_is_rejected_before_planning(backend, cost):
     seq_lens_GS = np.array([[10, 10], [10, 10], [60, 40], [10, 10], [70, 60]], np.int64)
     max_len_G, total_len_G = seq_lens_GS.max(axis=1), seq_lens_GS.sum(axis=1)
@@ -346,6 +406,9 @@ def test_oversize_group_is_rejected_before_planning(backend, cost):
     if cost == "padded":
         want = ("group 2 alone costs 120 tokens (padded), above token_budget=110; "
                 "the minimum budget that fits every group is 140")
+    elif cost == "thd":  # 60 + 40 fits; 70 + 60 does not
+        want = ("group 4 alone costs 130 tokens (thd: the sum of its sequence lengths), above "
+                "token_budget=110; the minimum budget that fits every group is 130")
     else:  # 60 + 40 > 70: two rows, of 60 positions (the fullest row); [70, 60]: two of 70
         want = ("group 2 alone costs 120 tokens (packed: 2 rows of 60 positions), above "
                 "token_budget=110; the minimum budget that fits every group is 140")
@@ -409,7 +472,7 @@ GOOD = dict(seqs_per_group=4, num_epochs=1, seed=0, dp_rank=0, dp_size=2, groups
         ([3, 4], [5, 5], {"num_epochs": 0}, ValueError, r"num_epochs must be >= 1"),
         ([3, 4], [5, 5], {"window": 0}, ValueError, r"window must be >= 1"),
         ([3, 4], [5, 5], {"seed": -1}, ValueError, r"seed must be in \[0, 2\^64\)"),
-        ([3, 4], [5, 5], {"cost": "dense"}, ValueError, r"cost must be 'padded' or 'packed'"),
+        ([3, 4], [5, 5], {"cost": "dense"}, ValueError, r"cost must be 'padded', 'packed' or 'thd'"),
         ([3, 4], [5, 5], {"dp_size": 2.0}, TypeError, r"integer"),
         ([3, 4], [5, 5], {"num_threads": 0}, ValueError, r"num_threads must be in \[1, 256\], got 0"),
         ([3, 4], [5, 5], {"num_threads": 257}, ValueError, r"num_threads must be in \[1, 256\]"),
@@ -442,6 +505,8 @@ def test_extension_validates_its_own_inputs():
         _indexer.plan_microbatches(ml, tl, **{**args, "token_budget": 64})
     with pytest.raises(ValueError, match=r"num_threads must be in \[1, 256\], got 0"):
         _indexer.plan_microbatches(ml, tl, **args, num_threads=0)
+    with pytest.raises(ValueError, match="give at most one of packed and thd"):
+        _indexer.plan_microbatches(ml, tl, **{**args, "packed": True}, thd=True)
     packed = {**args, "groups_per_microbatch": 0, "token_budget": 64, "packed": True, "seq_length": 16}
     with pytest.raises(ValueError, match=r"needs seq_lens as a C-contiguous int64 array \[G, 2P\] = \[2, 4\]"):
         _indexer.plan_microbatches(ml, tl, **packed)
@@ -490,15 +555,15 @@ def _counter_progress_during(call) -> int:
     return progress
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_cpp_planner_releases_the_gil(packed):
+@pytest.mark.parametrize("packed, thd", [(False, False), (True, False), (False, True)])
+def test_cpp_planner_releases_the_gil(packed, thd):
     rng = np.random.default_rng(2)
     G = 10_000 if packed else 1_000_000
     seq_lens_GS = rng.integers(1, 1000, size=(G, 4)).astype(np.int64)
     max_len_G, total_len_G = seq_lens_GS.max(axis=1), seq_lens_GS.sum(axis=1)
     args = dict(seq_lens=seq_lens_GS, seq_length=1000, seqs_per_group=4, num_epochs=3, seed=1,
                 dp_rank=0, dp_size=1, groups_per_microbatch=0, token_budget=16_000, packed=packed,
-                window=512)
+                window=512, thd=thd)
     assert _counter_progress_during(lambda: _indexer.plan_microbatches(
         max_len_G, total_len_G, **args)) >= 1000
     # Control: the pure-Python planner holds the GIL, and the harness sees it.
@@ -529,3 +594,8 @@ def test_padding_efficiency_by_hand():
         padding_efficiency(plan, seq_lens_GS, cost="packed", seq_length=3)
     with pytest.raises(ValueError, match="needs seq_length"):
         padding_efficiency(plan, seq_lens_GS, cost="packed")
+    # thd: one stream of the real tokens (8 and 8); rounded up to multiples of 3: 9 + 9.
+    assert padding_efficiency(plan, seq_lens_GS, cost="thd") == 1.0
+    assert padding_efficiency(plan, seq_lens_GS, cost="thd", pad_to_multiple=3) == pytest.approx(16 / 18)
+    with pytest.raises(ValueError, match="pad_to_multiple must be >= 1, got 0"):
+        padding_efficiency(plan, seq_lens_GS, cost="thd", pad_to_multiple=0)

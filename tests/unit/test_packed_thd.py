@@ -160,3 +160,23 @@ def test_model_on_thd_equals_block_diagonal_rows(one_rank, rows):
     for n, g in grads_r.items():
         assert g.abs().max() > 0, n
         torch.testing.assert_close(grads_t[n], g, rtol=1e-4, atol=1e-6)
+
+
+def test_plan_cost_follows_the_path_the_step_feeds():
+    """Packed micro-batches are charged by real tokens when they go THD, by rows otherwise."""
+    from types import SimpleNamespace
+
+    from megatron_amopo.config import TrainingConfig
+    from megatron_amopo.training.data import plan_cost
+    from megatron_amopo.training.step import packed_thd_default
+
+    packed = TrainingConfig(batch_layout="packed", micro_batch_size=1, train_iters=1)
+    padded = TrainingConfig(batch_layout="padded", micro_batch_size=1, train_iters=1)
+    assert plan_cost(packed, thd=True) == "thd" and plan_cost(packed, thd=False) == "packed"
+    assert plan_cost(padded, thd=True) == "padded"
+    bf16 = SimpleNamespace(bf16=True, fp16=False, kv_channels=128)
+    assert packed_thd_default(bf16, use_te=True)  # TE's attention takes packed sequences only as THD
+    if not torch.cuda.is_available():
+        assert not packed_thd_default(bf16, use_te=False)  # CPU: rows with the block-diagonal mask
+    assert not packed_thd_default(SimpleNamespace(bf16=False, fp16=False, kv_channels=128), use_te=False)
+    assert not packed_thd_default(SimpleNamespace(bf16=True, fp16=False, kv_channels=12), use_te=False)
