@@ -152,27 +152,36 @@ def fill_packed(
     tokens fit the free tokens and with which the micro-batch's :func:`packed_shape` costs
     R * W <= token_budget. Never crosses a window.
     """
+    def take(rem: list[int]) -> list[int]:
+        items = list(seq_lens[rem[0]])
+        tokens, chosen = total_len[rem[0]], [rem[0]]
+        neg_total = [-total_len[g] for g in rem]  # ascending: bisect finds what fits
+        pos = 1
+        while True:
+            pos = bisect_left(neg_total, tokens - token_budget, pos)
+            if pos >= len(rem):
+                return chosen
+            g = rem[pos]
+            pos += 1
+            rows, width = packed_shape(items + list(seq_lens[g]), seq_length)
+            if rows * width <= token_budget:
+                chosen.append(g)
+                items, tokens = items + list(seq_lens[g]), tokens + total_len[g]
+
+    return _first_fit_windows(order, window, take)
+
+
+def _first_fit_windows(order: list[int], window: int, take) -> tuple[list[int], list[int]]:
+    """Micro-batches window by window: ``take(remaining)`` picks the next one (starting with
+    remaining[0]) until the window is used up. Returns (groups in order, bounds incl. the end)."""
     out, bounds = [], [0]
     for lo in range(0, len(order), window):
         rem = order[lo : lo + window]
         while rem:
-            items = list(seq_lens[rem[0]])
-            tokens, take = total_len[rem[0]], [rem[0]]
-            neg_total = [-total_len[g] for g in rem]  # ascending: bisect finds what fits
-            pos = 1
-            while True:
-                pos = bisect_left(neg_total, tokens - token_budget, pos)
-                if pos >= len(rem):
-                    break
-                g = rem[pos]
-                pos += 1
-                rows, width = packed_shape(items + list(seq_lens[g]), seq_length)
-                if rows * width <= token_budget:
-                    take.append(g)
-                    items, tokens = items + list(seq_lens[g]), tokens + total_len[g]
-            out.extend(take)
+            chosen = take(rem)
+            out.extend(chosen)
             bounds.append(len(out))
-            taken = set(take)
+            taken = set(chosen)
             rem = [g for g in rem if g not in taken]
     return out, bounds
 
@@ -187,20 +196,15 @@ def fill_thd(
     total_len fits the free tokens (token_budget - tokens taken so far): first-fit decreasing
     by groups. Never crosses a window.
     """
-    out, bounds = [], [0]
-    for lo in range(0, len(order), window):
-        rem = order[lo : lo + window]
-        while rem:
-            free, take = token_budget - total_len[rem[0]], [rem[0]]
-            for g in rem[1:]:
-                if total_len[g] <= free:
-                    take.append(g)
-                    free -= total_len[g]
-            out.extend(take)
-            bounds.append(len(out))
-            taken = set(take)
-            rem = [g for g in rem if g not in taken]
-    return out, bounds
+    def take(rem: list[int]) -> list[int]:
+        free, chosen = token_budget - total_len[rem[0]], [rem[0]]
+        for g in rem[1:]:
+            if total_len[g] <= free:
+                chosen.append(g)
+                free -= total_len[g]
+        return chosen
+
+    return _first_fit_windows(order, window, take)
 
 
 def fill(
