@@ -170,8 +170,15 @@ class MicrobatchPlan:
 
 
 def default_num_threads() -> int:
-    """The CPUs this process may run on (its affinity mask where the OS has one), at most 16."""
+    """The CPUs this process may run on (its affinity mask where the OS has one), at most 16.
+
+    Every rank plans at the same time: when the process is not bound to a subset of the
+    machine's CPUs, they are shared among torchrun's ``LOCAL_WORLD_SIZE`` ranks of the node.
+    """
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    if cpus and cpus == os.cpu_count() and local_ranks > 1:
+        cpus //= local_ranks
     return max(1, min(cpus or 1, _DEFAULT_THREADS_CAP))
 
 

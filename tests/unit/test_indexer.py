@@ -599,3 +599,20 @@ def test_padding_efficiency_by_hand():
     assert padding_efficiency(plan, seq_lens_GS, cost="thd", pad_to_multiple=3) == pytest.approx(16 / 18)
     with pytest.raises(ValueError, match="pad_to_multiple must be >= 1, got 0"):
         padding_efficiency(plan, seq_lens_GS, cost="thd", pad_to_multiple=0)
+
+
+def test_default_threads_are_shared_among_the_ranks_of_a_node(monkeypatch):
+    """Unbound processes split the node's CPUs among torchrun's local ranks (at least 1 thread each)."""
+    import os
+
+    from megatron_amopo.data.indexer import default_num_threads
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    alone = default_num_threads()
+    assert 1 <= alone <= 16
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    bound = len(os.sched_getaffinity(0)) != os.cpu_count()
+    expected = alone if bound else max(1, min(os.cpu_count() // 4, 16))
+    assert default_num_threads() == expected
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(4 * (os.cpu_count() or 1)))
+    assert default_num_threads() == (alone if bound else 1)
