@@ -189,7 +189,7 @@ def run_ours(args, cfg: dict, chunks: list[list[dict]]) -> dict:
     if layout == "packed":  # what the training step's default chose
         from megatron_amopo.training.step import packed_thd_default
 
-        layout = "packed-thd" if packed_thd_default(model[0].config, transformer_engine_available()) else "packed-mask"
+        layout = "packed-thd" if packed_thd_default(model[0].config) else "packed-mask"
     return dict(losses=losses, times=times, rows=sum(b["tokens"].shape[0] for b in batches),
                 attention=f"{attention}/{layout}" + "".join(f"/no-{d}" for d in sorted(disabled)))
 

@@ -38,7 +38,6 @@ def main(argv=None) -> int:
     from megatron_amopo.runtime.distributed import destroy_distributed, initialize_distributed, set_seed
     from megatron_amopo.training import data as tdata
     from megatron_amopo.training.loop import evaluate_split, format_eval, log0, run_transformer_config
-    from megatron_amopo.model.provider import transformer_engine_available
     from megatron_amopo.training.step import forward_step, packed_thd_default
 
     initialize_distributed(cfg.parallel)
@@ -52,7 +51,7 @@ def main(argv=None) -> int:
         config = run_transformer_config(meta.arch, cfg)
         model = build_model(meta.arch, config)
         iteration = load_model_state(unwrap(model[0]), cfg.checkpoint.load)
-        thd = packed_thd_default(config, transformer_engine_available())  # the plan charges what the step feeds
+        thd = packed_thd_default(config)  # the plan charges what the step feeds
         plan = tdata.make_plan(split, cfg.training, num_epochs=1, seed=cfg.training.seed,
                                dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(), thd=thd)
         step = functools.partial(forward_step, objective_cfg=cfg.amopo,

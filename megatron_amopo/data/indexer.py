@@ -253,13 +253,19 @@ def _check_seq_lens(seq_lens_GS, max_len_G, total_len_G, *, seq_length, budget) 
                          f"total_len={int(total_len_G[g])}")
     shape_G2 = np.array([indexer_ref.packed_shape(row, seq_length) for row in seq_lens_GS.tolist()],
                         np.int64)
-    cost_G = shape_G2[:, 0] * shape_G2[:, 1]
+    _refuse_over_budget(shape_G2[:, 0] * shape_G2[:, 1], budget,
+                        lambda g: f"packed: {int(shape_G2[g, 0])} rows of {int(shape_G2[g, 1])} positions")
+
+
+def _refuse_over_budget(cost_G, budget: int, describe) -> None:
+    """ValueError for the first group whose cost alone is above the budget (``describe(g)``: how
+    its cost is counted); same message as the C++."""
     over = np.flatnonzero(cost_G > budget)
     if over.size:
         g = int(over[0])
-        raise ValueError(f"group {g} alone costs {int(cost_G[g])} tokens (packed: {int(shape_G2[g, 0])} "
-                         f"rows of {int(shape_G2[g, 1])} positions), above token_budget={budget}; the "
-                         f"minimum budget that fits every group is {int(cost_G.max())}")
+        raise ValueError(f"group {g} alone costs {int(cost_G[g])} tokens ({describe(g)}), above "
+                         f"token_budget={budget}; the minimum budget that fits every group "
+                         f"is {int(cost_G.max())}")
 
 
 def _check_lengths(max_len_G, total_len_G, *, seqs_per_group, budget, cost) -> None:
@@ -283,12 +289,7 @@ def _check_lengths(max_len_G, total_len_G, *, seqs_per_group, budget, cost) -> N
     if budget is not None and cost in ("padded", "thd"):
         cost_G = seqs_per_group * max_len_G if cost == "padded" else total_len_G
         what = "padded" if cost == "padded" else "thd: the sum of its sequence lengths"
-        over = np.flatnonzero(cost_G > budget)
-        if over.size:
-            g = int(over[0])
-            raise ValueError(f"group {g} alone costs {int(cost_G[g])} tokens ({what}), above "
-                             f"token_budget={budget}; the minimum budget that fits every group "
-                             f"is {int(cost_G.max())}")
+        _refuse_over_budget(cost_G, budget, lambda g: what)
 
 
 def plan_microbatches(

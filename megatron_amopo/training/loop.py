@@ -21,7 +21,7 @@ import torch.distributed as dist
 from megatron_amopo.config import RunConfig
 from megatron_amopo.convert.checkpoint_io import METADATA_FILE, read_model_metadata, write_model_metadata
 from megatron_amopo.model.build import build_model, check_wiring
-from megatron_amopo.model.provider import transformer_config, transformer_engine_available
+from megatron_amopo.model.provider import transformer_config
 from megatron_amopo.objective.amopo import PAIR_METRIC_NAMES
 from megatron_amopo.training import checkpoint as ckpt
 from megatron_amopo.training import data as tdata
@@ -144,7 +144,7 @@ class Trainer:
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.config = run_transformer_config(self.arch, cfg)
         # Packed micro-batches as THD streams or as masked rows: the plan charges what the step feeds.
-        self.thd = packed_thd_default(self.config, transformer_engine_available())
+        self.thd = packed_thd_default(self.config)
         self._open_data()
         self.model = build_model(self.arch, self.config, use_distributed_optimizer=tc.use_distributed_optimizer)
         check_wiring(self.config)

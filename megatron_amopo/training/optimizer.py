@@ -91,10 +91,10 @@ def _extend_init_state_fn(megatron_opt) -> None:
         original(opt, config)
         if _is_torch_adamw(opt):
             for group in opt.param_groups:
-                # fused AdamW wants the step on the parameter's device
-                device = (lambda p: p.device) if group.get("fused") else (lambda p: None)
+                fused = group.get("fused")  # fused AdamW wants the step on the parameter's device
                 for p in group["params"]:
-                    opt.state[p].setdefault("step", torch.tensor(0.0, dtype=torch.float32, device=device(p)))
+                    opt.state[p].setdefault(
+                        "step", torch.tensor(0.0, dtype=torch.float32, device=p.device if fused else None))
 
     init_state_fn._amopo_adds_step = True
     megatron_opt.init_state_fn = init_state_fn

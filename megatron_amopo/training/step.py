@@ -123,17 +123,17 @@ def packed_rows(batch: dict) -> bool:
     return bool(((seg_RS != prev_RS) & (seg_RS >= 0) & (prev_RS >= 0)).any())
 
 
-def packed_to_thd(batch: dict, use_te: bool, cp_group=None, tp_group=None, sequence_parallel: bool = False):
+def packed_to_thd(batch: dict, thd: bool, cp_group=None, tp_group=None, sequence_parallel: bool = False):
     """Packed rows under THD attention -> one THD stream and its ``PackedSeqParams``.
 
-    ``use_te`` says the attention takes THD input: Megatron's TE layer spec uses a causal
+    ``thd`` says the attention takes THD input (``packed_thd_default``): Megatron's TE layer spec uses a causal
     mask type and drops ``attention_mask``, so packed rows must go to TE as THD sequences
     (``cu_seqlens``), which also skips the masked blocks. The local spec applies the
     block-diagonal mask itself (RoPE is relative, so packed rows give the logits of
     separate sequences), or takes THD through ``SDPAttention``'s variable-length path
     when asked to (``forward_step(packed_thd=True)``). Returns (batch, packed_seq_params or None).
     """
-    if not (use_te and packed_rows(batch)):
+    if not (thd and packed_rows(batch)):
         return batch, None
     if cp_group is not None and dist.get_world_size(cp_group) > 1:
         raise NotImplementedError(
@@ -143,15 +143,20 @@ def packed_to_thd(batch: dict, use_te: bool, cp_group=None, tp_group=None, seque
     from megatron_amopo.training.packed import packed_seq_params_from_batch, to_thd
 
     tp = 1 if tp_group is None else dist.get_world_size(tp_group)
-    thd = to_thd(batch, pad_to_multiple=tp if sequence_parallel else 1)
-    return thd, packed_seq_params_from_batch(thd)
+    stream = to_thd(batch, pad_to_multiple=tp if sequence_parallel else 1)
+    return stream, packed_seq_params_from_batch(stream)
 
 
-def packed_thd_default(config, use_te: bool) -> bool:
+def packed_thd_default(config, use_te: Optional[bool] = None) -> bool:
     """Whether packed rows go to the model as one THD stream: with TE (its fused attention needs
     THD for packing), and without TE where ``SDPAttention`` has variable-length flash attention
     (CUDA, bf16/fp16, a torch with ``varlen_attn``): it skips the masked blocks that the rows'
-    block-diagonal mask computes (measured on an H200 in docs/GPU.md)."""
+    block-diagonal mask computes (measured on an H200 in docs/GPU.md). ``use_te``: whether the
+    TE layer spec runs (default: ``provider.transformer_engine_available()``)."""
+    if use_te is None:
+        from megatron_amopo.model.provider import transformer_engine_available
+
+        use_te = transformer_engine_available()
     if use_te:
         return True
     from megatron_amopo.model.attention import flash_head_size_ok, varlen_causal_attention
@@ -178,10 +183,6 @@ def forward_step(
     ``packed_thd``: feed packed rows to the model as one THD stream (default: ``packed_thd_default``).
     """
     batch = get_batch(data_iterator, cp_group)
-    if use_te is None:
-        from megatron_amopo.model.provider import transformer_engine_available
-
-        use_te = transformer_engine_available()
     sequence_parallel = bool(getattr(getattr(model, "config", None), "sequence_parallel", False))
     thd = packed_thd_default(getattr(model, "config", None), use_te) if packed_thd is None else packed_thd
     batch, packed_seq_params = packed_to_thd(batch, thd, cp_group, tp_group, sequence_parallel)

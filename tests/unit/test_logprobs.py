@@ -203,13 +203,13 @@ def test_step_glue_refuses_incomplete_batches_and_sends_packed_rows_to_te_as_thd
     packed = {"segment_ids": torch.tensor([[0, 0, 1, 1, -1]])}
     padded = {"segment_ids": torch.tensor([[0, 0, 0, -1, -1], [1, 1, -1, -1, -1]])}
     assert packed_rows(packed) and not packed_rows(padded)
-    assert packed_to_thd(packed, use_te=False)[1] is None  # the local spec applies the mask itself
-    assert packed_to_thd(padded, use_te=True)[1] is None  # one sequence per row: causal is exact
+    assert packed_to_thd(packed, thd=False)[1] is None  # the local spec applies the mask itself
+    assert packed_to_thd(padded, thd=True)[1] is None  # one sequence per row: causal is exact
     tokens = torch.arange(5)[None]
     full = dict(packed, tokens=tokens, labels=tokens, loss_mask=torch.tensor([[1.0, 1, 1, 1, 0]]),
                 position_ids=torch.tensor([[0, 1, 0, 1, 0]]),
                 attention_mask=None, cu_seqlens=torch.tensor([[0, 2, 4]]), num_seqs=torch.tensor(2))
-    thd, params = packed_to_thd(full, use_te=True)
+    thd, params = packed_to_thd(full, thd=True)
     assert params.qkv_format == "thd" and params.cu_seqlens_q.tolist() == [0, 2, 4]
     assert thd["tokens"].shape == (1, 4)
 
