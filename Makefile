@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine with Python >= 3.10:
 #   make test   create .venv, install everything, run the whole test suite
-#   make demo   the CPU quickstart (see README)
+#   make demo   the main job (see README)
+# For the inner loop: make test-fast (single-process unit tier), make lint (ruff + mypy).
 # TORCH_SPEC selects the torch build; the default is the CPU build. Set
 # TORCH_SPEC= (empty) to keep a torch you installed yourself (e.g. a CUDA build).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -10,7 +11,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-unit test-distributed demo clean
+.PHONY: install test test-fast test-unit test-distributed test-e2e lint format demo clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,11 +25,25 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
+test-fast: test-unit
+
 test-unit: $(STAMP)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 test-distributed: $(STAMP)
 	$(PY) -m pytest tests/distributed $(PYTEST_ARGS)
+
+test-e2e: $(STAMP)
+	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 demo: $(STAMP)
 	PYTHON=$(PY) bash examples/cpu_quickstart.sh

@@ -56,7 +56,7 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, SXM
 
 def hf_config(name: str) -> dict:
     if name == "tiny":
-        from megatron_amopo.testing.tiny import tiny_hf_config
+        from megatron_amopo.convert.tiny_hf import tiny_hf_config
 
         return tiny_hf_config("qwen2", max_position_embeddings=4096)
     return dict(MODELS[name])
@@ -137,7 +137,7 @@ def run_ours(args, cfg: dict, chunks: list[list[dict]]) -> dict:
     from megatron_amopo.model.build import build_model
     from megatron_amopo.model.provider import transformer_config, transformer_engine_available
     from megatron_amopo.runtime.distributed import DistEnv, initialize_distributed, set_seed
-    from megatron_amopo.testing.multirank import free_port
+    from megatron_amopo.runtime.comm import free_port
     from megatron_amopo.training.optimizer import build_optimizer
     from megatron_amopo.training.step import forward_step
 

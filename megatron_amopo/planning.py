@@ -53,7 +53,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Optional
 
-from megatron_amopo.model.architectures import ModelArch
+from megatron_amopo.model.architectures import ModelArch, validate_layout
 from megatron_amopo.objective.logprobs import DEFAULT_CHUNK_BYTES
 
 LOGPROB_CHUNK_BYTES = DEFAULT_CHUNK_BYTES["cuda"]  # plans are for GPUs
@@ -65,16 +65,6 @@ TIGHT = 0.9  # fraction of the usable memory above which a layout counts as tigh
 
 # ---------------------------------------------------------------------------
 # Parameters: exact shapes of one rank's shard
-
-
-def check_layout(arch: ModelArch, tp: int, pp: int) -> None:
-    """The divisibility rules Megatron-Core enforces, as one ValueError."""
-    for what, n in (("num_attention_heads", arch.num_attention_heads),
-                    ("num_query_groups", arch.num_query_groups), ("vocab_size", arch.vocab_size)):
-        if n % tp:
-            raise ValueError(f"TP {tp} does not divide {what} = {n}")
-    if arch.num_layers % pp:
-        raise ValueError(f"PP {pp} does not divide num_layers = {arch.num_layers} (Megatron splits layers evenly)")
 
 
 def _layer_shapes(arch: ModelArch, tp: int) -> list[tuple[str, tuple[int, ...], bool]]:
@@ -97,7 +87,7 @@ def _layer_shapes(arch: ModelArch, tp: int) -> list[tuple[str, tuple[int, ...], 
 
 def rank_parameter_shapes(arch: ModelArch, tp: int, pp: int, pp_rank: int) -> dict[str, tuple[tuple[int, ...], bool]]:
     """{local parameter name: (shape, replicated over TP)} of any TP rank of stage ``pp_rank``."""
-    check_layout(arch, tp, pp)
+    validate_layout(arch, tp, pp)
     if not 0 <= pp_rank < pp:
         raise ValueError(f"pipeline rank {pp_rank} out of range for PP {pp}")
     h, v = arch.hidden_size, arch.vocab_size // tp
@@ -299,7 +289,7 @@ def candidate_layouts(arch: ModelArch, work: Workload, num_gpus: int, gpus_per_n
     for tp in _divisors(min(num_gpus, gpus_per_node)):
         for pp in _divisors(num_gpus // tp) if num_gpus % tp == 0 else []:
             try:
-                check_layout(arch, tp, pp)
+                validate_layout(arch, tp, pp)
             except ValueError:
                 continue
             dp = num_gpus // (tp * pp)

@@ -32,16 +32,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_amopo.config import ParallelConfig
     from megatron_amopo.convert.check import check_against_hf, report_check
     from megatron_amopo.convert.hf_to_megatron import convert_hf_to_megatron, plan_import
     from megatron_amopo.convert.runtime import check_output_dir, single_process_distributed
-    from megatron_amopo.model.provider import validate_layout
+    from megatron_amopo.model.architectures import validate_layout
 
     plan = plan_import(args.hf_path)  # every input check before the model is built
     check_output_dir(args.save, args.overwrite)
-    validate_layout(plan.arch, ParallelConfig(tensor_model_parallel_size=args.target_tensor_parallel_size,
-                                              pipeline_model_parallel_size=args.target_pipeline_parallel_size))
+    validate_layout(plan.arch, args.target_tensor_parallel_size, args.target_pipeline_parallel_size)
     with single_process_distributed():
         convert_hf_to_megatron(args.hf_path, args.save, overwrite=args.overwrite)
         print(f"wrote {args.save} ({plan.arch.model_type}, {plan.arch.num_layers} layers, {plan.dtype})")

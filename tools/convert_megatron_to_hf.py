@@ -4,7 +4,7 @@
 Example:
   python tools/convert_megatron_to_hf.py --load runs/amopo-qwen2 --save runs/amopo-qwen2-hf --check
 
-Reads any checkpoint in the layout of megatron_amopo/convert/checkpoint_io.py, saved
+Reads any checkpoint in the layout of megatron_amopo/checkpoint/store.py, saved
 at any TP/PP layout (the newest iteration unless --iteration), loads it at TP1/PP1
 on the CPU and writes sharded safetensors + index, config.json,
 generation_config.json and the tokenizer files; the result loads with
@@ -33,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> int:
     from megatron_amopo.convert.check import check_against_hf, report_check
-    from megatron_amopo.convert.checkpoint_io import read_model_metadata
+    from megatron_amopo.checkpoint.store import read_model_metadata
     from megatron_amopo.convert.hf_io import parse_size
     from megatron_amopo.convert.megatron_to_hf import convert_megatron_to_hf, resolve_iteration
     from megatron_amopo.convert.runtime import check_output_dir, single_process_distributed

@@ -31,10 +31,11 @@ def main(argv=None) -> int:
 
     from megatron.core import parallel_state as ps
 
-    from megatron_amopo.convert.checkpoint_io import load_model_state, read_model_metadata
+    from megatron_amopo.checkpoint.store import load_model_state, read_model_metadata
     from megatron_amopo.data.tokenization import load_tokenizer, tokenizer_fingerprint
     from megatron_amopo.model.build import build_model
     from megatron_amopo.model.sharding import unwrap
+    from megatron_amopo.runtime.comm import is_rank0
     from megatron_amopo.runtime.distributed import destroy_distributed, initialize_distributed, set_seed
     from megatron_amopo.training import data as tdata
     from megatron_amopo.training.loop import evaluate_split, format_eval, log0, run_transformer_config
@@ -61,18 +62,12 @@ def main(argv=None) -> int:
         values = evaluate_split(model, step, split, plan, cfg.training, pair_names)
         values["iteration"] = iteration
         log0(format_eval(values, pair_names, f"eval {cfg.checkpoint.load} @ iter {iteration}"))
-        if cfg.checkpoint.load and args.output and torch_rank0():
+        if cfg.checkpoint.load and args.output and is_rank0():
             with open(args.output, "w") as fh:
                 json.dump(values, fh, indent=1)
     finally:
         destroy_distributed()
     return 0
-
-
-def torch_rank0() -> bool:
-    import torch.distributed as dist
-
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def load_arch(path: str):
     from megatron_amopo.model.architectures import arch_from_hf_config, load_hf_config
 
     if os.path.isfile(os.path.join(path, "amopo_model.json")):
-        from megatron_amopo.convert.checkpoint_io import read_model_metadata
+        from megatron_amopo.checkpoint.store import read_model_metadata
 
         return read_model_metadata(path).arch
     return arch_from_hf_config(load_hf_config(path))

@@ -98,15 +98,15 @@ def check_against_hf(hf_dir: str, root: str, iteration: Optional[int] = None) ->
     (unpadded and left-padded). Needs Megatron at TP1/PP1. Holds both models."""
     from transformers import AutoModelForCausalLM
 
-    from megatron_amopo.convert import checkpoint_io
+    from megatron_amopo.checkpoint import store
     from megatron_amopo.convert.runtime import build_full_model
 
     from megatron_amopo.runtime.distributed import set_seed
 
     set_seed(1234)  # Megatron's attention forks its model-parallel RNG stream (dropout is off)
-    meta = checkpoint_io.read_model_metadata(root)
+    meta = store.read_model_metadata(root)
     model = build_full_model(meta.arch, torch.float32)
-    it = checkpoint_io.load_model_state(model, root, iteration)
+    it = store.load_model_state(model, root, iteration)
     model.eval()
     seqs = prompt_token_ids(meta.tokenizer_dir, meta.arch.vocab_size)
     got = megatron_logits(model, seqs)

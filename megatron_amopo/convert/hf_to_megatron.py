@@ -1,9 +1,9 @@
-"""Hugging Face model directory -> checkpoint root (``checkpoint_io`` layout), streamed.
+"""Hugging Face model directory -> checkpoint root (``checkpoint.store`` layout), streamed.
 
 One TP1/PP1 ``GPTModel`` is built with uninitialised parameters and each HF tensor
 is read, transformed and copied into it on its own, so the process holds the model
 once plus one tensor group (e.g. q, k, v of one layer). ``dist_checkpointing`` then
-writes it; any layout loads it back (``checkpoint_io.load_model_state``).
+writes it; any layout loads it back (``store.load_model_state``).
 """
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ from typing import Optional
 
 import torch
 
-from megatron_amopo.convert import checkpoint_io
+from megatron_amopo.checkpoint import store
 from megatron_amopo.convert.common import TRANSFORMS, Entry, dtype_name, expand, resolve_param_name
 from megatron_amopo.convert.hf_io import HFWeights
 from megatron_amopo.convert.registry import table_for
-from megatron_amopo.convert.runtime import build_full_model, check_output_dir, is_rank0, publish, start_staging
+from megatron_amopo.convert.runtime import build_full_model, check_output_dir, publish, start_staging
+from megatron_amopo.runtime.comm import is_rank0
 from megatron_amopo.model.architectures import ModelArch, arch_from_hf_config, load_hf_config
 
 # HF tensors that are not parameters (older checkpoints store RoPE buffers).
@@ -102,9 +103,9 @@ def convert_hf_to_megatron(hf_path: str, save_path: str, *, overwrite: bool = Fa
     model = build_full_model(plan.arch, plan.dtype)
     fill_model(model, plan)
     tmp = start_staging(save_path)
-    checkpoint_io.save_model_state(model, tmp, 0)
+    store.save_model_state(model, tmp, 0)
     if is_rank0():
-        checkpoint_io.write_model_metadata(
+        store.write_model_metadata(
             tmp, plan.arch, plan.hf_config, hf_path,
             source={"hf_path": os.path.abspath(hf_path), "params_dtype": dtype_name(plan.dtype),
                     "tool": "convert_hf_to_megatron"},

@@ -13,23 +13,24 @@ from typing import Optional
 
 import torch
 
-from megatron_amopo.convert import checkpoint_io
+from megatron_amopo.checkpoint import store
 from megatron_amopo.convert.common import TRANSFORMS, Entry, config_dtype, expand, resolve_param_name
 from megatron_amopo.convert.hf_io import PlannedTensor, parse_size, write_sharded_safetensors
 from megatron_amopo.convert.registry import table_for
-from megatron_amopo.convert.runtime import build_full_model, check_output_dir, is_rank0, publish, start_staging
+from megatron_amopo.convert.runtime import build_full_model, check_output_dir, publish, start_staging
+from megatron_amopo.runtime.comm import is_rank0
 from megatron_amopo.model.architectures import ModelArch
 
 
 def resolve_iteration(root: str, iteration: Optional[int]) -> int:
     """The requested iteration, or the newest; errors name what is missing."""
     if iteration is None:
-        iteration = checkpoint_io.latest_iteration(root)
+        iteration = store.latest_iteration(root)
         if iteration is None:
-            raise FileNotFoundError(f"no checkpoint at {root}: {checkpoint_io.LATEST_FILE} is missing")
-    problem = checkpoint_io.checkpoint_problem(checkpoint_io.iteration_dir(root, iteration))
+            raise FileNotFoundError(f"no checkpoint at {root}: {store.LATEST_FILE} is missing")
+    problem = store.checkpoint_problem(store.iteration_dir(root, iteration))
     if problem is not None:
-        raise RuntimeError(f"corrupt or partial checkpoint {checkpoint_io.iteration_dir(root, iteration)}: {problem}")
+        raise RuntimeError(f"corrupt or partial checkpoint {store.iteration_dir(root, iteration)}: {problem}")
     return iteration
 
 
@@ -53,19 +54,19 @@ class _Producer:
         return self._cached[1][j].to(self.dtype)
 
 
-def _generation_config(meta: checkpoint_io.ModelMetadata) -> dict:
+def _generation_config(meta: store.ModelMetadata) -> dict:
     if meta.generation_config is not None:
         return meta.generation_config
     keys = ("bos_token_id", "eos_token_id", "pad_token_id")
     return {"_from_model_config": True, **{k: meta.hf_config[k] for k in keys if meta.hf_config.get(k) is not None}}
 
 
-def _write_side_files(out: str, meta: checkpoint_io.ModelMetadata) -> None:
+def _write_side_files(out: str, meta: store.ModelMetadata) -> None:
     for name, obj in (("config.json", meta.hf_config), ("generation_config.json", _generation_config(meta))):
         with open(os.path.join(out, name), "w") as fh:
             json.dump(obj, fh, indent=2)
             fh.write("\n")
-    for f in checkpoint_io.tokenizer_files(meta.tokenizer_dir):
+    for f in store.tokenizer_files(meta.tokenizer_dir):
         shutil.copy2(f, os.path.join(out, os.path.basename(f)))
 
 
@@ -79,7 +80,7 @@ def convert_megatron_to_hf(
 ) -> int:
     """Write ``save_path`` from the checkpoint root ``load_path``; returns the iteration exported.
     Collective over the default group (TP1/PP1 on every rank); rank 0 writes the files."""
-    meta = checkpoint_io.read_model_metadata(load_path)
+    meta = store.read_model_metadata(load_path)
     arch = meta.arch
     entries = expand(table_for(arch.model_type), arch)
     iteration = resolve_iteration(load_path, iteration)
@@ -87,7 +88,7 @@ def convert_megatron_to_hf(
     dtype = config_dtype(meta.hf_config)
     check_output_dir(save_path, overwrite)
     model = build_full_model(arch, dtype)
-    checkpoint_io.load_model_state(model, load_path, iteration)
+    store.load_model_state(model, load_path, iteration)
     plan = [PlannedTensor(n, s, dtype) for e in entries for n, s in zip(e.hf_names, e.hf_shapes)]
     tmp = start_staging(save_path)
     if is_rank0():

@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 from typing import Iterator
 
 import torch
@@ -12,6 +11,7 @@ import torch.distributed as dist
 
 from megatron_amopo.config import ParallelConfig
 from megatron_amopo.model.architectures import ModelArch
+from megatron_amopo.runtime.comm import barrier, free_port, is_rank0
 
 
 @contextlib.contextmanager
@@ -25,10 +25,7 @@ def single_process_distributed() -> Iterator[None]:
         return
     from megatron_amopo.runtime.distributed import DistEnv, destroy_distributed, initialize_distributed
 
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=port)
+    env = DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=free_port())
     initialize_distributed(ParallelConfig(distributed_backend="gloo"), env)
     try:
         yield
@@ -55,15 +52,6 @@ def build_full_model(arch: ModelArch, dtype: torch.dtype):
         masked_softmax_fusion=False,
     )
     return model_provider(arch, config, pre_process=True, post_process=True, use_te=False)
-
-
-def is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def check_output_dir(path: str, overwrite: bool) -> None:

@@ -13,8 +13,7 @@ from typing import Optional
 
 import torch
 
-from megatron_amopo.convert.checkpoint_io import tokenizer_files
-from megatron_amopo.testing.tiny import tiny_hf_config
+from megatron_amopo.checkpoint.store import tokenizer_files
 
 # Qwen2.5-0.5B's shape (config.json of Qwen/Qwen2.5-0.5B): 494M parameters, tied embeddings.
 QWEN25_05B = dict(
@@ -24,6 +23,28 @@ QWEN25_05B = dict(
 # Llama 3.1's RoPE scaling (rope_type llama3), the only scaling Megatron-Core implements.
 LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                    original_max_position_embeddings=8192)
+
+
+def tiny_hf_config(model_type: str = "qwen2", **overrides) -> dict:
+    """A Hugging Face config.json dict for a tiny model of the given family."""
+    cfg = dict(
+        model_type=model_type,
+        architectures=[{"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}[model_type]],
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        hidden_act="silu",
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    cfg.update(overrides)
+    return cfg
 
 
 @torch.no_grad()

@@ -125,3 +125,27 @@ def load_hf_config(path: str) -> dict:
         raise FileNotFoundError(f"no Hugging Face config.json at {path}")
     with open(file) as fh:
         return json.load(fh)
+
+
+def validate_layout(arch: ModelArch, tp: int, pp: int) -> None:
+    """The TP/PP sizes this model can take (Megatron-Core's divisibility rules), as one ValueError.
+
+    The one layout check of the package: the model provider, the planner, the dry run and
+    the converters all call it.
+    """
+    for what, n in (
+        ("num_attention_heads", arch.num_attention_heads),
+        ("num_query_groups (num_key_value_heads)", arch.num_query_groups),
+        ("vocab_size", arch.vocab_size),
+    ):
+        if n % tp:
+            raise ValueError(
+                f"tensor-model-parallel size {tp} does not divide {what} = {n} of this {arch.model_type} model; "
+                f"choose a TP size that divides {n}"
+            )
+    if arch.num_layers % pp:
+        ok = [d for d in range(1, arch.num_layers + 1) if arch.num_layers % d == 0]
+        raise ValueError(
+            f"pipeline-model-parallel size {pp} does not divide num_layers = {arch.num_layers} of this "
+            f"{arch.model_type} model (Megatron-Core gives every stage the same number of layers); choose PP in {ok}"
+        )

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_amopo.config import ParallelConfig
-from megatron_amopo.model.architectures import ModelArch
+from megatron_amopo.model.architectures import ModelArch, validate_layout
 
 
 @functools.lru_cache(maxsize=1)
@@ -51,26 +51,6 @@ def compiled_fusions_available() -> bool:
     return True
 
 
-def validate_layout(arch: ModelArch, parallel: ParallelConfig) -> None:
-    """Errors for layouts this model cannot take, raised before any work."""
-    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
-    for what, n in (
-        ("num_attention_heads", arch.num_attention_heads),
-        ("num_query_groups (num_key_value_heads)", arch.num_query_groups),
-        ("vocab_size", arch.vocab_size),
-    ):
-        if n % tp:
-            raise ValueError(
-                f"tensor-model-parallel size {tp} does not divide {what} = {n} of this {arch.model_type} model; "
-                f"choose a TP size that divides {n}"
-            )
-    if pp > arch.num_layers:
-        raise ValueError(
-            f"pipeline-model-parallel size {pp} is greater than the number of layers ({arch.num_layers}); "
-            f"use at most {arch.num_layers} stages"
-        )
-
-
 def transformer_config(
     arch: ModelArch,
     parallel: ParallelConfig,
@@ -83,7 +63,7 @@ def transformer_config(
     """Build Megatron-Core's ``TransformerConfig`` for ``arch`` at ``parallel``."""
     from megatron.core.transformer import TransformerConfig
 
-    validate_layout(arch, parallel)
+    validate_layout(arch, parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size)
     cuda = torch.cuda.is_available()
     dtype = params_dtype or (torch.bfloat16 if cuda else torch.float32)
     fused = cuda and transformer_engine_available()

@@ -11,7 +11,7 @@ parameter follows the attributes Megatron-Core sets on it (``tensor_model_parall
 from __future__ import annotations
 
 import re
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -19,7 +19,8 @@ import torch.distributed as dist
 _LAYER_RE = re.compile(r"^(.*?layers\.)(\d+)(\..*)$")
 
 
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+def unwrap(module: torch.nn.Module) -> Any:
+    """The Megatron module inside DDP / Float16Module wrappers (typed Any: its attributes are Megatron's)."""
     while hasattr(module, "module"):
         module = module.module
     return module

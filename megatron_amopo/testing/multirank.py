@@ -15,10 +15,11 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
-import socket
 import time
 import traceback
 from typing import Any, Callable
+
+from megatron_amopo.runtime.comm import free_port
 
 # A rank that failed leaves its peers blocked in collectives; give them this long
 # to fail on their own before they are killed.
@@ -27,12 +28,6 @@ _GRACE_AFTER_FAILURE_S = 5.0
 
 class MultiRankError(RuntimeError):
     """One or more ranks failed or timed out."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(fn, rank, world_size, port, out_q, args, kwargs, env) -> None:

@@ -1,34 +1,13 @@
-"""Tiny architectures and deterministic weights for tests and examples."""
+"""Tiny architectures and deterministic weights for tests."""
 from __future__ import annotations
 
 import zlib
 
 import torch
 
+from megatron_amopo.convert.tiny_hf import tiny_hf_config
 from megatron_amopo.model.architectures import ModelArch, arch_from_hf_config
 from megatron_amopo.model.sharding import local_parameters, tp_split_dim
-
-
-def tiny_hf_config(model_type: str = "qwen2", **overrides) -> dict:
-    """A Hugging Face config.json dict for a tiny model of the given family."""
-    cfg = dict(
-        model_type=model_type,
-        architectures=[{"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}[model_type]],
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=512,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-6,
-        rope_theta=10000.0,
-        hidden_act="silu",
-        tie_word_embeddings=False,
-        torch_dtype="float32",
-    )
-    cfg.update(overrides)
-    return cfg
 
 
 def tiny_arch(model_type: str = "qwen2", **overrides) -> ModelArch:

@@ -1,7 +1,7 @@
 """Training checkpoints: model, optimizer, scheduler, progress and RNG in one
 ``dist_checkpointing`` save, written atomically.
 
-Directory layout (shared with the converters, see ``convert/checkpoint_io.py``)::
+Directory layout (shared with the converters, see ``checkpoint/store.py``)::
 
     ROOT/amopo_model.json                   architecture + HF config (from conversion)
     ROOT/latest_checkpointed_iteration.txt  newest complete iteration
@@ -26,9 +26,9 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_amopo.convert.checkpoint_io import MARKER, atomic_save, checkpoint_problem, iteration_dir, latest_iteration
-from megatron_amopo.convert.runtime import barrier, is_rank0
+from megatron_amopo.checkpoint.store import MARKER, atomic_save, checkpoint_problem, iteration_dir, latest_iteration
 from megatron_amopo.model.sharding import unwrap
+from megatron_amopo.runtime.comm import barrier, is_rank0
 
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
 SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}

@@ -28,7 +28,7 @@ import torch
 
 from megatron_amopo import planning
 from megatron_amopo.config import RunConfig, run_arg_parser, run_config_from_args
-from megatron_amopo.model.architectures import ModelArch, arch_from_hf_config, load_hf_config
+from megatron_amopo.model.architectures import ModelArch, arch_from_hf_config, load_hf_config, validate_layout
 
 GiB = planning.GiB
 
@@ -54,7 +54,7 @@ def resolve_arch(hf_config: Optional[str], load: Optional[str]) -> ModelArch:
     if hf_config:
         return arch_from_hf_config(load_hf_config(hf_config))
     if load:
-        from megatron_amopo.convert.checkpoint_io import read_model_metadata
+        from megatron_amopo.checkpoint.store import read_model_metadata
 
         return read_model_metadata(load).arch
     raise ValueError("--dry-run needs the model: give --hf-config PATH or --load CKPT (with amopo_model.json)")
@@ -153,9 +153,7 @@ def run(ours: argparse.Namespace, cfg: RunConfig) -> dict:
 
     arch = resolve_arch(ours.hf_config, cfg.checkpoint.load)
     ranks = resolve_ranks(ours.rank, ours.world_size, cfg)
-    from megatron_amopo.model.provider import validate_layout
-
-    validate_layout(arch, cfg.parallel)
+    validate_layout(arch, cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
     dims = ours.num_dimensions or (len(cfg.data.dimensions) if cfg.data.dimensions else 3)
     work, layout = workload_and_layout(cfg, ours.world_size, dims)
     tp, pp = layout.tp, layout.pp

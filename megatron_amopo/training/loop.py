@@ -19,10 +19,11 @@ import torch
 import torch.distributed as dist
 
 from megatron_amopo.config import RunConfig
-from megatron_amopo.convert.checkpoint_io import METADATA_FILE, read_model_metadata, write_model_metadata
+from megatron_amopo.checkpoint.store import METADATA_FILE, read_model_metadata, write_model_metadata
 from megatron_amopo.model.build import build_model, check_wiring
 from megatron_amopo.model.provider import transformer_config
 from megatron_amopo.objective.amopo import PAIR_METRIC_NAMES
+from megatron_amopo.runtime.comm import is_rank0
 from megatron_amopo.training import checkpoint as ckpt
 from megatron_amopo.training import data as tdata
 from megatron_amopo.training.metrics import MetricsWriter, format_line, reduce_reports, summarize
@@ -49,7 +50,7 @@ class StopRequested:
 
 
 def log0(msg: str) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if is_rank0():
         print(msg, flush=True)
 
 

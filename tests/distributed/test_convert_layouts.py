@@ -42,7 +42,7 @@ def _one_model(hf_dir: str, work: str, seqs: list[list[int]], check_errors: bool
 
     from megatron_amopo.config import ParallelConfig
     from megatron_amopo.convert.check import megatron_logits
-    from megatron_amopo.convert.checkpoint_io import load_model_state, save_model_state, write_model_metadata
+    from megatron_amopo.checkpoint.store import load_model_state, save_model_state, write_model_metadata
     from megatron_amopo.convert.hf_to_megatron import convert_hf_to_megatron
     from megatron_amopo.convert.megatron_to_hf import convert_megatron_to_hf
     from megatron_amopo.model.provider import build_model_stage, transformer_config

@@ -13,7 +13,7 @@ import shutil
 import pytest
 import torch
 
-from megatron_amopo.convert import checkpoint_io
+from megatron_amopo.checkpoint import store
 from megatron_amopo.convert.hf_to_megatron import plan_import
 from megatron_amopo.convert.tiny_hf import make_tiny_hf_model
 
@@ -93,7 +93,7 @@ def test_non_empty_output_needs_overwrite(hf_sharded, tmp_path, capsys):
     [
         ("--target-tensor-parallel-size", 3, "tensor-model-parallel size 3 does not divide num_attention_heads = 4"),
         ("--target-tensor-parallel-size", 4, "does not divide num_query_groups (num_key_value_heads) = 2"),
-        ("--target-pipeline-parallel-size", 8, "greater than the number of layers (4)"),
+        ("--target-pipeline-parallel-size", 3, "pipeline-model-parallel size 3 does not divide num_layers = 4"),
     ],
 )
 def test_layout_the_model_cannot_take(hf_sharded, tmp_path, capsys, flag, value, message):
@@ -131,7 +131,7 @@ def fake_root(tmp_path):
 
     cfg = tiny_hf_config("llama")
     root = tmp_path / "ckpt"
-    checkpoint_io.write_model_metadata(str(root), arch_from_hf_config(cfg), cfg, None)
+    store.write_model_metadata(str(root), arch_from_hf_config(cfg), cfg, None)
     it = root / "iter_0000000"
     it.mkdir()
     (it / "__0_0.distcp").write_bytes(b"0123456789")
@@ -139,29 +139,29 @@ def fake_root(tmp_path):
 
 
 def test_metadata_roundtrip_and_corruption(fake_root):
-    meta = checkpoint_io.read_model_metadata(str(fake_root))
+    meta = store.read_model_metadata(str(fake_root))
     assert meta.arch.model_type == "llama" and meta.tokenizer_dir is None
-    assert checkpoint_io.latest_iteration(str(fake_root)) is None
+    assert store.latest_iteration(str(fake_root)) is None
     raw = json.loads((fake_root / "amopo_model.json").read_text())
     raw["architecture"]["num_layers"] = 2
     (fake_root / "amopo_model.json").write_text(json.dumps(raw))
     with pytest.raises(ValueError, match="'architecture' disagrees with 'hf_config'"):
-        checkpoint_io.read_model_metadata(str(fake_root))
+        store.read_model_metadata(str(fake_root))
     (fake_root / "amopo_model.json").write_text("{not json")
     with pytest.raises(ValueError, match="corrupt .*amopo_model.json"):
-        checkpoint_io.read_model_metadata(str(fake_root))
+        store.read_model_metadata(str(fake_root))
 
 
 def test_export_refuses_missing_and_partial_checkpoints(fake_root, tmp_path, capsys):
     out = tmp_path / "hf-out"
     rc, err = _run(capsys, "convert_megatron_to_hf", "--load", fake_root, "--save", out)
     assert rc == 2 and "latest_checkpointed_iteration.txt is missing" in err
-    checkpoint_io.write_latest_iteration(str(fake_root), 0)
+    store.write_latest_iteration(str(fake_root), 0)
     rc, err = _run(capsys, "convert_megatron_to_hf", "--load", fake_root, "--save", out)
     assert rc == 2 and "corrupt or partial checkpoint" in err and "no amopo_complete.json" in err
     it = fake_root / "iter_0000000"
-    checkpoint_io.write_completion_marker(str(it), "model")
-    assert checkpoint_io.checkpoint_problem(str(it)) is None
+    store.write_completion_marker(str(it), "model")
+    assert store.checkpoint_problem(str(it)) is None
     (it / "__0_0.distcp").write_bytes(b"012")  # truncated after the save finished
     rc, err = _run(capsys, "convert_megatron_to_hf", "--load", fake_root, "--save", out)
     assert rc == 2 and "file __0_0.distcp has 3 bytes, expected 10" in err

@@ -9,7 +9,7 @@ import torch
 
 from megatron_amopo.config import OptimizerConfig, ParallelConfig, TrainingConfig
 from megatron_amopo.model.provider import compiled_fusions_available, transformer_config
-from megatron_amopo.testing.multirank import free_port
+from megatron_amopo.runtime.comm import free_port
 from megatron_amopo.testing.tiny import tiny_arch
 
 CUDA = torch.cuda.is_available()

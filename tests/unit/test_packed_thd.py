@@ -14,7 +14,7 @@ from megatron_amopo.config import AmopoConfig, ParallelConfig
 from megatron_amopo.data.batch import build_micro_batch
 from megatron_amopo.training.packed import cu_seqlens_from_segments, packed_seq_params_from_batch, to_thd
 from megatron_amopo.training.step import loss_func
-from megatron_amopo.testing.multirank import free_port
+from megatron_amopo.runtime.comm import free_port
 
 VOCAB, SEQ = 512, 40
 

@@ -101,9 +101,9 @@ def test_plan_respects_memory_and_nodes_and_ranks_cheapest_first():
 
 def test_bad_layouts():
     a = arch("qwen2.5-7b")
-    with pytest.raises(ValueError, match="TP 8 does not divide num_attention_heads = 28"):
+    with pytest.raises(ValueError, match="tensor-model-parallel size 8 does not divide num_attention_heads = 28"):
         planning.rank_parameter_shapes(a, 8, 1, 0)
-    with pytest.raises(ValueError, match="PP 3 does not divide num_layers = 28"):
+    with pytest.raises(ValueError, match="pipeline-model-parallel size 3 does not divide num_layers = 28"):
         planning.rank_parameter_shapes(a, 1, 3, 0)
     with pytest.raises(ValueError, match="pipeline rank 2 out of range for PP 2"):
         planning.rank_parameter_shapes(a, 1, 2, 2)

@@ -6,7 +6,7 @@ import torch
 
 from megatron_amopo.config import ParallelConfig
 from megatron_amopo.model.architectures import arch_from_hf_config
-from megatron_amopo.model.provider import validate_layout
+from megatron_amopo.model.architectures import validate_layout
 from megatron_amopo.runtime import cpu_compat
 from megatron_amopo.runtime.distributed import DistEnv, initialize_distributed
 from megatron_amopo.testing.tiny import tiny_arch, tiny_hf_config
@@ -30,18 +30,18 @@ def test_context_parallel_refused_on_cpu():
     [
         (10, 4, 1, r"tensor-model-parallel size 4 does not divide num_attention_heads = 10"),
         (12, 4, 1, r"tensor-model-parallel size 4 does not divide num_query_groups \(num_key_value_heads\) = 2"),
-        (12, 1, 5, r"pipeline-model-parallel size 5 is greater than the number of layers \(4\)"),
+        (12, 1, 3, r"pipeline-model-parallel size 3 does not divide num_layers = 4 .* choose PP in \[1, 2, 4\]"),
     ],
 )
 def test_layout_the_model_cannot_take(heads, tp, pp, match):
     arch = tiny_arch(num_attention_heads=heads, num_key_value_heads=2, hidden_size=8 * heads)
     with pytest.raises(ValueError, match=match):
-        validate_layout(arch, ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
+        validate_layout(arch, tp, pp)
 
 
 def test_vocab_not_divisible_by_tp():
     with pytest.raises(ValueError, match="does not divide vocab_size = 511"):
-        validate_layout(tiny_arch(vocab_size=511), ParallelConfig(tensor_model_parallel_size=2))
+        validate_layout(tiny_arch(vocab_size=511), 2, 1)
 
 
 def test_sequence_parallel_needs_tp():

@@ -14,7 +14,7 @@ from megatron_amopo.config import ParallelConfig
 from megatron_amopo.data.batch import attention_mask_from_segments
 from megatron_amopo.model.attention import SDPAttention
 from megatron_amopo.model.provider import layer_spec, model_provider, transformer_config
-from megatron_amopo.testing.multirank import free_port
+from megatron_amopo.runtime.comm import free_port
 from megatron_amopo.testing.tiny import tiny_arch
 
 S, B, N, G, H = 12, 3, 4, 2, 8

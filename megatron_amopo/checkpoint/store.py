@@ -1,4 +1,4 @@
-"""The checkpoint directory layout shared by the converters and training.
+"""The checkpoint directory layout shared by training, evaluation and the converters.
 
     ROOT/amopo_model.json                   {"format_version": 1, "architecture": ModelArch, "hf_config": {...},
                                              "tokenizer_dir": "tokenizer" | null, "source": {...}}
@@ -21,11 +21,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
-from megatron_amopo.convert.runtime import barrier as _barrier
-from megatron_amopo.convert.runtime import is_rank0 as _rank0
 from megatron_amopo.model.architectures import ModelArch, arch_from_hf_config
+from megatron_amopo.model.sharding import unwrap
+from megatron_amopo.runtime.comm import any_rank, barrier, is_rank0
 
 FORMAT_VERSION = 1
 METADATA_FILE = "amopo_model.json"
@@ -100,7 +99,7 @@ def write_model_metadata(
     generation_config: Optional[dict] = None,
 ) -> None:
     """Write ``amopo_model.json`` and copy the tokenizer files (global rank 0 only, no collective)."""
-    if not _rank0():
+    if not is_rank0():
         return
     if arch_from_hf_config(hf_config) != arch:
         raise ValueError("architecture does not match the HF config it is written with")
@@ -186,21 +185,6 @@ def checkpoint_problem(path: str) -> Optional[str]:
     return None
 
 
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(module, "module"):
-        module = module.module
-    return module
-
-
-def _any_rank(flag: bool) -> bool:
-    """True on every rank if ``flag`` is true on one (so that all ranks raise together)."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([int(flag)], device="cuda" if torch.cuda.is_available() else "cpu")
-    dist.all_reduce(t)
-    return bool(t.item())
-
-
 def atomic_save(sharded_state_dict: dict, root: str, iteration: int, kind: str, extra: Optional[dict] = None,
                 content_metadata: Optional[dict] = None) -> str:
     """``dist_checkpointing.save`` into ``.tmp_iter_NNNNNNN``, completion marker, rename, then the
@@ -208,31 +192,31 @@ def atomic_save(sharded_state_dict: dict, root: str, iteration: int, kind: str, 
     from megatron.core import dist_checkpointing
 
     final, tmp = iteration_dir(root, iteration), _tmp_iteration_dir(root, iteration)
-    if _rank0():
+    if is_rank0():
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    _barrier()
+    barrier()
     dist_checkpointing.save(sharded_state_dict, tmp, content_metadata=content_metadata)
-    _barrier()
-    if _rank0():
+    barrier()
+    if is_rank0():
         write_completion_marker(tmp, kind, {"iteration": iteration, **(extra or {})})
         if os.path.isdir(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
         write_latest_iteration(root, iteration)
-    _barrier()
+    barrier()
     return final
 
 
 def save_model_state(model_chunk: torch.nn.Module, root: str, iteration: int) -> str:
     """Save ``{"model": model_chunk.sharded_state_dict()}`` as ``iter_NNNNNNN`` (collective)."""
-    return atomic_save({"model": model_chunk.sharded_state_dict()}, root, iteration, "model")
+    return atomic_save({"model": unwrap(model_chunk).sharded_state_dict()}, root, iteration, "model")
 
 
 def model_arch_mismatches(model_chunk: torch.nn.Module, arch: ModelArch) -> list[str]:
     """Fields on which a built ``GPTModel`` stage disagrees with ``arch``."""
-    inner = _unwrap(model_chunk)
+    inner = unwrap(model_chunk)
     cfg = inner.config
     have = dict(
         num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
@@ -279,11 +263,11 @@ def load_model_state(
         raise RuntimeError(f"corrupt or partial checkpoint {path}: {problem}")
     try:
         loaded, _, not_in_ckpt = dist_checkpointing.load(
-            {"model": model_chunk.sharded_state_dict()}, path, strict="return_all"
+            {"model": unwrap(model_chunk).sharded_state_dict()}, path, strict="return_all"
         )
     except Exception as e:  # torch DCP / Megatron raise many types for damaged files
         raise RuntimeError(f"corrupt or partial checkpoint {path}: {type(e).__name__}: {e}") from e
-    if strict and _any_rank(bool(not_in_ckpt)):
+    if strict and any_rank(bool(not_in_ckpt)):
         raise RuntimeError(f"checkpoint {path} lacks tensors the model needs: {sorted(not_in_ckpt)[:8]}")
-    _unwrap(model_chunk).load_state_dict(loaded["model"], strict=strict)
+    unwrap(model_chunk).load_state_dict(loaded["model"], strict=strict)
     return iteration

@@ -1,0 +1,1 @@
+"""The checkpoint directory format shared by training, evaluation and conversion (see store.py)."""
