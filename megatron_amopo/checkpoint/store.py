@@ -1,16 +1,8 @@
-"""The checkpoint directory layout shared by training, evaluation and the converters.
+"""The checkpoint directory format shared by training, evaluation and the converters.
 
-    ROOT/amopo_model.json                   {"format_version": 1, "architecture": ModelArch, "hf_config": {...},
-                                             "tokenizer_dir": "tokenizer" | null, "source": {...}}
-    ROOT/tokenizer/                         tokenizer files copied from the HF model directory
-    ROOT/latest_checkpointed_iteration.txt  newest complete iteration (Megatron-LM convention)
-    ROOT/iter_0000000/                      dist_checkpointing (torch_dist) save; key "model" holds
-                                            model.sharded_state_dict(); training adds "optimizer", ...
-    ROOT/iter_NNNNNNN/amopo_complete.json   completion marker: kind and every file with its size
-
-Saves are atomic: ``ROOT/.tmp_iter_NNNNNNN`` is written, marked complete, renamed,
-and only then does the ``latest`` file move. Collective functions (``save_model_state``,
-``load_model_state``) run on every rank; file writes happen on global rank 0.
+Saves are atomic (temporary directory, completion marker, rename, then the ``latest`` file).
+Collective functions run on every rank; file writes happen on global rank 0. The layout is drawn
+in docs/DESIGN.md, "Checkpoints".
 """
 from __future__ import annotations
 

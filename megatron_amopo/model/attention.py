@@ -1,26 +1,8 @@
-"""Core attention for the local (non-Transformer-Engine) layer spec, through PyTorch's fused
-``scaled_dot_product_attention`` (SDPA).
+"""Core attention for the local layer spec through PyTorch's ``scaled_dot_product_attention``.
 
-Megatron-Core's local spec uses ``DotProductAttention``: an explicit [b, np, sq, sk] score
-matrix, a masked softmax and a second batched matmul. ``SDPAttention`` replaces it where TE
-is absent (``megatron_amopo.model.provider.layer_spec``): on GPU, SDPA picks the flash kernel
-for causal attention and the memory-efficient kernel for an explicit mask, neither of which
-stores the score matrix; on CPU it uses PyTorch's fused CPU kernel. It is a drop-in: same
-constructor arguments and the same ``forward`` signature that ``Attention.forward`` in
-megatron-core 0.16.1 calls ``core_attention`` with, the same inputs and output layout.
-
-Mask conventions (Megatron's): ``attention_mask`` is bool, broadcastable to [b, 1, sq, sk],
-True = masked. Given a mask, it alone decides what is attended (as in the unfused softmax
-path, ``FusedScaleMaskSoftmax.forward_torch_softmax``); without one, ``attn_mask_type``
-causal means a causal mask. A row of the mask that masks every key is not supported (the
-unfused path gives uniform weights there, SDPA gives NaN); ``data/batch.py`` never builds one.
-
-Packed THD input (``packed_seq_params.qkv_format == "thd"``, see ``training/packed.py``):
-q/k/v are [t, heads, hn] holding sequences end to end at ``cu_seqlens_q``; each sequence is
-attended causally on its own. On CUDA this is one call of PyTorch's variable-length flash
-attention (``torch.nn.attention.varlen.varlen_attn``, where the installed torch has it), which
-computes no block outside a sequence; elsewhere one causal SDPA call per sequence. With TE, the
-TE spec's fused attention takes THD directly instead.
+A drop-in for Megatron-Core's ``DotProductAttention`` where TE is absent: no stored score matrix,
+Megatron's mask convention (bool, True = masked), and packed THD input attended per sequence
+(variable-length flash attention on CUDA). See docs/DESIGN.md, "Attention without TE".
 
 Shape legend: sq/sk query/key positions, b rows, np query heads and ng query groups on this
 tensor-parallel rank, hn head size, hp = np * hn, t packed tokens.

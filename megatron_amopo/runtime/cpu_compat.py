@@ -1,36 +1,8 @@
-"""CPU compatibility layer for Megatron-Core 0.16 (applied only when CUDA is absent).
+"""CPU compatibility layer for Megatron-Core 0.16, applied only when CUDA is absent.
 
-Megatron-Core assumes a CUDA device in a handful of places. On a CPU-only machine
-(development, CI) ``apply()`` makes those places use the CPU instead; with CUDA
-present it does nothing, so GPU runs execute Megatron-Core unmodified. Each patch
-names the Megatron-Core calls it serves:
-
-1. ``torch.cuda.current_device()`` used as a device: rotary embeddings
-   (``RotaryEmbedding.get_emb``), p2p shape exchange and receive buffers
-   (``pipeline_parallel/p2p_communication.py``), TP gather buffers
-   (``tensor_parallel/mappings.py``, ``layers.py``), optimizer scalars. It returns
-   ``torch.device("cpu")`` here.
-2. Tensors allocated with ``device="cuda"`` or moved with ``.cuda()`` / ``.to("cuda")``:
-   token counters in ``schedules.py``, ``found_inf``/grad-norm scalars in
-   ``optimizer.py`` and ``clip_grads.py``, the distributed optimizer's checkpoint
-   gather, ``dist_checkpointing/exchange_utils.py``. A global
-   ``TorchFunctionMode`` rewrites those device requests to the CPU.
-3. Parameter type checks ``param.type() == "torch.cuda.FloatTensor"`` in
-   ``optimizer.py`` / ``distrib_optimizer.py``: the same mode reports the CUDA type
-   name for CPU floating tensors.
-4. ``torch.cuda.synchronize`` / ``empty_cache``: no-ops.
-5. The CUDA RNG states tracker (``tensor_parallel/random.py``): ``fork()``, ``add()``
-   and activation recompute's get/set of the RNG state act on the CPU default
-   generator, so dropout under ``get_cuda_rng_tracker().fork()`` and recompute
-   replay work the same way they do on GPU.
-6. ``WrappedTorchNorm`` refuses ``sequence_parallel``: it is built without the flag
-   and its parameters are tagged ``sequence_parallel`` so that
-   ``finalize_model_grads`` all-reduces their gradients over the TP group, exactly
-   as Megatron does for TE/Apex norms.
-
-Context parallelism needs TE attention and fused kernels (bias-activation,
-bias-dropout, cross-entropy fusion, RoPE fusion, gradient-accumulation fusion)
-need CUDA; ``megatron_amopo.model`` keeps them off on CPU rather than patching.
+Megatron-Core assumes a CUDA device in a handful of places; ``apply()`` points them at the CPU
+and does nothing when CUDA is present. Each patch below names the Megatron-Core calls it serves;
+docs/DESIGN.md, "The CPU compatibility layer", has the list.
 """
 from __future__ import annotations
 

@@ -1,25 +1,8 @@
-"""Megatron optimizer and learning-rate schedule, with two fixes for torch AdamW.
+"""Megatron optimizer and learning-rate schedule, with fixes for megatron-core's torch-AdamW fallback.
 
-Without TE or Apex, megatron-core 0.16.1 falls back to ``torch.optim.AdamW`` (CPU,
-and GPUs without TE/Apex). Two defects of that fallback are fixed here, for every
-device, in one place:
-
-1. ``DistributedOptimizer.load_state_dict`` gives every parameter's state the same
-   ``step`` tensor. torch AdamW increments ``step`` in place once per parameter, so
-   after a resume the shared counter runs ahead and the bias correction is wrong.
-   ``load_optimizer_state`` gives each parameter its own copy.
-2. Loading resharded (``fully_reshardable``) optimizer state builds the expected
-   state dict from the optimizer's current state; a fresh torch AdamW has no state
-   and no ``step`` yet, so building it fails. ``optimizer_load_request`` initialises
-   the state first, with ``init_state_fn`` extended to create ``step`` too. Loading
-   then copies every state key of a parameter from the checkpoint's tensors, which
-   carry no ``step`` (it travels in the param groups): ``_keep_step_on_reshard``
-   lets the parameter keep the step that ``load_state_dict`` already set.
-
-And one speed-up: the fallback is built with torch's default multi-tensor (``foreach``)
-AdamW, which runs one kernel per arithmetic operation over all parameters and keeps
-intermediate copies of them. ``use_fused_adamw`` switches it to torch's single-kernel
-``fused`` implementation (CPU and CUDA), the counterpart of TE's / Apex's FusedAdam.
+Without TE or Apex, megatron-core 0.16.1 uses ``torch.optim.AdamW``: a resume shares one ``step``
+tensor between parameters, resharded loads fail on a fresh optimizer, and the default ``foreach``
+kernels are slow. Each fix is a function below; docs/DESIGN.md, "Optimizer fixes", says why.
 """
 from __future__ import annotations
 

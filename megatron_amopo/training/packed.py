@@ -1,19 +1,8 @@
 """THD bookkeeping: packed micro-batch rows [R, S] -> one stream [1, T] plus ``PackedSeqParams``.
 
-Megatron's THD format ("total tokens, heads, head dim") lays the sequences of a micro-batch
-end to end in a single row and describes where each starts with ``cu_seqlens`` (int32,
-cumulative lengths, starting at 0). Transformer Engine's fused attention then attends
-within each sequence only, skipping the off-diagonal blocks that the [R, 1, S, S] mask of
-the packed layout (``data/batch.py``) computes and throws away; RoPE restarts at each
-sequence (``rope_utils._apply_rotary_pos_emb_thd``). The model is called as
-``model(tokens_1T, position_ids_1T, None, packed_seq_params=params)``.
-
-``to_thd`` keeps the real tokens of every row in row-major order (padding is dropped) and
-carries labels, loss mask, position ids and segment ids along, so ``loss_func`` in
-``training/step.py`` computes the same per-sequence statistics from [1, T] as from [R, S]:
-they are sums over each sequence's tokens, whatever the layout. Sequence parallelism
-splits T over the tensor-parallel ranks, so T can be padded to a multiple: the padding is
-one extra segment (segment id -1, loss mask 0) that attends only to itself.
+The stream keeps every row's real tokens in row-major order with labels, loss mask, position ids
+and segment ids, so the per-sequence statistics are the same as from the rows; see
+docs/DESIGN.md, "Packed sequences as THD".
 
 Shape legend: R rows, S positions per row, T packed tokens, K segments (sequences, plus
 the padding segment if any).
