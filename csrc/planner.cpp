@@ -86,9 +86,7 @@ struct Keyed {
   int64_t group;
 };
 
-// LSD radix sort on the key, one byte per pass, as many passes as the largest
-// key needs (lengths are small: 1-2 passes). Counting passes are stable, which is
-// what step 2 asks for, and beat comparison sorts on windows of a few hundred.
+// Stable LSD radix sort on the key, one byte per pass, as many passes as the largest key needs.
 void radix_sort(std::vector<Keyed>& a, std::vector<Keyed>& tmp) {
   int64_t max_key = 0;
   for (const Keyed& x : a) max_key = std::max(max_key, x.key);
@@ -119,9 +117,8 @@ void sort_windows(const std::vector<Id>& ids, const int64_t* key, int64_t window
   }
 }
 
-// Step 2 (fill): returns micro-batch start positions into the order, plus the end.
-// The key is max_len (padded budget) or the sort key (fixed k, unused).
-// Fixed k drops a short last run (its groups are counted in *tail_dropped).
+// Step 2, fixed k or padded budget (key: max_len): micro-batch bounds into the order, incl. the
+// end; a short last fixed-k run is dropped and counted in *tail_dropped.
 std::vector<int64_t> fill(const PlanOptions& o, const std::vector<int64_t>& key, int64_t* tail_dropped) {
   const auto G = static_cast<int64_t>(key.size());
   std::vector<int64_t> bounds{0};
@@ -164,9 +161,7 @@ inline int64_t min_rows_by_count(int64_t wide, int64_t mid) {
   return wide + (std::max<int64_t>(0, mid - wide) + 1) / 2;
 }
 
-// Merges a[0..na) and b[0..nb) (both non-increasing) into out: each b[j] goes after the
-// values of a that are >= it, found by bisection (b is one group, a few values; a is the
-// micro-batch, a few dozen); the runs of a between are copied.
+// Merges a[0..na) and b[0..nb) (both non-increasing) into out, placing each b[j] by bisection.
 void merge_desc(const int64_t* a, int64_t na, const int64_t* b, int64_t nb, int64_t* out) {
   int64_t from = 0;
   for (int64_t j = 0; j < nb; ++j) {
@@ -185,12 +180,9 @@ struct FillScratch {
   std::vector<char> taken;
 };
 
-// Step 2, packed token budget, for the window order[lo, hi): a micro-batch starts with the
-// window's largest remaining group (the window is sorted by total_len, largest first) and
-// takes every later remaining group, in order, whose tokens fit the free tokens (budget -
-// tokens so far) and with which the ROW RULE lays all the micro-batch's sequences out in
-// R * W <= budget (fits_budget). Writes the window's groups, micro-batch after micro-batch,
-// to out[lo, hi) and sets starts[pos] where a micro-batch starts.
+// Step 2, packed token budget, for the window order[lo, hi) (largest first): first fit by groups
+// under fits_budget. Writes the window's groups to out[lo, hi), setting starts[pos] where a
+// micro-batch starts.
 void fill_window(const PlanOptions& o, const int64_t* max_len, const int64_t* total_len,
                  const int64_t* seq_lens, const int64_t* order, int64_t lo, int64_t hi,
                  int64_t* out, char* starts, FillScratch& s) {
@@ -253,11 +245,8 @@ void fill_window(const PlanOptions& o, const int64_t* max_len, const int64_t* to
   }
 }
 
-// Step 2 for a token budget planned window by window (packed, THD): fill(lo, hi, out, starts,
-// scratch) plans the window order[lo, hi) into out[lo, hi) and marks micro-batch starts.
-// Windows are independent and each writes only its own slots of out, so workers take
-// windows in turns from a shared counter and the plan is the same for any number of
-// threads. Returns the micro-batch bounds into out (incl. the end).
+// Step 2 window by window on o.num_threads workers (packed, THD budgets): each window writes only
+// its own slots of out, so the plan is the same for any thread count. Returns the bounds into out.
 template <typename Scratch, typename FillWindow>
 std::vector<int64_t> fill_windows(const PlanOptions& o, int64_t G, int64_t* out, const FillWindow& fill) {
   const int64_t num_windows = (G + o.window - 1) / o.window;
@@ -303,13 +292,9 @@ inline int64_t next_remaining(std::vector<int64_t>& next, int64_t i) {
   return i;
 }
 
-// Step 2, THD token budget (indexer_ref.fill_thd), for the window order[lo, hi) sorted by
-// total_len, largest first: a micro-batch starts with the largest remaining group and takes,
-// in order, every later remaining group whose tokens fit the free tokens. As the tokens are
-// non-increasing, the next group taken is the first remaining one at or after the first
-// position whose tokens fit: a bisection, then a union-find jump over taken positions, so
-// a window costs O(n log n) instead of the reference's rescans.
-// The window is copied to scratch first, so out may be the order itself (planned in place).
+// Step 2, THD token budget, for the window order[lo, hi) (largest first): first fit by groups,
+// each next group found by a bisection and a union-find jump over taken positions. The window is
+// copied to scratch first, so out may be the order itself.
 void fill_thd_window(const PlanOptions& o, const EpochOrder& order, int64_t top, int64_t lo, int64_t hi,
                      int64_t* out, char* starts, ThdScratch& s) {
   const int64_t n = hi - lo;
