@@ -10,7 +10,8 @@ EXT_MODULES: list = [
     # Micro-batch planner for AMoPO groups; wrapper: megatron_amopo/data/indexer.py.
     Pybind11Extension(
         "megatron_amopo._indexer",
-        ["csrc/group_indexer.cpp"],
+        ["csrc/packing.cpp", "csrc/planner.cpp", "csrc/bindings.cpp"],
+        depends=["csrc/packing.h", "csrc/planner.h"],
         cxx_std=17,
         extra_compile_args=["-O3", "-pthread"],
         extra_link_args=["-pthread"],  # std::thread (window planning) on glibc < 2.34

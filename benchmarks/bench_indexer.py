@@ -40,8 +40,8 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from megatron_amopo.data.indexer import (  # noqa: E402
-    default_num_threads, packed_shape, padding_efficiency, plan_microbatches)
+from megatron_amopo.data.indexer import default_num_threads, padding_efficiency, plan_microbatches  # noqa: E402
+from megatron_amopo.data.packing import packed_shape  # noqa: E402
 
 SEQ_LENGTH = 1024
 
@@ -64,10 +64,10 @@ def load_seq_lens(dataset: str | None, workers: int) -> np.ndarray:
         print(f"preprocessed {meta['counts']['rows_read']} HelpSteer2 rows -> "
               f"{meta['counts']['groups_written']} groups in {time.perf_counter() - t:.1f} s")
     ds = PreferenceGroupDataset(dataset, seq_length=SEQ_LENGTH)
-    seq_lens_GS = ds.seq_lengths_GN - 1  # positions after the GPT shift, <= seq_length
+    seq_lens_G2P = ds.seq_lengths_GN - 1  # positions after the GPT shift, <= seq_length
     if tmp is not None:
         tmp.cleanup()
-    return seq_lens_GS
+    return seq_lens_G2P
 
 
 def best_time(fn, repeats: int) -> tuple[float, object]:
@@ -79,18 +79,18 @@ def best_time(fn, repeats: int) -> tuple[float, object]:
     return best, out
 
 
-def tiled(seq_lens_GS: np.ndarray, G: int) -> np.ndarray:
-    return np.tile(seq_lens_GS, (-(-G // len(seq_lens_GS)), 1))[:G]
+def tiled(seq_lens_G2P: np.ndarray, G: int) -> np.ndarray:
+    return np.tile(seq_lens_G2P, (-(-G // len(seq_lens_G2P)), 1))[:G]
 
 
 def same_plan(a, b) -> bool:
     return all(np.array_equal(getattr(a, f), getattr(b, f)) for f in ("offsets", "group_ids", "epochs"))
 
 
-def bench_speed(seq_lens_GS: np.ndarray, k: int, threads: int) -> None:
-    S = seq_lens_GS.shape[1]
-    budget = S * SEQ_LENGTH * k
-    base = dict(seqs_per_group=S, num_epochs=1, seed=1234, dp_rank=0, dp_size=8, window=512)
+def bench_speed(seq_lens_G2P: np.ndarray, k: int, threads: int) -> None:
+    spg = seq_lens_G2P.shape[1]
+    budget = spg * SEQ_LENGTH * k
+    base = dict(seqs_per_group=spg, num_epochs=1, seed=1234, dp_rank=0, dp_size=8, window=512)
     print(f"\n(a) planning time, one epoch, dp_size=8, window=512, budget 2P*{SEQ_LENGTH}*{k} "
           f"(2 shared CPU cores, load average {os.getloadavg()[0]:.1f})")
     print(f"{'mode':<15}{'groups':>8}{'C++':>10}{'Python':>10}{'ratio':>8}{'same plan':>11}"
@@ -101,7 +101,7 @@ def bench_speed(seq_lens_GS: np.ndarray, k: int, threads: int) -> None:
     for name, mode in modes:
         row = []
         for n in (1_000_000, 10_000_000):
-            lens = tiled(seq_lens_GS, n)
+            lens = tiled(seq_lens_G2P, n)
             data = dict(max_len=lens.max(axis=1), total_len=lens.sum(axis=1))
             t_cpp, cpp = best_time(lambda: plan_microbatches(**data, **base, **mode), 3)
             row.append(t_cpp)
@@ -111,22 +111,22 @@ def bench_speed(seq_lens_GS: np.ndarray, k: int, threads: int) -> None:
         t1, tp, ratio, same, t10 = row
         print(f"{name:<15}{1_000_000:>8}{t1 * 1e3:>8.0f}ms{tp:>9.2f}s{ratio:>7.0f}x{str(same):>11}{t10 * 1e3:>14.0f}ms")
     print("Python on 10x the groups is not run; its ratio at the smaller size stands for it.")
-    bench_packed_speed(seq_lens_GS, base, budget, threads)
+    bench_packed_speed(seq_lens_G2P, base, budget, threads)
 
 
-def bench_packed_speed(seq_lens_GS: np.ndarray, base: dict, budget: int, threads: int) -> None:
+def bench_packed_speed(seq_lens_G2P: np.ndarray, base: dict, budget: int, threads: int) -> None:
     """Packed budget: the Python reference runs the ROW RULE on every candidate (~3 ms per group),
     so it plans 10k groups; windows are planned independently, so the cost is linear in G and the
     ratio is taken per group. C++ on 1M groups with 1 and `threads` threads, and on 10M."""
     mode = dict(token_budget=budget, cost="packed", seq_length=SEQ_LENGTH)
-    small = tiled(seq_lens_GS, 10_000)
+    small = tiled(seq_lens_G2P, 10_000)
     t_py, ref = best_time(lambda: plan_microbatches(seq_lens=small, **base, **mode, backend="python"), 1)
     same = same_plan(ref, plan_microbatches(seq_lens=small, **base, **mode, num_threads=threads))
     print(f"\npacked budget: Python reference on 10000 groups {t_py:.1f} s ({t_py / 1e4 * 1e6:.0f} us per "
           f"group); C++ plan identical on them (any thread count): {same}")
     print(f"{'groups':>10}{'threads':>9}{'C++':>10}{'us/group':>10}{'ratio':>8}")
     for n, thread_counts in ((1_000_000, sorted({1, threads})), (10_000_000, [threads])):
-        lens = tiled(seq_lens_GS, n)
+        lens = tiled(seq_lens_G2P, n)
         for t in thread_counts:
             t_cpp, _ = best_time(lambda: plan_microbatches(seq_lens=lens, **base, **mode, num_threads=t), 1)
             print(f"{n:>10}{t:>9}{t_cpp:>9.2f}s{t_cpp / n * 1e6:>10.2f}{t_py / 1e4 / (t_cpp / n):>7.0f}x",
@@ -134,35 +134,35 @@ def bench_packed_speed(seq_lens_GS: np.ndarray, base: dict, budget: int, threads
         del lens
 
 
-def bench_efficiency(seq_lens_GS: np.ndarray, epochs: int) -> None:
-    G, S = seq_lens_GS.shape
-    max_len_G, total_len_G = seq_lens_GS.max(axis=1), seq_lens_GS.sum(axis=1)
-    base = dict(seqs_per_group=S, num_epochs=epochs, seed=7, dp_rank=0, dp_size=1)
+def bench_efficiency(seq_lens_G2P: np.ndarray, epochs: int) -> None:
+    G, spg = seq_lens_G2P.shape
+    max_len_G, total_len_G = seq_lens_G2P.max(axis=1), seq_lens_G2P.sum(axis=1)
+    base = dict(seqs_per_group=spg, num_epochs=epochs, seed=7, dp_rank=0, dp_size=1)
     print(f"\n(b) padding efficiency = real tokens / tokens processed, {G} real groups x {epochs} "
-          f"epochs, 2P={S}, seq_length={SEQ_LENGTH}, budget = 2P*{SEQ_LENGTH}*k")
+          f"epochs, 2P={spg}, seq_length={SEQ_LENGTH}, budget = 2P*{SEQ_LENGTH}*k")
     print(f"{'k':>3}{'random k (collator)':>21}{'sorted k':>10}{'padded budget':>15}"
           f"{'packed budget':>15}{'groups/mb padded':>18}{'packed':>8}{'max R*W/budget':>16}"
           f"{'thd budget':>12}{'thd fill':>10}{'groups/mb thd':>15}")
     pad8 = []
     for k in (1, 2, 4, 8):
-        budget = S * SEQ_LENGTH * k
+        budget = spg * SEQ_LENGTH * k
         plans = {
             "random": plan_microbatches(max_len_G, total_len_G, **base, groups_per_microbatch=k, window=1),
             "sorted": plan_microbatches(max_len_G, total_len_G, **base, groups_per_microbatch=k),
             "padded": plan_microbatches(max_len_G, total_len_G, **base, token_budget=budget),
-            "packed": plan_microbatches(seq_lens=seq_lens_GS, **base, token_budget=budget, cost="packed",
+            "packed": plan_microbatches(seq_lens=seq_lens_G2P, **base, token_budget=budget, cost="packed",
                                         seq_length=SEQ_LENGTH),
             "thd": plan_microbatches(max_len_G, total_len_G, **base, token_budget=budget, cost="thd"),
         }
-        eff = {name: padding_efficiency(p, seq_lens_GS, cost=name if name in ("packed", "thd") else "padded",
+        eff = {name: padding_efficiency(p, seq_lens_G2P, cost=name if name in ("packed", "thd") else "padded",
                                         seq_length=SEQ_LENGTH) for name, p in plans.items()}
         thd = plans["thd"]
-        pad8.append(padding_efficiency(thd, seq_lens_GS, cost="thd", pad_to_multiple=8))
+        pad8.append(padding_efficiency(thd, seq_lens_G2P, cost="thd", pad_to_multiple=8))
         fill = int(total_len_G[thd.group_ids].sum()) / (thd.num_microbatches * budget)
         per_mb = {name: len(plans[name].group_ids) / plans[name].num_microbatches
                   for name in ("padded", "packed", "thd")}
         packed = plans["packed"]
-        most = max(int(np.prod(packed_shape(seq_lens_GS[packed.microbatch(m)], SEQ_LENGTH)))
+        most = max(int(np.prod(packed_shape(seq_lens_G2P[packed.microbatch(m)], SEQ_LENGTH)))
                    for m in range(packed.num_microbatches))
         print(f"{k:>3}{eff['random']:>21.3f}{eff['sorted']:>10.3f}{eff['padded']:>15.3f}"
               f"{eff['packed']:>15.3f}{per_mb['padded']:>18.2f}{per_mb['packed']:>8.2f}"
@@ -183,12 +183,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=default_num_threads(),
                         help="C++ threads for the packed budget (also timed with 1)")
     args = parser.parse_args()
-    seq_lens_GS = load_seq_lens(args.dataset, args.workers)
-    print(f"{seq_lens_GS.shape[0]} groups of {seq_lens_GS.shape[1]} sequences; length (positions) "
-          f"p10/p50/p90/max = {np.percentile(seq_lens_GS, [10, 50, 90]).astype(int).tolist()} "
-          f"/ {int(seq_lens_GS.max())}")
-    bench_speed(seq_lens_GS, k=4, threads=args.threads)
-    bench_efficiency(seq_lens_GS, args.epochs)
+    seq_lens_G2P = load_seq_lens(args.dataset, args.workers)
+    print(f"{seq_lens_G2P.shape[0]} groups of {seq_lens_G2P.shape[1]} sequences; length (positions) "
+          f"p10/p50/p90/max = {np.percentile(seq_lens_G2P, [10, 50, 90]).astype(int).tolist()} "
+          f"/ {int(seq_lens_G2P.max())}")
+    bench_speed(seq_lens_G2P, k=4, threads=args.threads)
+    bench_efficiency(seq_lens_G2P, args.epochs)
 
 
 if __name__ == "__main__":

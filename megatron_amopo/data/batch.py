@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from megatron_amopo.data.indexer_ref import pack_rows
+from megatron_amopo.data.packing import pack_rows
 
 LAYOUTS = ("padded", "packed")
 
