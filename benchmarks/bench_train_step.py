@@ -24,6 +24,8 @@ memory reading of ``megatron_amopo.training.throughput`` (the trainer logs the s
     python benchmarks/bench_train_step.py --model tiny --steps 2            # CPU, seconds
     python benchmarks/bench_train_step.py --model qwen2.5-1.5b --seq-length 1024 \\
         --micro-batch 2 --num-microbatches 2                                 # GPU
+    python benchmarks/bench_train_step.py --model HF_DIR --data-path DATA --sides ours ...
+                                    # a model directory's shape, the first samples of a preprocessed dataset
 """
 from __future__ import annotations
 
@@ -51,11 +53,26 @@ MODELS = {
 
 
 def hf_config(name: str) -> dict:
+    """A shape of ``MODELS``, ``tiny``, or the config.json of a Hugging Face model directory."""
     if name == "tiny":
         from megatron_amopo.testing.tiny import tiny_hf_config
 
         return tiny_hf_config("qwen2", max_position_embeddings=4096)
+    if name not in MODELS:
+        from megatron_amopo.model.architectures import load_hf_config
+
+        return load_hf_config(name)
     return dict(MODELS[name])
+
+
+def dataset_groups(path: str, num_samples: int) -> list[dict]:
+    """The first ``num_samples`` groups of a dataset written by tools/preprocess_data.py."""
+    from megatron_amopo.data.reader import PreferenceGroupDataset
+
+    ds = PreferenceGroupDataset(path)
+    if len(ds) < num_samples:
+        raise SystemExit(f"--data-path {path} has {len(ds)} groups; the step needs {num_samples}")
+    return [ds[g] for g in range(num_samples)]
 
 
 def make_groups(num_samples: int, dims: int, seq_length: int, vocab: int, seed: int) -> list[dict]:
@@ -245,8 +262,9 @@ def run_side(args) -> None:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     cfg = hf_config(args.model)
-    groups = make_groups(args.micro_batch * args.num_microbatches, args.dims, args.seq_length, cfg["vocab_size"],
-                         args.seed)
+    num_samples = args.micro_batch * args.num_microbatches
+    groups = (dataset_groups(args.data_path, num_samples) if args.data_path
+              else make_groups(num_samples, args.dims, args.seq_length, cfg["vocab_size"], args.seed))
     chunks = [groups[i : i + args.micro_batch] for i in range(0, len(groups), args.micro_batch)]
     try:
         res = (run_ours if args.side == "ours" else run_baseline)(args, cfg, chunks)
@@ -267,6 +285,7 @@ def _spawn(args, side: str, tmp: str, extra: list[str]) -> dict:
            "--num-microbatches", str(args.num_microbatches), "--dims", str(args.dims), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--seed", str(args.seed), "--lr", str(args.lr), "--layout", args.layout,
            *(["--chunk-tokens", str(args.chunk_tokens)] if args.chunk_tokens else []),
+           *(["--data-path", args.data_path] if args.data_path else []),
            "--disable", args.disable, *(["--profile"] if args.profile else []), *extra]
     subprocess.run(cmd, check=True)
     with open(out) as fh:
@@ -284,7 +303,11 @@ def summarize(name: str, res: dict, peak: float | None) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="tiny", choices=["tiny", *MODELS])
+    p.add_argument("--model", default="tiny",
+                   help=f"tiny, {', '.join(MODELS)}, or a Hugging Face model directory (its config.json)")
+    p.add_argument("--data-path", default=None,
+                   help="train on the first samples of this preprocessed dataset instead of synthetic ones "
+                        "(its dimensions set --dims)")
     p.add_argument("--seq-length", type=int, default=256, help="row length S (longest sequence's positions)")
     p.add_argument("--micro-batch", type=int, default=2, help="samples (groups of 2(D+1) sequences) per micro-batch")
     p.add_argument("--num-microbatches", type=int, default=1, help="micro-batches per optimizer step")
@@ -313,6 +336,12 @@ def main(argv=None) -> dict:
     p.add_argument("--save-weights", default=None, help=argparse.SUPPRESS)
     p.add_argument("--weights", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.model not in ("tiny", *MODELS) and not os.path.isfile(os.path.join(args.model, "config.json")):
+        p.error(f"--model {args.model!r}: not one of tiny, {', '.join(MODELS)} nor a directory with a config.json")
+    if args.data_path and not args.side:
+        from megatron_amopo.data.reader import PreferenceGroupDataset
+
+        args.dims = PreferenceGroupDataset(args.data_path).num_pairs - 1
     if args.side:
         run_side(args)
         return {}
