@@ -37,9 +37,9 @@ def test_every_flag_of_every_stage_exists(tmp_path):
 def test_a_renamed_flag_fails_the_dry_check(tmp_path):
     broken = tmp_path / "gpu_e2e.sh"
     text = open(SCRIPT).read()
-    assert "--lr-warmup-fraction 0 --log-interval 1 --eval-interval" in text
-    broken.write_text(text.replace("--lr-warmup-fraction 0 --log-interval 1 --eval-interval",
-                                   "--lr-warmup 0 --log-interval 1 --eval-interval"))
+    train_flags = '--train-iters "$ITERS" --lr 1e-4 --lr-warmup-fraction 0'
+    assert text.count(train_flags) == 1
+    broken.write_text(text.replace(train_flags, '--train-iters "$ITERS" --lr 1e-4 --lr-warmup 0'))
     shutil.copy(os.path.join(REPO, "benchmarks", "gpu_env.sh"), tmp_path / "gpu_env.sh")
     proc = _dry(str(broken), tmp_path)
     assert proc.returncode == 1
