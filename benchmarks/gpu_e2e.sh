@@ -22,8 +22,8 @@
 #             ours side on the same samples and batching; tokens/s and MFU taken from the trainer's own
 #             metrics.jsonl (median after warm-up); PASS when trainer / bench tokens/s >= 0.95. The CPU
 #             rehearsal runs it on the tiny model and only checks that both sides report numbers.
-# About 7 minutes on an H200 (per-stage timeouts keep it under 8; the 1.5B model is written in the background
-# meanwhile). The exit status is non-zero if any stage failed.
+# Planned for about 7 minutes on an H200, not yet measured (the 1.5B model is written in the background
+# meanwhile; each stage has a timeout). The exit status is non-zero if any stage failed.
 set -uo pipefail
 MODE=gpu DRY=0
 while [ $# -gt 0 ]; do
