@@ -17,18 +17,15 @@ the given shape with random weights:
 
 Each side runs in its own subprocess (clean memory statistics). Reported per side: step
 time, samples/s, tokens/s (real tokens: no padding), peak memory (GPU: max allocated; CPU:
-peak RSS) and MFU = model FLOPs / step time / peak. Model FLOPs per sequence of L positions
-(training = 3 x forward):
-    6 * N_mm * L  +  6 * layers * d_attn * L^2
-with N_mm the matmul weights a token meets (QKV, output projection, MLP of every layer,
-and the LM head; not the embedding lookup) and the second term the causal attention
-score and value products (4 L^2 d_attn per layer forward, half of it under the causal
-mask). Peak: 989 TFLOP/s dense bf16 for H100/H200 SXM (the figure Megatron reports MFU
-against), or ``--peak-tflops``.
+peak RSS) and MFU = model FLOPs / step time / peak, with the FLOPs model, peak table and
+memory reading of ``megatron_amopo.training.throughput`` (the trainer logs the same). Peak:
+989 TFLOP/s dense bf16 for H100/H200 SXM, or ``--peak-tflops``.
 
     python benchmarks/bench_train_step.py --model tiny --steps 2            # CPU, seconds
     python benchmarks/bench_train_step.py --model qwen2.5-1.5b --seq-length 1024 \\
         --micro-batch 2 --num-microbatches 2                                 # GPU
+    python benchmarks/bench_train_step.py --model HF_DIR --data-path DATA --sides ours ...
+                                    # a model directory's shape, the first samples of a preprocessed dataset
 """
 from __future__ import annotations
 
@@ -42,6 +39,8 @@ import time
 
 import torch
 
+from megatron_amopo.training.throughput import device_peak_tflops, mfu, peak_memory_bytes
+
 # Shapes from the published config.json of Qwen/Qwen2.5-0.5B and Qwen/Qwen2.5-1.5B (HF Hub).
 _QWEN25 = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_act="silu", vocab_size=151936,
                rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, torch_dtype="bfloat16")
@@ -51,15 +50,29 @@ MODELS = {
     "qwen2.5-1.5b": dict(_QWEN25, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                          num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=131072),
 }
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, SXM
 
 
 def hf_config(name: str) -> dict:
+    """A shape of ``MODELS``, ``tiny``, or the config.json of a Hugging Face model directory."""
     if name == "tiny":
         from megatron_amopo.convert.tiny_hf import tiny_hf_config
 
         return tiny_hf_config("qwen2", max_position_embeddings=4096)
+    if name not in MODELS:
+        from megatron_amopo.model.architectures import load_hf_config
+
+        return load_hf_config(name)
     return dict(MODELS[name])
+
+
+def dataset_groups(path: str, num_samples: int) -> list[dict]:
+    """The first ``num_samples`` groups of a dataset written by tools/preprocess_data.py."""
+    from megatron_amopo.data.reader import PreferenceGroupDataset
+
+    ds = PreferenceGroupDataset(path)
+    if len(ds) < num_samples:
+        raise SystemExit(f"--data-path {path} has {len(ds)} groups; the step needs {num_samples}")
+    return [ds[g] for g in range(num_samples)]
 
 
 def make_groups(num_samples: int, dims: int, seq_length: int, vocab: int, seed: int) -> list[dict]:
@@ -81,30 +94,11 @@ def make_groups(num_samples: int, dims: int, seq_length: int, vocab: int, seed: 
 
 
 def model_flops(cfg: dict, lengths: list[int]) -> float:
-    """Training FLOPs of the sequences with these position counts (module docstring)."""
-    h, ffn, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
-    heads, groups = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    d_attn = cfg.get("head_dim") or h // heads
-    n_mm = layers * (h * d_attn * (heads + 2 * groups) + heads * d_attn * h + 3 * h * ffn) + h * cfg["vocab_size"]
-    d_attn_all = heads * d_attn
-    return float(sum(6 * n_mm * L + 6 * layers * d_attn_all * L * L for L in lengths))
+    """Training FLOPs of the sequences with these position counts (``throughput.training_flops``)."""
+    from megatron_amopo.model.architectures import arch_from_hf_config
+    from megatron_amopo.training.throughput import training_flops
 
-
-def _device_peak(args) -> tuple[str, float | None]:
-    if not torch.cuda.is_available():
-        return "cpu", args.peak_tflops
-    name = torch.cuda.get_device_name()
-    if args.peak_tflops:
-        return name, args.peak_tflops
-    return name, next((v for k, v in PEAK_TFLOPS.items() if k in name and "PCIe" not in name), None)
-
-
-def _peak_memory() -> int:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated()
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return training_flops(arch_from_hf_config(cfg), lengths)
 
 
 def _sync() -> None:
@@ -268,8 +262,9 @@ def run_side(args) -> None:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     cfg = hf_config(args.model)
-    groups = make_groups(args.micro_batch * args.num_microbatches, args.dims, args.seq_length, cfg["vocab_size"],
-                         args.seed)
+    num_samples = args.micro_batch * args.num_microbatches
+    groups = (dataset_groups(args.data_path, num_samples) if args.data_path
+              else make_groups(num_samples, args.dims, args.seq_length, cfg["vocab_size"], args.seed))
     chunks = [groups[i : i + args.micro_batch] for i in range(0, len(groups), args.micro_batch)]
     try:
         res = (run_ours if args.side == "ours" else run_baseline)(args, cfg, chunks)
@@ -277,7 +272,7 @@ def run_side(args) -> None:
         print(f"{args.side}: out of GPU memory: {str(err).splitlines()[0]}", file=sys.stderr)
         res = dict(oom=True, losses=[float("nan")], times=[float("inf")], rows=0, attention="-")
     lengths = [len(s) - 1 for g in groups for s in g["tokens"]]
-    res.update(peak_memory=_peak_memory(), samples=len(groups), tokens=sum(lengths),
+    res.update(peak_memory=peak_memory_bytes(), samples=len(groups), tokens=sum(lengths),
                flops=model_flops(cfg, lengths))
     with open(args.out, "w") as fh:
         json.dump(res, fh)
@@ -290,6 +285,7 @@ def _spawn(args, side: str, tmp: str, extra: list[str]) -> dict:
            "--num-microbatches", str(args.num_microbatches), "--dims", str(args.dims), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--seed", str(args.seed), "--lr", str(args.lr), "--layout", args.layout,
            *(["--chunk-tokens", str(args.chunk_tokens)] if args.chunk_tokens else []),
+           *(["--data-path", args.data_path] if args.data_path else []),
            "--disable", args.disable, *(["--profile"] if args.profile else []), *extra]
     subprocess.run(cmd, check=True)
     with open(out) as fh:
@@ -300,14 +296,18 @@ def summarize(name: str, res: dict, peak: float | None) -> dict:
     t = sorted(res["times"])[len(res["times"]) // 2]  # median step
     row = dict(side=name, oom=bool(res.get("oom")), attention=res["attention"], step_s=t, samples_per_s=res["samples"] / t,
                tokens_per_s=res["tokens"] / t, peak_mem_gib=res["peak_memory"] / 2**30,
-               tflops=res["flops"] / t / 1e12, mfu=(res["flops"] / t / (peak * 1e12)) if peak else None,
+               tflops=res["flops"] / t / 1e12, mfu=mfu(res["flops"], t, 1, peak),
                first_loss=res["losses"][0], rows=res["rows"])
     return row
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="tiny", choices=["tiny", *MODELS])
+    p.add_argument("--model", default="tiny",
+                   help=f"tiny, {', '.join(MODELS)}, or a Hugging Face model directory (its config.json)")
+    p.add_argument("--data-path", default=None,
+                   help="train on the first samples of this preprocessed dataset instead of synthetic ones "
+                        "(its dimensions set --dims)")
     p.add_argument("--seq-length", type=int, default=256, help="row length S (longest sequence's positions)")
     p.add_argument("--micro-batch", type=int, default=2, help="samples (groups of 2(D+1) sequences) per micro-batch")
     p.add_argument("--num-microbatches", type=int, default=1, help="micro-batches per optimizer step")
@@ -336,6 +336,12 @@ def main(argv=None) -> dict:
     p.add_argument("--save-weights", default=None, help=argparse.SUPPRESS)
     p.add_argument("--weights", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.model not in ("tiny", *MODELS) and not os.path.isfile(os.path.join(args.model, "config.json")):
+        p.error(f"--model {args.model!r}: not one of tiny, {', '.join(MODELS)} nor a directory with a config.json")
+    if args.data_path and not args.side:
+        from megatron_amopo.data.reader import PreferenceGroupDataset
+
+        args.dims = PreferenceGroupDataset(args.data_path).num_pairs - 1
     if args.side:
         run_side(args)
         return {}
@@ -348,7 +354,7 @@ def main(argv=None) -> dict:
         if "baseline" in sides:
             base = _spawn(args, "baseline", tmp, ["--save-weights", hf_dir] if args.same_weights else [])
         ours = _spawn(args, "ours", tmp, ["--weights", hf_dir] if args.same_weights and base else [])
-    device, peak = _device_peak(args)
+    device, peak = device_peak_tflops(args.peak_tflops)
     rows = [summarize("ours", ours, peak)] + ([summarize("baseline", base, peak)] if base else [])
     summary = dict(model=args.model, device=device, seq_length=args.seq_length, micro_batch=args.micro_batch,
                    num_microbatches=args.num_microbatches, dims=args.dims, samples_per_step=ours["samples"],
@@ -375,9 +381,9 @@ def _print(s: dict) -> None:
         if r["oom"]:
             print(f"{r['side']:9} out of GPU memory (peak {r['peak_mem_gib']:.2f} GiB before failing)")
             continue
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        mfu_s = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         print(f"{r['side']:9} {r['attention']:16} {r['step_s']:8.3f} {r['samples_per_s']:10.2f} "
-              f"{r['tokens_per_s']:10.0f} {r['peak_mem_gib']:9.2f} {r['tflops']:8.1f} {mfu:>6} {r['rows']:5d} "
+              f"{r['tokens_per_s']:10.0f} {r['peak_mem_gib']:9.2f} {r['tflops']:8.1f} {mfu_s:>6} {r['rows']:5d} "
               f"{r['first_loss']:10.6f}")
     if len(s["results"]) > 1:
         print(f"ours / baseline: throughput x{s['speedup']:.2f}, peak memory x{s['memory_ratio']:.2f}")

@@ -18,39 +18,11 @@ OUTDIR=${1:-${OUT:-/tmp/gpu_check}}
 mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 PY=${PYTHON:-python3}
-T0=$(date +%s)
-FAILED=()
-stamp() { echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
-step() {  # step NAME TIMEOUT_S CMD... : run, record failure, never abort the script
-  local name=$1 limit=$2; shift 2
-  stamp "$name"
-  timeout "$limit" "$@"
-  local rc=$?
-  [ $rc -eq 0 ] || { FAILED+=("$name (rc $rc)"); stamp "$name FAILED rc=$rc"; }
-  return $rc
-}
+# shellcheck source=benchmarks/gpu_env.sh
+source "$(dirname "$0")/gpu_env.sh"
 
 stamp "install"
-if compgen -G ".whl/*.whl" >/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "installing the carried wheels failed"; exit 1; }
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-# Our package and its pybind11 extension (pybind11, setuptools and wheel are on the image).
-if ! "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . ; then
-  echo "pip install -e . failed; building the extension in place instead" >&2
-  "$PY" setup.py -q build_ext --inplace || { echo "building the C++ extension failed"; exit 1; }
-  export PYTHONPATH=$PWD:$PYTHONPATH
-fi
-"$PY" - <<'EOF' || exit 1
-import torch, megatron.core, transformers
-import megatron_amopo._indexer  # the C++ extension must import
-from megatron_amopo.model.provider import transformer_engine_available
-print(f"torch {torch.__version__} cuda {torch.version.cuda}; megatron-core {megatron.core.__version__}; "
-      f"transformers {transformers.__version__}; device {torch.cuda.get_device_name()}; "
-      f"transformer-engine {'yes' if transformer_engine_available() else 'no (local spec + SDPA)'}")
-EOF
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+gpu_install || exit 1
 
 step "gpu tests" 170 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -rs \
   tests/unit/test_sdpa_attention.py tests/unit/test_gpu_fusions.py tests/unit/test_packed_thd.py \
@@ -77,9 +49,4 @@ for variant in ${VARIANTS//,/ }; do
     --json "$OUTDIR/variant_${variant}.json"
 done
 
-stamp "done"
-if [ ${#FAILED[@]} -gt 0 ]; then
-  printf 'FAILED: %s\n' "${FAILED[@]}"
-  exit 1
-fi
-echo "all steps passed"
+finish

@@ -150,7 +150,8 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = _f(1, "pipeline-parallel size (at most the number of layers)")
     context_parallel_size: int = _f(1, "context-parallel size (needs Transformer Engine attention on GPU)")
     sequence_parallel: bool = _f(False, "Megatron sequence parallelism (needs tensor-parallel size > 1)")
-    distributed_backend: Optional[str] = _f(None, "torch.distributed backend; default nccl with CUDA, gloo without")
+    distributed_backend: Optional[str] = _f(
+        None, "torch.distributed backend: nccl (with gloo for CPU tensors; the default with CUDA) or gloo")
     distributed_timeout_minutes: int = _f(10, "timeout of collective operations, in minutes")
 
     def __post_init__(self) -> None:

@@ -1,7 +1,10 @@
 """Distributed start-up: torchrun environment -> process group -> Megatron parallel groups.
 
-NCCL with CUDA, gloo without. The CPU compatibility layer is applied here (and only
-when CUDA is absent) before any Megatron-Core object is built.
+With CUDA the default group is device-aware, ``cpu:gloo,cuda:nccl``: torch routes each
+collective by its tensor's device, so the hot path runs on NCCL while the few host-side
+reductions (step metrics, stop agreement, object collectives) run on gloo. Without CUDA
+everything is gloo. The CPU compatibility layer is applied here (and only when CUDA is
+absent) before any Megatron-Core object is built. docs/DESIGN.md lists every collective.
 """
 from __future__ import annotations
 
@@ -46,8 +49,24 @@ class DistEnv:
         )
 
 
-def default_backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
+CUDA_BACKEND = "cpu:gloo,cuda:nccl"
+
+
+def process_group_backend(requested: Optional[str], cuda: Optional[bool] = None) -> str:
+    """The ``init_process_group`` backend for ``--distributed-backend`` (None: the default).
+
+    nccl (also the default with CUDA) gets a gloo companion for CPU tensors; gloo stays
+    plain gloo. ``cuda`` defaults to ``torch.cuda.is_available()``.
+    """
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if requested == "gloo":
+        return "gloo"
+    if cuda:
+        return CUDA_BACKEND
+    if requested == "nccl":
+        raise ValueError("--distributed-backend nccl needs CUDA GPUs, and none is visible; "
+                         "drop the flag (gloo on CPU) or run on GPUs")
+    return "gloo"
 
 
 def initialize_distributed(parallel: ParallelConfig, env: Optional[DistEnv] = None) -> DistEnv:
@@ -57,6 +76,7 @@ def initialize_distributed(parallel: ParallelConfig, env: Optional[DistEnv] = No
     """
     env = env or DistEnv.from_environ()
     parallel.data_parallel_size(env.world_size)  # raises on an impossible layout, before any work
+    backend = process_group_backend(parallel.distributed_backend)
     if parallel.context_parallel_size > 1 and not torch.cuda.is_available():
         raise ValueError(
             "--context-parallel-size > 1 needs Transformer Engine attention on CUDA GPUs; "
@@ -67,7 +87,7 @@ def initialize_distributed(parallel: ParallelConfig, env: Optional[DistEnv] = No
         torch.cuda.set_device(env.local_rank)
     if not dist.is_initialized():
         dist.init_process_group(
-            backend=parallel.distributed_backend or default_backend(),
+            backend=backend,
             init_method=f"tcp://{env.master_addr}:{env.master_port}",
             rank=env.rank,
             world_size=env.world_size,
@@ -81,6 +101,9 @@ def initialize_distributed(parallel: ParallelConfig, env: Optional[DistEnv] = No
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
+        # Megatron's gloo twins of the DP groups, used by the distributed optimizer's
+        # DP-gather of its state; the other groups inherit the default group's backend.
+        create_gloo_process_groups=True,
     )
     return env
 

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from megatron_amopo.config import RunConfig
 from megatron_amopo.checkpoint.store import METADATA_FILE, read_model_metadata, write_model_metadata
+from megatron_amopo.model.architectures import ModelArch
 from megatron_amopo.model.build import build_model, check_wiring
 from megatron_amopo.model.provider import transformer_config
 from megatron_amopo.objective.amopo import PAIR_METRIC_NAMES
@@ -29,10 +30,15 @@ from megatron_amopo.training import data as tdata
 from megatron_amopo.training.metrics import MetricsWriter, format_line, reduce_reports, summarize
 from megatron_amopo.training.optimizer import build_optimizer, build_scheduler
 from megatron_amopo.training.step import packed_thd_default
+from megatron_amopo.training.throughput import device_peak_tflops, mfu, peak_memory_bytes, training_flops
 
 
 class StopRequested:
-    """SIGTERM / SIGUSR1 (SLURM preemption) ask for a checkpoint and a clean exit."""
+    """SIGTERM / SIGUSR1 (SLURM preemption) ask for a checkpoint and a clean exit.
+
+    Ranks may get the signal at different times: ``flag`` travels in the step's
+    all-reduce (``reduce_step``), so every rank stops after the same step.
+    """
 
     def __init__(self) -> None:
         self.flag = False
@@ -41,12 +47,6 @@ class StopRequested:
 
     def _handle(self, signum, frame) -> None:
         self.flag = True
-
-    def agreed(self) -> bool:
-        """True on every rank once any rank got the signal (ranks may get it at different times)."""
-        t = torch.tensor([1.0 if self.flag else 0.0])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
 
 
 def log0(msg: str) -> None:
@@ -87,17 +87,31 @@ def run_schedule(model: list, forward_step: Callable, batches: list[dict], forwa
     )
 
 
-def reduce_step(reports: list[dict], batches: list[dict], num_pairs: int) -> dict:
-    """Global sums of a step's reports plus the groups and real tokens it processed."""
+def reduce_step(reports: list[dict], batches: list[dict], num_pairs: int, stop: bool = False,
+                arch: Optional[ModelArch] = None) -> dict:
+    """Global sums of a step's reports, the groups, real tokens and (given ``arch``) model FLOPs
+    it processed, and ``stop`` (> 0 when any rank asks to stop): one all-reduce per step."""
     reporting = is_reporting_rank()
-    reduced = reduce_reports(reports, reporting, num_pairs, len(PAIR_METRIC_NAMES))
-    counts = torch.zeros(2, dtype=torch.float64)
+    host = {"groups": 0.0, "tokens": 0.0, "flops": 0.0, "stop": float(stop)}
     if reporting:
-        counts[0] = sum(len(b["sample_ids"]) for b in batches)
-        counts[1] = sum(int((b["segment_ids"] >= 0).sum()) for b in batches)
-    dist.all_reduce(counts)
-    reduced["groups"], reduced["tokens"] = counts.tolist()
-    return reduced
+        lengths = [n for b in batches for n in b["seq_lengths"].tolist()]  # positions per sequence
+        host.update(groups=sum(len(b["sample_ids"]) for b in batches), tokens=sum(lengths),
+                    flops=training_flops(arch, lengths) if arch is not None else 0.0)
+    return reduce_reports(reports, reporting, num_pairs, len(PAIR_METRIC_NAMES), host)
+
+
+def speed_values(reduced: dict, seconds: float, peak_tflops: Optional[float]) -> dict[str, float]:
+    """Throughput of one step from ``reduce_step``'s sums: samples/s, tokens/s, model TFLOP/s per
+    rank, MFU (only with a peak: bf16 on a GPU in ``throughput.PEAK_TFLOPS``) and this rank's peak
+    memory (GPU: max allocated, CPU: peak RSS)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    out = dict(samples_per_s=reduced["groups"] / seconds, tokens_per_s=reduced["tokens"] / seconds,
+               tflops_per_rank=reduced["flops"] / seconds / world / 1e12)
+    utilisation = mfu(reduced["flops"], seconds, world, peak_tflops)
+    if utilisation is not None:
+        out["mfu"] = utilisation
+    out["max_allocated_gib" if torch.cuda.is_available() else "peak_rss_gib"] = peak_memory_bytes() / 2**30
+    return out
 
 
 @torch.no_grad()
@@ -218,7 +232,7 @@ class Trainer:
 
     # ----------------------------------------------------------------- steps
     def _reduce(self, reports: list[dict], batches: list[dict]) -> dict:
-        return reduce_step(reports, batches, len(self.pair_names))
+        return reduce_step(reports, batches, len(self.pair_names), stop=self.stop.flag, arch=self.arch)
 
     def _check_finite(self, reduced: dict, reports: list[dict]) -> None:
         if math.isfinite(reduced["loss"]):
@@ -279,6 +293,7 @@ class Trainer:
         history: dict = {"train": [], "valid": []}
         if tc.eval_interval and self.state.iteration == 0:
             history["valid"].append(self.evaluate())
+        peak = device_peak_tflops()[1] if tc.bf16 else None  # MFU against the dense bf16 peak only
         t0, it0 = time.time(), self.state.iteration
         last_saved = self.state.iteration
         while self.state.iteration < self.train_iters:
@@ -286,11 +301,9 @@ class Trainer:
             reduced = self.train_step()
             it = self.state.iteration
             values = summarize(reduced, self.pair_names)
-            dt = time.time() - tick
             values.update(
                 lr=self.optimizer.param_groups[0]["lr"], grad_norm=reduced["grad_norm"],
-                consumed_samples=self.state.consumed_samples, samples_per_s=reduced["groups"] / dt,
-                tokens_per_s=reduced["tokens"] / dt,
+                consumed_samples=self.state.consumed_samples, **speed_values(reduced, time.time() - tick, peak),
                 eta_s=(time.time() - t0) / (it - it0) * (self.train_iters - it),
             )
             history["train"].append(values)
@@ -307,7 +320,7 @@ class Trainer:
                 if last_saved != it:
                     self.save()
                 return history
-            if self.stop.agreed():
+            if reduced["stop"] > 0:  # some rank got SIGTERM / SIGUSR1 before the step's all-reduce
                 log0(f"stop signal received: saving at iteration {it} and exiting")
                 if last_saved != it:
                     self.save()

@@ -10,31 +10,41 @@ import torch
 import torch.distributed as dist
 
 from megatron_amopo.objective.amopo import summarize_metrics
+from megatron_amopo.training.step import REDUCIBLE_KEYS
 
 
-def reduce_reports(reports: list[dict], is_reporting_rank: bool, num_pairs: int, num_rows: int) -> dict:
-    """Sum the schedule's per-micro-batch reports over micro-batches and all ranks.
+def reduce_reports(reports: list[dict], is_reporting_rank: bool, num_pairs: int, num_rows: int,
+                   host: Optional[dict[str, float]] = None) -> dict:
+    """Sum the schedule's per-micro-batch reports over micro-batches and all ranks, together
+    with this rank's ``host`` values (counts, flags), in one all-reduce.
 
     Only last-stage ranks have reports, and all TP ranks of a stage hold the same
     values; ``is_reporting_rank`` (last stage, TP rank 0, CP rank 0) picks one copy per
-    DP replica, everyone else contributes zeros, so one SUM all-reduce over the world
-    gives every rank the global sums.
+    DP replica, everyone else contributes zeros. The reports are summed on their device
+    in float64, in order, and copied to the host once (one device sync per call); the
+    all-reduce then runs on CPU tensors (gloo, or the gloo side of ``cpu:gloo,cuda:nccl``).
+    ``host`` values are summed over all ranks as given and returned under their keys.
     """
-    flat = torch.zeros(2 + num_rows * num_pairs + num_pairs, dtype=torch.float64)
+    host = host or {}
+    n = 2 + num_rows * num_pairs + num_pairs
+    flat = torch.zeros(n + len(host), dtype=torch.float64)
     if is_reporting_rank and reports:
-        flat[0] = sum(float(r["loss_sum"]) for r in reports)
-        flat[1] = sum(float(r["count"]) for r in reports)
-        flat[2 : 2 + num_rows * num_pairs] = sum(r["pair_sums"].double().cpu() for r in reports).flatten()
-        flat[2 + num_rows * num_pairs :] = sum(r["pair_counts"].double().cpu() for r in reports)
+        total = None
+        for r in reports:
+            v = torch.cat([r[k].detach().reshape(-1).double() for k in REDUCIBLE_KEYS])
+            total = v if total is None else total + v
+        flat[:n] = total.cpu()
+    flat[n:] = torch.tensor(list(host.values()), dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(flat)
-    pair_sums = flat[2 : 2 + num_rows * num_pairs].view(num_rows, num_pairs)
+    loss_sum, count = flat[:2].tolist()
     return {
-        "loss_sum": flat[0].item(),
-        "count": flat[1].item(),
-        "loss": flat[0].item() / max(flat[1].item(), 1.0),
-        "pair_sums": pair_sums,
-        "pair_counts": flat[2 + num_rows * num_pairs :],
+        "loss_sum": loss_sum,
+        "count": count,
+        "loss": loss_sum / max(count, 1.0),
+        "pair_sums": flat[2 : 2 + num_rows * num_pairs].view(num_rows, num_pairs),
+        "pair_counts": flat[2 + num_rows * num_pairs : n],
+        **dict(zip(host, flat[n:].tolist())),
     }
 
 
@@ -82,7 +92,8 @@ class MetricsWriter:
 
 
 def format_line(it: int, total: int, values: dict[str, float], pair_names: list[str]) -> str:
-    """One console line: progress, lr, loss, per-dimension weight/margin/accuracy, speed, ETA."""
+    """One console line: progress, lr, loss, per-dimension weight/margin/accuracy, speed (MFU when
+    known), peak memory (GPU: ``mem``, max allocated; CPU: ``rss``, peak resident set), ETA."""
     eta = values.get("eta_s", 0.0)
     parts = [
         f"iter {it}/{total}", f"samples {int(values.get('consumed_samples', 0))}", f"lr {values.get('lr', 0):.3g}",
@@ -94,6 +105,12 @@ def format_line(it: int, total: int, values: dict[str, float], pair_names: list[
                 f"{name}[w {values[f'weight/{name}']:.3f}±{values.get(f'weight_std/{name}', 0):.3f} "
                 f"m {values.get(f'margin/{name}', 0):.3f} acc {values.get(f'accuracy/{name}', 0):.2f}]"
             )
-    parts += [f"{values.get('samples_per_s', 0):.2f} samples/s", f"{values.get('tokens_per_s', 0):.0f} tok/s",
-              f"ETA {int(eta // 60)}m{int(eta % 60):02d}s"]
+    parts += [f"{values.get('samples_per_s', 0):.2f} samples/s", f"{values.get('tokens_per_s', 0):.0f} tok/s"]
+    if "mfu" in values:
+        parts.append(f"MFU {100 * values['mfu']:.1f}%")
+    if "max_allocated_gib" in values:
+        parts.append(f"mem {values['max_allocated_gib']:.2f} GiB")
+    elif "peak_rss_gib" in values:
+        parts.append(f"rss {values['peak_rss_gib']:.2f} GiB")
+    parts.append(f"ETA {int(eta // 60)}m{int(eta % 60):02d}s")
     return " | ".join(parts)
