@@ -7,25 +7,21 @@ print, prefixed with the rank when several ranks run (torchrun merges their outp
 """
 from __future__ import annotations
 
-import logging
 import os
-import re
 import warnings
 from dataclasses import dataclass
-from typing import Optional
 
 SHOW_ENV = "AMOPO_SHOW_WARNINGS"
 
 
 @dataclass(frozen=True)
 class Known:
-    """One harmless message: a ``warnings`` warning (``category``) or a log record (``logger`` name)."""
+    """One harmless ``warnings`` warning: where it comes from, what it says, why we hide it."""
 
-    module: str  # regex on the warning's module; unused for log records
+    module: str  # regex on the warning's module
     message: str  # regex matched at the start of the message
     reason: str
     category: type = UserWarning
-    logger: Optional[str] = None
     cpu_only: bool = False  # advice that matters on GPU: filtered only when CUDA is absent
 
 
@@ -46,16 +42,6 @@ KNOWN: tuple[Known, ...] = (
 )
 
 
-class _KnownRecords(logging.Filter):
-    def __init__(self, patterns: list[str]) -> None:
-        super().__init__()
-        self.patterns = [re.compile(p) for p in patterns]
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        return not any(p.match(msg) for p in self.patterns)
-
-
 _INSTALLED = False
 
 
@@ -73,16 +59,9 @@ def install() -> None:
     if showing_all():
         return
     cuda = _cuda_available()
-    by_logger: dict[str, list[str]] = {}
     for k in KNOWN:
-        if k.cpu_only and cuda:
-            continue
-        if k.logger is not None:
-            by_logger.setdefault(k.logger, []).append(k.message)
-        else:
+        if not (k.cpu_only and cuda):
             warnings.filterwarnings("ignore", message=k.message, category=k.category, module=k.module)
-    for name, patterns in by_logger.items():
-        logging.getLogger(name).addFilter(_KnownRecords(patterns))
 
 
 def _cuda_available() -> bool:
