@@ -25,7 +25,7 @@ GiB = planning.GiB
 LIMIT_ENV = "AMOPO_MEMORY_LIMIT_GIB"
 # Measured / modelled bytes of a micro-batch (activations and logits) on CPU, the largest of
 # docs/SCALING.md's calibration runs ("CPU memory calibration").
-CPU_MICROBATCH_FACTOR = 1.0
+CPU_MICROBATCH_FACTOR = 1.34
 
 
 class InsufficientMemory(RuntimeError):

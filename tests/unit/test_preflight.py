@@ -76,3 +76,13 @@ def test_cpu_limit_is_shared_by_the_ranks_of_a_node(monkeypatch):
     four, source = preflight.rank_limit("cpu")
     assert one is not None and "4 rank(s)" in source
     assert four < one / 2  # a quarter of the node, plus what the ranks already hold
+
+
+def test_gpu_limit_is_the_free_memory_of_this_rank_s_gpu(monkeypatch):
+    import torch
+
+    monkeypatch.delenv(preflight.LIMIT_ENV, raising=False)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (10 * planning.GiB, 80 * planning.GiB))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    limit, source = preflight.rank_limit("cuda")
+    assert limit == 10 * planning.GiB and "GPU 3 (80.0 GiB in all)" in source
