@@ -38,17 +38,18 @@ def test_refused_with_estimate_limit_and_fixes(arch, monkeypatch):
     assert f"activations {est.peak.activations / planning.GiB:.2f}" in msg
 
 
-def test_fixes_are_only_those_that_fit(arch, monkeypatch):
+def test_fixes_are_only_those_that_fit(arch):
     cfg = _cfg("--micro-batch-size", "4", "--global-batch-size", "4")
     full = preflight.estimate(arch, _cfg("--micro-batch-size", "4", "--global-batch-size", "4",
                                          "--recompute-granularity", "full"), 1, 3, training=True, device="cpu")
-    mbs1 = preflight.estimate(arch, _cfg("--micro-batch-size", "1", "--global-batch-size", "4"), 1, 3,
-                              training=True, device="cpu")
-    assert mbs1.total < full.total  # logits of 4 groups outweigh the recomputed activations of 1
-    limit = (mbs1.total + full.total) // 2
-    fixes = preflight._fixes(arch, cfg, 1, 3, limit, True, None, None, "cpu")
-    assert any(f.startswith("--micro-batch-size 1 ") for f in fixes)
-    assert not any("recompute" in f for f in fixes)
+    for smaller in (1, 2):
+        est = preflight.estimate(arch, _cfg("--micro-batch-size", str(smaller), "--global-batch-size", "4"), 1, 3,
+                                 training=True, device="cpu")
+        limit = est.total + 2**20
+        fixes = preflight._fixes(arch, cfg, 1, 3, limit, True, None, None, "cpu")
+        assert any(f.startswith(f"--micro-batch-size {smaller} ") for f in fixes)
+        assert any("recompute" in f for f in fixes) == (full.total <= limit)
+        assert not any(f.startswith("--micro-batch-size 3 ") for f in fixes)  # 3 does not fit in 2's limit
 
 
 def test_fits_and_override(arch, monkeypatch, capsys):
