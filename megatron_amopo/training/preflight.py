@@ -183,6 +183,20 @@ def _fixes(arch: ModelArch, cfg: RunConfig, world_size: int, num_dimensions: int
     return out
 
 
+def _worst_over_ranks(total: int, limit: Optional[int], device: str) -> tuple[int, Optional[int]]:
+    """The largest estimate and the smallest limit of all ranks (None: no rank could read its limit)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return total, limit
+    where = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
+    t = torch.tensor([float(total), -float(limit) if limit is not None else float("-inf")], dtype=torch.float64,
+                     device=where)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    worst_limit = -t[1].item()
+    return int(t[0].item()), None if worst_limit == float("inf") else int(worst_limit)
+
+
 def check_memory(arch: ModelArch, cfg: RunConfig, split=None, plan=None, *, training: bool = True) -> Optional[Estimate]:
     """Raise ``InsufficientMemory`` (with the estimate, the limit and the fixes) when the run will not fit.
 
@@ -200,11 +214,12 @@ def check_memory(arch: ModelArch, cfg: RunConfig, split=None, plan=None, *, trai
     est = estimate(arch, cfg, world_size, num_dimensions, training=training, rows=rows, width=width, device=device)
     limit, source = rank_limit(device)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    total, limit = _worst_over_ranks(est.total, limit, device)  # every rank takes the same decision
     if limit is None:
         return None
     summary = (f"memory pre-flight: estimated peak per rank {est.describe()}; this rank may use "
                f"{limit / GiB:.2f} GiB ({source})")
-    if est.total <= limit:
+    if total <= limit:
         if rank0:
             print(summary, flush=True)
         return est
