@@ -7,13 +7,18 @@ Flags are generated from the dataclasses in megatron_amopo/config.py; ``--config
 run.yaml`` supplies the same fields (flag names without dashes). The shape follows
 Megatron's pretrain_gpt.py: ``get_batch``, ``forward_step`` and ``loss_func`` live in
 megatron_amopo/training/step.py; this file only wires flags to a training run.
+``--dry-run`` builds one rank's shard on the meta device instead (``--dry-run --help``).
 """
 from __future__ import annotations
 
 import os
 import sys
 
-from megatron_amopo.config import run_arg_parser, run_config_from_args
+from megatron_amopo.runtime import quiet
+
+quiet.install()  # before anything imports Megatron-Core
+
+from megatron_amopo.config import add_dry_run_args, run_arg_parser, run_config_from_args  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -21,17 +26,29 @@ def main(argv=None) -> int:
         from megatron_amopo.training import dry_run
 
         return dry_run.main(argv)
-    args = run_arg_parser(__doc__.splitlines()[0]).parse_args(argv)
+    parser = run_arg_parser(__doc__.splitlines()[0])
+    add_dry_run_args(parser)  # listed in --help; a dry run is handled above
+    args = parser.parse_args(argv)
+    dry = sorted(k.split(".")[1] for k, v in vars(args).items() if k.startswith("DryRunConfig.") and v is not None)
+    if dry:
+        parser.error(f"{', '.join('--' + k.replace('_', '-') for k in dry)} only apply with --dry-run")
     cfg = run_config_from_args(args)  # all flag validation happens here, before any process group
 
     from megatron_amopo.runtime.distributed import destroy_distributed, initialize_distributed, set_seed
     from megatron_amopo.training.loop import Trainer, log0
     from megatron_amopo.training.step import forward_step
 
+    from megatron_amopo.training.preflight import InsufficientMemory
+
     initialize_distributed(cfg.parallel)
     set_seed(cfg.training.seed)
     try:
-        trainer = Trainer(cfg, forward_step)
+        try:
+            trainer = Trainer(cfg, forward_step)
+        except InsufficientMemory as err:  # every rank refuses; rank 0 says why
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"error: {err}", file=sys.stderr, flush=True)
+            return 2
         resolved = trainer.resolved_config()
         log0("resolved configuration:\n" + _yaml(resolved))
         if trainer.writer.enabled:

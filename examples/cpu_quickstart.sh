@@ -8,6 +8,8 @@ set -euo pipefail
 
 PYTHON=${PYTHON:-.venv/bin/python}
 TORCHRUN=${TORCHRUN:-"$PYTHON -m torch.distributed.run"}
+# torchrun sets 1 per worker anyway, with a banner on every launch; saying so here keeps the console quiet
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 OUT=${OUT:-runs/quickstart}
 NPROC=${NPROC:-2}
 NUM_PROMPTS=${NUM_PROMPTS:-32}   # the shortest HelpSteer2 prompts: keeps the demo within minutes on 2 cores

@@ -14,6 +14,8 @@ DATA_INPUT=${DATA_INPUT:-$REPO/data/helpsteer2/train_rows.jsonl}
 DATA_FORMAT=${DATA_FORMAT:-helpsteer2}
 PYTHON=${PYTHON:-python}
 TORCHRUN=${TORCHRUN:-torchrun}
+# torchrun sets 1 per worker anyway, with a banner on every launch; saying so here keeps the console quiet
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 # ---- model and layout ------------------------------------------------------------------
 MODEL_NAME=qwen2.5_7b

@@ -85,9 +85,9 @@ def flag_name(f: dataclasses.Field, prefix: Optional[str]) -> str:
     return f"--{prefix}-{name}" if prefix else f"--{name}"
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: Optional[str] = None) -> None:
-    """Add one flag per field of ``cls``; defaults are left as ``None`` so that
-    ``dataclass_from_args`` can tell flags given on the command line from defaults."""
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: Optional[str] = None):
+    """Add one flag per field of ``cls`` as an option group (returned); defaults are left as ``None``
+    so that ``dataclass_from_args`` can tell flags given on the command line from defaults."""
     group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -103,6 +103,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: Optio
         else:
             kw.update(type=tp, metavar=f.name.upper())
         group.add_argument(flag_name(f, prefix), **kw)
+    return group
 
 
 def _yaml_key(f: dataclasses.Field, prefix: Optional[str]) -> str:
@@ -205,6 +206,8 @@ class TrainingConfig:
     exit_interval: Optional[int] = _f(None, "save and exit after every N-th step of this launch's schedule "
                                             "(step count divisible by N), e.g. to split a run into jobs")
     exit_on_nan: bool = _f(True, "stop (without saving) when the loss is not finite")
+    memory_check: bool = _f(True, "refuse to start when the memory pre-flight estimates that a rank will not fit "
+                                  "(--no-memory-check starts anyway)")
 
     def __post_init__(self) -> None:
         if (self.micro_batch_size is None) == (self.micro_batch_tokens is None):
@@ -339,6 +342,41 @@ def run_arg_parser(description: str = "") -> argparse.ArgumentParser:
     for cls, prefix in RUN_SECTIONS.values():
         add_dataclass_args(parser, cls, prefix)
     return parser
+
+
+@dataclass
+class DryRunConfig:
+    """pretrain_amopo.py --dry-run: build one rank's shard on the meta device and print its memory estimate."""
+
+    world_size: Optional[int] = _f(None, "number of GPUs of the target run (default: TP x PP x CP, i.e. DP 1)")
+    rank: str = _f("0", "global rank to build, or 'all'")
+    hf_config: Optional[str] = _f(None, "Hugging Face config.json (file or model directory); or give --load")
+    num_dimensions: Optional[int] = _f(None, "dimensions D of the data (default: len(--dimensions), else 3)")
+    gpu_memory_gib: float = _f(80.0, "memory of one GPU")
+    reserve_gib: float = _f(6.0, "left for CUDA context, NCCL, fragmentation")
+    json: Optional[str] = _f(None, "also write the report (with every parameter's shape) here")
+
+
+DRY_RUN_USES = ("--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--context-parallel-size",
+                "--sequence-parallel", "--micro-batch-size", "--micro-batch-tokens", "--global-batch-size",
+                "--seq-length", "--bf16", "--recompute-granularity", "--use-distributed-optimizer", "--load",
+                "--dimensions")
+
+
+def add_dry_run_args(parser: argparse.ArgumentParser) -> None:
+    """``--dry-run`` and its options, as one option group of ``parser``."""
+    group = add_dataclass_args(parser, DryRunConfig)
+    group.title = "dry run (pretrain_amopo.py --dry-run --help)"
+    group.description = ("build one rank's shard on the meta device, no GPUs or peers, and print its memory "
+                         "estimate; of the training flags it uses " + ", ".join(DRY_RUN_USES))
+    group.add_argument("--dry-run", action="store_true", help="do a dry run instead of training")
+
+
+def schedule_unused(args: argparse.Namespace) -> None:
+    """For tools that do not train: without --train-iters or --train-epochs the schedule is one step."""
+    if getattr(args, "TrainingConfig.train_iters", None) is None and \
+            getattr(args, "TrainingConfig.train_epochs", None) is None:
+        setattr(args, "TrainingConfig.train_iters", 1)
 
 
 def run_config_from_args(args: argparse.Namespace) -> RunConfig:

@@ -41,7 +41,7 @@ Pipeline (1F1B, Narayanan et al. 2021): stage i holds min(p - i, m) micro-batche
 activations in flight, m micro-batches per step. The last stage also holds the
 vocab-parallel logits [T, V / t] in the weights' dtype (saved for the backward of
 ``token_logprobs``), their gradient of the same size, and one fp32 [C, V / t] work
-chunk of ``objective.logprobs.DEFAULT_CHUNK_BYTES['cuda']`` (no full fp32 copy is made).
+chunk of ``objective.logprobs.DEFAULT_CHUNK_BYTES`` for the device (no full fp32 copy is made).
 
 The micro-batch of an AMoPO run is micro_batch_size groups of 2(D + 1) sequences
 (one chosen/rejected pair for the general preference and one per dimension), laid
@@ -56,7 +56,7 @@ from typing import Iterator, Optional
 from megatron_amopo.model.architectures import ModelArch, validate_layout
 from megatron_amopo.objective.logprobs import DEFAULT_CHUNK_BYTES
 
-LOGPROB_CHUNK_BYTES = DEFAULT_CHUNK_BYTES["cuda"]  # plans are for GPUs
+LOGPROB_CHUNK_BYTES = DEFAULT_CHUNK_BYTES["cuda"]  # the GPU work chunk; Workload.device picks the chunk
 
 GiB = 2**30
 RECOMPUTE = ("none", "selective", "full")
@@ -175,6 +175,8 @@ class Workload:
     global_batch_size: int = 128
     param_bytes: int = 2  # bf16 weights and activations
     flash_attention: bool = True  # TE / fused attention on GPU; False = Megatron's unfused local attention
+    rows: Optional[int] = None  # rows of the largest micro-batch when the data plan is known; else padded
+    device: str = "cuda"  # the log-prob work chunk is sized per device (objective.logprobs)
 
     @property
     def seqs_per_group(self) -> int:
@@ -197,10 +199,11 @@ def layer_activation_bytes(arch: ModelArch, work: Workload, rows: int, layout: L
     return outside_tp + inside_tp // t
 
 
-def logits_bytes(arch: ModelArch, work: Workload, rows: int, tp: int) -> int:
-    """Logits [T, V/t] and their gradient in the weights' dtype, plus one fp32 work chunk."""
+def logits_bytes(arch: ModelArch, work: Workload, rows: int, tp: int, training: bool = True) -> int:
+    """Logits [T, V/t] (and in training their gradient) in the weights' dtype, plus one fp32 work chunk."""
     tokens = rows * work.seq_length
-    return 2 * work.param_bytes * tokens * (arch.vocab_size // tp) + LOGPROB_CHUNK_BYTES
+    copies = 2 if training else 1
+    return copies * work.param_bytes * tokens * (arch.vocab_size // tp) + DEFAULT_CHUNK_BYTES[work.device]
 
 
 @dataclass
@@ -235,25 +238,30 @@ def state_bytes_per_param(work: Workload, layout: Layout) -> tuple[float, float,
     return work.param_bytes, 4, opt
 
 
-def stage_memory(arch: ModelArch, work: Workload, layout: Layout, pp_rank: int) -> StageMemory:
+def stage_memory(arch: ModelArch, work: Workload, layout: Layout, pp_rank: int, training: bool = True) -> StageMemory:
+    """``training=False``: a forward-only pass (evaluation) keeps no gradients, optimizer state or
+    saved activations, only the layer being computed and the logits."""
     n = rank_parameter_count(arch, layout.tp, layout.pp, pp_rank).total
     w, g, o = state_bytes_per_param(work, layout)
-    rows = layout.micro_batch_size * work.seqs_per_group
+    rows = work.rows or layout.micro_batch_size * work.seqs_per_group
+    last = pp_rank == layout.pp - 1
+    logit = logits_bytes(arch, work, rows, layout.tp, training) if last else 0
+    one_layer = layer_activation_bytes(arch, work, rows, replace(layout, recompute="selective"))
+    if not training:
+        return StageMemory(pp_rank, n, int(n * w), 0, 0, one_layer, logit, ["forward only: one layer live"])
     in_flight = min(layout.pp - pp_rank, microbatches_per_step(work, layout))
     per_layer = layer_activation_bytes(arch, work, rows, layout)
     layers = arch.num_layers // layout.pp
     act = layers * per_layer * in_flight
     if layout.recompute == "full":  # one layer's full activations live while it is recomputed
-        act += layer_activation_bytes(arch, work, rows, replace(layout, recompute="selective"))
-    last = pp_rank == layout.pp - 1
-    logit = logits_bytes(arch, work, rows, layout.tp) if last else 0
+        act += one_layer
     notes = [f"{layers} layers x {in_flight} micro-batch(es) in flight x {per_layer / GiB:.2f} GiB/layer"]
     return StageMemory(pp_rank, n, int(n * w), int(n * g), int(n * o), act, logit, notes)
 
 
-def peak_memory(arch: ModelArch, work: Workload, layout: Layout) -> StageMemory:
+def peak_memory(arch: ModelArch, work: Workload, layout: Layout, training: bool = True) -> StageMemory:
     """The stage with the largest footprint (stage 0 holds the most activations, the last the logits)."""
-    return max((stage_memory(arch, work, layout, i) for i in range(layout.pp)), key=lambda m: m.total)
+    return max((stage_memory(arch, work, layout, i, training) for i in range(layout.pp)), key=lambda m: m.total)
 
 
 # ---------------------------------------------------------------------------

@@ -16,15 +16,18 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_amopo.config import run_arg_parser, run_config_from_args  # noqa: E402
+from megatron_amopo.runtime import quiet  # noqa: E402
+
+quiet.install()  # before anything imports Megatron-Core
+
+from megatron_amopo.config import run_arg_parser, run_config_from_args, schedule_unused  # noqa: E402
 
 
 def main(argv=None) -> int:
     parser = run_arg_parser(__doc__.splitlines()[0])
     parser.add_argument("--output", default=None, help="write the metrics as JSON here")
     args = parser.parse_args(argv)
-    if args.__dict__.get("TrainingConfig.train_iters") is None and args.__dict__.get("TrainingConfig.train_epochs") is None:
-        setattr(args, "TrainingConfig.train_iters", 1)  # no training: the schedule length is irrelevant
+    schedule_unused(args)  # no training: the schedule length is irrelevant
     cfg = run_config_from_args(args)
     if not cfg.checkpoint.load or not cfg.data.data_path:
         parser.error("--load and --data-path are required")
@@ -39,6 +42,7 @@ def main(argv=None) -> int:
     from megatron_amopo.runtime.distributed import destroy_distributed, initialize_distributed, set_seed
     from megatron_amopo.training import data as tdata
     from megatron_amopo.training.loop import evaluate_split, format_eval, log0, run_transformer_config
+    from megatron_amopo.training.preflight import InsufficientMemory, check_memory
     from megatron_amopo.training.step import forward_step, packed_thd_default
 
     initialize_distributed(cfg.parallel)
@@ -50,11 +54,12 @@ def main(argv=None) -> int:
             vocab_hash = tokenizer_fingerprint(load_tokenizer(meta.tokenizer_dir), meta.tokenizer_dir)["vocab_hash"]
         split, _ = tdata.open_splits(cfg.data, cfg.training.seed, vocab_hash, cfg.training.seq_length)
         config = run_transformer_config(meta.arch, cfg)
-        model = build_model(meta.arch, config)
-        iteration = load_model_state(unwrap(model[0]), cfg.checkpoint.load)
         thd = packed_thd_default(config)  # the plan charges what the step feeds
         plan = tdata.make_plan(split, cfg.training, num_epochs=1, seed=cfg.training.seed,
                                dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(), thd=thd)
+        check_memory(meta.arch, cfg, split, plan, training=False)  # refuses before the model is built
+        model = build_model(meta.arch, config)
+        iteration = load_model_state(unwrap(model[0]), cfg.checkpoint.load)
         step = functools.partial(forward_step, objective_cfg=cfg.amopo,
                                  tp_group=ps.get_tensor_model_parallel_group(),
                                  cp_group=ps.get_context_parallel_group(), packed_thd=thd)
@@ -65,6 +70,10 @@ def main(argv=None) -> int:
         if cfg.checkpoint.load and args.output and is_rank0():
             with open(args.output, "w") as fh:
                 json.dump(values, fh, indent=1)
+    except InsufficientMemory as err:
+        if torch_rank0():
+            print(f"error: {err}", file=sys.stderr)
+        return 2
     finally:
         destroy_distributed()
     return 0

@@ -14,6 +14,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_amopo.runtime import quiet  # noqa: E402
+
+quiet.install()  # before anything imports Megatron-Core
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -30,7 +34,9 @@ def main(argv=None) -> int:
         parser.error(f"--dimension {args.dimension!r} is not one of --dimensions {args.dimensions}")
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteriaList
+
+    from megatron_amopo.runtime.progress import progress
 
     from megatron_amopo.data.prompts import PromptBuilder, load_templates
 
@@ -45,10 +51,25 @@ def main(argv=None) -> int:
     messages = [{"role": "system", "content": system}, {"role": "user", "content": args.prompt}]
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     torch.manual_seed(0)
-    out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False)
+    with progress(total=args.max_new_tokens, desc="generate", unit=" tokens") as bar:
+        out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False,
+                             stopping_criteria=StoppingCriteriaList([_tick(bar)]))
     reply = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     print(f"system: {system}\nuser: {args.prompt}\nassistant: {reply}")
     return 0
+
+
+def _tick(bar):
+    """A stopping criterion that never stops: it advances ``bar`` once per generated token."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class Tick(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+            bar.update()
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return Tick()
 
 
 if __name__ == "__main__":

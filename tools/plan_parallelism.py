@@ -18,6 +18,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_amopo.runtime import quiet  # noqa: E402
+
+quiet.install()  # before anything imports Megatron-Core
+
 from megatron_amopo import planning  # noqa: E402
 
 

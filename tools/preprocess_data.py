@@ -15,6 +15,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_amopo.runtime import quiet  # noqa: E402
+
+quiet.install()  # before anything imports Megatron-Core
+
 from megatron_amopo.config import add_dataclass_args, dataclass_from_args  # noqa: E402
 from megatron_amopo.data.config import DataConfig, PreprocessConfig, PromptConfig  # noqa: E402
 
@@ -36,11 +40,10 @@ def main(argv=None) -> int:
     if pre.workers > 1:
         # Workers are forked; tokenizers' own thread pool must not be live across the fork.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from tqdm import tqdm
-
     from megatron_amopo.data.preprocess import DataError, preprocess, summary_line
+    from megatron_amopo.runtime.progress import progress
 
-    bar = tqdm(desc="rows", unit=" rows", disable=not pre.progress, file=sys.stderr)
+    bar = progress(desc="rows", unit=" rows", enabled=pre.progress)
     try:
         meta = preprocess(data_cfg, prompt_cfg, pre, progress=bar)
     except (DataError, FileExistsError, ValueError) as err:

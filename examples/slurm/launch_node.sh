@@ -15,6 +15,8 @@ if [[ -z ${MASTER_ADDR:-} ]]; then  # the first node (read fully: `| head` would
 fi
 LOG_DIR=${LOG_DIR:-$REPO/logs/$SLURM_JOB_ID}
 TORCHRUN=${TORCHRUN:-torchrun}
+# torchrun sets 1 per worker anyway, with a banner on every launch; saying so here keeps the console quiet
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # Seconds torchrun gives the workers to finish their step and save after SIGUSR1/SIGTERM
 # before it kills them; keep it below the --signal lead time of the job script.
 SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-110}

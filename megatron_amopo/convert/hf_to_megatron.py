@@ -21,6 +21,7 @@ from megatron_amopo.convert.registry import table_for
 from megatron_amopo.convert.runtime import build_full_model, check_output_dir, publish, start_staging
 from megatron_amopo.runtime.comm import is_rank0
 from megatron_amopo.model.architectures import ModelArch, arch_from_hf_config, load_hf_config
+from megatron_amopo.runtime.progress import progress
 
 # HF tensors that are not parameters (older checkpoints store RoPE buffers).
 _IGNORED = ("rotary_emb.inv_freq",)
@@ -74,7 +75,7 @@ def fill_model(model: torch.nn.Module, plan: ImportPlan) -> None:
     """Copy every HF tensor into the TP1/PP1 model, one table entry at a time."""
     params = dict(model.named_parameters())
     done = set()
-    for e in plan.entries:
+    for e in progress(plan.entries, desc="HF -> Megatron", unit=" tensors"):
         value = TRANSFORMS[e.transform].to_megatron([plan.weights.get(n) for n in e.hf_names], plan.arch)
         name = resolve_param_name(e.megatron, params)
         if value.shape != params[name].shape:

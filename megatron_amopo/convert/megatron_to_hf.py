@@ -20,6 +20,7 @@ from megatron_amopo.convert.registry import table_for
 from megatron_amopo.convert.runtime import build_full_model, check_output_dir, publish, start_staging
 from megatron_amopo.runtime.comm import is_rank0
 from megatron_amopo.model.architectures import ModelArch
+from megatron_amopo.runtime.progress import progress
 
 
 def resolve_iteration(root: str, iteration: Optional[int]) -> int:
@@ -43,6 +44,7 @@ class _Producer:
         self.where = {n: (k, j) for k, e in enumerate(entries) for j, n in enumerate(e.hf_names)}
         self.entries = entries
         self._cached: tuple[int, tuple[torch.Tensor, ...]] = (-1, ())
+        self.bar = progress(total=len(self.where), desc="Megatron -> HF", unit=" tensors")
 
     @torch.no_grad()
     def __call__(self, name: str) -> torch.Tensor:
@@ -51,6 +53,7 @@ class _Producer:
             e = self.entries[k]
             param = self.params[resolve_param_name(e.megatron, self.params)]
             self._cached = (k, TRANSFORMS[e.transform].to_hf(param.detach(), self.arch))
+        self.bar.update()
         return self._cached[1][j].to(self.dtype)
 
 
@@ -92,7 +95,9 @@ def convert_megatron_to_hf(
     plan = [PlannedTensor(n, s, dtype) for e in entries for n, s in zip(e.hf_names, e.hf_shapes)]
     tmp = start_staging(save_path)
     if is_rank0():
-        write_sharded_safetensors(tmp, plan, _Producer(model, entries, arch, dtype), max_bytes)
+        producer = _Producer(model, entries, arch, dtype)
+        write_sharded_safetensors(tmp, plan, producer, max_bytes)
+        producer.bar.close()
         _write_side_files(tmp, meta)
     publish(save_path)
     return iteration

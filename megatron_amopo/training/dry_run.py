@@ -18,35 +18,40 @@ names with the same shapes.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Optional
 
 import torch
 
 from megatron_amopo import planning
-from megatron_amopo.config import RunConfig, run_arg_parser, run_config_from_args
+from megatron_amopo.config import (DryRunConfig, RunConfig, add_dry_run_args, dataclass_from_args, run_arg_parser,
+                                   run_config_from_args, schedule_unused)
 from megatron_amopo.model.architectures import ModelArch, arch_from_hf_config, load_hf_config, validate_layout
+from megatron_amopo.training.preflight import workload_and_layout
 
 GiB = planning.GiB
 
 
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, RunConfig]:
-    p = argparse.ArgumentParser(description="pretrain_amopo.py --dry-run: build one rank's shard on the meta "
-                                "device", add_help=False)
-    p.add_argument("--dry-run", action="store_true", required=True)
-    p.add_argument("--world-size", type=int, required=True, help="number of GPUs of the target run")
-    p.add_argument("--rank", default="0", help="global rank to build, or 'all'")
-    p.add_argument("--hf-config", default=None, help="Hugging Face config.json (file or model directory)")
-    p.add_argument("--num-dimensions", type=int, default=None,
-                   help="dimensions D of the data (default: len(--dimensions), else 3)")
-    p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU")
-    p.add_argument("--reserve-gib", type=float, default=6.0, help="left for CUDA context, NCCL, fragmentation")
-    p.add_argument("--json", default=None, help="also write the report (with every parameter's shape) here")
-    ours, rest = p.parse_known_args(argv)
-    cfg = run_config_from_args(run_arg_parser("pretrain_amopo.py --dry-run").parse_args(rest))
+def parse_args(argv: list[str]) -> tuple[DryRunConfig, RunConfig]:
+    """Dry-run options plus the training flags; of those only the layout, batching and precision matter."""
+    parser = run_arg_parser("pretrain_amopo.py --dry-run: build one rank's shard on the meta device (no GPUs, "
+                            "no peers) and print the memory estimate")
+    add_dry_run_args(parser)
+    args = parser.parse_args(argv)
+    schedule_unused(args)
+    if getattr(args, "TrainingConfig.micro_batch_size") is None and \
+            getattr(args, "TrainingConfig.micro_batch_tokens") is None:
+        setattr(args, "TrainingConfig.micro_batch_size", 1)
+    cfg = run_config_from_args(args)
+    ours = dataclass_from_args(DryRunConfig, args)
+    if ours.world_size is None:
+        ours = replace(ours, world_size=cfg.parallel.model_parallel_size)
+    if getattr(args, "TrainingConfig.global_batch_size") is None:  # enough micro-batches to fill the pipeline
+        _, layout = workload_and_layout(cfg, ours.world_size, 3)
+        gbs = layout.micro_batch_size * layout.dp * layout.pp
+        cfg = replace(cfg, training=replace(cfg.training, global_batch_size=gbs))
     return ours, cfg
 
 
@@ -74,16 +79,6 @@ def resolve_ranks(rank: str, world_size: int, cfg: RunConfig) -> list[int]:
     if not 0 <= r < world_size:
         raise ValueError(f"--rank {r} is out of range for --world-size {world_size} (ranks 0..{world_size - 1})")
     return [r]
-
-
-def workload_and_layout(cfg: RunConfig, world_size: int, num_dimensions: int) -> tuple:
-    tc, par = cfg.training, cfg.parallel
-    work = planning.default_workload(tc.seq_length, num_dimensions, tc.global_batch_size, bf16=tc.bf16)
-    mbs = tc.micro_batch_size or max(1, tc.micro_batch_tokens // (tc.seq_length * work.seqs_per_group))
-    layout = planning.Layout(
-        par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.data_parallel_size(world_size), mbs,
-        par.sequence_parallel, tc.use_distributed_optimizer, tc.recompute_granularity or "none")
-    return work, layout
 
 
 def init_fake_rank(cfg: RunConfig, world_size: int, rank: int) -> dict[str, int]:
@@ -148,7 +143,7 @@ def rank_report(model: torch.nn.Module, coords: dict, arch: ModelArch, work, lay
                 memory_notes=mem.notes)
 
 
-def run(ours: argparse.Namespace, cfg: RunConfig) -> dict:
+def run(ours: DryRunConfig, cfg: RunConfig) -> dict:
     from megatron_amopo.runtime import cpu_compat
 
     arch = resolve_arch(ours.hf_config, cfg.checkpoint.load)

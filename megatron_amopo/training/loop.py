@@ -25,10 +25,12 @@ from megatron_amopo.model.build import build_model, check_wiring
 from megatron_amopo.model.provider import transformer_config
 from megatron_amopo.objective.amopo import PAIR_METRIC_NAMES
 from megatron_amopo.runtime.comm import is_rank0
+from megatron_amopo.runtime.progress import progress
 from megatron_amopo.training import checkpoint as ckpt
 from megatron_amopo.training import data as tdata
 from megatron_amopo.training.metrics import MetricsWriter, format_line, reduce_reports, summarize
 from megatron_amopo.training.optimizer import build_optimizer, build_scheduler
+from megatron_amopo.training.preflight import check_memory
 from megatron_amopo.training.step import packed_thd_default
 from megatron_amopo.training.throughput import device_peak_tflops, mfu, peak_memory_bytes, training_flops
 
@@ -122,10 +124,18 @@ def evaluate_split(model: list, forward_step: Callable, split, plan, train_cfg, 
     stop = stop if train_cfg.eval_batches is None else min(stop, train_cfg.eval_batches)
     for chunk in model:
         chunk.eval()
+    bar = progress(total=stop, desc="evaluate", unit=" micro-batches")
+
+    def counted_step(*args, **kwargs):  # one call per micro-batch on this rank's stage
+        out = forward_step(*args, **kwargs)
+        bar.update()
+        return out
+
     try:
         batches = list(tdata.microbatches(split, plan, train_cfg, 0, stop))
-        reduced = reduce_step(run_schedule(model, forward_step, batches, forward_only=True), batches, len(pair_names))
+        reduced = reduce_step(run_schedule(model, counted_step, batches, forward_only=True), batches, len(pair_names))
     finally:
+        bar.close()
         for chunk in model:
             chunk.train()
     return summarize(reduced, pair_names)
@@ -161,6 +171,7 @@ class Trainer:
         # Packed micro-batches as THD streams or as masked rows: the plan charges what the step feeds.
         self.thd = packed_thd_default(self.config)
         self._open_data()
+        check_memory(self.arch, cfg, self.train_split, self.plan)  # refuses a run that will not fit
         self.model = build_model(self.arch, self.config, use_distributed_optimizer=tc.use_distributed_optimizer)
         check_wiring(self.config)
         self.optimizer = build_optimizer(self.model, cfg.optimizer, tc)

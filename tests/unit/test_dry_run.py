@@ -104,3 +104,33 @@ def test_model_is_required_and_heads_must_divide(capsys):
             "--tensor-model-parallel-size", "8", *TRAIN]
     assert dry_run.main(argv) == 2
     assert "does not divide num_attention_heads = 28" in capsys.readouterr().err
+
+
+def _script(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "pretrain_amopo.py"), *argv], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+
+
+def test_dry_run_is_listed_in_help_and_has_its_own():
+    main_help = _script("--help")
+    assert main_help.returncode == 0 and "dry run (pretrain_amopo.py --dry-run --help)" in main_help.stdout
+    assert "--dry-run" in main_help.stdout and "--world-size" in main_help.stdout
+    dry_help = _script("--dry-run", "--help")
+    assert dry_help.returncode == 0, dry_help.stderr
+    assert "--world-size" in dry_help.stdout and "--rank" in dry_help.stdout and "meta device" in dry_help.stdout
+
+
+def test_dry_run_flags_are_refused_without_dry_run():
+    proc = _script("--world-size", "8", "--micro-batch-size", "1", "--train-iters", "1")
+    assert proc.returncode == 2 and "--world-size only apply with --dry-run" in proc.stderr
+
+
+def test_dry_run_asks_only_for_what_it_uses(capsys):
+    """No --world-size (default: DP 1), --train-iters, --micro-batch-size or --global-batch-size."""
+    argv = ["--dry-run", "--hf-config", str(CONFIGS / "llama3.1-8b.json"), "--tensor-model-parallel-size", "4",
+            "--pipeline-model-parallel-size", "2", "--bf16"]
+    assert dry_run.main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "world size 8 = TP4 PP2 DP1 mbs 1" in out and "peak estimate" in out
+    ours, cfg = dry_run.parse_args(argv)
+    assert cfg.training.global_batch_size == 2  # mbs x DP x PP: the pipeline is full, as in any real run
