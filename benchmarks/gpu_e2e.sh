@@ -195,7 +195,8 @@ print(f"tools/evaluate.py loss {ev['loss']:.6f}, accuracy/all {ev.get('accuracy/
 assert rel <= float(sys.argv[3]), f"relative difference {rel:.3g} > {sys.argv[3]}"
 PYEOF
 }
-step "5 evaluate" $((180 * SCALE)) bash -c "$(declare -p O LOSS_RTOL EVALUATE TORCHRUN PY; declare -f evaluate); evaluate"
+step "5 evaluate" $((180 * SCALE)) \
+  bash -c "$(declare -p O LOSS_RTOL EVALUATE TORCHRUN PY; declare -f evaluate); evaluate"
 
 step "6 export + HF logits" $((180 * SCALE)) "$PY" "${EXPORT[@]}"
 
