@@ -40,7 +40,8 @@ def _report_cuda(monkeypatch, available: bool) -> None:
 
 
 def _backend_from_flags(flags: list[str], init_calls: list[dict]) -> str:
-    cfg = run_config_from_args(run_arg_parser("t").parse_args(["--train-iters", "1", "--micro-batch-size", "1", *flags]))
+    args = run_arg_parser("t").parse_args(["--train-iters", "1", "--micro-batch-size", "1", *flags])
+    cfg = run_config_from_args(args)
     env = DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=1)
     with pytest.raises(_Started):
         initialize_distributed(cfg.parallel, env)
