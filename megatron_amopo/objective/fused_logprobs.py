@@ -31,7 +31,6 @@ from megatron_amopo.objective.logprobs import (
     _local_lse,
     _owned_labels,
     _group_rank,
-    _pieces,
     _scatter_selected,
     _selection,
     _softmax_grad_rows,
@@ -57,13 +56,12 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         vocab_local = weight_VH.shape[0]
         label_T, owned_T = _owned_labels(labels_T[idx_T], _group_rank(group) * vocab_local, vocab_local)
         dtype = compute_dtype(hidden_TH.dtype)
-        pieces = _pieces(idx_T, chunk_tokens)
         target_T = hidden_TH.new_empty(idx_T.numel(), dtype=torch.float64)
         lse_T = torch.empty_like(target_T)
         buf_CV = hidden_TH.new_empty(min(chunk_tokens, idx_T.numel()), vocab_local)
-        for a, b, o in pieces:
-            sl, n = slice(o, o + b - a), b - a
-            x_CV = torch.mm(hidden_TH[a:b], weight_VH.t(), out=buf_CV[:n])
+        for sl in _chunks(idx_T.numel(), chunk_tokens):
+            n = sl.stop - sl.start
+            x_CV = torch.mm(hidden_TH[idx_T[sl]], weight_VH.t(), out=buf_CV[:n])
             target_T[sl] = x_CV.gather(1, label_T[sl, None]).squeeze(1)
             # The chunk is not read again: the CPU path exponentiates it in place.
             work = x_CV if x_CV.dtype == dtype else None
@@ -72,31 +70,38 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         if _group_size(group) > 1 and idx_T.numel():
             lse_T, target_T = _combine_lse(lse_T, torch.where(owned_T, target_T, 0.0), group)
         lse_hi_T, lse_lo_T = _split(lse_T, dtype)
-        ctx.save_for_backward(hidden_TH, weight_VH, label_T, owned_T, lse_hi_T, lse_lo_T)
-        ctx.pieces, ctx.chunk_tokens = pieces, chunk_tokens
+        ctx.save_for_backward(hidden_TH, weight_VH, idx_T, label_T, owned_T, lse_hi_T, lse_lo_T)
+        ctx.chunk_tokens = chunk_tokens
         return (target_T - lse_T).to(dtype)
 
     @staticmethod
     def backward(ctx, grad_T):
-        hidden_TH, weight_VH, label_T, owned_T, lse_hi_T, lse_lo_T = ctx.saved_tensors
+        hidden_TH, weight_VH, idx_T, label_T, owned_T, lse_hi_T, lse_lo_T = ctx.saved_tensors
         scales = _grad_scales(grad_T, lse_lo_T, owned_T)
         direct = hidden_TH.dtype == lse_hi_T.dtype
         grad_h_TH = torch.zeros_like(hidden_TH)  # tokens outside the loss get no gradient
         grad_w_VH = torch.zeros_like(weight_VH, dtype=lse_hi_T.dtype)  # fp32 accumulation over chunks
         buf_CV = hidden_TH.new_empty(min(ctx.chunk_tokens, label_T.numel()), weight_VH.shape[0])
         part_VH = None if direct else torch.empty_like(weight_VH)
-        for a, b, o in ctx.pieces:
-            sl, h_CH = slice(o, o + b - a), hidden_TH[a:b]
-            x_CV = torch.mm(h_CH, weight_VH.t(), out=buf_CV[: b - a])
+        for sl in _chunks(label_T.numel(), ctx.chunk_tokens):
+            rows_C, n = idx_T[sl], sl.stop - sl.start
+            h_CH = hidden_TH[rows_C]
+            x_CV = torch.mm(h_CH, weight_VH.t(), out=buf_CV[:n])
             rows_CV = _softmax_grad_rows(x_CV, sl, lse_hi_T, label_T, scales, out=x_CV if direct else None)
             g_CV = rows_CV if direct else rows_CV.to(hidden_TH.dtype)  # the output layer's GEMM dtype
-            torch.mm(g_CV, weight_VH, out=grad_h_TH[a:b])
+            grad_h_TH.index_copy_(0, rows_C, torch.mm(g_CV, weight_VH))
             if direct:
                 grad_w_VH.addmm_(g_CV.t(), h_CH)
             else:
                 grad_w_VH.add_(torch.mm(g_CV.t(), h_CH, out=part_VH))
             del rows_CV, g_CV
         return grad_h_TH, grad_w_VH.to(weight_VH.dtype), None, None, None, None
+
+
+def _chunks(num_tokens: int, chunk_tokens: int) -> list[slice]:
+    """Consecutive slices of the selected tokens, ``chunk_tokens`` each: every GEMM but the last is
+    full-sized however the loss tokens lie (their hidden states are gathered, [C, H] per chunk)."""
+    return [slice(a, min(a + chunk_tokens, num_tokens)) for a in range(0, num_tokens, chunk_tokens)]
 
 
 def fused_token_logprobs(
