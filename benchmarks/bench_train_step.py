@@ -159,7 +159,8 @@ def run_ours(args, cfg: dict, chunks: list[list[dict]]) -> dict:
     if "fused-adam" in disabled:  # diagnostic: torch's default multi-tensor AdamW, as megatron-core builds it
         for group in optimizer.optimizer.param_groups:
             group["fused"], group["foreach"] = False, None
-    step_fn = functools.partial(forward_step, objective_cfg=AmopoConfig(output_layer=args.output_layer), tp_group=ps.get_tensor_model_parallel_group(),
+    step_fn = functools.partial(forward_step, objective_cfg=AmopoConfig(output_layer=args.output_layer),
+                                tp_group=ps.get_tensor_model_parallel_group(),
                                 cp_group=ps.get_context_parallel_group(), chunk_tokens=args.chunk_tokens,
                                 packed_thd={"packed-thd": True, "packed-mask": False}.get(args.layout))
     if args.layout.startswith("packed"):
