@@ -2,7 +2,7 @@
 
 ``fused_token_logprobs`` gives what ``token_logprobs`` gives for the logits ``hidden @ weight.T``
 (the output layer's GEMM, ``ColumnParallelLinear`` with vocab-sharded ``weight``) without ever
-holding them: tokens are taken in chunks, each chunk's logits are formed, reduced to a
+holding them: the loss tokens are taken in chunks, each chunk's logits are formed, reduced to a
 log-sum-exp and the label's logit (the same all-reduces over the tensor-parallel group as
 ``token_logprobs``), and freed. Backward forms each chunk's logits again and turns them into
 g * (onehot - softmax) in place, which gives the chunk's rows of the hidden states' gradient and

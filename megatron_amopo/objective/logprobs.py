@@ -22,9 +22,9 @@ objective consumes (``megatron_amopo/objective/amopo.py``); with context paralle
 each rank holds part of every sequence, so the partial sums are all-reduced over the
 CP group before any weighting.
 
-This module and ``megatron_amopo/training/step.py`` are the only code of the
-objective path that talks to other ranks; every process group is an argument
-(``None`` means a group of one).
+This module, its sibling ``fused_logprobs.py`` (the same log-probs from the hidden states)
+and ``megatron_amopo/training/step.py`` are the only code of the objective path that talks
+to other ranks; every process group is an argument (``None`` means a group of one).
 
 Shape legend:
     T  tokens (rows x positions, flattened)
