@@ -1,33 +1,34 @@
-"""Peak extra memory and time of the AMoPO loss path against a full-vocabulary baseline.
+"""Peak extra memory and time of the AMoPO loss path: fused output layer, current path and baseline.
 
-Path measured (CPU, fp32, one tensor-parallel rank): logits -> per-token log-probs ->
-per-sequence statistics -> AMoPO loss -> backward to the logits.
+Paths measured (CPU, fp32, one tensor-parallel rank), all on the same inputs in one process and
+feeding the same ``amopo_loss``:
 
-  ours      the training step's path: ``token_logprobs`` (chunked, only loss tokens,
-            backward recomputes the softmax chunk-wise from the saved log-sum-exps and,
-            with ``inplace_backward``, writes the gradient into the logits' own storage)
-            + ``sequence_stats`` (one scatter-add per statistic). --out-of-place measures
-            the public default (a fresh gradient tensor) instead.
-  baseline  the published AMoPO code's approach: ``log_softmax`` and ``softmax`` over
-            the full vocabulary, both materialised, then a Python loop over sequences
-            for the per-sequence sums (log-probs, probabilities and their squares).
+  --from hidden (default): final hidden states [R, S, H] and output weight [V, H] -> log-probs ->
+  per-sequence statistics -> AMoPO loss -> backward to the hidden states and the weight.
+    fused     ``fused_token_logprobs``: the logits formed chunk by chunk, never all at once
+              (``--amopo-output-layer fused``).
+    current   the output layer's GEMM (logits [R, S, V]) + the training step's ``token_logprobs``
+              with ``inplace_backward`` (the default ``--amopo-output-layer logits``).
+    baseline  the same GEMM + the published AMoPO code's approach: ``log_softmax`` and ``softmax``
+              over the full vocabulary, both materialised, then a Python loop over sequences.
+  --from logits: logits -> loss -> backward to the logits, ``token_logprobs`` (``ours``; with
+  --out-of-place the public default, a fresh gradient tensor) against the baseline. Each run
+  gets a fresh copy of the logits (untimed), an autograd op's output as in training.
 
-Both feed the same ``amopo_loss`` and run on the same inputs in the same process. Each
-run gets a fresh copy of the logits (untimed; its backward passes the gradient
-through), so that, as in training, they are the output of an autograd op.
 Peak memory is the kernel's resident-set high-water mark (VmHWM, reset through
-/proc/self/clear_refs before each phase; a 1 ms RSS sampler where that is not
-allowed) minus the resident size before the phase, reported relative to the logits'
-size; times are the best of --repeats interleaved runs. Goals: forward extra <= 0.5x
-logits, forward + backward extra <= 1.5x logits (the gradient of the logits itself is
-1x), >= 3x faster than the baseline.
+/proc/self/clear_refs before each phase; a 1 ms RSS sampler where that is not allowed) minus
+the resident size before the phase, relative to the logits' size; from hidden states, the
+gradients of the hidden states and the weight (produced by every path) are not counted. Times
+are the best of --repeats interleaved runs; the CPU time of this process is printed as well,
+since on a shared machine the wall time depends on the load. Goals from hidden states: fused
+extra <= 0.05x the logits at V = 151,936 and time <= 1.1x the current path's.
 
-    .venv/bin/python benchmarks/bench_loss_path.py            # default sizes
-    .venv/bin/python benchmarks/bench_loss_path.py --lengths 256 --vocabs 32000
+    nice -n 10 .venv/bin/python benchmarks/bench_loss_path.py                 # default sizes, H = 896
+    nice -n 10 .venv/bin/python benchmarks/bench_loss_path.py --hidden 128 --lengths 256 --vocabs 32000
 
-A size whose baseline would not fit in the memory available (estimated 7.5x the
-logits, at most --memory-fraction of what is free) runs ours only; the largest length
-(halving) at which the baseline fits is then added for that vocabulary.
+A size whose baseline would not fit in the memory available (estimated 7.5x the logits, at most
+--memory-fraction of what is free) runs without it; the largest length (halving) at which the
+baseline fits is then added for that vocabulary.
 """
 from __future__ import annotations
 
@@ -42,11 +43,13 @@ import torch
 
 from megatron_amopo.config import AmopoConfig
 from megatron_amopo.objective.amopo import amopo_loss
+from megatron_amopo.objective.fused_logprobs import fused_token_logprobs
 from megatron_amopo.objective.logprobs import sequence_stats, stats_to_pairs, token_logprobs
 
 GIB = 2**30
 BASELINE_FACTOR = 7.5  # inputs + fresh copy + log_softmax + softmax + their gradients + grad of the logits, slack
 OURS_FACTOR = {True: 2.2, False: 3.2}  # inputs + fresh copy (+ gradient when out of place) + slack, by inplace
+CURRENT_FROM_HIDDEN_FACTOR = 1.2  # --from hidden, the current path: the output layer's logits (gradient in place)
 
 
 class PeakRSS:
@@ -107,6 +110,31 @@ def make_inputs(num_seqs: int, length: int, vocab: int, prompt_frac: float, seed
     return dict(logits=logits, labels=labels, loss_mask=mask, segment_ids=segments)
 
 
+def make_hidden_inputs(num_seqs: int, length: int, vocab: int, hidden: int, prompt_frac: float, seed: int = 0) -> dict:
+    """Final hidden states [R, S, H] and an output weight [V, H] whose logits have the scale of ``make_inputs``'."""
+    inp = make_inputs(num_seqs, length, 1, prompt_frac, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    inp.pop("logits")
+    inp["labels"] = torch.randint(0, vocab, (num_seqs, length), generator=gen)
+    inp["hidden"] = torch.randn(num_seqs, length, hidden, generator=gen)
+    inp["weight"] = torch.randn(vocab, hidden, generator=gen).mul_(2.0 / hidden**0.5)
+    return inp
+
+
+def fused_stats(inp: dict, hidden: torch.Tensor, weight: torch.Tensor) -> dict:
+    logp = fused_token_logprobs(hidden, weight, inp["labels"], None, mask=inp["loss_mask"])
+    return sequence_stats(logp, inp["segment_ids"], inp["loss_mask"], hidden.shape[0])
+
+
+# Hidden states -> statistics: the fused op, and the output layer's GEMM (logits as an op's output) followed
+# by the current path or by the published-style baseline.
+HIDDEN_PATHS = {
+    "fused": fused_stats,
+    "current": lambda inp, hidden, weight: ours_stats(inp, hidden @ weight.t()),
+    "baseline": lambda inp, hidden, weight: baseline_stats(inp, hidden @ weight.t()),
+}
+
+
 def ours_stats(inp: dict, logits: torch.Tensor, inplace_backward: bool = True) -> dict:
     logp = token_logprobs(logits, inp["labels"], None, mask=inp["loss_mask"], inplace_backward=inplace_backward)
     return sequence_stats(logp, inp["segment_ids"], inp["loss_mask"], logits.shape[0])
@@ -131,10 +159,19 @@ def baseline_stats(inp: dict, logits: torch.Tensor) -> dict:
 
 def run_path(name: str, stats_fn, inp: dict, cfg: AmopoConfig, num_pairs: int) -> dict:
     leaf = inp["logits"].requires_grad_(True)
-    logits = leaf.clone()  # an op's output, like the output layer's; the in-place backward overwrites it
+    # A fresh copy: an op's output, like the output layer's; the in-place backward overwrites it.
+    out = _measure(lambda: stats_fn(inp, leaf.clone()), cfg, num_pairs)
+    out.update(name=name, grad=leaf.grad)
+    leaf.grad = None
+    leaf.requires_grad_(False)
+    return out
+
+
+def _measure(stats_thunk, cfg: AmopoConfig, num_pairs: int) -> dict:
+    """Time and peak extra memory of stats -> AMoPO loss (forward) and of its backward."""
     with PeakRSS() as fwd_mem:
-        t0 = time.perf_counter()
-        stats = stats_to_pairs(stats_fn(inp, logits), num_pairs)
+        t0, c0 = time.perf_counter(), time.process_time()
+        stats = stats_to_pairs(stats_thunk(), num_pairs)
         num_samples = stats["n"].shape[0]
         loss_B, _ = amopo_loss(stats, cfg, sample_ids=torch.arange(num_samples))
         loss = loss_B.sum()
@@ -142,20 +179,61 @@ def run_path(name: str, stats_fn, inp: dict, cfg: AmopoConfig, num_pairs: int) -
     with PeakRSS() as bwd_mem:
         t1 = time.perf_counter()
         loss.backward()
-        t_bwd = time.perf_counter() - t1
+        t_bwd, cpu = time.perf_counter() - t1, time.process_time() - c0
     # Forward + backward: the higher of the two peaks, above the resident size before the forward.
     total_extra = max(fwd_mem.peak, bwd_mem.peak) - fwd_mem.start
-    out = dict(name=name, loss=loss.item(), fwd_s=t_fwd, bwd_s=t_bwd, fwd_extra=fwd_mem.extra, total_extra=total_extra,
-               grad=leaf.grad)
-    del loss, loss_B, stats, logits
-    leaf.grad = None
-    leaf.requires_grad_(False)
+    return dict(loss=loss.item(), fwd_s=t_fwd, bwd_s=t_bwd, cpu_s=cpu, fwd_extra=fwd_mem.extra,
+                total_extra=total_extra)
+
+
+def run_hidden_path(name: str, inp: dict, cfg: AmopoConfig, num_pairs: int) -> dict:
+    """One hidden -> loss -> backward run; the extra memory leaves out the two gradients every path produces."""
+    hidden, weight = inp["hidden"].requires_grad_(True), inp["weight"].requires_grad_(True)
+    out = _measure(lambda: HIDDEN_PATHS[name](inp, hidden, weight), cfg, num_pairs)
+    grad_bytes = 4 * (hidden.numel() + weight.numel())
+    out.update(name=name, grads=(hidden.grad, weight.grad), total_extra=max(out["total_extra"] - grad_bytes, 0))
+    for t in (hidden, weight):
+        t.grad = None
+        t.requires_grad_(False)
     return out
+
+
+def bench_hidden_size(num_seqs, length, vocab, args, cfg, repeats) -> bool:
+    """Print one line for this size (fused vs current, and the baseline where it fits); True when all ran."""
+    tokens = num_seqs * length
+    logits_bytes, param_bytes = tokens * vocab * 4, 2 * 4 * (tokens + vocab) * args.hidden  # + their gradients
+    available = psutil.virtual_memory().available * args.memory_fraction
+    size = f"{num_seqs} x {length} x {vocab:,}"
+    if logits_bytes * CURRENT_FROM_HIDDEN_FACTOR + param_bytes > available:
+        print(f"{size:>22}: skipped, logits {logits_bytes / GIB:.2f} GiB do not fit ({available / GIB:.1f} GiB usable)")
+        return False
+    names = ["fused", "current"] + (["baseline"] if logits_bytes * BASELINE_FACTOR + param_bytes <= available else [])
+    inp = make_hidden_inputs(num_seqs, length, vocab, args.hidden, args.prompt_frac)
+    runs, diff = {n: [] for n in names}, {}
+    for _ in range(repeats):  # interleaved, so that every path sees the same machine load
+        grads = {}
+        for name in names:
+            runs[name].append(run_hidden_path(name, inp, cfg, args.pairs))
+            grads[name] = runs[name][-1].pop("grads")
+        for name in names[1:]:
+            diff[name] = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(grads["fused"], grads[name]))
+        del grads
+    best = {n: _best(r) for n, r in runs.items()}
+    fused, current = best["fused"], best["current"]
+    line = (f"{size:>22} logits {logits_bytes / GIB:5.2f} GiB | "
+            + " | ".join(_fmt(n, best[n], logits_bytes) for n in names)
+            + f" | time fused/current {fused['total_s'] / current['total_s']:4.2f}x"
+            + f" (CPU time {fused['cpu_s'] / current['cpu_s']:4.2f}x)"
+            + (f", baseline/fused {best['baseline']['total_s'] / fused['total_s']:4.1f}x" if "baseline" in best else "")
+            + " | vs fused: " + ", ".join(f"{n} loss diff {abs(best[n]['loss'] - fused['loss']):.1e} grad rel diff "
+                                          f"{diff[n]:.1e}" for n in names[1:]))
+    print(line, flush=True)
+    return "baseline" in best
 
 
 def _best(runs: list[dict]) -> dict:
     """Fastest time and highest memory over repeats (the machine may be shared)."""
-    out = {k: min(r[k] for r in runs) for k in ("fwd_s", "bwd_s")}
+    out = {k: min(r[k] for r in runs) for k in ("fwd_s", "bwd_s", "cpu_s")}
     out.update({k: max(r[k] for r in runs) for k in ("fwd_extra", "total_extra")})
     out["total_s"] = min(r["fwd_s"] + r["bwd_s"] for r in runs)
     out["loss"] = runs[0]["loss"]
@@ -221,23 +299,29 @@ def main(argv=None) -> None:
     parser.add_argument("--out-of-place", action="store_true",
                         help="ours without inplace_backward (the public default; a fresh gradient tensor)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--from", dest="source", choices=("hidden", "logits"), default="hidden",
+                        help="hidden: hidden states -> loss, fused vs current vs baseline; logits: logits -> loss")
+    parser.add_argument("--hidden", type=int, default=896, help="hidden size H with --from hidden (Qwen2.5-0.5B: 896)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = AmopoConfig(weighting="gaussian")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU, prompt share {args.prompt_frac}, "
           f"ours {'out of place' if args.out_of_place else 'inplace_backward'}, "
-          f"free memory {psutil.virtual_memory().available / GIB:.1f} GiB")
+          f"free memory {psutil.virtual_memory().available / GIB:.1f} GiB"
+          + (f", from hidden states, H = {args.hidden}" if args.source == "hidden" else ", from logits"))
+    bench = bench_hidden_size if args.source == "hidden" else bench_size
     print("warm-up (first-call overheads; ignore):")
-    bench_size(args.seqs, 64, 1000, args, cfg, 1)
-    print("extra = peak resident memory above the start of the phase, relative to the logits' size")
+    bench(args.seqs, 64, 1000, args, cfg, 1)
+    print("extra = peak resident memory above the start of the phase, relative to the logits' size"
+          + (" (hidden states, weight and their gradients not counted)" if args.source == "hidden" else ""))
     for vocab in args.vocabs:
-        compared = [bench_size(args.seqs, length, vocab, args, cfg, args.repeats) for length in args.lengths]
+        compared = [bench(args.seqs, length, vocab, args, cfg, args.repeats) for length in args.lengths]
         length = min(args.lengths) // 2
         while not any(compared) and length >= 64:
             bytes_needed = args.seqs * length * vocab * 4 * BASELINE_FACTOR
             if bytes_needed <= psutil.virtual_memory().available * args.memory_fraction:
-                compared.append(bench_size(args.seqs, length, vocab, args, cfg, args.repeats))
+                compared.append(bench(args.seqs, length, vocab, args, cfg, args.repeats))
             length //= 2
 
 

@@ -153,7 +153,8 @@ def run_ours(args, cfg: dict, chunks: list[list[dict]]) -> dict:
     if "fused-adam" in disabled:  # diagnostic: torch's default multi-tensor AdamW, as megatron-core builds it
         for group in optimizer.optimizer.param_groups:
             group["fused"], group["foreach"] = False, None
-    step_fn = functools.partial(forward_step, objective_cfg=AmopoConfig(), tp_group=ps.get_tensor_model_parallel_group(),
+    step_fn = functools.partial(forward_step, objective_cfg=AmopoConfig(output_layer=args.output_layer),
+                                tp_group=ps.get_tensor_model_parallel_group(),
                                 cp_group=ps.get_context_parallel_group(), chunk_tokens=args.chunk_tokens,
                                 packed_thd={"packed-thd": True, "packed-mask": False}.get(args.layout))
     if args.layout.startswith("packed"):
@@ -185,7 +186,8 @@ def run_ours(args, cfg: dict, chunks: list[list[dict]]) -> dict:
 
         layout = "packed-thd" if packed_thd_default(model[0].config) else "packed-mask"
     return dict(losses=losses, times=times, rows=sum(b["tokens"].shape[0] for b in batches),
-                attention=f"{attention}/{layout}" + "".join(f"/no-{d}" for d in sorted(disabled)))
+                attention=f"{attention}/{layout}" + "".join(f"/no-{d}" for d in sorted(disabled))
+                + ("/fused-output-layer" if args.output_layer == "fused" else ""))
 
 
 def _profile(step) -> None:
@@ -286,6 +288,7 @@ def _spawn(args, side: str, tmp: str, extra: list[str]) -> dict:
            "--warmup", str(args.warmup), "--seed", str(args.seed), "--lr", str(args.lr), "--layout", args.layout,
            *(["--chunk-tokens", str(args.chunk_tokens)] if args.chunk_tokens else []),
            *(["--data-path", args.data_path] if args.data_path else []),
+           "--output-layer", args.output_layer,
            "--disable", args.disable, *(["--profile"] if args.profile else []), *extra]
     subprocess.run(cmd, check=True)
     with open(out) as fh:
@@ -326,6 +329,8 @@ def main(argv=None) -> dict:
                         "to rows with their block-diagonal mask; one padded row per sequence with its mask, or "
                         "padded rows with plain causal attention (no mask: flash kernel)")
     p.add_argument("--chunk-tokens", type=int, default=None, help="ours: tokens per chunk of the log-prob kernel")
+    p.add_argument("--output-layer", default="logits", choices=["logits", "fused"],
+                   help="ours: --amopo-output-layer (fused: log-probs from the hidden states, no logits tensor)")
     p.add_argument("--disable", default="", help="ours, diagnostic: comma list of speed-ups to turn off: "
                    "swiglu-fusion (compiled SwiGLU), fused-adam (single-kernel AdamW)")
     p.add_argument("--sides", default="ours,baseline", help="which sides to run (ours-only for variants)")

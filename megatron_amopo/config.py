@@ -12,10 +12,11 @@ import argparse
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 LOSS_TYPES = ("simpo", "orpo")
 WEIGHTINGS = ("gaussian", "gaussian-inverse", "mean", "equal", "fixed")
+OutputLayer = Literal["logits", "fused"]
 
 
 def _f(default: Any, help: str, flag: Optional[str] = None, **kw) -> Any:
@@ -45,8 +46,15 @@ class AmopoConfig:
     )
     sft_weight: float = _f(0.0, "weight lambda_sft of the mean length-normalised NLL of chosen responses")
     seed: int = _f(1234, "seed of the counter-based Gaussian draws (independent of the parallel layout)")
+    output_layer: OutputLayer = _f(
+        "logits", "logits: the model's output layer forms [tokens, V/TP] logits; fused: the log-prob pass forms "
+        "them chunk by chunk from the final hidden states, never all at once (docs/DESIGN.md)"
+    )
 
     def __post_init__(self) -> None:
+        if self.output_layer not in typing.get_args(OutputLayer):
+            raise ValueError(f"--amopo-output-layer must be one of {typing.get_args(OutputLayer)}, "
+                             f"got {self.output_layer!r}")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"--amopo-loss must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         if self.weighting not in WEIGHTINGS:
@@ -97,6 +105,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: Optio
         kw: dict[str, Any] = {"dest": f"{cls.__name__}.{f.name}", "default": None, "help": f.metadata.get("help")}
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) is Literal:
+            kw.update(type=str, choices=typing.get_args(tp), metavar=f.name.upper())
         elif typing.get_origin(tp) is list:
             (inner,) = typing.get_args(tp)
             kw.update(type=inner, nargs="+", metavar=f.name.upper())

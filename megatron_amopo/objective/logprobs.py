@@ -22,9 +22,9 @@ objective consumes (``megatron_amopo/objective/amopo.py``); with context paralle
 each rank holds part of every sequence, so the partial sums are all-reduced over the
 CP group before any weighting.
 
-This module and ``megatron_amopo/training/step.py`` are the only code of the
-objective path that talks to other ranks; every process group is an argument
-(``None`` means a group of one).
+This module, its sibling ``fused_logprobs.py`` (the same log-probs from the hidden states)
+and ``megatron_amopo/training/step.py`` are the only code of the objective path that talks
+to other ranks; every process group is an argument (``None`` means a group of one).
 
 Shape legend:
     T  tokens (rows x positions, flattened)
@@ -127,8 +127,11 @@ def _zero_gaps(grad_TV: torch.Tensor, pieces: list[tuple[int, int, int]]) -> Non
         grad_TV[end:].zero_()
 
 
-def _local_lse(logits_TV, target_T, pieces, chunk_tokens: int, dtype) -> torch.Tensor:
-    """fp64 log-sum-exp of this rank's vocabulary slice for every selected token."""
+def _local_lse(logits_TV, target_T, pieces, chunk_tokens: int, dtype, work_CV=None) -> torch.Tensor:
+    """fp64 log-sum-exp of this rank's vocabulary slice for every selected token.
+
+    ``work_CV``: the CPU path's [C, V] buffer in ``dtype`` (may be the chunk itself when the caller
+    no longer needs its values); allocated when not given."""
     lse_T = target_T.new_empty(target_T.numel())
     if logits_TV.is_cuda:
         # GPU: memory traffic decides; the fused log-softmax reads a chunk twice and writes it
@@ -142,7 +145,8 @@ def _local_lse(logits_TV, target_T, pieces, chunk_tokens: int, dtype) -> torch.T
         return lse_T
     max_T = logits_TV.new_empty(target_T.numel())  # the logits' dtype: amax writes it directly
     sumexp_T = logits_TV.new_empty(target_T.numel(), dtype=dtype)
-    work_CV = logits_TV.new_empty(min(chunk_tokens, target_T.numel()), logits_TV.shape[1], dtype=dtype)
+    if work_CV is None:
+        work_CV = logits_TV.new_empty(min(chunk_tokens, target_T.numel()), logits_TV.shape[1], dtype=dtype)
     for a, b, o in pieces:
         sl, x_CV = slice(o, o + b - a), logits_TV[a:b]
         # CPU: lse_r = m + log sum exp(x - m): one read of the chunk from memory (amax), the
@@ -186,24 +190,34 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         # counter, so any other saved use of them fails loudly at its backward.
         grad_logits_TV = logits_TV if ctx.inplace_backward else torch.empty_like(logits_TV)
         _zero_gaps(grad_logits_TV, ctx.pieces)  # tokens outside the loss get no gradient
-        grad_T = grad_T.to(lse_hi_T.dtype)
-        scale_T = -grad_T * torch.exp(-lse_lo_T)  # softmax = exp(x - hi) * exp(-lo)
-        onehot_grad_T = torch.where(owned_T, grad_T, torch.zeros_like(grad_T))
+        scales = _grad_scales(grad_T, lse_lo_T, owned_T)
         direct = grad_logits_TV.dtype == lse_hi_T.dtype
         for a, b, o in ctx.pieces:
             sl = slice(o, o + b - a)
-            # g * (onehot - softmax) with the softmax from the saved global log-sum-exp: no max
-            # or sum passes, and every pass after the first runs on a cache-resident chunk.
-            if direct:  # written straight into the gradient's rows (the logits' own rows in place)
-                rows_CV = torch.sub(logits_TV[a:b], lse_hi_T[sl, None], out=grad_logits_TV[a:b])
-            else:  # bf16/fp16 logits: finished in fp32 (promotion), rounded once below
-                rows_CV = torch.sub(logits_TV[a:b], lse_hi_T[sl, None])
-            rows_CV.exp_().mul_(scale_T[sl, None])
-            rows_CV.scatter_add_(1, label_T[sl, None], onehot_grad_T[sl, None])
-            if not direct:
+            # Direct: written straight into the gradient's rows (the logits' own rows in place).
+            rows_CV = _softmax_grad_rows(logits_TV[a:b], sl, lse_hi_T, label_T, scales,
+                                         out=grad_logits_TV[a:b] if direct else None)
+            if not direct:  # bf16/fp16 logits: finished in fp32 (promotion), rounded once here
                 grad_logits_TV[a:b].copy_(rows_CV)
             del rows_CV
         return grad_logits_TV, None, None, None, None, None
+
+
+def _grad_scales(grad_T, lse_lo_T, owned_T) -> tuple[torch.Tensor, torch.Tensor]:
+    """(-g exp(-lo), g where this rank owns the label): the factors of g * (onehot - softmax)."""
+    grad_T = grad_T.to(lse_lo_T.dtype)
+    scale_T = -grad_T * torch.exp(-lse_lo_T)  # softmax = exp(x - hi) * exp(-lo)
+    return scale_T, torch.where(owned_T, grad_T, torch.zeros_like(grad_T))
+
+
+def _softmax_grad_rows(x_CV, sl: slice, lse_hi_T, label_T, scales, out=None) -> torch.Tensor:
+    """g * (onehot(label) - softmax) of one chunk, the softmax from the saved global log-sum-exp:
+    no max or sum passes, and every pass after the first runs on a cache-resident chunk. ``out``
+    (the compute dtype) receives the rows; without it they are a new tensor in the compute dtype."""
+    scale_T, onehot_grad_T = scales
+    rows_CV = torch.sub(x_CV, lse_hi_T[sl, None], out=out)
+    rows_CV.exp_().mul_(scale_T[sl, None])
+    return rows_CV.scatter_add_(1, label_T[sl, None], onehot_grad_T[sl, None])
 
 
 def token_logprobs(
@@ -241,28 +255,43 @@ def token_logprobs(
             "gradient; pass logits produced by an autograd op (the output layer's), or use inplace_backward=False"
         )
     vocab_local = logits.shape[-1]
-    logits_TV = logits.reshape(-1, vocab_local)
+    labels_T, idx_T = _selection(labels, mask, vocab_local, tp_group, "token_logprobs")
+    chunk = _chunk(chunk_tokens, default_chunk_tokens(vocab_local, logits.device), "token_logprobs")
+    logp_sel_T = _VocabParallelLogprobs.apply(logits.reshape(-1, vocab_local), labels_T, idx_T, tp_group, chunk,
+                                              inplace_backward)
+    return _scatter_selected(logp_sel_T, idx_T, labels.shape)
+
+
+def _selection(labels, mask, vocab_local: int, group, who: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat int64 labels [T], indices of the tokens where ``mask`` is non-zero), labels checked."""
     labels_T = labels.reshape(-1).to(torch.int64)
     if mask is None:
         idx_T = torch.arange(labels_T.numel(), device=labels_T.device)
     else:
         if mask.shape != labels.shape:
-            raise ValueError(f"token_logprobs: mask shape {tuple(mask.shape)} != labels shape {tuple(labels.shape)}")
+            raise ValueError(f"{who}: mask shape {tuple(mask.shape)} != labels shape {tuple(labels.shape)}")
         idx_T = mask.reshape(-1).nonzero().squeeze(1)
-    _check_labels(labels_T[idx_T], vocab_local * _group_size(tp_group), tp_group)
-    chunk = chunk_tokens if chunk_tokens is not None else default_chunk_tokens(vocab_local, logits.device)
+    _check_labels(labels_T[idx_T], vocab_local * _group_size(group), group, who)
+    return labels_T, idx_T
+
+
+def _chunk(chunk_tokens: Optional[int], default: int, who: str) -> int:
+    chunk = chunk_tokens if chunk_tokens is not None else default
     if chunk < 1:
-        raise ValueError(f"token_logprobs: chunk_tokens must be >= 1, got {chunk}")
-    logp_sel_T = _VocabParallelLogprobs.apply(logits_TV, labels_T, idx_T, tp_group, chunk, inplace_backward)
-    logp_T = logp_sel_T.new_zeros(labels_T.numel()).index_put((idx_T,), logp_sel_T)
-    return logp_T.view(labels.shape)
+        raise ValueError(f"{who}: chunk_tokens must be >= 1, got {chunk}")
+    return chunk
 
 
-def _check_labels(labels_T: torch.Tensor, vocab_size: int, group) -> None:
+def _scatter_selected(logp_sel_T: torch.Tensor, idx_T: torch.Tensor, shape) -> torch.Tensor:
+    """Selected tokens' log-probs back into the full layout; the others are 0 (and pass no gradient)."""
+    return logp_sel_T.new_zeros(torch.Size(shape).numel()).index_put((idx_T,), logp_sel_T).view(shape)
+
+
+def _check_labels(labels_T: torch.Tensor, vocab_size: int, group, who: str = "token_logprobs") -> None:
     if labels_T.numel() and (labels_T.min() < 0 or labels_T.max() >= vocab_size):
         where = "the full vocabulary" if _group_size(group) == 1 else "tensor-parallel size x vocabulary slice"
         raise ValueError(
-            f"token_logprobs: label ids must lie in [0, {vocab_size}) ({where}), got "
+            f"{who}: label ids must lie in [0, {vocab_size}) ({where}), got "
             f"[{int(labels_T.min())}, {int(labels_T.max())}]; was the data tokenised for another model?"
         )
 

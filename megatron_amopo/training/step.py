@@ -26,13 +26,16 @@ N sequences, B samples, P pairs, M pair-metric rows.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
+from megatron_amopo.model.sharding import unwrap
 from megatron_amopo.objective.amopo import amopo_loss, reduce_for_schedule
+from megatron_amopo.objective.fused_logprobs import fused_token_logprobs
 from megatron_amopo.objective.logprobs import sequence_stats, stats_to_pairs, token_logprobs
 
 # Keys laid out along the sequence (split over CP ranks); the rest are per sample/sequence.
@@ -72,21 +75,23 @@ def sample_ids(batch: dict) -> torch.Tensor:
 def loss_func(
     batch: dict,
     cfg,
-    logits: torch.Tensor,
+    output: torch.Tensor,
     *,
     tp_group: Optional[dist.ProcessGroup] = None,
     cp_group: Optional[dist.ProcessGroup] = None,
     chunk_tokens: Optional[int] = None,
+    output_weight: Optional[torch.Tensor] = None,
+    sequence_parallel: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """logits [R, S, V] -> token log-probs -> stats [B, P, 2] -> AMoPO -> (loss_sum, count, report).
 
-    ``batch["epoch"]`` (default 0) is the epoch of this micro-batch's samples, part of
-    the key of their Gaussian draws.
+    With ``output_weight`` (this rank's output-layer weight [V, H]), ``output`` is instead the final
+    hidden states [S, R, H] (this rank's share of S under ``sequence_parallel``) and the log-probs
+    come from ``fused_token_logprobs``: no logits tensor. ``batch["epoch"]`` (default 0) is the
+    epoch of this micro-batch's samples, part of the key of their Gaussian draws.
     """
-    # The model's logits come out of the output layer and nothing else reads them: their storage
-    # takes the gradient. Logits that are leaves (tests, tools) keep theirs.
-    logp_RS = token_logprobs(logits, batch["labels"], tp_group, mask=batch["loss_mask"], chunk_tokens=chunk_tokens,
-                             inplace_backward=logits.grad_fn is not None)
+    logp_RS = output_logprobs(batch, output, tp_group=tp_group, chunk_tokens=chunk_tokens,
+                              output_weight=output_weight, sequence_parallel=sequence_parallel)
     stats_N = sequence_stats(logp_RS, batch["segment_ids"], batch["loss_mask"], int(batch["num_seqs"]), cp_group)
     ids_B = sample_ids(batch)
     num_seqs, num_samples = int(batch["num_seqs"]), ids_B.numel()
@@ -98,6 +103,27 @@ def loss_func(
     loss_B, metrics = amopo_loss(stats_BPS, cfg, sample_ids=ids_B, epoch=int(batch.get("epoch", 0)))
     loss_sum, count = reduce_for_schedule(loss_B, metrics)
     return loss_sum, count, make_report(loss_sum, count, metrics, ids_B)
+
+
+def output_logprobs(
+    batch: dict,
+    output: torch.Tensor,
+    *,
+    tp_group: Optional[dist.ProcessGroup] = None,
+    chunk_tokens: Optional[int] = None,
+    output_weight: Optional[torch.Tensor] = None,
+    sequence_parallel: bool = False,
+) -> torch.Tensor:
+    """Token log-probs [R, S] of the labels (0 outside the loss mask) from the last stage's output:
+    logits [R, S, V], or hidden states [S, R, H] with ``output_weight`` (see ``loss_func``)."""
+    labels_RS, mask_RS = batch["labels"], batch["loss_mask"]
+    if output_weight is not None:  # Megatron's [s, b, h] order: labels and mask follow it, not the other way
+        return fused_token_logprobs(output, output_weight, labels_RS.t(), tp_group, mask=mask_RS.t(),
+                                    chunk_tokens=chunk_tokens, sequence_parallel=sequence_parallel).t()
+    # The model's logits come out of the output layer and nothing else reads them: their storage
+    # takes the gradient. Logits that are leaves (tests, tools) keep theirs.
+    return token_logprobs(output, labels_RS, tp_group, mask=mask_RS, chunk_tokens=chunk_tokens,
+                          inplace_backward=output.grad_fn is not None)
 
 
 def make_report(loss_sum: torch.Tensor, count: torch.Tensor, metrics: dict, ids_B: torch.Tensor) -> dict:
@@ -186,9 +212,39 @@ def forward_step(
     sequence_parallel = bool(getattr(getattr(model, "config", None), "sequence_parallel", False))
     thd = packed_thd_default(getattr(model, "config", None), use_te) if packed_thd is None else packed_thd
     batch, packed_seq_params = packed_to_thd(batch, thd, cp_group, tp_group, sequence_parallel)
-    output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
-                   packed_seq_params=packed_seq_params)
+    gpt = unwrap(model)
+    fused = objective_cfg.output_layer == "fused" and getattr(gpt, "post_process", False)
+    weight = output_weight(gpt) if fused else None
+    with hidden_states_out(gpt) if fused else contextlib.nullcontext():
+        output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
+                       packed_seq_params=packed_seq_params)
     loss = functools.partial(
-        loss_func, batch, objective_cfg, tp_group=tp_group, cp_group=cp_group, chunk_tokens=chunk_tokens
+        loss_func, batch, objective_cfg, tp_group=tp_group, cp_group=cp_group, chunk_tokens=chunk_tokens,
+        output_weight=weight, sequence_parallel=sequence_parallel,
     )
     return output, loss
+
+
+def output_weight(gpt: torch.nn.Module) -> torch.Tensor:
+    """This rank's output-layer weight [V, H], as ``GPTModel._postprocess`` hands it to the output layer:
+    the shared embedding when tied (the last stage's copy under PP), else ``output_layer.weight``."""
+    if getattr(gpt.config, "mtp_num_layers", None):
+        raise NotImplementedError(
+            "--amopo-output-layer fused does not cover multi-token prediction (its losses need the output layer's "
+            "logits); use --amopo-output-layer logits"
+        )
+    if gpt.share_embeddings_and_output_weights:
+        return gpt.shared_embedding_or_output_weight()
+    return gpt.output_layer.weight
+
+
+@contextlib.contextmanager
+def hidden_states_out(gpt: torch.nn.Module) -> Iterator[None]:
+    """Within the block, ``GPTModel.forward`` returns the final hidden states (after the final norm,
+    [S, R, H]) instead of the logits: ``_postprocess`` returns them when ``post_process`` is off, and
+    nothing else in the forward reads the flag (Megatron-Core 0.16; see docs/DESIGN.md)."""
+    gpt.post_process = False
+    try:
+        yield
+    finally:
+        gpt.post_process = True

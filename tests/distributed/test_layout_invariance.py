@@ -2,8 +2,9 @@
 
 One spawn of 4 gloo ranks runs TP1/PP1 (DP4), TP2/PP1 (DP2), TP2/PP1 with sequence
 parallel, TP1/PP2 (DP2) and TP2/PP2 (DP1) through Megatron-Core's real schedules,
-with the global batch split over DP ranks and micro-batches. A final run with the
-gradient wiring removed shows the test catches its absence.
+with the global batch split over DP ranks and micro-batches, with the output layer's logits and
+with the fused output layer (``training.step``'s wiring). A final run with the gradient wiring
+removed shows the test catches its absence.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def _global_batch(vocab: int):
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), mask
 
 
-def _run_layout(tp, pp, sp, tied, wired=True):
+def _run_layout(tp, pp, sp, tied, fused, wired=True):
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -33,9 +34,10 @@ def _run_layout(tp, pp, sp, tied, wired=True):
     from megatron_amopo.config import ParallelConfig
     from megatron_amopo.model.build import build_model
     from megatron_amopo.model.provider import transformer_config
-    from megatron_amopo.model.sharding import gather_full, local_parameters, tp_split_dim
+    from megatron_amopo.model.sharding import gather_full, local_parameters, tp_split_dim, unwrap
     from megatron_amopo.runtime.distributed import initialize_distributed, set_seed
     from megatron_amopo.testing.tiny import fill_deterministic, tiny_arch
+    from megatron_amopo.training import step
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp)
     initialize_distributed(parallel)
@@ -60,6 +62,8 @@ def _run_layout(tp, pp, sp, tied, wired=True):
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         pos = torch.arange(SEQ).expand_as(batch["tokens"])
+        if fused and ps.is_pipeline_last_stage():
+            return fused_forward(batch, model, pos)
         output = model(batch["tokens"], pos, None)
 
         def loss_func(logits):
@@ -71,6 +75,24 @@ def _run_layout(tp, pp, sp, tied, wired=True):
             return loss_sum, count, {"loss": torch.stack([loss_sum.detach().clone(), count.float()])}
 
         return output, loss_func
+
+    def fused_forward(batch, model, pos):
+        """The fused output layer as the training step wires it: hidden states and the output weight."""
+        gpt = unwrap(model)
+        weight = step.output_weight(gpt)
+        with step.hidden_states_out(gpt):
+            hidden = model(batch["tokens"], pos, None)
+
+        def loss_func(hidden):
+            every = dict(labels=batch["labels"], loss_mask=torch.ones_like(batch["mask"]))
+            logp = step.output_logprobs(every, hidden, tp_group=ps.get_tensor_model_parallel_group(),
+                                        output_weight=weight, sequence_parallel=sp)
+            logits_out.append(logp.detach().clone())  # the per-token result compared across layouts
+            loss_sum = -(logp * batch["mask"]).sum()
+            count = batch["mask"].sum().to(torch.int)
+            return loss_sum, count, {"loss": torch.stack([loss_sum.detach().clone(), count.float()])}
+
+        return hidden, loss_func
 
     model.zero_grad_buffer()
     reports = get_forward_backward_func()(
@@ -95,13 +117,13 @@ def _run_layout(tp, pp, sp, tied, wired=True):
     return dict(loss=loss, logits=logits, grads=full_grads if dp_rank == 0 else None)
 
 
-def _body(tied: bool):
+def _body(tied: bool, fused: bool):
     from megatron_amopo.runtime.distributed import destroy_distributed  # noqa: F401
 
     results = {}
     for tp, pp, sp in LAYOUTS:
-        results[(tp, pp, sp)] = _run_layout(tp, pp, sp, tied)
-    results["unwired"] = _run_layout(1, 1, False, tied, wired=False)
+        results[(tp, pp, sp)] = _run_layout(tp, pp, sp, tied, fused)
+    results["unwired"] = _run_layout(1, 1, False, tied, fused, wired=False)
     return results
 
 
@@ -110,12 +132,14 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.distributed
+@pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused-output-layer"])
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_layouts_give_same_logits_loss_and_grads(tied):
-    per_rank = run_multirank(_body, 4, tied, timeout=400)
+def test_layouts_give_same_logits_loss_and_grads(tied, fused):
+    """Logits, or with the fused output layer the token log-probs, compared across layouts."""
+    per_rank = run_multirank(_body, 4, tied, fused, timeout=400)
     res = per_rank[0]
     ref = res[(1, 1, False)]
-    assert ref["logits"].shape == (GLOBAL_BATCH, SEQ, 512)
+    assert ref["logits"].shape == ((GLOBAL_BATCH, SEQ) if fused else (GLOBAL_BATCH, SEQ, 512))
     for layout in LAYOUTS[1:]:
         got = res[layout]
         assert (got["logits"] - ref["logits"]).abs().max().item() <= 1e-5, layout

@@ -2,9 +2,9 @@
 
 One spawn of 4 gloo ranks runs the tiny Megatron model with identical weights through
 Megatron-Core's real schedules and our ``training.step.forward_step``, with fixed and
-with gaussian pair weights, at TP1/PP1 (DP4), TP2/PP1 (DP2), TP1/PP2 (DP2) and
-TP2/PP2 (DP1), the 4-sample global batch split as 1 x 4, 2 x 2 and 4 x 1
-micro-batches. The same spawn runs a deliberately wrong variant (per-rank
+with gaussian pair weights (the latter also with the fused output layer), at TP1/PP1 (DP4),
+TP2/PP1 (DP2), TP1/PP2 (DP2) and TP2/PP2 (DP1), the 4-sample global batch split as 1 x 4,
+2 x 2 and 4 x 1 micro-batches. The same spawn runs a deliberately wrong variant (per-rank
 ``torch.randn`` draws instead of the counter-based ones), which the check catches,
 and SimPO with identical chosen and rejected responses, whose loss is
 -log sigmoid(-gamma) whatever the weights.
@@ -28,6 +28,7 @@ SANITY_LAYOUT = (2, 2, 2)
 CONFIGS = {
     "fixed": dict(weighting="fixed", fixed_weights=[0.5, 0.3, 0.2], sft_weight=0.2),
     "gaussian": dict(weighting="gaussian", sft_weight=0.2),
+    "gaussian-fused": dict(weighting="gaussian", sft_weight=0.2, output_layer="fused"),  # no logits tensor
 }
 
 
@@ -198,6 +199,8 @@ def test_objective_is_layout_invariant(results, kind):
         assert (ref["weights"] - 1 / NUM_PAIRS).abs().max() > 1e-4  # the draws really move the weights
     for layout in LAYOUTS[1:]:
         _check_same(results[kind, layout], ref, (kind, layout))
+    if kind == "gaussian-fused":  # and equal to the logits path
+        _check_same(ref, results["gaussian", LAYOUTS[0]], (kind, "vs logits"))
 
 
 @pytest.mark.distributed

@@ -197,11 +197,18 @@ def test_bad_inputs_fail_early(setup):
 
 
 def test_evaluate_tool(setup):
-    out = setup / "eval.json"
-    _run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "tools/evaluate.py",
-          "--load", str(setup / "init"), "--data-path", str(setup / "data"), "--tensor-model-parallel-size", "2",
-          "--micro-batch-size", "1", "--seq-length", str(SEQ), "--output", str(out)])
-    values = json.loads(out.read_text())
+    runs = {}
+    for output_layer in ("logits", "fused"):  # the fused output layer evaluates the same (tied embedding, TP2)
+        out = setup / f"eval_{output_layer}.json"
+        _run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "tools/evaluate.py",
+              "--load", str(setup / "init"), "--data-path", str(setup / "data"), "--tensor-model-parallel-size", "2",
+              "--micro-batch-size", "1", "--seq-length", str(SEQ), "--amopo-output-layer", output_layer,
+              "--output", str(out)])
+        runs[output_layer] = json.loads(out.read_text())
+    values = runs["logits"]
     assert values["samples"] >= 4
     for name in ("general", "helpfulness", "correctness", "coherence"):
         assert 0.0 <= values[f"accuracy/{name}"] <= 1.0
+    assert runs["fused"].keys() == values.keys()
+    for key, value in values.items():
+        assert runs["fused"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
