@@ -66,13 +66,15 @@ def workload_and_layout(cfg: RunConfig, world_size: int, num_dimensions: int, ro
     return work, layout
 
 
-def largest_microbatch(split, plan, cfg: RunConfig) -> tuple[int, int]:
-    """(rows, width) of the planned micro-batch with the most positions (packed: the ROW RULE)."""
+def largest_microbatch(split, plan, cfg: RunConfig, candidates: int = 64) -> tuple[int, int]:
+    """(rows, width) of the planned micro-batch with the most positions (packed: the ROW RULE), among the
+    ``candidates`` micro-batches with the most tokens (a plan may hold millions)."""
     from megatron_amopo.data.indexer import packed_shape
 
     seq_lens = split.dataset.group_seq_lens
+    tokens = np.add.reduceat(seq_lens[plan.group_ids].sum(axis=1), plan.offsets[:-1])
     best = (0, 0)
-    for m in range(plan.num_microbatches):
+    for m in np.argsort(tokens, kind="stable")[-candidates:].tolist():
         lens = seq_lens[plan.microbatch(m)].ravel()
         if cfg.training.batch_layout == "packed":
             rows, width = packed_shape(lens, cfg.training.seq_length)
