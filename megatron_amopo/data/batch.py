@@ -11,7 +11,7 @@ Layouts:
   padded  one sequence per row, R = N.
   packed  sequences laid end to end in R rows of W <= S positions, attention block-diagonal
           across sequences, position ids restarting at 0 per sequence. Which sequences share a
-          row, and W (the fullest row): the ROW RULE of megatron_amopo.data.indexer (best fit
+          row, and W (the fullest row): the ROW RULE of megatron_amopo.data.packing (best fit
           decreasing into rows of S, or longest-processing-time into fewer, balanced rows,
           whichever gives the least R * W); within a row in placement order. The planner
           (cost="packed") charges a micro-batch exactly R * W, the tensor built here.
@@ -47,7 +47,7 @@ def _shifted(groups: list[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor]
 def _place(lengths: list[int], S: int, layout: str) -> list[list[int]]:
     """Row assignment: a list of sequence indices per row.
 
-    packed: the ROW RULE (``indexer.pack_rows``) the planner charges a packed micro-batch by, so
+    packed: the ROW RULE (``packing.pack_rows``) the planner charges a packed micro-batch by, so
     a planned micro-batch gets exactly the planned rows and width.
     """
     if layout == "padded":

@@ -20,7 +20,7 @@ from typing import Callable, Literal, Optional
 import numpy as np
 
 from megatron_amopo.data import indexer_ref
-from megatron_amopo.data.packing import pack_rows, packed_rows, packed_shape  # noqa: F401 (re-exported)
+from megatron_amopo.data.packing import packed_shape
 
 _MAX_LENGTH = 1 << 40  # with the next two, every cost the C++ computes fits in int64 (int128 where noted)
 _MAX_SEQS_PER_GROUP = 1 << 20

@@ -69,7 +69,7 @@ def workload_and_layout(cfg: RunConfig, world_size: int, num_dimensions: int, ro
 def largest_microbatch(split, plan, cfg: RunConfig, candidates: int = 64) -> tuple[int, int]:
     """(rows, width) of the planned micro-batch with the most positions (packed: the ROW RULE), among the
     ``candidates`` micro-batches with the most tokens (a plan may hold millions)."""
-    from megatron_amopo.data.indexer import packed_shape
+    from megatron_amopo.data.packing import packed_shape
 
     seq_lens = split.dataset.group_seq_lens
     tokens = np.add.reduceat(seq_lens[plan.group_ids].sum(axis=1), plan.offsets[:-1])

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from megatron_amopo.data.batch import attention_mask_from_segments, build_micro_batch
-from megatron_amopo.data.indexer import pack_rows, packed_rows, packed_shape, plan_microbatches
+from megatron_amopo.data.indexer import plan_microbatches
+from megatron_amopo.data.packing import pack_rows, packed_rows, packed_shape
 from megatron_amopo.data.config import DataConfig, PreprocessConfig, PromptConfig
 from megatron_amopo.data.preprocess import preprocess
 from megatron_amopo.data.reader import PreferenceGroupDataset
