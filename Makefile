@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine with Python >= 3.10:
 #   make test   create .venv, install everything, run the whole test suite
-#   make demo   the CPU quickstart (see README)
+#   make demo   the CPU demo: SmolLM2-135M-Instruct aligned with AMoPO on 2 processes (see README)
 # TORCH_SPEC selects the torch build; the default is the CPU build. Set
 # TORCH_SPEC= (empty) to keep a torch you installed yourself (e.g. a CUDA build).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -35,7 +35,7 @@ test-distributed: $(STAMP)
 	$(PY) -m pytest tests/distributed $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	PYTHON=$(PY) bash examples/cpu_quickstart.sh
+	PYTHON=$(PY) bash examples/cpu_demo.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info megatron_amopo/*.so
