@@ -20,7 +20,7 @@ def main(out: str) -> None:
     print(f"{'pair':<14} | {'held-out accuracy':^19} | {'held-out margin':^19} | {'train accuracy':^19} | "
           f"{'train margin':^19}")
     for p in pairs:
-        cells = [f"{a[f'{m}/{p}']:8.3f} -> {b[f'{m}/{p}']:6.3f}" for a, b in ((before, after), (t0, t1))
+        cells = [f"{a[f'{m}/{p}']:8.3f} -> {b[f'{m}/{p}']:7.3f}" for a, b in ((before, after), (t0, t1))
                  for m in ("accuracy", "margin")]
         print(f"{p:<14} | " + " | ".join(cells))
     steps = t1["iteration"]
