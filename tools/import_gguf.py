@@ -9,6 +9,7 @@ template; the result feeds tools/convert_hf_to_megatron.py. Supported: llama (an
 stored as llama) and qwen2 GGUF files with float or standard block-quantised tensors.
 A quantised file gives a dequantised copy: its weights carry the quantisation error.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     p.add_argument("--gguf", required=True, help="GGUF file to import")
     p.add_argument("--save", required=True, help="HF model directory to write")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="dtype of the written weights")
@@ -40,8 +42,10 @@ def run(args: argparse.Namespace) -> int:
     import_gguf(plan, args.save, dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     types = ", ".join(f"{n} {k}" for k, n in sorted(plan.tensor_types.items()))
     cfg = plan.hf_config
-    print(f"wrote {args.save} ({cfg['model_type']}, {cfg['num_hidden_layers']} layers, {args.dtype}; "
-          f"dequantised tensors: {types})")
+    print(
+        f"wrote {args.save} ({cfg['model_type']}, {cfg['num_hidden_layers']} layers, {args.dtype}; "
+        f"dequantised tensors: {types})"
+    )
     return 0
 
 

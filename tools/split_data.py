@@ -7,6 +7,7 @@ Example (the bundled HelpSteer2 rows; each output file feeds tools/preprocess_da
 
 Choose hyperparameters on valid.jsonl and report on heldout.jsonl. Details: megatron_amopo/data/split.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,9 @@ from megatron_amopo.data.config import DataConfig, SplitConfig  # noqa: E402
 
 
 def parse_args(argv=None) -> tuple[SplitConfig, DataConfig]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     add_dataclass_args(parser, SplitConfig)
     parser.add_argument("--format", default="helpsteer2", help="input record format: amopo, helpsteer2 or pairs")
     parser.add_argument("--field-map", default="", help="pairs format: where the prompt is, e.g. prompt=question")

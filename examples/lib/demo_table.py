@@ -3,6 +3,7 @@ mean margin (the run's first and last validation rows in metrics.jsonl) per pair
 
     python examples/lib/demo_table.py OUT
 """
+
 from __future__ import annotations
 
 import json
@@ -17,15 +18,22 @@ def main(out: str) -> None:
     valid = [r for r in rows if r["kind"] == "valid"]
     t0, t1 = valid[0], valid[-1]
     pairs = [k.split("/", 1)[1] for k in before if k.startswith("accuracy/") and k != "accuracy/all"] + ["all"]
-    print(f"{'pair':<14} | {'held-out accuracy':^19} | {'held-out margin':^19} | {'train accuracy':^19} | "
-          f"{'train margin':^19}")
+    print(
+        f"{'pair':<14} | {'held-out accuracy':^19} | {'held-out margin':^19} | {'train accuracy':^19} | "
+        f"{'train margin':^19}"
+    )
     for p in pairs:
-        cells = [f"{a[f'{m}/{p}']:8.3f} -> {b[f'{m}/{p}']:7.3f}" for a, b in ((before, after), (t0, t1))
-                 for m in ("accuracy", "margin")]
+        cells = [
+            f"{a[f'{m}/{p}']:8.3f} -> {b[f'{m}/{p}']:7.3f}"
+            for a, b in ((before, after), (t0, t1))
+            for m in ("accuracy", "margin")
+        ]
         print(f"{p:<14} | " + " | ".join(cells))
     steps = t1["iteration"]
-    print(f"(before -> after {steps} steps; margins are beta x the difference of length-normalised log-probs, "
-          f"chosen minus rejected; held-out prompts never trained on; docs/RESULTS.md has a real budget's result)")
+    print(
+        f"(before -> after {steps} steps; margins are beta x the difference of length-normalised log-probs, "
+        f"chosen minus rejected; held-out prompts never trained on; docs/RESULTS.md has a real budget's result)"
+    )
 
 
 if __name__ == "__main__":

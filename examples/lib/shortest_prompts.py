@@ -5,6 +5,7 @@
 All rows of a kept prompt are kept, in input order, so a file split by prompt stays split by prompt.
 Used by the CPU demo to fit its time budget with little truncation.
 """
+
 from __future__ import annotations
 
 import json

@@ -6,6 +6,7 @@ dequantised. Tensors are then dequantised and written one at a time with the pro
 streaming safetensors writer into a staging directory that is renamed at the end, so a
 failure leaves no output. File format: github.com/ggml-org/ggml, docs/gguf.md.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,17 +31,27 @@ HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral
 TENSOR_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 # GGUF tensor name -> HF name ({n} = layer); the standard names of ggml's gguf.md.
-_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-           "output.weight": "lm_head.weight"}
+_GLOBAL = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
 _LAYER = {
-    "attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
-_QKV_BIAS = {"attn_q.bias": "self_attn.q_proj.bias", "attn_k.bias": "self_attn.k_proj.bias",
-             "attn_v.bias": "self_attn.v_proj.bias"}
+_QKV_BIAS = {
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+}
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 
@@ -62,8 +73,10 @@ def packaged_file(package: str, name: str, pip_name: str) -> str:
     spec = importlib.util.find_spec(package)
     path = os.path.join(spec.submodule_search_locations[0], name) if spec and spec.submodule_search_locations else ""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{name} of the Python package {package} is not installed; run "
-                                f"`pip install --no-deps {pip_name}` (make install does)")
+        raise FileNotFoundError(
+            f"{name} of the Python package {package} is not installed; run "
+            f"`pip install --no-deps {pip_name}` (make install does)"
+        )
     return path
 
 
@@ -78,8 +91,10 @@ def _hf_name(gguf_name: str, model_type: str, num_layers: int) -> str:
     m = _BLOCK.match(gguf_name)
     table = {**_LAYER, **(_QKV_BIAS if model_type == "qwen2" else {})}
     if not m or m.group(2) not in table or int(m.group(1)) >= num_layers:
-        raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face counterpart in a {model_type} model "
-                         "(this importer maps the standard llama/qwen2 tensors only)")
+        raise ValueError(
+            f"GGUF tensor {gguf_name!r} has no Hugging Face counterpart in a {model_type} model "
+            "(this importer maps the standard llama/qwen2 tensors only)"
+        )
     return f"model.layers.{m.group(1)}.{table[m.group(2)]}"
 
 
@@ -90,15 +105,21 @@ def _hf_config(reader, arch: str, model_type: str, vocab_size: int, tied: bool, 
         raise ValueError(f"GGUF rope scaling {scaling!r} is not supported by the importer (only unscaled RoPE)")
     heads, hidden = int(key("attention.head_count")), int(key("embedding_length"))
     cfg = {
-        "architectures": [HF_CLASSES[model_type]], "model_type": model_type,
-        "hidden_size": hidden, "intermediate_size": int(key("feed_forward_length")),
-        "num_hidden_layers": int(key("block_count")), "num_attention_heads": heads,
+        "architectures": [HF_CLASSES[model_type]],
+        "model_type": model_type,
+        "hidden_size": hidden,
+        "intermediate_size": int(key("feed_forward_length")),
+        "num_hidden_layers": int(key("block_count")),
+        "num_attention_heads": heads,
         "num_key_value_heads": int(key("attention.head_count_kv", heads)),
         "head_dim": int(key("attention.key_length", hidden // heads)),
         "max_position_embeddings": int(key("context_length")),
         "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon")),
-        "rope_theta": float(key("rope.freq_base", 10000.0)), "hidden_act": "silu",
-        "vocab_size": vocab_size, "tie_word_embeddings": tied, "torch_dtype": dtype,
+        "rope_theta": float(key("rope.freq_base", 10000.0)),
+        "hidden_act": "silu",
+        "vocab_size": vocab_size,
+        "tie_word_embeddings": tied,
+        "torch_dtype": dtype,
     }
     for name in ("bos", "eos", "padding"):
         value = _field(reader, f"tokenizer.ggml.{name}_token_id")
@@ -121,8 +142,10 @@ def plan_gguf_import(path: str, dtype: Literal["bfloat16", "float32"] = "bfloat1
     reader = GGUFReader(path)
     arch = _field(reader, "general.architecture")
     if arch not in ARCHITECTURES:
-        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; supported: "
-                         f"{', '.join(ARCHITECTURES)} (Mistral models are stored as llama)")
+        raise ValueError(
+            f"{path}: GGUF architecture {arch!r} is not supported; supported: "
+            f"{', '.join(ARCHITECTURES)} (Mistral models are stored as llama)"
+        )
     model_type = ARCHITECTURES[arch]
     if arch == "llama" and "mistral" in str(_field(reader, "general.name", "")).lower():
         model_type = "mistral"
@@ -130,8 +153,10 @@ def plan_gguf_import(path: str, dtype: Literal["bfloat16", "float32"] = "bfloat1
     for t in reader.tensors:
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
         if t.tensor_type.name not in TENSOR_TYPES:
-            raise ValueError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which the importer does not "
-                             f"dequantise; supported types: {', '.join(TENSOR_TYPES)}")
+            raise ValueError(
+                f"{path}: tensor {t.name} has type {t.tensor_type.name}, which the importer does not "
+                f"dequantise; supported types: {', '.join(TENSOR_TYPES)}"
+            )
     num_layers = int(_field(reader, f"{arch}.block_count"))
     names = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in names:
@@ -178,8 +203,14 @@ def _write_tokenizer(path: str, out: str) -> None:
     tok.save_pretrained(out)
 
 
-def import_gguf(plan: GGUFPlan, save: str, *, dtype: Literal["bfloat16", "float32"] = "bfloat16",
-                max_shard_size: str | int = "2GB", overwrite: bool = False) -> list[str]:
+def import_gguf(
+    plan: GGUFPlan,
+    save: str,
+    *,
+    dtype: Literal["bfloat16", "float32"] = "bfloat16",
+    max_shard_size: str | int = "2GB",
+    overwrite: bool = False,
+) -> list[str]:
     """Write ``save`` (safetensors, config.json, generation_config.json, tokenizer, chat template) from ``plan``;
     returns the safetensors file names. The directory appears only when complete."""
     check_output_dir(save, overwrite)

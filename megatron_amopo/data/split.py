@@ -6,6 +6,7 @@ prompts, not on row order. Rows keep their input order inside a split (HelpSteer
 consecutive pairs stay consecutive). Output: one JSONL file per non-empty split and
 ``split.json`` (seed, fractions, counts), written to a temporary directory and renamed.
 """
+
 from __future__ import annotations
 
 import json
@@ -61,16 +62,23 @@ def split_rows(cfg: SplitConfig, data_cfg: DataConfig) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        files = {name: open(tmp / f"{name}.jsonl", "w", encoding="utf-8")
-                 for name, f in zip(SPLIT_NAMES, fractions) if f > 0}
+        files = {
+            name: open(tmp / f"{name}.jsonl", "w", encoding="utf-8") for name, f in zip(SPLIT_NAMES, fractions) if f > 0
+        }
         for key, row in rows:
             name = SPLIT_NAMES[where[key]]
             files[name].write(json.dumps(row, ensure_ascii=False) + "\n")
             counts[name]["rows"] += 1
         for fh in files.values():
             fh.close()
-        summary = {"input": os.path.basename(cfg.input), "format": data_cfg.format, "seed": cfg.seed,
-                   "fractions": dict(zip(SPLIT_NAMES, fractions)), "counts": counts, "dropped": dropped}
+        summary = {
+            "input": os.path.basename(cfg.input),
+            "format": data_cfg.format,
+            "seed": cfg.seed,
+            "fractions": dict(zip(SPLIT_NAMES, fractions)),
+            "counts": counts,
+            "dropped": dropped,
+        }
         (tmp / "split.json").write_text(json.dumps(summary, indent=2) + "\n")
         _replace(tmp, out)
     except BaseException:

@@ -7,6 +7,7 @@ the real model's training-set margins and accuracy rise; held-out metrics exist 
 change at this budget is noise, so only their presence is asserted); the replies at verbosity 0 and 4 are
 English text, not a degenerate repetition.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,15 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(3000)]
 PAIRS = ("general", "helpfulness", "correctness", "verbosity")
-BUDGET = dict(TRAIN_PROMPTS="6", HELDOUT_PROMPTS="4", SEQ_LENGTH="192", EPOCHS="2", GLOBAL_BATCH="2", LR="5e-5",
-              MAX_NEW_TOKENS="24")
+BUDGET = dict(
+    TRAIN_PROMPTS="6",
+    HELDOUT_PROMPTS="4",
+    SEQ_LENGTH="192",
+    EPOCHS="2",
+    GLOBAL_BATCH="2",
+    LR="5e-5",
+    MAX_NEW_TOKENS="24",
+)
 
 
 def _reply(path) -> str:
@@ -33,8 +41,15 @@ def test_demo_trains_a_real_model_and_exports(tmp_path):
     out = tmp_path / "demo"
     env = dict(os.environ, PYTHON=sys.executable, OUT=str(out), PYTHONWARNINGS="ignore", **BUDGET)
     # Its own session, so a timeout ends torchrun and its ranks too, not only bash.
-    proc = subprocess.Popen(["bash", "examples/cpu_demo.sh"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        ["bash", "examples/cpu_demo.sh"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         stdout, stderr = proc.communicate(timeout=2900)
     except subprocess.TimeoutExpired:

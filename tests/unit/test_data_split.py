@@ -1,4 +1,5 @@
 """Split by prompt: no prompt in two splits, deterministic by seed, usable by the preprocessing tool."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -57,8 +58,9 @@ def test_deterministic_by_seed_and_independent_of_row_order(tmp_path):
     assert all(read("a", s) == read("b", s) for s in ("train", "valid", "heldout"))
     assert read("a", "heldout") != read("c", "heldout")
     keys = {f"prompt {i}" for i in range(50)}
-    assert assign_prompts(keys, (0.5, 0.25, 0.25), 3) == assign_prompts(set(random.sample(sorted(keys), 50)),
-                                                                        (0.5, 0.25, 0.25), 3)
+    assert assign_prompts(keys, (0.5, 0.25, 0.25), 3) == assign_prompts(
+        set(random.sample(sorted(keys), 50)), (0.5, 0.25, 0.25), 3
+    )
 
 
 def test_whitespace_variants_are_one_prompt_and_bad_rows_are_counted(tmp_path):
@@ -103,11 +105,28 @@ def test_tool_refusals(tmp_path, capsys):
 def test_split_files_preprocess(tmp_path, capsys):
     assert _tool("split_data").main(["--input", HS2, "--output", str(tmp_path / "s"), "--split", "90,0,10"]) == 0
     heldout = len({r["prompt"] for r in _rows(tmp_path / "s" / "heldout.jsonl")})
-    assert _tool("preprocess_data").main([
-        "--input", str(tmp_path / "s" / "heldout.jsonl"), "--output", str(tmp_path / "d"), "--format", "helpsteer2",
-        "--tokenizer", os.path.join(ROOT, "data", "tokenizer-qwen2"), "--seq-length", "1024", "--no-progress"]) == 0
+    assert (
+        _tool("preprocess_data").main(
+            [
+                "--input",
+                str(tmp_path / "s" / "heldout.jsonl"),
+                "--output",
+                str(tmp_path / "d"),
+                "--format",
+                "helpsteer2",
+                "--tokenizer",
+                os.path.join(ROOT, "data", "tokenizer-qwen2"),
+                "--seq-length",
+                "1024",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     meta = json.load(open(tmp_path / "d" / "metadata.json"))
     # one group per prompt, except the prompts whose two responses tie (dropped by policy)
-    assert meta["counts"]["groups_written"] + meta["skipped"].get("tie", 0) + \
-        meta["skipped"].get("truncation_limit", 0) == heldout
+    assert (
+        meta["counts"]["groups_written"] + meta["skipped"].get("tie", 0) + meta["skipped"].get("truncation_limit", 0)
+        == heldout
+    )
     assert set(meta["skipped"]) <= {"tie", "truncation_limit"}

@@ -3,6 +3,7 @@
 The writer follows llama.cpp's conventions (gguf-py's own tensor name map, Q/K rows
 permuted for llama), so a wrong name table or a missing un-permutation changes the logits.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -27,7 +28,7 @@ N_BYTE_TOKENS = 256
 def _tokenizer_fields() -> tuple[list[str], list[int], list[str], str]:
     """A small byte-level BPE vocabulary (Qwen2's first tokens and the merges among them) + chat tokens."""
     vocab = json.load(open(os.path.join(QWEN_TOK, "vocab.json"), encoding="utf-8"))
-    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])][:N_BYTE_TOKENS + 64]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])][: N_BYTE_TOKENS + 64]
     known = set(tokens)
     merges = []
     for line in open(os.path.join(QWEN_TOK, "merges.txt"), encoding="utf-8"):
@@ -67,8 +68,9 @@ def write_gguf(model, path, arch: str, qtype=None, *, name: str = "tiny", extra=
     w.add_bos_token_id(len(tokens) - 2)
     w.add_eos_token_id(len(tokens) - 1)
     w.add_chat_template(template)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2,
-                                     cfg.num_hidden_layers)
+    names = gguf.get_tensor_name_map(
+        gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2, cfg.num_hidden_layers
+    )
     for hf_name, t in model.state_dict().items():
         if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
@@ -177,8 +179,9 @@ def test_refusals_before_work(tmp_path, capsys, good_gguf):
 def test_unsupported_architecture_tensor_type_and_tensor(tmp_path, capsys):
     src = _tiny(tmp_path, "llama")
     write_gguf(src, tmp_path / "gpt2.gguf", "gpt2")
-    assert "architecture 'gpt2' is not supported" in _refused(capsys, "--gguf", str(tmp_path / "gpt2.gguf"),
-                                                             "--save", str(tmp_path / "o"))
+    assert "architecture 'gpt2' is not supported" in _refused(
+        capsys, "--gguf", str(tmp_path / "gpt2.gguf"), "--save", str(tmp_path / "o")
+    )
     write_gguf(src, tmp_path / "int.gguf", "llama", extra={"blk.0.attn_norm.scale": np.zeros(4, np.int32)})
     err = _refused(capsys, "--gguf", str(tmp_path / "int.gguf"), "--save", str(tmp_path / "o"))
     assert "type I32, which the importer does not dequantise" in err
