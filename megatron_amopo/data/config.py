@@ -161,3 +161,39 @@ class PreprocessConfig:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
         if self.chunk_size < 1:
             raise ValueError(f"--chunk-size must be >= 1, got {self.chunk_size}")
+
+
+SPLIT_NAMES = ("train", "valid", "heldout")
+
+
+@dataclass
+class SplitConfig:
+    """Preference rows -> train / valid / held-out row files with no prompt in two of them (tools/split_data.py)."""
+
+    input: str = _f("", "input file: .jsonl, .json or .parquet", flag="--input")
+    output: str = _f("", "output directory for train.jsonl, valid.jsonl, heldout.jsonl and split.json",
+                     flag="--output")
+    split: str = _f("80,10,10", "train,valid,heldout percentages of the distinct prompts (a 0 writes no file)",
+                    flag="--split")
+    seed: int = _f(1234, "seed of the prompt permutation; the same seed and prompts give the same split",
+                   flag="--seed")
+    overwrite: bool = _f(False, "replace an existing output directory", flag="--overwrite")
+
+    def __post_init__(self) -> None:
+        if not self.input:
+            raise ValueError("--input is required: a .jsonl, .json or .parquet file")
+        if not self.output:
+            raise ValueError("--output is required: the directory to write the split row files to")
+        self.fractions()
+
+    def fractions(self) -> tuple[float, float, float]:
+        """The three percentages as fractions summing to 1."""
+        try:
+            parts = tuple(float(x) for x in str(self.split).split(","))
+        except ValueError:
+            parts = ()
+        if len(parts) != 3 or min(parts) < 0 or parts[0] <= 0:
+            raise ValueError(f"--split must be three non-negative numbers train,valid,heldout with train > 0, "
+                             f"e.g. 80,10,10; got {self.split!r}")
+        total = sum(parts)
+        return tuple(p / total for p in parts)  # type: ignore[return-value]
