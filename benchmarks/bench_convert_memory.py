@@ -11,6 +11,7 @@ A baseline subprocess that imports the same libraries and starts the same proces
 group, but converts nothing, gives the fixed runtime overhead. Ratios are against
 the model's size in bytes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,9 @@ def _child(argv: list[str]) -> None:
 
         from megatron_amopo.convert.tiny_hf import QWEN25_05B, make_tiny_hf_model
 
-        make_tiny_hf_model(rest[0], "qwen2", tied=True, dtype=getattr(torch, rest[1]), max_shard_size="2GB",
-                           **QWEN25_05B)
+        make_tiny_hf_model(
+            rest[0], "qwen2", tied=True, dtype=getattr(torch, rest[1]), max_shard_size="2GB", **QWEN25_05B
+        )
         rc = 0
     elif what == "baseline":
         import megatron.core  # noqa: F401
@@ -54,17 +56,20 @@ def _child(argv: list[str]) -> None:
         spec.loader.exec_module(tool)
         rc = tool.main(rest)
     kib = 1024  # Linux reports ru_maxrss in KiB
-    print(json.dumps({
-        "rc": rc,
-        "self_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib,
-        "children_peak_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * kib,
-    }))
+    print(
+        json.dumps(
+            {
+                "rc": rc,
+                "self_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib,
+                "children_peak_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * kib,
+            }
+        )
+    )
 
 
 def _measure(*argv: str) -> dict:
     t0 = time.time()
-    res = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", *argv],
-                         capture_output=True, text=True)
+    res = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", *argv], capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"{argv[0]} failed:\n{res.stderr[-3000:]}")
     out = json.loads(res.stdout.strip().splitlines()[-1])
@@ -95,8 +100,9 @@ def main(argv=None) -> int:
     _measure("make", hf, args.dtype)
     with open(os.path.join(hf, "config.json")) as fh:
         cfg = json.load(fh)
-    model_bytes = _dir_bytes(hf) - sum(os.path.getsize(os.path.join(hf, f)) for f in os.listdir(hf)
-                                       if not f.endswith(".safetensors"))
+    model_bytes = _dir_bytes(hf) - sum(
+        os.path.getsize(os.path.join(hf, f)) for f in os.listdir(hf) if not f.endswith(".safetensors")
+    )
     rows = {
         "baseline (imports + process group)": _measure("baseline"),
         "HF -> Megatron": _measure("convert_hf_to_megatron", "--hf-path", hf, "--save", mc),
@@ -104,14 +110,18 @@ def main(argv=None) -> int:
     }
     base = rows["baseline (imports + process group)"]["self_peak_bytes"]
     params = model_bytes // (2 if args.dtype == "bfloat16" else 4)
-    print(f"model: Qwen2.5-0.5B shape ({cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, "
-          f"vocab {cfg['vocab_size']}, tied), {params / 1e6:.0f}M parameters, {args.dtype}, "
-          f"{model_bytes / 1e9:.3f} GB of weights; parent RSS {_self_peak() / 1e6:.0f} MB")
+    print(
+        f"model: Qwen2.5-0.5B shape ({cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, "
+        f"vocab {cfg['vocab_size']}, tied), {params / 1e6:.0f}M parameters, {args.dtype}, "
+        f"{model_bytes / 1e9:.3f} GB of weights; parent RSS {_self_peak() / 1e6:.0f} MB"
+    )
     print(f"{'run':38s} {'peak RSS':>10s} {'ratio':>6s} {'(peak-base)/model':>18s} {'children peak':>14s} {'time':>7s}")
     for name, r in rows.items():
         peak = r["self_peak_bytes"]
-        print(f"{name:38s} {peak / 1e9:8.3f}GB {peak / model_bytes:6.2f} {(peak - base) / model_bytes:18.2f} "
-              f"{r['children_peak_bytes'] / 1e9:12.3f}GB {r['seconds']:6.1f}s")
+        print(
+            f"{name:38s} {peak / 1e9:8.3f}GB {peak / model_bytes:6.2f} {(peak - base) / model_bytes:18.2f} "
+            f"{r['children_peak_bytes'] / 1e9:12.3f}GB {r['seconds']:6.1f}s"
+        )
     print(json.dumps({"model_bytes": model_bytes, "runs": rows}))
     if not args.keep:
         shutil.rmtree(args.workdir, ignore_errors=True)

@@ -27,6 +27,7 @@ epochs, because tiled copies would let length sorting pair identical groups and 
   python benchmarks/bench_indexer.py                      # preprocesses into a temp dir (~35 s)
   python benchmarks/bench_indexer.py --dataset DIR        # reuse a dataset of tools/preprocess_data.py
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,13 +57,19 @@ def load_seq_lens(dataset: str | None, workers: int) -> np.ndarray:
     if dataset is None:
         tmp = tempfile.TemporaryDirectory(prefix="bench-indexer-")
         dataset = os.path.join(tmp.name, "helpsteer2-s1024")
-        pre = PreprocessConfig(input=os.path.join(REPO, "data/helpsteer2/train_rows.jsonl"),
-                               output=dataset, tokenizer=os.path.join(REPO, "data/tokenizer-qwen2"),
-                               workers=workers, progress=False)
+        pre = PreprocessConfig(
+            input=os.path.join(REPO, "data/helpsteer2/train_rows.jsonl"),
+            output=dataset,
+            tokenizer=os.path.join(REPO, "data/tokenizer-qwen2"),
+            workers=workers,
+            progress=False,
+        )
         t = time.perf_counter()
         meta = preprocess(DataConfig(format="helpsteer2", seq_length=SEQ_LENGTH), PromptConfig(), pre)
-        print(f"preprocessed {meta['counts']['rows_read']} HelpSteer2 rows -> "
-              f"{meta['counts']['groups_written']} groups in {time.perf_counter() - t:.1f} s")
+        print(
+            f"preprocessed {meta['counts']['rows_read']} HelpSteer2 rows -> "
+            f"{meta['counts']['groups_written']} groups in {time.perf_counter() - t:.1f} s"
+        )
     ds = PreferenceGroupDataset(dataset, seq_length=SEQ_LENGTH)
     seq_lens_G2P = ds.seq_lengths_GN - 1  # positions after the GPT shift, <= seq_length
     if tmp is not None:
@@ -91,13 +98,16 @@ def bench_speed(seq_lens_G2P: np.ndarray, k: int, threads: int) -> None:
     spg = seq_lens_G2P.shape[1]
     budget = spg * SEQ_LENGTH * k
     base = dict(seqs_per_group=spg, num_epochs=1, seed=1234, dp_rank=0, dp_size=8, window=512)
-    print(f"\n(a) planning time, one epoch, dp_size=8, window=512, budget 2P*{SEQ_LENGTH}*{k} "
-          f"(2 shared CPU cores, load average {os.getloadavg()[0]:.1f})")
-    print(f"{'mode':<15}{'groups':>8}{'C++':>10}{'Python':>10}{'ratio':>8}{'same plan':>11}"
-          f"{'C++ x10 groups':>16}")
-    modes = [(f"fixed k={k}", dict(groups_per_microbatch=k)),
-             ("padded budget", dict(token_budget=budget, cost="padded")),
-             ("thd budget", dict(token_budget=budget, cost="thd"))]
+    print(
+        f"\n(a) planning time, one epoch, dp_size=8, window=512, budget 2P*{SEQ_LENGTH}*{k} "
+        f"(2 shared CPU cores, load average {os.getloadavg()[0]:.1f})"
+    )
+    print(f"{'mode':<15}{'groups':>8}{'C++':>10}{'Python':>10}{'ratio':>8}{'same plan':>11}{'C++ x10 groups':>16}")
+    modes = [
+        (f"fixed k={k}", dict(groups_per_microbatch=k)),
+        ("padded budget", dict(token_budget=budget, cost="padded")),
+        ("thd budget", dict(token_budget=budget, cost="thd")),
+    ]
     for name, mode in modes:
         row = []
         for n in (1_000_000, 10_000_000):
@@ -122,27 +132,32 @@ def bench_packed_speed(seq_lens_G2P: np.ndarray, base: dict, budget: int, thread
     small = tiled(seq_lens_G2P, 10_000)
     t_py, ref = best_time(lambda: plan_microbatches(seq_lens=small, **base, **mode, backend="python"), 1)
     same = same_plan(ref, plan_microbatches(seq_lens=small, **base, **mode, num_threads=threads))
-    print(f"\npacked budget: Python reference on 10000 groups {t_py:.1f} s ({t_py / 1e4 * 1e6:.0f} us per "
-          f"group); C++ plan identical on them (any thread count): {same}")
+    print(
+        f"\npacked budget: Python reference on 10000 groups {t_py:.1f} s ({t_py / 1e4 * 1e6:.0f} us per "
+        f"group); C++ plan identical on them (any thread count): {same}"
+    )
     print(f"{'groups':>10}{'threads':>9}{'C++':>10}{'us/group':>10}{'ratio':>8}")
     for n, thread_counts in ((1_000_000, sorted({1, threads})), (10_000_000, [threads])):
         lens = tiled(seq_lens_G2P, n)
         for t in thread_counts:
             t_cpp, _ = best_time(lambda: plan_microbatches(seq_lens=lens, **base, **mode, num_threads=t), 1)
-            print(f"{n:>10}{t:>9}{t_cpp:>9.2f}s{t_cpp / n * 1e6:>10.2f}{t_py / 1e4 / (t_cpp / n):>7.0f}x",
-                  flush=True)
-        del lens
+            print(f"{n:>10}{t:>9}{t_cpp:>9.2f}s{t_cpp / n * 1e6:>10.2f}{t_py / 1e4 / (t_cpp / n):>7.0f}x", flush=True)
+        lens = None  # free the larger array before the next size
 
 
 def bench_efficiency(seq_lens_G2P: np.ndarray, epochs: int) -> None:
     G, spg = seq_lens_G2P.shape
     max_len_G, total_len_G = seq_lens_G2P.max(axis=1), seq_lens_G2P.sum(axis=1)
     base = dict(seqs_per_group=spg, num_epochs=epochs, seed=7, dp_rank=0, dp_size=1)
-    print(f"\n(b) padding efficiency = real tokens / tokens processed, {G} real groups x {epochs} "
-          f"epochs, 2P={spg}, seq_length={SEQ_LENGTH}, budget = 2P*{SEQ_LENGTH}*k")
-    print(f"{'k':>3}{'random k (collator)':>21}{'sorted k':>10}{'padded budget':>15}"
-          f"{'packed budget':>15}{'groups/mb padded':>18}{'packed':>8}{'max R*W/budget':>16}"
-          f"{'thd budget':>12}{'thd fill':>10}{'groups/mb thd':>15}")
+    print(
+        f"\n(b) padding efficiency = real tokens / tokens processed, {G} real groups x {epochs} "
+        f"epochs, 2P={spg}, seq_length={SEQ_LENGTH}, budget = 2P*{SEQ_LENGTH}*k"
+    )
+    print(
+        f"{'k':>3}{'random k (collator)':>21}{'sorted k':>10}{'padded budget':>15}"
+        f"{'packed budget':>15}{'groups/mb padded':>18}{'packed':>8}{'max R*W/budget':>16}"
+        f"{'thd budget':>12}{'thd fill':>10}{'groups/mb thd':>15}"
+    )
     pad8 = []
     for k in (1, 2, 4, 8):
         budget = spg * SEQ_LENGTH * k
@@ -150,43 +165,68 @@ def bench_efficiency(seq_lens_G2P: np.ndarray, epochs: int) -> None:
             "random": plan_microbatches(max_len_G, total_len_G, **base, groups_per_microbatch=k, window=1),
             "sorted": plan_microbatches(max_len_G, total_len_G, **base, groups_per_microbatch=k),
             "padded": plan_microbatches(max_len_G, total_len_G, **base, token_budget=budget),
-            "packed": plan_microbatches(seq_lens=seq_lens_G2P, **base, token_budget=budget, cost="packed",
-                                        seq_length=SEQ_LENGTH),
+            "packed": plan_microbatches(
+                seq_lens=seq_lens_G2P, **base, token_budget=budget, cost="packed", seq_length=SEQ_LENGTH
+            ),
             "thd": plan_microbatches(max_len_G, total_len_G, **base, token_budget=budget, cost="thd"),
         }
-        eff = {name: padding_efficiency(p, seq_lens_G2P, cost=name if name in ("packed", "thd") else "padded",
-                                        seq_length=SEQ_LENGTH) for name, p in plans.items()}
+        eff = {
+            name: padding_efficiency(
+                p, seq_lens_G2P, cost=name if name in ("packed", "thd") else "padded", seq_length=SEQ_LENGTH
+            )
+            for name, p in plans.items()
+        }
         thd = plans["thd"]
         pad8.append(padding_efficiency(thd, seq_lens_G2P, cost="thd", pad_to_multiple=8))
         fill = int(total_len_G[thd.group_ids].sum()) / (thd.num_microbatches * budget)
-        per_mb = {name: len(plans[name].group_ids) / plans[name].num_microbatches
-                  for name in ("padded", "packed", "thd")}
+        per_mb = {
+            name: len(plans[name].group_ids) / plans[name].num_microbatches for name in ("padded", "packed", "thd")
+        }
         packed = plans["packed"]
-        most = max(int(np.prod(packed_shape(seq_lens_G2P[packed.microbatch(m)], SEQ_LENGTH)))
-                   for m in range(packed.num_microbatches))
-        print(f"{k:>3}{eff['random']:>21.3f}{eff['sorted']:>10.3f}{eff['padded']:>15.3f}"
-              f"{eff['packed']:>15.3f}{per_mb['padded']:>18.2f}{per_mb['packed']:>8.2f}"
-              f"{most / budget:>16.3f}{eff['thd']:>12.3f}{fill:>10.3f}{per_mb['thd']:>15.2f}")
-    print("random k: window=1 (no length grouping); sorted k / budgets: window=512; packed: R rows of "
-          f"W <= {SEQ_LENGTH} by the ROW RULE, tokens processed = R * W.")
-    print("thd: one THD stream of the micro-batch's real tokens, nothing padded, so its efficiency is "
-          "1.0 unless to_thd pads the stream to a multiple (with pad_to_multiple=8, k=1/2/4/8: "
-          + "/".join(f"{e:.4f}" for e in pad8) + "); thd fill = real tokens / (micro-batches * budget).")
+        most = max(
+            int(np.prod(packed_shape(seq_lens_G2P[packed.microbatch(m)], SEQ_LENGTH)))
+            for m in range(packed.num_microbatches)
+        )
+        print(
+            f"{k:>3}{eff['random']:>21.3f}{eff['sorted']:>10.3f}{eff['padded']:>15.3f}"
+            f"{eff['packed']:>15.3f}{per_mb['padded']:>18.2f}{per_mb['packed']:>8.2f}"
+            f"{most / budget:>16.3f}{eff['thd']:>12.3f}{fill:>10.3f}{per_mb['thd']:>15.2f}"
+        )
+    print(
+        "random k: window=1 (no length grouping); sorted k / budgets: window=512; packed: R rows of "
+        f"W <= {SEQ_LENGTH} by the ROW RULE, tokens processed = R * W."
+    )
+    print(
+        "thd: one THD stream of the micro-batch's real tokens, nothing padded, so its efficiency is "
+        "1.0 unless to_thd pads the stream to a multiple (with pad_to_multiple=8, k=1/2/4/8: "
+        + "/".join(f"{e:.4f}" for e in pad8)
+        + "); thd fill = real tokens / (micro-batches * budget)."
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default=None, help="directory written by tools/preprocess_data.py "
-                        f"(HelpSteer2, --seq-length {SEQ_LENGTH}); default: preprocess into a temp dir")
+    parser.add_argument(
+        "--dataset",
+        default=None,
+        help="directory written by tools/preprocess_data.py "
+        f"(HelpSteer2, --seq-length {SEQ_LENGTH}); default: preprocess into a temp dir",
+    )
     parser.add_argument("--workers", type=int, default=1, help="tokenisation workers when preprocessing")
     parser.add_argument("--epochs", type=int, default=10, help="epochs of the efficiency plans")
-    parser.add_argument("--threads", type=int, default=default_num_threads(),
-                        help="C++ threads for the packed budget (also timed with 1)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=default_num_threads(),
+        help="C++ threads for the packed budget (also timed with 1)",
+    )
     args = parser.parse_args()
     seq_lens_G2P = load_seq_lens(args.dataset, args.workers)
-    print(f"{seq_lens_G2P.shape[0]} groups of {seq_lens_G2P.shape[1]} sequences; length (positions) "
-          f"p10/p50/p90/max = {np.percentile(seq_lens_G2P, [10, 50, 90]).astype(int).tolist()} "
-          f"/ {int(seq_lens_G2P.max())}")
+    print(
+        f"{seq_lens_G2P.shape[0]} groups of {seq_lens_G2P.shape[1]} sequences; length (positions) "
+        f"p10/p50/p90/max = {np.percentile(seq_lens_G2P, [10, 50, 90]).astype(int).tolist()} "
+        f"/ {int(seq_lens_G2P.max())}"
+    )
     bench_speed(seq_lens_G2P, k=4, threads=args.threads)
     bench_efficiency(seq_lens_G2P, args.epochs)
 

@@ -30,6 +30,7 @@ A size whose baseline would not fit in the memory available (estimated 7.5x the 
 --memory-fraction of what is free) runs without it; the largest length (halving) at which the
 baseline fits is then added for that vocabulary.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,7 +67,7 @@ class PeakRSS:
                     return int(line.split()[1]) * 1024
         raise RuntimeError(f"{key} not in /proc/self/status")
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         gc.collect()
         self.start = self._status("VmRSS:")
         self._sampler = None
@@ -105,7 +106,7 @@ def make_inputs(num_seqs: int, length: int, vocab: int, prompt_frac: float, seed
         logits[i].normal_(generator=gen).mul_(2.0)
     labels = torch.randint(0, vocab, (num_seqs, length), generator=gen)
     mask = torch.zeros(num_seqs, length)
-    mask[:, int(prompt_frac * length):] = 1.0
+    mask[:, int(prompt_frac * length) :] = 1.0
     segments = torch.arange(num_seqs)[:, None].expand(num_seqs, length).contiguous()
     return dict(logits=logits, labels=labels, loss_mask=mask, segment_ids=segments)
 
@@ -182,8 +183,7 @@ def _measure(stats_thunk, cfg: AmopoConfig, num_pairs: int) -> dict:
         t_bwd, cpu = time.perf_counter() - t1, time.process_time() - c0
     # Forward + backward: the higher of the two peaks, above the resident size before the forward.
     total_extra = max(fwd_mem.peak, bwd_mem.peak) - fwd_mem.start
-    return dict(loss=loss.item(), fwd_s=t_fwd, bwd_s=t_bwd, cpu_s=cpu, fwd_extra=fwd_mem.extra,
-                total_extra=total_extra)
+    return dict(loss=loss.item(), fwd_s=t_fwd, bwd_s=t_bwd, cpu_s=cpu, fwd_extra=fwd_mem.extra, total_extra=total_extra)
 
 
 def run_hidden_path(name: str, inp: dict, cfg: AmopoConfig, num_pairs: int) -> dict:
@@ -220,13 +220,17 @@ def bench_hidden_size(num_seqs, length, vocab, args, cfg, repeats) -> bool:
         del grads
     best = {n: _best(r) for n, r in runs.items()}
     fused, current = best["fused"], best["current"]
-    line = (f"{size:>22} logits {logits_bytes / GIB:5.2f} GiB | "
-            + " | ".join(_fmt(n, best[n], logits_bytes) for n in names)
-            + f" | time fused/current {fused['total_s'] / current['total_s']:4.2f}x"
-            + f" (CPU time {fused['cpu_s'] / current['cpu_s']:4.2f}x)"
-            + (f", baseline/fused {best['baseline']['total_s'] / fused['total_s']:4.1f}x" if "baseline" in best else "")
-            + " | vs fused: " + ", ".join(f"{n} loss diff {abs(best[n]['loss'] - fused['loss']):.1e} grad rel diff "
-                                          f"{diff[n]:.1e}" for n in names[1:]))
+    line = (
+        f"{size:>22} logits {logits_bytes / GIB:5.2f} GiB | "
+        + " | ".join(_fmt(n, best[n], logits_bytes) for n in names)
+        + f" | time fused/current {fused['total_s'] / current['total_s']:4.2f}x"
+        + f" (CPU time {fused['cpu_s'] / current['cpu_s']:4.2f}x)"
+        + (f", baseline/fused {best['baseline']['total_s'] / fused['total_s']:4.1f}x" if "baseline" in best else "")
+        + " | vs fused: "
+        + ", ".join(
+            f"{n} loss diff {abs(best[n]['loss'] - fused['loss']):.1e} grad rel diff {diff[n]:.1e}" for n in names[1:]
+        )
+    )
     print(line, flush=True)
     return "baseline" in best
 
@@ -241,8 +245,10 @@ def _best(runs: list[dict]) -> dict:
 
 
 def _fmt(name: str, r: dict, logits_bytes: int) -> str:
-    return (f"{name}: fwd {r['fwd_s']:6.2f}s bwd {r['bwd_s']:6.2f}s, extra fwd {r['fwd_extra'] / logits_bytes:4.2f}x "
-            f"fwd+bwd {r['total_extra'] / logits_bytes:4.2f}x")
+    return (
+        f"{name}: fwd {r['fwd_s']:6.2f}s bwd {r['bwd_s']:6.2f}s, extra fwd {r['fwd_extra'] / logits_bytes:4.2f}x "
+        f"fwd+bwd {r['total_extra'] / logits_bytes:4.2f}x"
+    )
 
 
 def _ratio(base_extra: int, ours_extra: int, logits_bytes: int) -> str:
@@ -264,8 +270,11 @@ def bench_size(num_seqs, length, vocab, args, cfg, repeats) -> bool:
     inp = make_inputs(num_seqs, length, vocab, args.prompt_frac)
     ours_runs, base_runs, grad_err = [], [], None
     for _ in range(repeats):  # interleaved, so that both see the same machine load
-        ours_runs.append(run_path("ours", functools.partial(ours_stats, inplace_backward=not args.out_of_place),
-                                  inp, cfg, args.pairs))
+        ours_runs.append(
+            run_path(
+                "ours", functools.partial(ours_stats, inplace_backward=not args.out_of_place), inp, cfg, args.pairs
+            )
+        )
         ours_grad = ours_runs[-1].pop("grad")
         if with_baseline:
             base_runs.append(run_path("baseline", baseline_stats, inp, cfg, args.pairs))
@@ -279,11 +288,17 @@ def bench_size(num_seqs, length, vocab, args, cfg, repeats) -> bool:
         print(line + f" | baseline skipped (needs ~{logits_bytes * BASELINE_FACTOR / GIB:.0f} GiB)", flush=True)
         return False
     base = _best(base_runs)
-    print(line + " | " + _fmt("baseline", base, logits_bytes) + (
-        f" | speed-up {base['total_s'] / ours['total_s']:4.1f}x (fwd {base['fwd_s'] / ours['fwd_s']:4.1f}x), "
-        f"memory fwd+bwd {_ratio(base['total_extra'], ours['total_extra'], logits_bytes)}"
-        f" | loss diff {abs(base['loss'] - ours['loss']):.1e}, grad rel diff {grad_err:.1e}"
-    ), flush=True)
+    print(
+        line
+        + " | "
+        + _fmt("baseline", base, logits_bytes)
+        + (
+            f" | speed-up {base['total_s'] / ours['total_s']:4.1f}x (fwd {base['fwd_s'] / ours['fwd_s']:4.1f}x), "
+            f"memory fwd+bwd {_ratio(base['total_extra'], ours['total_extra'], logits_bytes)}"
+            f" | loss diff {abs(base['loss'] - ours['loss']):.1e}, grad rel diff {grad_err:.1e}"
+        ),
+        flush=True,
+    )
     return True
 
 
@@ -296,25 +311,37 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt-frac", type=float, default=0.25, help="leading share of each row without loss")
     parser.add_argument("--memory-fraction", type=float, default=0.6, help="share of free memory a size may use")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats per size (best time kept)")
-    parser.add_argument("--out-of-place", action="store_true",
-                        help="ours without inplace_backward (the public default; a fresh gradient tensor)")
+    parser.add_argument(
+        "--out-of-place",
+        action="store_true",
+        help="ours without inplace_backward (the public default; a fresh gradient tensor)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--from", dest="source", choices=("hidden", "logits"), default="hidden",
-                        help="hidden: hidden states -> loss, fused vs current vs baseline; logits: logits -> loss")
+    parser.add_argument(
+        "--from",
+        dest="source",
+        choices=("hidden", "logits"),
+        default="hidden",
+        help="hidden: hidden states -> loss, fused vs current vs baseline; logits: logits -> loss",
+    )
     parser.add_argument("--hidden", type=int, default=896, help="hidden size H with --from hidden (Qwen2.5-0.5B: 896)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = AmopoConfig(weighting="gaussian")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU, prompt share {args.prompt_frac}, "
-          f"ours {'out of place' if args.out_of_place else 'inplace_backward'}, "
-          f"free memory {psutil.virtual_memory().available / GIB:.1f} GiB"
-          + (f", from hidden states, H = {args.hidden}" if args.source == "hidden" else ", from logits"))
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU, prompt share {args.prompt_frac}, "
+        f"ours {'out of place' if args.out_of_place else 'inplace_backward'}, "
+        f"free memory {psutil.virtual_memory().available / GIB:.1f} GiB"
+        + (f", from hidden states, H = {args.hidden}" if args.source == "hidden" else ", from logits")
+    )
     bench = bench_hidden_size if args.source == "hidden" else bench_size
     print("warm-up (first-call overheads; ignore):")
     bench(args.seqs, 64, 1000, args, cfg, 1)
-    print("extra = peak resident memory above the start of the phase, relative to the logits' size"
-          + (" (hidden states, weight and their gradients not counted)" if args.source == "hidden" else ""))
+    print(
+        "extra = peak resident memory above the start of the phase, relative to the logits' size"
+        + (" (hidden states, weight and their gradients not counted)" if args.source == "hidden" else "")
+    )
     for vocab in args.vocabs:
         compared = [bench(args.seqs, length, vocab, args, cfg, args.repeats) for length in args.lengths]
         length = min(args.lengths) // 2

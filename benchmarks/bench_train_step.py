@@ -27,6 +27,7 @@ memory reading of ``megatron_amopo.training.throughput`` (the trainer logs the s
     python benchmarks/bench_train_step.py --model HF_DIR --data-path DATA --sides ours ...
                                     # a model directory's shape, the first samples of a preprocessed dataset
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,13 +43,35 @@ import torch
 from megatron_amopo.training.throughput import device_peak_tflops, mfu, peak_memory_bytes
 
 # Shapes from the published config.json of Qwen/Qwen2.5-0.5B and Qwen/Qwen2.5-1.5B (HF Hub).
-_QWEN25 = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_act="silu", vocab_size=151936,
-               rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, torch_dtype="bfloat16")
+_QWEN25 = dict(
+    model_type="qwen2",
+    architectures=["Qwen2ForCausalLM"],
+    hidden_act="silu",
+    vocab_size=151936,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    torch_dtype="bfloat16",
+)
 MODELS = {
-    "qwen2.5-0.5b": dict(_QWEN25, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768),
-    "qwen2.5-1.5b": dict(_QWEN25, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                         num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=131072),
+    "qwen2.5-0.5b": dict(
+        _QWEN25,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+    ),
+    "qwen2.5-1.5b": dict(
+        _QWEN25,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        max_position_embeddings=131072,
+    ),
 }
 
 
@@ -87,9 +110,16 @@ def make_groups(num_samples: int, dims: int, seq_length: int, vocab: int, seed: 
             r = int(torch.randint(max(S // 10, 2), S + 1 - p + 1, (1,), generator=gen))
             seqs.append(torch.cat([prompt, torch.randint(0, vocab, (r,), generator=gen)]))
             starts.append(p)
-        groups.append(dict(tokens=seqs, response_start=torch.tensor(starts), group_id=g, row_id=g,
-                           chosen_scores=torch.rand(dims, generator=gen) * 5,
-                           rejected_scores=torch.rand(dims, generator=gen) * 5))
+        groups.append(
+            dict(
+                tokens=seqs,
+                response_start=torch.tensor(starts),
+                group_id=g,
+                row_id=g,
+                chosen_scores=torch.rand(dims, generator=gen) * 5,
+                rejected_scores=torch.rand(dims, generator=gen) * 5,
+            )
+        )
     return groups
 
 
@@ -130,8 +160,8 @@ def run_ours(args, cfg: dict, chunks: list[list[dict]]) -> dict:
     from megatron_amopo.model.architectures import arch_from_hf_config
     from megatron_amopo.model.build import build_model
     from megatron_amopo.model.provider import transformer_config, transformer_engine_available
-    from megatron_amopo.runtime.distributed import DistEnv, initialize_distributed, set_seed
     from megatron_amopo.runtime.comm import free_port
+    from megatron_amopo.runtime.distributed import DistEnv, initialize_distributed, set_seed
     from megatron_amopo.training.optimizer import build_optimizer
     from megatron_amopo.training.step import forward_step
 
@@ -142,21 +172,29 @@ def run_ours(args, cfg: dict, chunks: list[list[dict]]) -> dict:
     arch = arch_from_hf_config(cfg)
     disabled = set(filter(None, args.disable.split(",")))
     overrides = {"bias_activation_fusion": False} if "swiglu-fusion" in disabled else {}
-    config = transformer_config(arch, parallel, params_dtype=torch.bfloat16 if cuda else torch.float32,
-                                calculate_per_token_loss=True, **overrides)
+    config = transformer_config(
+        arch,
+        parallel,
+        params_dtype=torch.bfloat16 if cuda else torch.float32,
+        calculate_per_token_loss=True,
+        **overrides,
+    )
     model = build_model(arch, config)
     if args.weights:
         _load_hf_weights(model[0], args.weights)
-    train_cfg = TrainingConfig(micro_batch_size=args.micro_batch, train_iters=1, bf16=cuda,
-                               seq_length=args.seq_length)
+    train_cfg = TrainingConfig(micro_batch_size=args.micro_batch, train_iters=1, bf16=cuda, seq_length=args.seq_length)
     optimizer = build_optimizer(model, OptimizerConfig(lr=args.lr, lr_warmup_fraction=0.0), train_cfg)
     if "fused-adam" in disabled:  # diagnostic: torch's default multi-tensor AdamW, as megatron-core builds it
         for group in optimizer.optimizer.param_groups:
             group["fused"], group["foreach"] = False, None
-    step_fn = functools.partial(forward_step, objective_cfg=AmopoConfig(output_layer=args.output_layer),
-                                tp_group=ps.get_tensor_model_parallel_group(),
-                                cp_group=ps.get_context_parallel_group(), chunk_tokens=args.chunk_tokens,
-                                packed_thd={"packed-thd": True, "packed-mask": False}.get(args.layout))
+    step_fn = functools.partial(
+        forward_step,
+        objective_cfg=AmopoConfig(output_layer=args.output_layer),
+        tp_group=ps.get_tensor_model_parallel_group(),
+        cp_group=ps.get_context_parallel_group(),
+        chunk_tokens=args.chunk_tokens,
+        packed_thd={"packed-thd": True, "packed-mask": False}.get(args.layout),
+    )
     if args.layout.startswith("packed"):
         batches = [build_micro_batch(c, "packed", seq_length=args.seq_length) for c in chunks]
     else:
@@ -170,8 +208,12 @@ def run_ours(args, cfg: dict, chunks: list[list[dict]]) -> dict:
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
         reports = get_forward_backward_func()(
-            forward_step_func=step_fn, data_iterator=iter(batches), model=model, num_microbatches=len(batches),
-            seq_length=args.seq_length, micro_batch_size=max(b["tokens"].shape[0] for b in batches),
+            forward_step_func=step_fn,
+            data_iterator=iter(batches),
+            model=model,
+            num_microbatches=len(batches),
+            seq_length=args.seq_length,
+            micro_batch_size=max(b["tokens"].shape[0] for b in batches),
             forward_only=False,
         )
         optimizer.step()
@@ -185,9 +227,14 @@ def run_ours(args, cfg: dict, chunks: list[list[dict]]) -> dict:
         from megatron_amopo.training.step import packed_thd_default
 
         layout = "packed-thd" if packed_thd_default(model[0].config) else "packed-mask"
-    return dict(losses=losses, times=times, rows=sum(b["tokens"].shape[0] for b in batches),
-                attention=f"{attention}/{layout}" + "".join(f"/no-{d}" for d in sorted(disabled))
-                + ("/fused-output-layer" if args.output_layer == "fused" else ""))
+    return dict(
+        losses=losses,
+        times=times,
+        rows=sum(b["tokens"].shape[0] for b in batches),
+        attention=f"{attention}/{layout}"
+        + "".join(f"/no-{d}" for d in sorted(disabled))
+        + ("/fused-output-layer" if args.output_layer == "fused" else ""),
+    )
 
 
 def _profile(step) -> None:
@@ -265,8 +312,11 @@ def run_side(args) -> None:
         torch.cuda.reset_peak_memory_stats()
     cfg = hf_config(args.model)
     num_samples = args.micro_batch * args.num_microbatches
-    groups = (dataset_groups(args.data_path, num_samples) if args.data_path
-              else make_groups(num_samples, args.dims, args.seq_length, cfg["vocab_size"], args.seed))
+    groups = (
+        dataset_groups(args.data_path, num_samples)
+        if args.data_path
+        else make_groups(num_samples, args.dims, args.seq_length, cfg["vocab_size"], args.seed)
+    )
     chunks = [groups[i : i + args.micro_batch] for i in range(0, len(groups), args.micro_batch)]
     try:
         res = (run_ours if args.side == "ours" else run_baseline)(args, cfg, chunks)
@@ -274,22 +324,51 @@ def run_side(args) -> None:
         print(f"{args.side}: out of GPU memory: {str(err).splitlines()[0]}", file=sys.stderr)
         res = dict(oom=True, losses=[float("nan")], times=[float("inf")], rows=0, attention="-")
     lengths = [len(s) - 1 for g in groups for s in g["tokens"]]
-    res.update(peak_memory=peak_memory_bytes(), samples=len(groups), tokens=sum(lengths),
-               flops=model_flops(cfg, lengths))
+    res.update(
+        peak_memory=peak_memory_bytes(), samples=len(groups), tokens=sum(lengths), flops=model_flops(cfg, lengths)
+    )
     with open(args.out, "w") as fh:
         json.dump(res, fh)
 
 
 def _spawn(args, side: str, tmp: str, extra: list[str]) -> dict:
     out = os.path.join(tmp, f"{side}.json")
-    cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--out", out, "--model", args.model,
-           "--seq-length", str(args.seq_length), "--micro-batch", str(args.micro_batch),
-           "--num-microbatches", str(args.num_microbatches), "--dims", str(args.dims), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--seed", str(args.seed), "--lr", str(args.lr), "--layout", args.layout,
-           *(["--chunk-tokens", str(args.chunk_tokens)] if args.chunk_tokens else []),
-           *(["--data-path", args.data_path] if args.data_path else []),
-           "--output-layer", args.output_layer,
-           "--disable", args.disable, *(["--profile"] if args.profile else []), *extra]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--side",
+        side,
+        "--out",
+        out,
+        "--model",
+        args.model,
+        "--seq-length",
+        str(args.seq_length),
+        "--micro-batch",
+        str(args.micro_batch),
+        "--num-microbatches",
+        str(args.num_microbatches),
+        "--dims",
+        str(args.dims),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--seed",
+        str(args.seed),
+        "--lr",
+        str(args.lr),
+        "--layout",
+        args.layout,
+        *(["--chunk-tokens", str(args.chunk_tokens)] if args.chunk_tokens else []),
+        *(["--data-path", args.data_path] if args.data_path else []),
+        "--output-layer",
+        args.output_layer,
+        "--disable",
+        args.disable,
+        *(["--profile"] if args.profile else []),
+        *extra,
+    ]
     subprocess.run(cmd, check=True)
     with open(out) as fh:
         return json.load(fh)
@@ -297,20 +376,35 @@ def _spawn(args, side: str, tmp: str, extra: list[str]) -> dict:
 
 def summarize(name: str, res: dict, peak: float | None) -> dict:
     t = sorted(res["times"])[len(res["times"]) // 2]  # median step
-    row = dict(side=name, oom=bool(res.get("oom")), attention=res["attention"], step_s=t, samples_per_s=res["samples"] / t,
-               tokens_per_s=res["tokens"] / t, peak_mem_gib=res["peak_memory"] / 2**30,
-               tflops=res["flops"] / t / 1e12, mfu=mfu(res["flops"], t, 1, peak),
-               first_loss=res["losses"][0], rows=res["rows"])
+    row = dict(
+        side=name,
+        oom=bool(res.get("oom")),
+        attention=res["attention"],
+        step_s=t,
+        samples_per_s=res["samples"] / t,
+        tokens_per_s=res["tokens"] / t,
+        peak_mem_gib=res["peak_memory"] / 2**30,
+        tflops=res["flops"] / t / 1e12,
+        mfu=mfu(res["flops"], t, 1, peak),
+        first_loss=res["losses"][0],
+        rows=res["rows"],
+    )
     return row
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="tiny",
-                   help=f"tiny, {', '.join(MODELS)}, or a Hugging Face model directory (its config.json)")
-    p.add_argument("--data-path", default=None,
-                   help="train on the first samples of this preprocessed dataset instead of synthetic ones "
-                        "(its dimensions set --dims)")
+    p.add_argument(
+        "--model",
+        default="tiny",
+        help=f"tiny, {', '.join(MODELS)}, or a Hugging Face model directory (its config.json)",
+    )
+    p.add_argument(
+        "--data-path",
+        default=None,
+        help="train on the first samples of this preprocessed dataset instead of synthetic ones "
+        "(its dimensions set --dims)",
+    )
     p.add_argument("--seq-length", type=int, default=256, help="row length S (longest sequence's positions)")
     p.add_argument("--micro-batch", type=int, default=2, help="samples (groups of 2(D+1) sequences) per micro-batch")
     p.add_argument("--num-microbatches", type=int, default=1, help="micro-batches per optimizer step")
@@ -320,19 +414,33 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: 989 on H100/H200)")
-    p.add_argument("--same-weights", action="store_true",
-                   help="start ours from the baseline's initial weights (saved and converted): first losses must agree")
-    p.add_argument("--layout", default="packed",
-                   choices=["packed", "packed-thd", "packed-mask", "padded", "padded-causal"],
-                   help="ours: packed rows as the training step feeds them (training.step.packed_thd_default), "
-                        "forced to one THD stream (TE, or variable-length flash attention without TE), or forced "
-                        "to rows with their block-diagonal mask; one padded row per sequence with its mask, or "
-                        "padded rows with plain causal attention (no mask: flash kernel)")
+    p.add_argument(
+        "--same-weights",
+        action="store_true",
+        help="start ours from the baseline's initial weights (saved and converted): first losses must agree",
+    )
+    p.add_argument(
+        "--layout",
+        default="packed",
+        choices=["packed", "packed-thd", "packed-mask", "padded", "padded-causal"],
+        help="ours: packed rows as the training step feeds them (training.step.packed_thd_default), "
+        "forced to one THD stream (TE, or variable-length flash attention without TE), or forced "
+        "to rows with their block-diagonal mask; one padded row per sequence with its mask, or "
+        "padded rows with plain causal attention (no mask: flash kernel)",
+    )
     p.add_argument("--chunk-tokens", type=int, default=None, help="ours: tokens per chunk of the log-prob kernel")
-    p.add_argument("--output-layer", default="logits", choices=["logits", "fused"],
-                   help="ours: --amopo-output-layer (fused: log-probs from the hidden states, no logits tensor)")
-    p.add_argument("--disable", default="", help="ours, diagnostic: comma list of speed-ups to turn off: "
-                   "swiglu-fusion (compiled SwiGLU), fused-adam (single-kernel AdamW)")
+    p.add_argument(
+        "--output-layer",
+        default="logits",
+        choices=["logits", "fused"],
+        help="ours: --amopo-output-layer (fused: log-probs from the hidden states, no logits tensor)",
+    )
+    p.add_argument(
+        "--disable",
+        default="",
+        help="ours, diagnostic: comma list of speed-ups to turn off: "
+        "swiglu-fusion (compiled SwiGLU), fused-adam (single-kernel AdamW)",
+    )
     p.add_argument("--sides", default="ours,baseline", help="which sides to run (ours-only for variants)")
     p.add_argument("--profile", action="store_true", help="ours: print a torch.profiler table of one more step")
     p.add_argument("--json", default=None, help="write the summary here")
@@ -361,10 +469,20 @@ def main(argv=None) -> dict:
         ours = _spawn(args, "ours", tmp, ["--weights", hf_dir] if args.same_weights and base else [])
     device, peak = device_peak_tflops(args.peak_tflops)
     rows = [summarize("ours", ours, peak)] + ([summarize("baseline", base, peak)] if base else [])
-    summary = dict(model=args.model, device=device, seq_length=args.seq_length, micro_batch=args.micro_batch,
-                   num_microbatches=args.num_microbatches, dims=args.dims, samples_per_step=ours["samples"],
-                   real_tokens_per_step=ours["tokens"], peak_tflops=peak, results=rows,
-                   speedup=float("nan"), memory_ratio=float("nan"))
+    summary = dict(
+        model=args.model,
+        device=device,
+        seq_length=args.seq_length,
+        micro_batch=args.micro_batch,
+        num_microbatches=args.num_microbatches,
+        dims=args.dims,
+        samples_per_step=ours["samples"],
+        real_tokens_per_step=ours["tokens"],
+        peak_tflops=peak,
+        results=rows,
+        speedup=float("nan"),
+        memory_ratio=float("nan"),
+    )
     if base:
         b = rows[1]
         summary["speedup"] = rows[0]["tokens_per_s"] / b["tokens_per_s"] if b["tokens_per_s"] else float("inf")
@@ -377,19 +495,25 @@ def main(argv=None) -> dict:
 
 
 def _print(s: dict) -> None:
-    print(f"\n{s['model']} on {s['device']}: S={s['seq_length']}, {s['samples_per_step']} samples/step "
-          f"({s['micro_batch']} x {s['num_microbatches']} micro-batches, D={s['dims']}), "
-          f"{s['real_tokens_per_step']} real tokens/step")
-    print(f"{'side':9} {'attention':16} {'step s':>8} {'samples/s':>10} {'tokens/s':>10} {'peak GiB':>9} "
-          f"{'TFLOP/s':>8} {'MFU':>6} {'rows':>5} {'loss@1':>10}")
+    print(
+        f"\n{s['model']} on {s['device']}: S={s['seq_length']}, {s['samples_per_step']} samples/step "
+        f"({s['micro_batch']} x {s['num_microbatches']} micro-batches, D={s['dims']}), "
+        f"{s['real_tokens_per_step']} real tokens/step"
+    )
+    print(
+        f"{'side':9} {'attention':16} {'step s':>8} {'samples/s':>10} {'tokens/s':>10} {'peak GiB':>9} "
+        f"{'TFLOP/s':>8} {'MFU':>6} {'rows':>5} {'loss@1':>10}"
+    )
     for r in s["results"]:
         if r["oom"]:
             print(f"{r['side']:9} out of GPU memory (peak {r['peak_mem_gib']:.2f} GiB before failing)")
             continue
         mfu_s = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        print(f"{r['side']:9} {r['attention']:16} {r['step_s']:8.3f} {r['samples_per_s']:10.2f} "
-              f"{r['tokens_per_s']:10.0f} {r['peak_mem_gib']:9.2f} {r['tflops']:8.1f} {mfu_s:>6} {r['rows']:5d} "
-              f"{r['first_loss']:10.6f}")
+        print(
+            f"{r['side']:9} {r['attention']:16} {r['step_s']:8.3f} {r['samples_per_s']:10.2f} "
+            f"{r['tokens_per_s']:10.0f} {r['peak_mem_gib']:9.2f} {r['tflops']:8.1f} {mfu_s:>6} {r['rows']:5d} "
+            f"{r['first_loss']:10.6f}"
+        )
     if len(s["results"]) > 1:
         print(f"ours / baseline: throughput x{s['speedup']:.2f}, peak memory x{s['memory_ratio']:.2f}")
 

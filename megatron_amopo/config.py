@@ -6,6 +6,7 @@ can be done without a model or process group lives in ``__post_init__`` and rais
 flags from the fields (``beta`` -> ``--amopo-beta`` for ``AmopoConfig`` with the
 prefix ``amopo``); YAML files map onto the same field names (see ``load_yaml``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,14 +48,16 @@ class AmopoConfig:
     sft_weight: float = _f(0.0, "weight lambda_sft of the mean length-normalised NLL of chosen responses")
     seed: int = _f(1234, "seed of the counter-based Gaussian draws (independent of the parallel layout)")
     output_layer: OutputLayer = _f(
-        "logits", "logits: the model's output layer forms [tokens, V/TP] logits; fused: the log-prob pass forms "
-        "them chunk by chunk from the final hidden states, never all at once (docs/DESIGN.md)"
+        "logits",
+        "logits: the model's output layer forms [tokens, V/TP] logits; fused: the log-prob pass forms "
+        "them chunk by chunk from the final hidden states, never all at once (docs/DESIGN.md)",
     )
 
     def __post_init__(self) -> None:
         if self.output_layer not in typing.get_args(OutputLayer):
-            raise ValueError(f"--amopo-output-layer must be one of {typing.get_args(OutputLayer)}, "
-                             f"got {self.output_layer!r}")
+            raise ValueError(
+                f"--amopo-output-layer must be one of {typing.get_args(OutputLayer)}, got {self.output_layer!r}"
+            )
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"--amopo-loss must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         if self.weighting not in WEIGHTINGS:
@@ -120,8 +123,9 @@ def _yaml_key(f: dataclasses.Field, prefix: Optional[str]) -> str:
     return flag_name(f, prefix).lstrip("-").replace("-", "_")
 
 
-def dataclass_from_args(cls: type, args: argparse.Namespace, prefix: Optional[str] = None,
-                        yaml_values: Optional[dict] = None):
+def dataclass_from_args(
+    cls: type, args: argparse.Namespace, prefix: Optional[str] = None, yaml_values: Optional[dict] = None
+):
     """Build ``cls`` from YAML values overridden by flags given on the command line.
 
     YAML keys are the flag names without dashes (``--amopo-beta`` -> ``amopo_beta``);
@@ -162,7 +166,8 @@ class ParallelConfig:
     context_parallel_size: int = _f(1, "context-parallel size (needs Transformer Engine attention on GPU)")
     sequence_parallel: bool = _f(False, "Megatron sequence parallelism (needs tensor-parallel size > 1)")
     distributed_backend: Optional[str] = _f(
-        None, "torch.distributed backend: nccl (with gloo for CPU tensors; the default with CUDA) or gloo")
+        None, "torch.distributed backend: nccl (with gloo for CPU tensors; the default with CUDA) or gloo"
+    )
     distributed_timeout_minutes: int = _f(10, "timeout of collective operations, in minutes")
 
     def __post_init__(self) -> None:
@@ -199,12 +204,17 @@ class TrainingConfig:
     micro_batch_tokens: Optional[int] = _f(
         None, "token budget per micro-batch (padded: sequences x longest; packed: sum of lengths)"
     )
-    global_batch_size: int = _f(8, "groups per optimizer step over all data-parallel ranks (approximate with "
-                                   "--micro-batch-tokens: it sets the number of micro-batches per step)")
+    global_batch_size: int = _f(
+        8,
+        "groups per optimizer step over all data-parallel ranks (approximate with "
+        "--micro-batch-tokens: it sets the number of micro-batches per step)",
+    )
     train_iters: Optional[int] = _f(None, "optimizer steps to train; or give --train-epochs")
     train_epochs: Optional[int] = _f(None, "epochs over the training groups (converted to steps)")
     seq_length: int = _f(1024, "row length S of a micro-batch (packed rows hold several sequences)")
-    batch_layout: str = _f("packed", "micro-batch layout: packed (block-diagonal rows) or padded (one sequence per row)")
+    batch_layout: str = _f(
+        "packed", "micro-batch layout: packed (block-diagonal rows) or padded (one sequence per row)"
+    )
     plan_window: int = _f(512, "groups per length-grouping window of the micro-batch planner")
     seed: int = _f(1234, "seed of data order, initialisation and dropout")
     bf16: bool = _f(False, "bf16 parameters and compute (GPU); fp32 otherwise")
@@ -213,11 +223,17 @@ class TrainingConfig:
     eval_interval: Optional[int] = _f(None, "evaluate on the validation split every N steps (and at the end)")
     eval_batches: Optional[int] = _f(None, "micro-batches per evaluation per rank (default: the whole split)")
     log_interval: int = _f(1, "print a log line every N steps")
-    exit_interval: Optional[int] = _f(None, "save and exit after every N-th step of this launch's schedule "
-                                            "(step count divisible by N), e.g. to split a run into jobs")
+    exit_interval: Optional[int] = _f(
+        None,
+        "save and exit after every N-th step of this launch's schedule "
+        "(step count divisible by N), e.g. to split a run into jobs",
+    )
     exit_on_nan: bool = _f(True, "stop (without saving) when the loss is not finite")
-    memory_check: bool = _f(True, "refuse to start when the memory pre-flight estimates that a rank will not fit "
-                                  "(--no-memory-check starts anyway)")
+    memory_check: bool = _f(
+        True,
+        "refuse to start when the memory pre-flight estimates that a rank will not fit "
+        "(--no-memory-check starts anyway)",
+    )
 
     def __post_init__(self) -> None:
         if (self.micro_batch_size is None) == (self.micro_batch_tokens is None):
@@ -297,8 +313,9 @@ class TrainDataConfig:
     valid_data_path: Optional[str] = _f(None, "validation dataset directory (or use --split)")
     split: Optional[str] = _f(None, "train,valid percentages of --data-path's groups, e.g. 95,5")
     dimensions: Optional[list[str]] = _f(None, "expected dimensions, in order (checked against the dataset)")
-    run_dir: Optional[str] = _f(None, "where metrics, TensorBoard events and the resolved config go "
-                                      "(default: --save, else ./runs/<time>)")
+    run_dir: Optional[str] = _f(
+        None, "where metrics, TensorBoard events and the resolved config go (default: --save, else ./runs/<time>)"
+    )
 
     def __post_init__(self) -> None:
         if self.valid_data_path and self.split:
@@ -347,8 +364,11 @@ class RunConfig:
 
 def run_arg_parser(description: str = "") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", default=None, help="YAML run file (keys: flag names without dashes); "
-                        "flags given on the command line override it")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="YAML run file (keys: flag names without dashes); flags given on the command line override it",
+    )
     for cls, prefix in RUN_SECTIONS.values():
         add_dataclass_args(parser, cls, prefix)
     return parser
@@ -367,25 +387,40 @@ class DryRunConfig:
     json: Optional[str] = _f(None, "also write the report (with every parameter's shape) here")
 
 
-DRY_RUN_USES = ("--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--context-parallel-size",
-                "--sequence-parallel", "--micro-batch-size", "--micro-batch-tokens", "--global-batch-size",
-                "--seq-length", "--bf16", "--recompute-granularity", "--use-distributed-optimizer", "--load",
-                "--dimensions")
+DRY_RUN_USES = (
+    "--tensor-model-parallel-size",
+    "--pipeline-model-parallel-size",
+    "--context-parallel-size",
+    "--sequence-parallel",
+    "--micro-batch-size",
+    "--micro-batch-tokens",
+    "--global-batch-size",
+    "--seq-length",
+    "--bf16",
+    "--recompute-granularity",
+    "--use-distributed-optimizer",
+    "--load",
+    "--dimensions",
+)
 
 
 def add_dry_run_args(parser: argparse.ArgumentParser) -> None:
     """``--dry-run`` and its options, as one option group of ``parser``."""
     group = add_dataclass_args(parser, DryRunConfig)
     group.title = "dry run (pretrain_amopo.py --dry-run --help)"
-    group.description = ("build one rank's shard on the meta device, no GPUs or peers, and print its memory "
-                         "estimate; of the training flags it uses " + ", ".join(DRY_RUN_USES))
+    group.description = (
+        "build one rank's shard on the meta device, no GPUs or peers, and print its memory "
+        "estimate; of the training flags it uses " + ", ".join(DRY_RUN_USES)
+    )
     group.add_argument("--dry-run", action="store_true", help="do a dry run instead of training")
 
 
 def schedule_unused(args: argparse.Namespace) -> None:
     """For tools that do not train: without --train-iters or --train-epochs the schedule is one step."""
-    if getattr(args, "TrainingConfig.train_iters", None) is None and \
-            getattr(args, "TrainingConfig.train_epochs", None) is None:
+    if (
+        getattr(args, "TrainingConfig.train_iters", None) is None
+        and getattr(args, "TrainingConfig.train_epochs", None) is None
+    ):
         setattr(args, "TrainingConfig.train_iters", 1)
 
 

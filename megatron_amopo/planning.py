@@ -48,10 +48,12 @@ The micro-batch of an AMoPO run is micro_batch_size groups of 2(D + 1) sequences
 out padded: R = micro_batch_size x 2(D + 1) rows of S = seq_length positions.
 Context parallelism is not modelled (CP = 1).
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import Iterator, Optional
+from typing import Optional
 
 from megatron_amopo.model.architectures import ModelArch, validate_layout
 from megatron_amopo.objective.logprobs import DEFAULT_CHUNK_BYTES
@@ -283,8 +285,14 @@ class Plan:
         # communication per FLOP), then a larger micro-batch (better GEMM efficiency).
         # A layout within TIGHT of the budget goes after those with headroom: the
         # activation model ignores allocator fragmentation and temporary buffers.
-        return (RECOMPUTE.index(self.layout.recompute), self.tight, round(self.bubble, 3),
-                self.layout.tp * self.layout.pp, self.layout.tp, -self.layout.micro_batch_size)
+        return (
+            RECOMPUTE.index(self.layout.recompute),
+            self.tight,
+            round(self.bubble, 3),
+            self.layout.tp * self.layout.pp,
+            self.layout.tp,
+            -self.layout.micro_batch_size,
+        )
 
 
 def _divisors(n: int) -> list[int]:
@@ -308,8 +316,14 @@ def candidate_layouts(arch: ModelArch, work: Workload, num_gpus: int, gpus_per_n
                     yield Layout(tp, pp, dp, mbs, tp > 1, dp > 1, rc)
 
 
-def plan(arch: ModelArch, work: Workload, num_gpus: int, gpu_memory_gib: float, gpus_per_node: int = 8,
-         reserve_gib: float = 6.0) -> tuple[list[Plan], int]:
+def plan(
+    arch: ModelArch,
+    work: Workload,
+    num_gpus: int,
+    gpu_memory_gib: float,
+    gpus_per_node: int = 8,
+    reserve_gib: float = 6.0,
+) -> tuple[list[Plan], int]:
     """Feasible layouts, best first, and how many candidates were rejected for memory.
 
     ``reserve_gib`` is left for the CUDA context, NCCL buffers and allocator fragmentation.
@@ -344,12 +358,16 @@ def _drop_dominated(plans: list[Plan]) -> list[Plan]:
 
 
 def _reasons(layout: Layout, peak: StageMemory, bubble: float, m: int, budget: float) -> list[str]:
-    r = [f"peak {peak.total / GiB:.1f} GiB on stage {peak.pp_rank} of {budget / GiB:.1f} GiB usable "
-         f"(weights {peak.weights / GiB:.1f}, grads {peak.grads / GiB:.1f}, optimizer {peak.optimizer / GiB:.1f}, "
-         f"activations {peak.activations / GiB:.1f}, logits {peak.logits / GiB:.1f})"]
+    r = [
+        f"peak {peak.total / GiB:.1f} GiB on stage {peak.pp_rank} of {budget / GiB:.1f} GiB usable "
+        f"(weights {peak.weights / GiB:.1f}, grads {peak.grads / GiB:.1f}, optimizer {peak.optimizer / GiB:.1f}, "
+        f"activations {peak.activations / GiB:.1f}, logits {peak.logits / GiB:.1f})"
+    ]
     if layout.recompute != "none":
-        r.append(f"needs {layout.recompute} recomputation to fit" +
-                 (" (~33% more compute)" if layout.recompute == "full" else " (attention core only, cheap)"))
+        r.append(
+            f"needs {layout.recompute} recomputation to fit"
+            + (" (~33% more compute)" if layout.recompute == "full" else " (attention core only, cheap)")
+        )
     if layout.pp > 1:
         r.append(f"pipeline bubble (p-1)/m = {layout.pp - 1}/{m} = {bubble:.1%}")
     r.append(f"{m} micro-batch(es) per DP rank per step; model-parallel size {layout.tp * layout.pp}")
@@ -357,13 +375,28 @@ def _reasons(layout: Layout, peak: StageMemory, bubble: float, m: int, budget: f
 
 
 def format_memory(mem: StageMemory) -> str:
-    parts = [("weights", mem.weights), ("grads", mem.grads), ("optimizer", mem.optimizer),
-             ("activations", mem.activations), ("logits", mem.logits)]
+    parts = [
+        ("weights", mem.weights),
+        ("grads", mem.grads),
+        ("optimizer", mem.optimizer),
+        ("activations", mem.activations),
+        ("logits", mem.logits),
+    ]
     body = ", ".join(f"{k} {v / GiB:.2f}" for k, v in parts)
     return f"stage {mem.pp_rank}: {mem.params:,} params; {body}; total {mem.total / GiB:.2f} GiB"
 
 
-def default_workload(seq_length: int = 1024, num_dimensions: int = 3, global_batch_size: int = 128,
-                     bf16: bool = True, flash_attention: Optional[bool] = None) -> Workload:
-    return Workload(seq_length, num_dimensions, global_batch_size, 2 if bf16 else 4,
-                    bf16 if flash_attention is None else flash_attention)
+def default_workload(
+    seq_length: int = 1024,
+    num_dimensions: int = 3,
+    global_batch_size: int = 128,
+    bf16: bool = True,
+    flash_attention: Optional[bool] = None,
+) -> Workload:
+    return Workload(
+        seq_length,
+        num_dimensions,
+        global_batch_size,
+        2 if bf16 else 4,
+        bf16 if flash_attention is None else flash_attention,
+    )

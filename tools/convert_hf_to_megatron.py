@@ -8,6 +8,7 @@ Streams tensor by tensor into one TP1/PP1 model on the CPU and saves it with
 dist_checkpointing, so training loads it at any TP/PP layout. Supported model types:
 qwen2, llama, mistral. No remote code is executed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,17 +23,26 @@ quiet.install()  # before anything imports Megatron-Core
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     p.add_argument("--hf-path", required=True, help="HF model directory (config.json + safetensors or .bin)")
     p.add_argument("--save", required=True, help="checkpoint root to write")
     p.add_argument("--overwrite", action="store_true", help="replace --save if it exists and is not empty")
     p.add_argument("--check", action="store_true", help="compare HF and Megatron logits (fp32, CPU) afterwards")
     p.add_argument("--check-threshold", type=float, default=1e-4, help="max |Δlogit| allowed by --check")
-    p.add_argument("--target-tensor-parallel-size", type=int, default=1,
-                   help="refuse up front if training will not be able to use this TP size")
-    p.add_argument("--target-pipeline-parallel-size", type=int, default=1,
-                   help="refuse up front if training will not be able to use this PP size")
+    p.add_argument(
+        "--target-tensor-parallel-size",
+        type=int,
+        default=1,
+        help="refuse up front if training will not be able to use this TP size",
+    )
+    p.add_argument(
+        "--target-pipeline-parallel-size",
+        type=int,
+        default=1,
+        help="refuse up front if training will not be able to use this PP size",
+    )
     return p.parse_args(argv)
 
 

@@ -10,6 +10,7 @@ on the CPU and writes sharded safetensors + index, config.json,
 generation_config.json and the tokenizer files; the result loads with
 transformers.AutoModelForCausalLM.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,9 @@ quiet.install()  # before anything imports Megatron-Core
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     p.add_argument("--load", required=True, help="checkpoint root (amopo_model.json + iter_NNNNNNN/)")
     p.add_argument("--save", required=True, help="HF model directory to write")
     p.add_argument("--iteration", type=int, default=None, help="iteration to export (default: the newest)")
@@ -37,8 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_amopo.convert.check import check_against_hf, report_check
     from megatron_amopo.checkpoint.store import read_model_metadata
+    from megatron_amopo.convert.check import check_against_hf, report_check
     from megatron_amopo.convert.hf_io import parse_size
     from megatron_amopo.convert.megatron_to_hf import convert_megatron_to_hf, resolve_iteration
     from megatron_amopo.convert.runtime import check_output_dir, single_process_distributed
@@ -48,8 +50,9 @@ def run(args: argparse.Namespace) -> int:
     parse_size(args.max_shard_size)
     check_output_dir(args.save, args.overwrite)
     with single_process_distributed():
-        convert_megatron_to_hf(args.load, args.save, iteration=iteration, max_shard_size=args.max_shard_size,
-                               overwrite=args.overwrite)
+        convert_megatron_to_hf(
+            args.load, args.save, iteration=iteration, max_shard_size=args.max_shard_size, overwrite=args.overwrite
+        )
         print(f"wrote {args.save} ({meta.arch.model_type}, iteration {iteration})")
         if args.check:
             return report_check(check_against_hf(args.save, args.load, iteration), args.check_threshold)

@@ -7,6 +7,7 @@ reward margins and AMoPO loss (general pair reported separately).
 Takes the training flags (same parallel layout and batching options); the whole
 dataset is evaluated once, split over data-parallel ranks.
 """
+
 from __future__ import annotations
 
 import functools
@@ -55,14 +56,25 @@ def main(argv=None) -> int:
         split, _ = tdata.open_splits(cfg.data, cfg.training.seed, vocab_hash, cfg.training.seq_length)
         config = run_transformer_config(meta.arch, cfg)
         thd = packed_thd_default(config)  # the plan charges what the step feeds
-        plan = tdata.make_plan(split, cfg.training, num_epochs=1, seed=cfg.training.seed,
-                               dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(), thd=thd)
+        plan = tdata.make_plan(
+            split,
+            cfg.training,
+            num_epochs=1,
+            seed=cfg.training.seed,
+            dp_rank=ps.get_data_parallel_rank(),
+            dp_size=ps.get_data_parallel_world_size(),
+            thd=thd,
+        )
         check_memory(meta.arch, cfg, split, plan, training=False)  # refuses before the model is built
         model = build_model(meta.arch, config)
         iteration = load_model_state(unwrap(model[0]), cfg.checkpoint.load)
-        step = functools.partial(forward_step, objective_cfg=cfg.amopo,
-                                 tp_group=ps.get_tensor_model_parallel_group(),
-                                 cp_group=ps.get_context_parallel_group(), packed_thd=thd)
+        step = functools.partial(
+            forward_step,
+            objective_cfg=cfg.amopo,
+            tp_group=ps.get_tensor_model_parallel_group(),
+            cp_group=ps.get_context_parallel_group(),
+            packed_thd=thd,
+        )
         pair_names = ["general"] + split.dataset.dimensions
         values = evaluate_split(model, step, split, plan, cfg.training, pair_names)
         values["iteration"] = iteration
@@ -71,7 +83,7 @@ def main(argv=None) -> int:
             with open(args.output, "w") as fh:
                 json.dump(values, fh, indent=1)
     except InsufficientMemory as err:
-        if torch_rank0():
+        if is_rank0():
             print(f"error: {err}", file=sys.stderr)
         return 2
     finally:

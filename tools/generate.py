@@ -6,6 +6,7 @@ The system message is the same dimension prompt the training data used (the
 prompt templates of megatron_amopo/data/prompts.py), so the aligned model can be
 steered per dimension.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,9 +37,8 @@ def main(argv=None) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteriaList
 
-    from megatron_amopo.runtime.progress import progress
-
     from megatron_amopo.data.prompts import PromptBuilder, load_templates
+    from megatron_amopo.runtime.progress import progress
 
     builder = PromptBuilder(load_templates(None), args.dimensions, args.score_min, args.score_max)
     if args.dimension is None:
@@ -52,9 +52,13 @@ def main(argv=None) -> int:
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     torch.manual_seed(0)
     with progress(total=args.max_new_tokens, desc="generate", unit=" tokens") as bar:
-        out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False,
-                             stopping_criteria=StoppingCriteriaList([_tick(bar)]))
-    reply = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        out = model.generate(
+            **ids,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=False,
+            stopping_criteria=StoppingCriteriaList([_tick(bar)]),
+        )
+    reply = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     print(f"system: {system}\nuser: {args.prompt}\nassistant: {reply}")
     return 0
 

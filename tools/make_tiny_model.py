@@ -8,6 +8,7 @@ Examples:
 
 Without --tokenizer the vocabulary stays tiny (512) and no tokenizer is written.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,9 @@ quiet.install()  # before anything imports Megatron-Core
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     p.add_argument("--arch", required=True, choices=["qwen2", "llama", "mistral"])
     p.add_argument("--out", required=True, help="directory to write (must be empty or absent)")
     p.add_argument("--tied", action="store_true", help="tie input and output embeddings")
@@ -56,21 +58,35 @@ def main(argv=None) -> int:
         print("error: --llama3-rope applies to --arch llama only", file=sys.stderr)
         return 2
     overrides = dict(
-        vocab_size=args.vocab_size, hidden_size=args.hidden_size, intermediate_size=args.ffn_hidden_size,
-        num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
-        num_key_value_heads=args.num_kv_heads, max_position_embeddings=args.max_position_embeddings,
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.ffn_hidden_size,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_heads,
+        num_key_value_heads=args.num_kv_heads,
+        max_position_embeddings=args.max_position_embeddings,
         rope_theta=args.rope_theta,
     )
     if args.llama3_rope:
         overrides["rope_scaling"] = dict(LLAMA3_ROPE)
     try:
-        cfg = make_tiny_hf_model(args.out, args.arch, tied=args.tied, tokenizer=args.tokenizer, seed=args.seed,
-                                 dtype=getattr(torch, args.dtype), max_shard_size=args.max_shard_size, **overrides)
+        cfg = make_tiny_hf_model(
+            args.out,
+            args.arch,
+            tied=args.tied,
+            tokenizer=args.tokenizer,
+            seed=args.seed,
+            dtype=getattr(torch, args.dtype),
+            max_shard_size=args.max_shard_size,
+            **overrides,
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out}: {cfg['model_type']} with {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, "
-          f"vocab {cfg['vocab_size']}, tied={cfg['tie_word_embeddings']}")
+    print(
+        f"wrote {args.out}: {cfg['model_type']} with {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, "
+        f"vocab {cfg['vocab_size']}, tied={cfg['tie_word_embeddings']}"
+    )
     return 0
 
 

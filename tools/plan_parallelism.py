@@ -10,6 +10,7 @@ checkpoint root (amopo_model.json). The memory model, its formulas and sources:
 megatron_amopo/planning.py and docs/SCALING.md. Check a chosen layout rank by rank
 with `pretrain_amopo.py --dry-run`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,9 @@ from megatron_amopo import planning  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     p.add_argument("--model", required=True, help="HF config.json / model directory, or a converted checkpoint root")
     p.add_argument("--gpus", type=int, required=True, help="total number of GPUs")
     p.add_argument("--gpus-per-node", type=int, default=8, help="tensor parallelism stays within a node")
@@ -37,8 +39,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-dimensions", type=int, default=3, help="dimensions D: 2(D+1) sequences per group")
     p.add_argument("--global-batch-size", type=int, default=128, help="groups per optimizer step")
     p.add_argument("--fp32", action="store_true", help="fp32 weights and activations instead of bf16")
-    p.add_argument("--unfused-attention", action="store_true",
-                   help="Megatron's local attention (stores the S x S softmax) instead of flash attention")
+    p.add_argument(
+        "--unfused-attention",
+        action="store_true",
+        help="Megatron's local attention (stores the S x S softmax) instead of flash attention",
+    )
     p.add_argument("--top", type=int, default=5, help="layouts to print")
     args = p.parse_args(argv)
     for name in ("gpus", "gpus_per_node", "seq_length", "num_dimensions", "global_batch_size", "top"):
@@ -60,8 +65,11 @@ def load_arch(path: str):
 
 
 def layout_flags(layout: planning.Layout) -> str:
-    flags = [f"--tensor-model-parallel-size {layout.tp}", f"--pipeline-model-parallel-size {layout.pp}",
-             f"--micro-batch-size {layout.micro_batch_size}"]
+    flags = [
+        f"--tensor-model-parallel-size {layout.tp}",
+        f"--pipeline-model-parallel-size {layout.pp}",
+        f"--micro-batch-size {layout.micro_batch_size}",
+    ]
     flags += ["--sequence-parallel"] if layout.sequence_parallel else []
     flags += ["--use-distributed-optimizer"] if layout.distributed_optimizer else []
     flags += [f"--recompute-granularity {layout.recompute}"] if layout.recompute != "none" else []
@@ -75,15 +83,25 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    work = planning.default_workload(args.seq_length, args.num_dimensions, args.global_batch_size,
-                                     bf16=not args.fp32, flash_attention=not args.unfused_attention)
+    work = planning.default_workload(
+        args.seq_length,
+        args.num_dimensions,
+        args.global_batch_size,
+        bf16=not args.fp32,
+        flash_attention=not args.unfused_attention,
+    )
     plans, rejected = planning.plan(arch, work, args.gpus, args.gpu_memory_gib, args.gpus_per_node, args.reserve_gib)
-    print(f"{arch.model_type}: {planning.model_parameter_count(arch):,} parameters, {arch.num_layers} layers; "
-          f"{args.gpus} GPUs x {args.gpu_memory_gib:g} GiB ({args.gpu_memory_gib - args.reserve_gib:g} usable); "
-          f"micro-batch unit = {work.seqs_per_group} sequences x {work.seq_length} positions per group")
+    print(
+        f"{arch.model_type}: {planning.model_parameter_count(arch):,} parameters, {arch.num_layers} layers; "
+        f"{args.gpus} GPUs x {args.gpu_memory_gib:g} GiB ({args.gpu_memory_gib - args.reserve_gib:g} usable); "
+        f"micro-batch unit = {work.seqs_per_group} sequences x {work.seq_length} positions per group"
+    )
     if not plans:
-        print(f"no layout fits ({rejected} candidates rejected for memory): add GPUs, shorten --seq-length or "
-              "use GPUs with more memory", file=sys.stderr)
+        print(
+            f"no layout fits ({rejected} candidates rejected for memory): add GPUs, shorten --seq-length or "
+            "use GPUs with more memory",
+            file=sys.stderr,
+        )
         return 1
     print(f"{len(plans)} feasible layouts ({rejected} candidates over the memory budget); best first:")
     for i, p in enumerate(plans[: args.top], 1):

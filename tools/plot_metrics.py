@@ -3,6 +3,7 @@ batch spread and the deterministic mean-mode weights), reward margins and accura
 
     python tools/plot_metrics.py RUN_DIR [--out RUN_DIR/plots]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,12 @@ def plot(run_dir: str, out_dir: str) -> list[str]:
     names = pair_names(rows)
     os.makedirs(out_dir, exist_ok=True)
     written = []
-    panels = [("loss", ["loss"]), ("weights", [f"weight/{n}" for n in names]),
-              ("margins", [f"margin/{n}" for n in names]), ("accuracy", [f"accuracy/{n}" for n in names])]
+    panels = [
+        ("loss", ["loss"]),
+        ("weights", [f"weight/{n}" for n in names]),
+        ("margins", [f"margin/{n}" for n in names]),
+        ("accuracy", [f"accuracy/{n}" for n in names]),
+    ]
     for title, keys in panels:
         fig, ax = plt.subplots(figsize=(7, 4))
         for key in keys:

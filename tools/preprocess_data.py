@@ -7,6 +7,7 @@ Example (the bundled HelpSteer2 rows and Qwen2 tokenizer):
 
 Output layout and the metadata a training run checks: megatron_amopo/data/preprocess.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,9 @@ from megatron_amopo.data.config import DataConfig, PreprocessConfig, PromptConfi
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     for cls in (PreprocessConfig, DataConfig, PromptConfig):
         add_dataclass_args(parser, cls)
     args = parser.parse_args(argv)

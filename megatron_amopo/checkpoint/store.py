@@ -4,6 +4,7 @@ Saves are atomic (temporary directory, completion marker, rename, then the ``lat
 Collective functions run on every rank; file writes happen on global rank 0. The layout is drawn
 in docs/DESIGN.md, "Checkpoints".
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,15 @@ MARKER = "amopo_complete.json"
 TOKENIZER_DIR = "tokenizer"
 # Files a HF tokenizer directory may hold (weights and model configs excluded).
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
 )
 
 
@@ -177,8 +185,14 @@ def checkpoint_problem(path: str) -> Optional[str]:
     return None
 
 
-def atomic_save(sharded_state_dict: dict, root: str, iteration: int, kind: str, extra: Optional[dict] = None,
-                content_metadata: Optional[dict] = None) -> str:
+def atomic_save(
+    sharded_state_dict: dict,
+    root: str,
+    iteration: int,
+    kind: str,
+    extra: Optional[dict] = None,
+    content_metadata: Optional[dict] = None,
+) -> str:
     """``dist_checkpointing.save`` into ``.tmp_iter_NNNNNNN``, completion marker, rename, then the
     ``latest`` file (collective; file operations on global rank 0). Returns the final directory."""
     from megatron.core import dist_checkpointing
@@ -211,9 +225,14 @@ def model_arch_mismatches(model_chunk: torch.nn.Module, arch: ModelArch) -> list
     inner = unwrap(model_chunk)
     cfg = inner.config
     have = dict(
-        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
-        num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_query_groups,
-        kv_channels=cfg.kv_channels, vocab_size=inner.vocab_size, qkv_bias=cfg.add_qkv_bias,
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        kv_channels=cfg.kv_channels,
+        vocab_size=inner.vocab_size,
+        qkv_bias=cfg.add_qkv_bias,
         tie_word_embeddings=inner.share_embeddings_and_output_weights,
     )
     want = arch.to_dict()
@@ -236,8 +255,11 @@ def load_model_state(
 
     meta = read_model_metadata(root)
     if arch is not None and arch != meta.arch:
-        diff = [f"{k}: checkpoint {v}, requested {arch.to_dict()[k]}" for k, v in meta.arch.to_dict().items()
-                if arch.to_dict()[k] != v]
+        diff = [
+            f"{k}: checkpoint {v}, requested {arch.to_dict()[k]}"
+            for k, v in meta.arch.to_dict().items()
+            if arch.to_dict()[k] != v
+        ]
         raise ValueError(f"checkpoint at {root} is a different architecture than requested: {'; '.join(diff)}")
     mismatches = model_arch_mismatches(model_chunk, meta.arch)
     if mismatches:

@@ -6,6 +6,7 @@ agrees because RoPE scores depend only on relative positions.
 
 Shape legend: S prompt length, V vocabulary.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -43,10 +44,10 @@ def hf_logits(model, seqs: list[list[int]], padded: bool) -> list[torch.Tensor]:
     ids = torch.zeros(len(seqs), width, dtype=torch.long)
     mask = torch.zeros(len(seqs), width, dtype=torch.long)
     for b, s in enumerate(seqs):
-        ids[b, width - len(s):] = torch.tensor(s)
-        mask[b, width - len(s):] = 1
+        ids[b, width - len(s) :] = torch.tensor(s)
+        mask[b, width - len(s) :] = 1
     logits_BSV = model(input_ids=ids, attention_mask=mask).logits.float()
-    return [logits_BSV[b, width - len(s):] for b, s in enumerate(seqs)]
+    return [logits_BSV[b, width - len(s) :] for b, s in enumerate(seqs)]
 
 
 @torch.no_grad()
@@ -64,17 +65,23 @@ def megatron_logits(model_chunk, seqs: list[list[int]]) -> list[torch.Tensor]:
         captured = []
 
         def forward_step(data_iterator, model):
-            output = model(tokens, torch.arange(len(s)).unsqueeze(0), None)
+            output = model(tokens, torch.arange(len(s)).unsqueeze(0), None)  # noqa: B023 (called in this iteration)
 
             def loss_func(logits):
-                captured.append(tensor_parallel.gather_from_tensor_model_parallel_region(logits)[0].float().clone())
+                full = tensor_parallel.gather_from_tensor_model_parallel_region(logits)[0]
+                captured.append(full.float().clone())  # noqa: B023 (called in this iteration)
                 return logits.sum() * 0.0, {}
 
             return output, loss_func
 
         get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter([None]), model=[model_chunk], num_microbatches=1,
-            seq_length=len(s), micro_batch_size=1, forward_only=True,
+            forward_step_func=forward_step,
+            data_iterator=iter([None]),
+            model=[model_chunk],
+            num_microbatches=1,
+            seq_length=len(s),
+            micro_batch_size=1,
+            forward_only=True,
         )
         holder = [captured[0] if captured else None]
         if ps.get_pipeline_model_parallel_world_size() > 1:
@@ -89,8 +96,12 @@ def compare(ref: list[torch.Tensor], got: list[torch.Tensor]) -> dict:
     """max / mean |Δlogit| and the fraction of positions with the same argmax."""
     diff = torch.cat([(a - b).abs().reshape(-1) for a, b in zip(ref, got)])
     agree = torch.cat([(a.argmax(-1) == b.argmax(-1)).float() for a, b in zip(ref, got)])
-    return dict(max_abs=diff.max().item(), mean_abs=diff.mean().item(), argmax_agreement=agree.mean().item(),
-                positions=agree.numel())
+    return dict(
+        max_abs=diff.max().item(),
+        mean_abs=diff.mean().item(),
+        argmax_agreement=agree.mean().item(),
+        positions=agree.numel(),
+    )
 
 
 def check_against_hf(hf_dir: str, root: str, iteration: Optional[int] = None) -> dict:
@@ -100,7 +111,6 @@ def check_against_hf(hf_dir: str, root: str, iteration: Optional[int] = None) ->
 
     from megatron_amopo.checkpoint import store
     from megatron_amopo.convert.runtime import build_full_model
-
     from megatron_amopo.runtime.distributed import set_seed
 
     set_seed(1234)  # Megatron's attention forks its model-parallel RNG stream (dropout is off)

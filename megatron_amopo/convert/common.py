@@ -8,10 +8,11 @@ transform. Every HF tensor carries its shape in symbols resolved from the
 Shape legend: V vocab, H hidden, F ffn hidden, Q = heads * head_dim,
 K = query groups * head_dim, d head_dim, G query groups, h heads per group.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 

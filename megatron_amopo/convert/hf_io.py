@@ -8,14 +8,16 @@ tensor. File format: 8-byte little-endian header length, a JSON header
 ``{name: {dtype, shape, data_offsets}, "__metadata__": {...}}``, then the bytes
 (the safetensors specification, github.com/huggingface/safetensors).
 """
+
 from __future__ import annotations
 
 import json
 import os
 import re
 import struct
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Optional
 
 import torch
 
@@ -58,9 +60,7 @@ class HFWeights:
         for single, kind in ((ST_SINGLE, "safetensors"), (BIN_SINGLE, "bin")):
             if os.path.isfile(os.path.join(path, single)):
                 return kind, {None: single}  # names filled in from the header
-        raise FileNotFoundError(
-            f"no weights in {path}: expected {ST_SINGLE}, {ST_INDEX}, {BIN_SINGLE} or {BIN_INDEX}"
-        )
+        raise FileNotFoundError(f"no weights in {path}: expected {ST_SINGLE}, {ST_INDEX}, {BIN_SINGLE} or {BIN_INDEX}")
 
     def _read_header(self, file: str) -> None:
         full = os.path.join(self.path, file)
@@ -68,10 +68,10 @@ class HFWeights:
             from safetensors import safe_open
 
             with safe_open(full, framework="pt") as f:
-                for name in f.keys():
+                for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
                     sl = f.get_slice(name)
                     self.shapes[name] = tuple(sl.get_shape())
-                    self.dtypes[name] = _ST_DTYPES.get(sl.get_dtype(), None)
+                    self.dtypes[name] = _ST_DTYPES.get(sl.get_dtype())
                     self.weight_map.setdefault(name, file)
         else:
             for name, t in self._load_bin(file).items():
@@ -149,7 +149,11 @@ def _header(tensors: list[PlannedTensor]) -> bytes:
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for t in tensors:
-        header[t.name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        header[t.name] = {
+            "dtype": _ST_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     return raw + b" " * (-len(raw) % 8)  # tensor data 8-byte aligned
@@ -163,7 +167,9 @@ def _write_file(path: str, tensors: list[PlannedTensor], produce: Callable[[str]
         for t in tensors:
             value = produce(t.name)
             if tuple(value.shape) != t.shape or value.dtype != t.dtype:
-                raise RuntimeError(f"{t.name}: produced {tuple(value.shape)} {value.dtype}, planned {t.shape} {t.dtype}")
+                raise RuntimeError(
+                    f"{t.name}: produced {tuple(value.shape)} {value.dtype}, planned {t.shape} {t.dtype}"
+                )
             fh.write(value.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 

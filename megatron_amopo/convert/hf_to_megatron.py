@@ -5,6 +5,7 @@ is read, transformed and copied into it on its own, so the process holds the mod
 once plus one tensor group (e.g. q, k, v of one layer). ``dist_checkpointing`` then
 writes it; any layout loads it back (``store.load_model_state``).
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,8 @@ from megatron_amopo.convert.common import TRANSFORMS, Entry, dtype_name, expand,
 from megatron_amopo.convert.hf_io import HFWeights
 from megatron_amopo.convert.registry import table_for
 from megatron_amopo.convert.runtime import build_full_model, check_output_dir, publish, start_staging
-from megatron_amopo.runtime.comm import is_rank0
 from megatron_amopo.model.architectures import ModelArch, arch_from_hf_config, load_hf_config
+from megatron_amopo.runtime.comm import is_rank0
 from megatron_amopo.runtime.progress import progress
 
 # HF tensors that are not parameters (older checkpoints store RoPE buffers).
@@ -56,7 +57,8 @@ def plan_import(hf_path: str) -> ImportPlan:
                     f"{hf_path}: tensor {name} has shape {weights.shapes[name]}, but config.json implies {shape}"
                 )
     unmapped = [
-        n for n in weights.names()
+        n
+        for n in weights.names()
         if n not in wanted and not n.endswith(_IGNORED) and not (arch.tie_word_embeddings and n == "lm_head.weight")
     ]
     if unmapped:
@@ -107,9 +109,15 @@ def convert_hf_to_megatron(hf_path: str, save_path: str, *, overwrite: bool = Fa
     store.save_model_state(model, tmp, 0)
     if is_rank0():
         store.write_model_metadata(
-            tmp, plan.arch, plan.hf_config, hf_path,
-            source={"hf_path": os.path.abspath(hf_path), "params_dtype": dtype_name(plan.dtype),
-                    "tool": "convert_hf_to_megatron"},
+            tmp,
+            plan.arch,
+            plan.hf_config,
+            hf_path,
+            source={
+                "hf_path": os.path.abspath(hf_path),
+                "params_dtype": dtype_name(plan.dtype),
+                "tool": "convert_hf_to_megatron",
+            },
             generation_config=_generation_config(hf_path),
         )
     publish(save_path)

@@ -1,4 +1,5 @@
 """Llama 2 / 3 / 3.1 (``LlamaForCausalLM``): no biases, untied embeddings (Llama 3.2 1B/3B tie them)."""
+
 from megatron_amopo.convert.common import Row
 
 _L = "model.layers.{i}."

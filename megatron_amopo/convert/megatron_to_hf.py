@@ -4,6 +4,7 @@ The checkpoint is loaded into one TP1/PP1 ``GPTModel`` (dist_checkpointing
 reshards); the HF tensors are produced one table entry at a time and streamed into
 sharded safetensors files whose headers are computed up front.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,8 @@ from megatron_amopo.convert.common import TRANSFORMS, Entry, config_dtype, expan
 from megatron_amopo.convert.hf_io import PlannedTensor, parse_size, write_sharded_safetensors
 from megatron_amopo.convert.registry import table_for
 from megatron_amopo.convert.runtime import build_full_model, check_output_dir, publish, start_staging
-from megatron_amopo.runtime.comm import is_rank0
 from megatron_amopo.model.architectures import ModelArch
+from megatron_amopo.runtime.comm import is_rank0
 from megatron_amopo.runtime.progress import progress
 
 

@@ -3,6 +3,7 @@
 Mistral configs declare ``sliding_window``; Megatron-Core's attention here is full
 causal, which matches for sequences no longer than the window.
 """
+
 from megatron_amopo.convert.llama import TABLE  # same tensor names, shapes and transforms
 
 __all__ = ["TABLE"]

@@ -2,6 +2,7 @@
 
 Small Qwen2 models (0.5B-3B) ship tied embeddings and no ``lm_head.weight``.
 """
+
 from megatron_amopo.convert import llama
 from megatron_amopo.convert.common import Row
 

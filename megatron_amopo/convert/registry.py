@@ -1,4 +1,5 @@
 """model_type -> mapping table."""
+
 from __future__ import annotations
 
 from megatron_amopo.convert import llama, mistral, qwen2

@@ -1,10 +1,11 @@
 """The process group and the TP1/PP1 model the converters work with."""
+
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -47,8 +48,14 @@ def build_full_model(arch: ModelArch, dtype: torch.dtype):
     if (tp, pp) != (1, 1):
         raise RuntimeError(f"the converters build the full model: initialise Megatron at TP1/PP1, not TP{tp}/PP{pp}")
     config = transformer_config(
-        arch, ParallelConfig(), params_dtype=dtype, use_cpu_initialization=True, perform_initialization=False,
-        bias_activation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
+        arch,
+        ParallelConfig(),
+        params_dtype=dtype,
+        use_cpu_initialization=True,
+        perform_initialization=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
         masked_softmax_fusion=False,
     )
     return model_provider(arch, config, pre_process=True, post_process=True, use_te=False)

@@ -5,6 +5,7 @@ included (HF initialises those to 0 and 1, which would hide a swapped bias or
 norm in a conversion test). Linear weights are N(0, 1/fan_in), so activations
 and logits stay O(1) to O(10) at any width.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,19 +18,28 @@ from megatron_amopo.checkpoint.store import tokenizer_files
 
 # Qwen2.5-0.5B's shape (config.json of Qwen/Qwen2.5-0.5B): 494M parameters, tied embeddings.
 QWEN25_05B = dict(
-    hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-    num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1000000.0,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    vocab_size=151936,
+    max_position_embeddings=32768,
+    rope_theta=1000000.0,
 )  # and tied embeddings
 # Llama 3.1's RoPE scaling (rope_type llama3), the only scaling Megatron-Core implements.
-LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                   original_max_position_embeddings=8192)
+LLAMA3_ROPE = dict(
+    rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+)
 
 
 def tiny_hf_config(model_type: str = "qwen2", **overrides) -> dict:
     """A Hugging Face config.json dict for a tiny model of the given family."""
     cfg = dict(
         model_type=model_type,
-        architectures=[{"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}[model_type]],
+        architectures=[
+            {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}[model_type]
+        ],
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=4,

@@ -21,6 +21,7 @@ tokens see only earlier tokens of their own sequence. A padding query sees only 
 row of the mask is fully masked (a fully masked softmax row is NaN in -inf based kernels);
 no real token ever sees padding.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -55,8 +56,9 @@ def _place(lengths: list[int], S: int, layout: str) -> list[list[int]]:
     return pack_rows(lengths, S)
 
 
-def build_micro_batch(groups: list[dict], layout: str = "padded", seq_length: Optional[int] = None,
-                      pad_id: int = 0) -> dict:
+def build_micro_batch(
+    groups: list[dict], layout: str = "padded", seq_length: Optional[int] = None, pad_id: int = 0
+) -> dict:
     """Model inputs for the planned micro-batch ``groups`` (see the module docstring for the layout).
 
     ``seq_length`` is the row length S (default: the longest sequence's positions for padded,
@@ -77,8 +79,10 @@ def build_micro_batch(groups: list[dict], layout: str = "padded", seq_length: Op
     if layout == "packed" and seq_length is None:
         raise ValueError("the packed layout needs seq_length (the row length S)")
     if max(lengths) > S:
-        raise ValueError(f"a sequence has {max(lengths)} positions, more than the row length {S}; "
-                         "the dataset was built for a longer --seq-length")
+        raise ValueError(
+            f"a sequence has {max(lengths)} positions, more than the row length {S}; "
+            "the dataset was built for a longer --seq-length"
+        )
     rows = _place(lengths, S, layout)
     if layout == "packed":  # rows of W <= S positions: W is the fullest row
         S = max(sum(lengths[n] for n in r) for r in rows)
@@ -105,11 +109,14 @@ def build_micro_batch(groups: list[dict], layout: str = "padded", seq_length: Op
             seq_row[n], seq_offset[n] = r, col
             cu[r, j + 1] = end
             col = end
-        cu[r, len(members) + 1:] = col
+        cu[r, len(members) + 1 :] = col
     out["attention_mask"] = attention_mask_from_segments(out["segment_ids"])
     out.update(
-        cu_seqlens=cu, num_segments=torch.tensor([len(r) for r in rows], dtype=torch.int64),
-        seq_row=seq_row, seq_offset=seq_offset, seq_lengths=torch.tensor(lengths, dtype=torch.int64),
+        cu_seqlens=cu,
+        num_segments=torch.tensor([len(r) for r in rows], dtype=torch.int64),
+        seq_row=seq_row,
+        seq_offset=seq_offset,
+        seq_lengths=torch.tensor(lengths, dtype=torch.int64),
         num_seqs=torch.tensor(N, dtype=torch.int64),
         group_ids=torch.tensor([g["group_id"] for g in groups], dtype=torch.int64),
         row_ids=torch.tensor([g["row_id"] for g in groups], dtype=torch.int64),

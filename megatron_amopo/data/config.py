@@ -5,6 +5,7 @@ Same pattern as ``megatron_amopo/config.py``: every field has a default and a on
 flag and the fix. Flags come from ``add_dataclass_args`` (prefix ``data`` is not used so the
 preprocessing tool keeps short flag names such as ``--seq-length``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -53,27 +54,35 @@ class DataConfig:
 
     format: str = _f("helpsteer2", "input record format: amopo, helpsteer2 or pairs", flag="--format")
     dimensions: Optional[list[str]] = _f(
-        None, "score dimensions D (default per format: helpsteer2 helpfulness correctness coherence; "
-        "amopo helpfulness correctness instruction_following; pairs overall)"
+        None,
+        "score dimensions D (default per format: helpsteer2 helpfulness correctness coherence; "
+        "amopo helpfulness correctness instruction_following; pairs overall)",
     )
-    score_min: Optional[float] = _f(None, "lowest score of the dataset's scale (default: helpsteer2 0, amopo 1, pairs 1)")
-    score_max: Optional[float] = _f(None, "highest score of the dataset's scale (default: helpsteer2 4, amopo 5, pairs 10)")
+    score_min: Optional[float] = _f(
+        None, "lowest score of the dataset's scale (default: helpsteer2 0, amopo 1, pairs 1)"
+    )
+    score_max: Optional[float] = _f(
+        None, "highest score of the dataset's scale (default: helpsteer2 4, amopo 5, pairs 10)"
+    )
     pair_rule: str = _f(
         "mean",
         "which response is chosen: mean (higher mean of the selected dimensions), pareto (at least as good "
         "on every dimension and better on one), or one dimension name; ties are dropped and counted",
     )
     field_map: str = _f(
-        "", "pairs format: comma-separated KEY=FIELD overrides of prompt, chosen, rejected, score_chosen, "
-        "score_rejected (dots reach nested fields)"
+        "",
+        "pairs format: comma-separated KEY=FIELD overrides of prompt, chosen, rejected, score_chosen, "
+        "score_rejected (dots reach nested fields)",
     )
     seq_length: int = _f(
-        2048, "model sequence length S; a stored sequence has at most S+1 tokens (Megatron GPT shifts "
-        "S+1 tokens into S inputs and S labels)"
+        2048,
+        "model sequence length S; a stored sequence has at most S+1 tokens (Megatron GPT shifts "
+        "S+1 tokens into S inputs and S labels)",
     )
     response_share: float = _f(
-        0.5, "share of a sequence's free token budget the response keeps before it is cut from its end; "
-        "the user content is cut first"
+        0.5,
+        "share of a sequence's free token budget the response keeps before it is cut from its end; "
+        "the user content is cut first",
     )
     max_user_loss: float = _f(0.5, "drop a group that would lose more than this fraction of its user-content tokens")
 
@@ -101,7 +110,9 @@ class DataConfig:
         if self.format == "helpsteer2":
             known += HELPSTEER2_ATTRS
         if self.pair_rule not in known:
-            raise ValueError(f"--pair-rule must be mean, pareto or a dimension name {self.dimensions}, got {self.pair_rule!r}")
+            raise ValueError(
+                f"--pair-rule must be mean, pareto or a dimension name {self.dimensions}, got {self.pair_rule!r}"
+            )
         if self.field_map and self.format != "pairs":
             raise ValueError("--field-map is only used with --format pairs")
         self.field_paths = parse_field_map(self.field_map)
@@ -122,11 +133,15 @@ class DataConfig:
 class PromptConfig:
     """Dimension prompts: wording and where they go in the chat."""
 
-    placement: str = _f("system", "where the pair prompt goes: system (a system message) or user_prefix "
-                        "(prepended to the final user turn)", flag="--prompt-placement")
+    placement: str = _f(
+        "system",
+        "where the pair prompt goes: system (a system message) or user_prefix (prepended to the final user turn)",
+        flag="--prompt-placement",
+    )
     template_file: Optional[str] = _f(
-        None, "YAML or JSON file overriding the prompt templates (keys: general, dimension, rubric, "
-        "descriptions)", flag="--prompt-templates"
+        None,
+        "YAML or JSON file overriding the prompt templates (keys: general, dimension, rubric, descriptions)",
+        flag="--prompt-templates",
     )
 
     def __post_init__(self) -> None:
@@ -171,12 +186,11 @@ class SplitConfig:
     """Preference rows -> train / valid / held-out row files with no prompt in two of them (tools/split_data.py)."""
 
     input: str = _f("", "input file: .jsonl, .json or .parquet", flag="--input")
-    output: str = _f("", "output directory for train.jsonl, valid.jsonl, heldout.jsonl and split.json",
-                     flag="--output")
-    split: str = _f("80,10,10", "train,valid,heldout percentages of the distinct prompts (a 0 writes no file)",
-                    flag="--split")
-    seed: int = _f(1234, "seed of the prompt permutation; the same seed and prompts give the same split",
-                   flag="--seed")
+    output: str = _f("", "output directory for train.jsonl, valid.jsonl, heldout.jsonl and split.json", flag="--output")
+    split: str = _f(
+        "80,10,10", "train,valid,heldout percentages of the distinct prompts (a 0 writes no file)", flag="--split"
+    )
+    seed: int = _f(1234, "seed of the prompt permutation; the same seed and prompts give the same split", flag="--seed")
     overwrite: bool = _f(False, "replace an existing output directory", flag="--overwrite")
 
     def __post_init__(self) -> None:
@@ -193,7 +207,9 @@ class SplitConfig:
         except ValueError:
             parts = ()
         if len(parts) != 3 or min(parts) < 0 or parts[0] <= 0:
-            raise ValueError(f"--split must be three non-negative numbers train,valid,heldout with train > 0, "
-                             f"e.g. 80,10,10; got {self.split!r}")
+            raise ValueError(
+                f"--split must be three non-negative numbers train,valid,heldout with train > 0, "
+                f"e.g. 80,10,10; got {self.split!r}"
+            )
         total = sum(parts)
         return tuple(p / total for p in parts)  # type: ignore[return-value]

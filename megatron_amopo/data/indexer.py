@@ -14,8 +14,9 @@ import dataclasses
 import importlib
 import operator
 import os
+from collections.abc import Callable
 from types import ModuleType
-from typing import Callable, Literal, Optional
+from typing import Literal, Optional
 
 import numpy as np
 
@@ -101,8 +102,10 @@ def _check_scalars(*, seqs_per_group, num_epochs, seed, dp_rank, dp_size, k, bud
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     if (k is None) == (budget is None):
-        raise ValueError("give exactly one of groups_per_microbatch or token_budget "
-                         f"(got groups_per_microbatch={k}, token_budget={budget})")
+        raise ValueError(
+            "give exactly one of groups_per_microbatch or token_budget "
+            f"(got groups_per_microbatch={k}, token_budget={budget})"
+        )
     if k is not None and k < 1:
         raise ValueError(f"groups_per_microbatch must be >= 1, got {k}")
     if budget is not None and not 1 <= budget <= _MAX_BUDGET:
@@ -115,8 +118,7 @@ def _as_seq_lens(seq_lens, max_len, total_len, seqs_per_group: int):
     """[G, 2P] int64 lengths; max_len/total_len derived from them when not given."""
     seq_lens_G2P = np.asarray(seq_lens)
     if seq_lens_G2P.ndim != 2 or seq_lens_G2P.shape[1] != seqs_per_group:
-        raise ValueError(f"seq_lens must be [G, seqs_per_group={seqs_per_group}], got shape "
-                         f"{seq_lens_G2P.shape}")
+        raise ValueError(f"seq_lens must be [G, seqs_per_group={seqs_per_group}], got shape {seq_lens_G2P.shape}")
     if seq_lens_G2P.size and not np.issubdtype(seq_lens_G2P.dtype, np.integer):
         raise TypeError(f"seq_lens must hold integers (token counts), got dtype {seq_lens_G2P.dtype}")
     seq_lens_G2P = np.ascontiguousarray(seq_lens_G2P, dtype=np.int64)
@@ -129,12 +131,12 @@ def _as_seq_lens(seq_lens, max_len, total_len, seqs_per_group: int):
 
 def _check_lengths(max_len_G, total_len_G, *, seqs_per_group: int) -> None:
     if len(max_len_G) != len(total_len_G):
-        raise ValueError("max_len and total_len must have the same length, got "
-                         f"{len(max_len_G)} and {len(total_len_G)}")
+        raise ValueError(
+            f"max_len and total_len must have the same length, got {len(max_len_G)} and {len(total_len_G)}"
+        )
     if len(max_len_G) == 0:
         raise ValueError("need at least one group, got 0")
-    out_of_range_G = (max_len_G < 1) | (max_len_G > _MAX_LENGTH) | (total_len_G < 1) | (
-        total_len_G > _MAX_LENGTH)
+    out_of_range_G = (max_len_G < 1) | (max_len_G > _MAX_LENGTH) | (total_len_G < 1) | (total_len_G > _MAX_LENGTH)
     inconsistent_G = (total_len_G < max_len_G) | (total_len_G > seqs_per_group * max_len_G)
     bad = np.flatnonzero(out_of_range_G | inconsistent_G)
     if bad.size:
@@ -142,8 +144,10 @@ def _check_lengths(max_len_G, total_len_G, *, seqs_per_group: int) -> None:
         ml, tl = int(max_len_G[g]), int(total_len_G[g])
         if out_of_range_G[g]:
             raise ValueError(f"group {g}: lengths must be in [1, 2^40], got max_len={ml} total_len={tl}")
-        raise ValueError(f"group {g}: need max_len <= total_len <= seqs_per_group * max_len, got "
-                         f"max_len={ml} total_len={tl} seqs_per_group={seqs_per_group}")
+        raise ValueError(
+            f"group {g}: need max_len <= total_len <= seqs_per_group * max_len, got "
+            f"max_len={ml} total_len={tl} seqs_per_group={seqs_per_group}"
+        )
 
 
 def _check_seq_lens(seq_lens_G2P, max_len_G, total_len_G, *, seq_length: int) -> None:
@@ -154,11 +158,15 @@ def _check_seq_lens(seq_lens_G2P, max_len_G, total_len_G, *, seq_length: int) ->
         g = int(bad[0])
         if bad_G2P[g].any():
             j = int(np.flatnonzero(bad_G2P[g])[0])
-            raise ValueError(f"group {g}: sequence lengths must be in [1, seq_length={seq_length}], "
-                             f"got {int(seq_lens_G2P[g, j])} at index {j}")
-        raise ValueError(f"group {g}: seq_lens give max {int(seq_lens_G2P[g].max())} and sum "
-                         f"{int(seq_lens_G2P[g].sum())}, but max_len={int(max_len_G[g])} "
-                         f"total_len={int(total_len_G[g])}")
+            raise ValueError(
+                f"group {g}: sequence lengths must be in [1, seq_length={seq_length}], "
+                f"got {int(seq_lens_G2P[g, j])} at index {j}"
+            )
+        raise ValueError(
+            f"group {g}: seq_lens give max {int(seq_lens_G2P[g].max())} and sum "
+            f"{int(seq_lens_G2P[g].sum())}, but max_len={int(max_len_G[g])} "
+            f"total_len={int(total_len_G[g])}"
+        )
 
 
 def _packed_shapes(seq_lens_G2P, total_len_G, *, seq_length: int, budget: int, backend: str) -> np.ndarray:
@@ -180,18 +188,31 @@ def _refuse_over_budget(cost_G, budget: int, describe: Callable[[int], str]) -> 
     over = np.flatnonzero(cost_G > budget)
     if over.size:
         g = int(over[0])
-        raise ValueError(f"group {g} alone costs {int(cost_G[g])} tokens ({describe(g)}), above "
-                         f"token_budget={budget}; the minimum budget that fits every group "
-                         f"is {int(cost_G.max())}")
+        raise ValueError(
+            f"group {g} alone costs {int(cost_G[g])} tokens ({describe(g)}), above "
+            f"token_budget={budget}; the minimum budget that fits every group "
+            f"is {int(cost_G.max())}"
+        )
 
 
-def _check_budget(max_len_G, total_len_G, seq_lens_G2P, *, seqs_per_group: int, budget: int, cost: str,
-                  seq_length: Optional[int], backend: str) -> None:
+def _check_budget(
+    max_len_G,
+    total_len_G,
+    seq_lens_G2P,
+    *,
+    seqs_per_group: int,
+    budget: int,
+    cost: str,
+    seq_length: Optional[int],
+    backend: str,
+) -> None:
     if cost == "packed":
-        shape_G2 = _packed_shapes(seq_lens_G2P, total_len_G, seq_length=seq_length, budget=budget,
-                                  backend=backend)
-        _refuse_over_budget(shape_G2[:, 0] * shape_G2[:, 1], budget,
-                            lambda g: f"packed: {int(shape_G2[g, 0])} rows of {int(shape_G2[g, 1])} positions")
+        shape_G2 = _packed_shapes(seq_lens_G2P, total_len_G, seq_length=seq_length, budget=budget, backend=backend)
+        _refuse_over_budget(
+            shape_G2[:, 0] * shape_G2[:, 1],
+            budget,
+            lambda g: f"packed: {int(shape_G2[g, 0])} rows of {int(shape_G2[g, 1])} positions",
+        )
     elif cost == "thd":
         _refuse_over_budget(total_len_G, budget, lambda g: "thd: the sum of its sequence lengths")
     else:
@@ -229,8 +250,9 @@ def plan_microbatches(
         raise ValueError(f"backend must be 'cpp' or 'python', got {backend!r}")
     if cost not in ("padded", "packed", "thd"):
         raise ValueError(f"cost must be 'padded', 'packed' or 'thd', got {cost!r}")
-    ints = dict(seqs_per_group=seqs_per_group, num_epochs=num_epochs, seed=seed, dp_rank=dp_rank,
-                dp_size=dp_size, window=window)
+    ints = dict(
+        seqs_per_group=seqs_per_group, num_epochs=num_epochs, seed=seed, dp_rank=dp_rank, dp_size=dp_size, window=window
+    )
     ints = {name: operator.index(v) for name, v in ints.items()}  # rejects floats with TypeError
     k = None if groups_per_microbatch is None else operator.index(groups_per_microbatch)
     budget = None if token_budget is None else operator.index(token_budget)
@@ -240,16 +262,18 @@ def plan_microbatches(
     seq_lens_G2P = np.zeros((0, 0), np.int64)
     if packed_budget:
         if seq_lens is None or seq_length is None:
-            raise ValueError("cost='packed' with token_budget needs seq_lens [G, 2P] and seq_length: "
-                             "packed micro-batches are charged by rows of at most seq_length positions")
+            raise ValueError(
+                "cost='packed' with token_budget needs seq_lens [G, 2P] and seq_length: "
+                "packed micro-batches are charged by rows of at most seq_length positions"
+            )
         seq_length = operator.index(seq_length)
         if not 1 <= seq_length <= _MAX_LENGTH:
             raise ValueError(f"seq_length must be in [1, 2^40], got {seq_length}")
-        seq_lens_G2P, max_len, total_len = _as_seq_lens(seq_lens, max_len, total_len,
-                                                        ints["seqs_per_group"])
+        seq_lens_G2P, max_len, total_len = _as_seq_lens(seq_lens, max_len, total_len, ints["seqs_per_group"])
     if max_len is None or total_len is None:
-        raise ValueError("max_len and total_len are required unless seq_lens is given "
-                         "(cost='packed' with token_budget)")
+        raise ValueError(
+            "max_len and total_len are required unless seq_lens is given (cost='packed' with token_budget)"
+        )
     max_len_G, total_len_G = _as_lengths("max_len", max_len), _as_lengths("total_len", total_len)
     if packed_budget and len(seq_lens_G2P) != len(max_len_G):
         raise ValueError(f"seq_lens has {len(seq_lens_G2P)} groups, max_len {len(max_len_G)}")
@@ -257,16 +281,32 @@ def plan_microbatches(
     if packed_budget:
         _check_seq_lens(seq_lens_G2P, max_len_G, total_len_G, seq_length=seq_length)
     if budget is not None:
-        _check_budget(max_len_G, total_len_G, seq_lens_G2P, seqs_per_group=ints["seqs_per_group"],
-                      budget=budget, cost=cost, seq_length=seq_length, backend=backend)
-    args = dict(**ints, groups_per_microbatch=k or 0, token_budget=budget or 0,
-                packed=cost == "packed", thd=cost == "thd", seq_length=seq_length if packed_budget else 0)
+        _check_budget(
+            max_len_G,
+            total_len_G,
+            seq_lens_G2P,
+            seqs_per_group=ints["seqs_per_group"],
+            budget=budget,
+            cost=cost,
+            seq_length=seq_length,
+            backend=backend,
+        )
+    args = dict(
+        **ints,
+        groups_per_microbatch=k or 0,
+        token_budget=budget or 0,
+        packed=cost == "packed",
+        thd=cost == "thd",
+        seq_length=seq_length if packed_budget else 0,
+    )
     if backend == "cpp":
-        out = load_extension().plan_microbatches(max_len_G, total_len_G, seq_lens=seq_lens_G2P,
-                                                 num_threads=threads, **args)
+        out = load_extension().plan_microbatches(
+            max_len_G, total_len_G, seq_lens=seq_lens_G2P, num_threads=threads, **args
+        )
     else:
-        out = indexer_ref.plan_reference(max_len_G.tolist(), total_len_G.tolist(),
-                                         seq_lens=seq_lens_G2P.tolist(), **args)
+        out = indexer_ref.plan_reference(
+            max_len_G.tolist(), total_len_G.tolist(), seq_lens=seq_lens_G2P.tolist(), **args
+        )
     offsets, group_ids, epochs, dropped = out
     return MicrobatchPlan(
         offsets=np.asarray(offsets, dtype=np.int64),
@@ -310,8 +350,7 @@ def padding_efficiency(
     if seq_length is None or seq_length < 1:
         raise ValueError(f"cost='packed' needs seq_length >= 1, got {seq_length}")
     if int(slot_lens.max()) > seq_length:
-        raise ValueError(f"a sequence of {int(slot_lens.max())} tokens does not fit a row of "
-                         f"seq_length={seq_length}")
+        raise ValueError(f"a sequence of {int(slot_lens.max())} tokens does not fit a row of seq_length={seq_length}")
     processed = 0
     for lo, hi in zip(plan.offsets[:-1].tolist(), plan.offsets[1:].tolist()):
         rows, width = packed_shape(slot_lens[lo:hi].ravel().tolist(), seq_length)

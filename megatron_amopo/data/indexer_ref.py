@@ -7,7 +7,7 @@ equality; it is slow and assumes inputs that ``indexer.plan_microbatches`` has v
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Sequence
+from collections.abc import Sequence
 
 from megatron_amopo.data.packing import packed_shape
 
@@ -66,6 +66,7 @@ def fill_packed(
     """Packed token budget, first fit by groups within each window sorted largest first: a group
     joins when its tokens fit and the micro-batch's R * W stays within the budget. Returns (groups
     micro-batch after micro-batch, bounds incl. the end)."""
+
     def take(rem: list[int]) -> list[int]:
         items = list(seq_lens[rem[0]])
         tokens, chosen = total_len[rem[0]], [rem[0]]
@@ -105,6 +106,7 @@ def fill_thd(
 ) -> tuple[list[int], list[int]]:
     """THD token budget, first fit by groups within each window sorted largest first: a group
     joins when its total_len fits the free tokens. Returns as :func:`fill_packed`."""
+
     def take(rem: list[int]) -> list[int]:
         free, chosen = token_budget - total_len[rem[0]], [rem[0]]
         for g in rem[1:]:
@@ -171,14 +173,19 @@ def plan_reference(
         shuffle(order, SplitMix64(seed, epoch, STREAM_GROUPS))
         order = sort_windows(order, key, window)
         if packed_budget:
-            order, bounds = fill_packed(order, seq_lens, total_len, seq_length=seq_length,
-                                        token_budget=token_budget, window=window)
+            order, bounds = fill_packed(
+                order, seq_lens, total_len, seq_length=seq_length, token_budget=token_budget, window=window
+            )
         elif thd_budget:
             order, bounds = fill_thd(order, total_len, token_budget=token_budget, window=window)
         else:
-            bounds, tail_dropped = fill(order, max_len, seqs_per_group=seqs_per_group,
-                                        groups_per_microbatch=groups_per_microbatch,
-                                        token_budget=token_budget)
+            bounds, tail_dropped = fill(
+                order,
+                max_len,
+                seqs_per_group=seqs_per_group,
+                groups_per_microbatch=groups_per_microbatch,
+                token_budget=token_budget,
+            )
             dropped += tail_dropped
         perm = list(range(len(bounds) - 1))
         shuffle(perm, SplitMix64(seed, epoch, STREAM_MICROBATCHES))

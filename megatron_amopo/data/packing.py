@@ -8,8 +8,8 @@ R * W of :func:`packed_shape`, so a planned micro-batch gets exactly the rows it
 from __future__ import annotations
 
 from bisect import bisect_left, insort
+from collections.abc import Sequence
 from heapq import heapify, heapreplace
-from typing import Sequence
 
 import numpy as np
 
@@ -18,9 +18,10 @@ def _checked(lengths, seq_length: int) -> list[int]:
     lens = list(lengths) if isinstance(lengths, (list, tuple)) else np.asarray(lengths).ravel().tolist()
     if not lens:
         raise ValueError("need at least one sequence length")
-    if not (1 <= min(lens) and max(lens) <= seq_length):
-        raise ValueError(f"sequence lengths must be in [1, seq_length={seq_length}], got "
-                         f"{min(lens) if min(lens) < 1 else max(lens)}")
+    if not (min(lens) >= 1 and max(lens) <= seq_length):
+        raise ValueError(
+            f"sequence lengths must be in [1, seq_length={seq_length}], got {min(lens) if min(lens) < 1 else max(lens)}"
+        )
     return lens
 
 

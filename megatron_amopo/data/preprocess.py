@@ -13,6 +13,7 @@ Output directory (``FORMAT_VERSION`` 1):
 Everything is written into a hidden temporary directory next to the output and renamed at the
 end, so a failure leaves no dataset behind.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,9 +22,10 @@ import os
 import shutil
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Union
+from typing import Optional
 
 import numpy as np
 
@@ -154,13 +156,22 @@ def _metadata(fp, data_cfg, prompt_cfg, builder: PromptBuilder, tally: _Tally, w
         "sequences_per_group": 2 * data_cfg.num_pairs,
         "score_range": [data_cfg.score_min, data_cfg.score_max],
         "pair_rule": data_cfg.pair_rule,
-        "prompt": {"placement": prompt_cfg.placement, "template_hash": builder.template_hash(prompt_cfg.placement),
-                   "templates": builder.templates},
+        "prompt": {
+            "placement": prompt_cfg.placement,
+            "template_hash": builder.template_hash(prompt_cfg.placement),
+            "templates": builder.templates,
+        },
         "seq_length": data_cfg.seq_length,
         "max_tokens_per_sequence": data_cfg.seq_length + 1,
         "truncation": {"response_share": data_cfg.response_share, "max_user_loss": data_cfg.max_user_loss},
-        "counts": {"rows_read": tally.rows, "groups_written": groups, "sequences": groups * 2 * data_cfg.num_pairs,
-                   "tokens": w.tokens, "groups_truncated": w.truncated, "user_tokens_lost": w.user_lost},
+        "counts": {
+            "rows_read": tally.rows,
+            "groups_written": groups,
+            "sequences": groups * 2 * data_cfg.num_pairs,
+            "tokens": w.tokens,
+            "groups_truncated": w.truncated,
+            "user_tokens_lost": w.user_lost,
+        },
         "skipped": dict(tally.skipped),
         "seconds": round(seconds, 3),
     }
@@ -174,8 +185,9 @@ def preprocess(data_cfg: DataConfig, prompt_cfg: PromptConfig, pre: PreprocessCo
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     tok = load_tokenizer(pre.tokenizer)
     fp = tokenizer_fingerprint(tok, pre.tokenizer)
-    builder = PromptBuilder(load_templates(prompt_cfg.template_file), data_cfg.dimensions,
-                            data_cfg.score_min, data_cfg.score_max)
+    builder = PromptBuilder(
+        load_templates(prompt_cfg.template_file), data_cfg.dimensions, data_cfg.score_min, data_cfg.score_max
+    )
     del tok
     tally = _Tally(pre.input, pre.strict)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -217,5 +229,7 @@ def _replace(tmp: Path, out: Path) -> None:
 def summary_line(meta: dict) -> str:
     c = meta["counts"]
     skipped = " ".join(f"{k}={v}" for k, v in sorted(meta["skipped"].items())) or "none"
-    return (f"rows read {c['rows_read']} | groups written {c['groups_written']} | skipped {skipped} | "
-            f"tokens {c['tokens']} | {meta['seconds']:.1f} s")
+    return (
+        f"rows read {c['rows_read']} | groups written {c['groups_written']} | skipped {skipped} | "
+        f"tokens {c['tokens']} | {meta['seconds']:.1f} s"
+    )

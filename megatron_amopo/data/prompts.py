@@ -12,6 +12,7 @@ Templates may be overridden from a YAML or JSON file with the keys of ``DEFAULT_
 ``descriptions`` is merged per dimension. Placeholders: {dimension}, {description},
 {dimensions}, {rubric}, {target}, {score_min}, {score_max}, {score_mid}.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -60,7 +61,9 @@ def load_templates(path: Optional[str]) -> dict:
             data = json.load(fh)
     unknown = set(data) - set(DEFAULT_TEMPLATES)
     if not isinstance(data, dict) or unknown:
-        raise ValueError(f"{path}: prompt template file may only have the keys {sorted(DEFAULT_TEMPLATES)}, got {sorted(unknown)}")
+        raise ValueError(
+            f"{path}: prompt template file may only have the keys {sorted(DEFAULT_TEMPLATES)}, got {sorted(unknown)}"
+        )
     descriptions = data.pop("descriptions", {}) or {}
     templates.update({k: str(v) for k, v in data.items()})
     templates["descriptions"].update({k: str(v) for k, v in descriptions.items()})
@@ -83,21 +86,28 @@ class PromptBuilder:
             )
         self.templates, self.dimensions = templates, list(dimensions)
         self.lo, self.hi = score_min, score_max
-        scale = {"score_min": fmt_score(score_min), "score_max": fmt_score(score_max),
-                 "score_mid": fmt_score((score_min + score_max) / 2)}
+        scale = {
+            "score_min": fmt_score(score_min),
+            "score_max": fmt_score(score_max),
+            "score_mid": fmt_score((score_min + score_max) / 2),
+        }
         self.rubric = templates["rubric"].format(**scale)
         self.scale = scale
 
     def general(self) -> str:
-        return self.templates["general"].format(dimensions=", ".join(d.replace("_", " ") for d in self.dimensions),
-                                                **self.scale)
+        return self.templates["general"].format(
+            dimensions=", ".join(d.replace("_", " ") for d in self.dimensions), **self.scale
+        )
 
     def dimension(self, k: int, target: float) -> str:
         """Prompt of pair k+1: dimension ``self.dimensions[k]`` with the chosen response's score as target."""
         name = self.dimensions[k]
         return self.templates["dimension"].format(
-            dimension=name.replace("_", " "), description=self.templates["descriptions"][name],
-            rubric=self.rubric, target=fmt_score(target), **self.scale,
+            dimension=name.replace("_", " "),
+            description=self.templates["descriptions"][name],
+            rubric=self.rubric,
+            target=fmt_score(target),
+            **self.scale,
         )
 
     def build_pair_prompts(self, chosen_scores: list[float]) -> list[str]:
@@ -105,6 +115,13 @@ class PromptBuilder:
         return [self.general()] + [self.dimension(k, s) for k, s in enumerate(chosen_scores)]
 
     def template_hash(self, placement: str) -> str:
-        blob = json.dumps({"templates": self.templates, "dimensions": self.dimensions, "placement": placement,
-                           "range": [self.lo, self.hi]}, sort_keys=True)
+        blob = json.dumps(
+            {
+                "templates": self.templates,
+                "dimensions": self.dimensions,
+                "placement": placement,
+                "range": [self.lo, self.hi],
+            },
+            sort_keys=True,
+        )
         return hashlib.sha256(blob.encode()).hexdigest()

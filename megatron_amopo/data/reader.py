@@ -5,6 +5,7 @@ occupies L - 1 positions of a row after the Megatron GPT shift (inputs x[:-1], l
 
 Legend: G groups, P pairs per group, D dimensions, N = 2P sequences per group.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,30 +18,47 @@ import torch
 from megatron_amopo.data.preprocess import DATA_PREFIX, FORMAT_VERSION
 
 
-def check_compatible(meta: dict, path: str, *, vocab_hash: Optional[str] = None,
-                     dimensions: Optional[list[str]] = None, seq_length: Optional[int] = None) -> None:
+def check_compatible(
+    meta: dict,
+    path: str,
+    *,
+    vocab_hash: Optional[str] = None,
+    dimensions: Optional[list[str]] = None,
+    seq_length: Optional[int] = None,
+) -> None:
     """Raise ValueError when the dataset was built for another tokenizer, dimensions or length."""
     redo = "re-run tools/preprocess_data.py for this run's settings"
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: dataset format version {meta.get('format_version')} is not "
-                         f"{FORMAT_VERSION}; {redo}")
+        raise ValueError(f"{path}: dataset format version {meta.get('format_version')} is not {FORMAT_VERSION}; {redo}")
     if vocab_hash is not None and meta["tokenizer"]["vocab_hash"] != vocab_hash:
-        raise ValueError(f"{path}: tokenised with tokenizer {meta['tokenizer']['name']!r} (vocab hash "
-                         f"{meta['tokenizer']['vocab_hash'][:12]}) but this run's tokenizer has vocab hash "
-                         f"{vocab_hash[:12]}; {redo} with --tokenizer set to the model's tokenizer")
+        raise ValueError(
+            f"{path}: tokenised with tokenizer {meta['tokenizer']['name']!r} (vocab hash "
+            f"{meta['tokenizer']['vocab_hash'][:12]}) but this run's tokenizer has vocab hash "
+            f"{vocab_hash[:12]}; {redo} with --tokenizer set to the model's tokenizer"
+        )
     if dimensions is not None and list(dimensions) != list(meta["dimensions"]):
-        raise ValueError(f"{path}: built for dimensions {meta['dimensions']} but this run uses "
-                         f"{list(dimensions)} (same names, same order); {redo} with --dimensions")
+        raise ValueError(
+            f"{path}: built for dimensions {meta['dimensions']} but this run uses "
+            f"{list(dimensions)} (same names, same order); {redo} with --dimensions"
+        )
     if seq_length is not None and meta["seq_length"] > seq_length:
-        raise ValueError(f"{path}: sequences were truncated to --seq-length {meta['seq_length']}, longer than "
-                         f"this run's {seq_length}; {redo} with --seq-length {seq_length}")
+        raise ValueError(
+            f"{path}: sequences were truncated to --seq-length {meta['seq_length']}, longer than "
+            f"this run's {seq_length}; {redo} with --seq-length {seq_length}"
+        )
 
 
 class PreferenceGroupDataset(torch.utils.data.Dataset):
     """Groups of 2P sequences as tensors, plus the per-group lengths the batch planner needs."""
 
-    def __init__(self, path: str, *, vocab_hash: Optional[str] = None, dimensions: Optional[list[str]] = None,
-                 seq_length: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        vocab_hash: Optional[str] = None,
+        dimensions: Optional[list[str]] = None,
+        seq_length: Optional[int] = None,
+    ) -> None:
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
         self.path = Path(path)
@@ -79,7 +97,7 @@ class PreferenceGroupDataset(torch.utils.data.Dataset):
         if not 0 <= g < len(self):
             raise IndexError(f"group {g} out of range for {len(self)} groups")
         n = 2 * self.num_pairs
-        seqs = self.indexed[g * n:(g + 1) * n]
+        seqs = self.indexed[g * n : (g + 1) * n]
         return {
             "tokens": [torch.from_numpy(np.asarray(s, dtype=np.int64)) for s in seqs],
             "response_start": torch.from_numpy(self.response_start_GN[g].copy()),

@@ -10,20 +10,29 @@ Bad rows are yielded as ``Skip`` items (reason, line, detail) so the caller can 
 with ``--strict``, stop. JSONL is read line by line here because Hugging Face ``datasets`` does
 not report the line of a malformed JSON line; JSON and Parquet go through ``datasets`` streaming.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Optional, Union
+from typing import Any, Optional, Union
 
 from megatron_amopo.data.config import HELPSTEER2_ATTRS, DataConfig
 
 # Reasons that are data errors (``--strict`` stops on them) vs policy drops (always just counted).
 ERROR_REASONS = (
-    "malformed_json", "missing_field", "bad_score", "score_out_of_range", "empty_response",
-    "identical_responses", "bad_prompt", "unpaired", "too_long",
+    "malformed_json",
+    "missing_field",
+    "bad_score",
+    "score_out_of_range",
+    "empty_response",
+    "identical_responses",
+    "bad_prompt",
+    "unpaired",
+    "too_long",
 )
 POLICY_REASONS = ("tie", "truncation_limit")
 
@@ -99,8 +108,7 @@ def _iter_datasets(kind: str, path: str) -> Iterator[tuple[int, dict]]:
     from datasets import load_dataset
 
     stream = load_dataset(kind, data_files=path, split="train", streaming=True)
-    for number, row in enumerate(stream, start=1):
-        yield number, row
+    yield from enumerate(stream, start=1)
 
 
 # ---------------------------------------------------------------------------
@@ -206,7 +214,9 @@ def order_pair(a: list[float], b: list[float], cfg: DataConfig, ea=None, eb=None
 # Formats
 
 
-def records(rows: Iterable[tuple[int, int, Union[dict, Skip]]], cfg: DataConfig) -> Iterator[Union[PreferenceRecord, Skip]]:
+def records(
+    rows: Iterable[tuple[int, int, Union[dict, Skip]]], cfg: DataConfig
+) -> Iterator[Union[PreferenceRecord, Skip]]:
     """Turn raw rows into records or skips, in input order."""
     if cfg.format == "helpsteer2":
         yield from _helpsteer2(rows, cfg)

@@ -55,7 +55,7 @@ def split_rows(cfg: SplitConfig, data_cfg: DataConfig) -> dict:
     fractions = cfg.fractions()
     where = assign_prompts({k for k, _ in rows}, fractions, cfg.seed)
     counts = {name: {"prompts": 0, "rows": 0} for name in SPLIT_NAMES}
-    for key, k in where.items():
+    for k in where.values():
         counts[SPLIT_NAMES[k]]["prompts"] += 1
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"

@@ -21,13 +21,14 @@ When a group is too long, text is cut, never template control tokens nor the pai
   3. A group that loses more than ``max_user_loss`` of its user-content tokens is dropped
      ("truncation_limit"); one that cannot fit at all is dropped ("too_long").
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import re
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Union
 
 import numpy as np
 
@@ -100,8 +101,12 @@ class GroupEncoder:
         byte-level BPE (Qwen, Llama 3) the pieces are independent and the shared user content of
         the 2P sequences is tokenised once. Checked on a real rendering with awkward whitespace.
         """
-        turns = [{"role": "user", "content": "\n  Hi there,\n\n"}, {"role": "assistant", "content": " ok\n"},
-                 {"role": "user", "content": "x  \ty\n\nz "}, {"role": "assistant", "content": "\n\nend. "}]
+        turns = [
+            {"role": "user", "content": "\n  Hi there,\n\n"},
+            {"role": "assistant", "content": " ok\n"},
+            {"role": "user", "content": "x  \ty\n\nz "},
+            {"role": "assistant", "content": "\n\nend. "},
+        ]
         text = self.tok.apply_chat_template(turns, tokenize=False)
         whole = self.tok(text, add_special_tokens=False)["input_ids"]
         self._piece_cache.clear()
@@ -158,9 +163,11 @@ class GroupEncoder:
             for resp in responses:
                 full = self.tok.apply_chat_template(msgs + [{"role": "assistant", "content": resp}], tokenize=False)
                 if not full.startswith(head):
-                    raise ValueError("the chat template's rendering with the response does not start with its "
-                                     "rendering with add_generation_prompt=True; response_start cannot be found")
-                tail = full[len(head):]
+                    raise ValueError(
+                        "the chat template's rendering with the response does not start with its "
+                        "rendering with add_generation_prompt=True; response_start cannot be found"
+                    )
+                tail = full[len(head) :]
                 if tail not in cache:
                     cache[tail] = self._trim_after_eos(enc(tail))
                 out.append((np.asarray(head_ids + cache[tail], dtype=np.int32), len(head_ids)))
@@ -184,9 +191,13 @@ class GroupEncoder:
 
     def _group(self, rec, seqs, user_tokens: int, lost: int) -> EncodedGroup:
         return EncodedGroup(
-            sequences=[t for t, _ in seqs], response_start=np.asarray([s for _, s in seqs], dtype=np.int32),
-            chosen_scores=list(rec.chosen_scores), rejected_scores=list(rec.rejected_scores),
-            row_id=rec.row_id, user_tokens=user_tokens, user_tokens_lost=lost,
+            sequences=[t for t, _ in seqs],
+            response_start=np.asarray([s for _, s in seqs], dtype=np.int32),
+            chosen_scores=list(rec.chosen_scores),
+            rejected_scores=list(rec.rejected_scores),
+            row_id=rec.row_id,
+            user_tokens=user_tokens,
+            user_tokens_lost=lost,
         )
 
     def _offsets(self, texts: list[str]) -> list[list[tuple[int, int]]]:
@@ -209,14 +220,21 @@ class GroupEncoder:
             side = i % 2
             r = min(n_resp[side], max(int(cfg.response_share * f), f - user))
             user_keep = min(user_keep, f - r)
-        for tries in range(_FIT_TRIES):
+        for _ in range(_FIT_TRIES):
             if user_keep < 1:
-                return Skip("too_long", rec.line, f"the pair prompts and template leave no room for the question "
-                            f"at --seq-length {cfg.seq_length}")
+                return Skip(
+                    "too_long",
+                    rec.line,
+                    f"the pair prompts and template leave no room for the question at --seq-length {cfg.seq_length}",
+                )
             turns, kept = _cut_user(rec.turns, n_turn, turn_offs, user_keep, self.assistant_first)
             if (user - kept) > cfg.max_user_loss * user:
-                return Skip("truncation_limit", rec.line, f"would lose {user - kept} of {user} user-content tokens "
-                            f"(more than --max-user-loss {cfg.max_user_loss})")
+                return Skip(
+                    "truncation_limit",
+                    rec.line,
+                    f"would lose {user - kept} of {user} user-content tokens "
+                    f"(more than --max-user-loss {cfg.max_user_loss})",
+                )
             resp_keep = [min(n_resp[s], min(free[i] - kept for i in range(s, len(free), 2))) for s in (0, 1)]
             if min(resp_keep) < 1:
                 return Skip("too_long", rec.line, f"no room for the response at --seq-length {cfg.seq_length}")
@@ -234,8 +252,9 @@ def _cut_end(text: str, offsets: list[tuple[int, int]], keep: int) -> str:
     return text if keep >= len(offsets) else text[: offsets[keep - 1][1]]
 
 
-def _cut_user(turns: list[dict], counts: list[int], offsets: list, keep: int,
-              assistant_first: bool) -> tuple[list[dict], int]:
+def _cut_user(
+    turns: list[dict], counts: list[int], offsets: list, keep: int, assistant_first: bool
+) -> tuple[list[dict], int]:
     """Drop the oldest turns, then cut the start of the first remaining turn, down to ``keep`` tokens.
 
     When the chat template cannot start a conversation with an assistant turn
@@ -247,10 +266,10 @@ def _cut_user(turns: list[dict], counts: list[int], offsets: list, keep: int,
         need = total - keep
         if need < counts[start] or start == len(turns) - 1:
             need = min(need, counts[start] - 1)  # the final question keeps >= 1 token (keep >= 1)
-            turns[start]["content"] = turns[start]["content"][offsets[start][need][0]:]
+            turns[start]["content"] = turns[start]["content"][offsets[start][need][0] :]
             total -= need
             break
         step = 1 if assistant_first or turns[start]["role"] == "assistant" else 2
-        total -= sum(counts[start:start + step])
+        total -= sum(counts[start : start + step])
         start += step
     return turns[start:], total

@@ -5,6 +5,7 @@ Qwen2 / Qwen2.5 (QKV bias, tied or untied embeddings), Llama 3 / 3.1 (``llama3``
 RoPE scaling) and Mistral. All three are pre-norm RMSNorm decoders with SwiGLU MLPs,
 grouped-query attention, RoPE and no biases other than Qwen2's QKV bias.
 """
+
 from __future__ import annotations
 
 import json

@@ -7,6 +7,7 @@ Megatron's mask convention (bool, True = masked), and packed THD input attended 
 Shape legend: sq/sk query/key positions, b rows, np query heads and ng query groups on this
 tensor-parallel rank, hn head size, hp = np * hn, t packed tokens.
 """
+
 from __future__ import annotations
 
 import functools
@@ -16,7 +17,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
@@ -71,8 +71,9 @@ class SDPAttention(MegatronModule):
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
             return self._forward_thd(query, key, value, packed_seq_params)
         if packed_seq_params is not None:
-            raise ValueError(f"SDPAttention takes packed_seq_params only in 'thd' format, got "
-                             f"{packed_seq_params.qkv_format!r}")
+            raise ValueError(
+                f"SDPAttention takes packed_seq_params only in 'thd' format, got {packed_seq_params.qkv_format!r}"
+            )
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         sq, b, np_, hn = query.shape
         q_BNSH, k_BGSH, v_BGSH = (x.permute(1, 2, 0, 3) for x in (query, key, value))
@@ -86,7 +87,11 @@ class SDPAttention(MegatronModule):
         else:
             causal = mask_type == AttnMaskType.causal and sq > 1
             out_BNSH = F.scaled_dot_product_attention(
-                q_BNSH, k_BGSH, v_BGSH, is_causal=causal, scale=self.softmax_scale,
+                q_BNSH,
+                k_BGSH,
+                v_BGSH,
+                is_causal=causal,
+                scale=self.softmax_scale,
                 enable_gqa=k_BGSH.shape[1] != np_,
             )
         return out_BNSH.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
@@ -118,8 +123,10 @@ class SDPAttention(MegatronModule):
         """One causal SDPA call per packed sequence (any device)."""
         bounds = cu_q.tolist()
         if bounds[0] != 0 or bounds[-1] != q_TNH.shape[0]:
-            raise ValueError(f"SDPAttention THD: cu_seqlens_q must run from 0 to the {q_TNH.shape[0]} packed "
-                             f"tokens, got {bounds[0]}..{bounds[-1]}")
+            raise ValueError(
+                f"SDPAttention THD: cu_seqlens_q must run from 0 to the {q_TNH.shape[0]} packed "
+                f"tokens, got {bounds[0]}..{bounds[-1]}"
+            )
         heads = q_TNH.shape[1]
         pieces = []
         for a, e in zip(bounds[:-1], bounds[1:]):
@@ -128,8 +135,9 @@ class SDPAttention(MegatronModule):
             if e == a:
                 continue
             q, k, v = (x[a:e].transpose(0, 1)[None] for x in (q_TNH, k_TGH, v_TGH))
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=e - a > 1, scale=self.softmax_scale,
-                                               enable_gqa=k.shape[1] != heads)
+            o = F.scaled_dot_product_attention(
+                q, k, v, is_causal=e - a > 1, scale=self.softmax_scale, enable_gqa=k.shape[1] != heads
+            )
             pieces.append(o[0].transpose(0, 1))
         return torch.cat(pieces).reshape(q_TNH.shape[0], -1)
 

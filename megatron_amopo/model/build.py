@@ -6,6 +6,7 @@ data-parallel gradient reduction (and the sequence-parallel norm and tied-embedd
 reductions) without any warning, so the wiring lives here, next to the model, and
 ``check_wiring`` lets the training step refuse an unwired config.
 """
+
 from __future__ import annotations
 
 from typing import Optional

@@ -4,6 +4,7 @@ The Transformer Engine layer spec is chosen when CUDA and TE are importable, the
 local spec otherwise (CPU). Parameters are bf16 on GPU and fp32 on CPU unless the
 caller says otherwise.
 """
+
 from __future__ import annotations
 
 import functools
@@ -45,8 +46,11 @@ def compiled_fusions_available() -> bool:
         x = torch.ones(4, 16, device="cuda", dtype=torch.bfloat16)
         torch.testing.assert_close(probe(x), F.silu(x[..., :8]) * x[..., 8:])
     except Exception as err:  # noqa: BLE001 - any toolchain failure means: do not fuse
-        print(f"megatron_amopo: torch.compile does not work here ({type(err).__name__}: {str(err)[:200]}); "
-              "using the unfused SwiGLU", flush=True)
+        print(
+            f"megatron_amopo: torch.compile does not work here ({type(err).__name__}: {str(err)[:200]}); "
+            "using the unfused SwiGLU",
+            flush=True,
+        )
         return False
     return True
 

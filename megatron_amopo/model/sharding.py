@@ -8,10 +8,12 @@ parameter follows the attributes Megatron-Core sets on it (``tensor_model_parall
 ``linear_qkv`` needs no special case: its rows are already grouped per query group
 ([q heads; k; v] per group), so chunk r is rank r's block of groups.
 """
+
 from __future__ import annotations
 
 import re
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist

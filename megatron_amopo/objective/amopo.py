@@ -13,10 +13,12 @@ Shape legend:
     S  sides per pair, 2: index 0 chosen, 1 rejected
     M  rows of ``pair_sums`` (``PAIR_METRIC_NAMES``)
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, NamedTuple, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple, Optional
 
 import torch
 

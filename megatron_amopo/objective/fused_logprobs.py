@@ -16,6 +16,7 @@ sequence (gradient reduce-scattered back), through Megatron-Core's own mappings.
 Shape legend (as in ``logprobs.py``): T tokens, V vocabulary entries on this rank, H hidden
 size, C tokens in one chunk.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -27,10 +28,10 @@ from megatron_amopo.objective.logprobs import (
     _chunk,
     _combine_lse,
     _grad_scales,
+    _group_rank,
     _group_size,
     _local_lse,
     _owned_labels,
-    _group_rank,
     _scatter_selected,
     _selection,
     _softmax_grad_rows,
@@ -124,8 +125,10 @@ def fused_token_logprobs(
     """
     who = "fused_token_logprobs"
     if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"{who}: hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be [..., H] "
-                         "and [V, H] (this rank's output-layer weight)")
+        raise ValueError(
+            f"{who}: hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be [..., H] "
+            "and [V, H] (this rank's output-layer weight)"
+        )
     if not (hidden.is_floating_point() and hidden.dtype == weight.dtype):
         raise ValueError(f"{who}: hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a floating dtype")
     if _group_size(tp_group) > 1:
@@ -136,8 +139,10 @@ def fused_token_logprobs(
         else:
             hidden = mappings.copy_to_tensor_model_parallel_region(hidden, group=tp_group)
     if hidden.shape[:-1] != labels.shape:
-        raise ValueError(f"{who}: labels of shape {tuple(labels.shape)} do not match hidden {tuple(hidden.shape)} "
-                         "without the hidden dimension (after the sequence-parallel gather)")
+        raise ValueError(
+            f"{who}: labels of shape {tuple(labels.shape)} do not match hidden {tuple(hidden.shape)} "
+            "without the hidden dimension (after the sequence-parallel gather)"
+        )
     vocab_local = weight.shape[0]
     labels_T, idx_T = _selection(labels, mask, vocab_local, tp_group, who)
     chunk = _chunk(chunk_tokens, default_chunk_tokens(vocab_local, hidden.device), who)

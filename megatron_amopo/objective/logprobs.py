@@ -32,6 +32,7 @@ Shape legend:
     C  tokens in one chunk
     N  sequences in the micro-batch
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -40,9 +41,8 @@ import torch
 import torch.distributed as dist
 
 # Budget of the fp32 [C, V] work buffer, far below the logits of any real micro-batch.
-# CPU: 4 MiB stays in the last-level cache between the passes over a chunk (1 to 16 MiB
-# measured within noise on 2 cores, except 1 MiB at V = 151,936: one row per chunk). GPU: 2 GiB keeps kernel launches few (measured on an H200:
-# ~4,096-token chunks took 13% off a Qwen2.5-0.5B step against 64 MiB, for +0.5 GiB).
+# CPU: 4 MiB stays in the last-level cache between the passes over a chunk; GPU: 2 GiB keeps
+# kernel launches few (measurements in docs/OBJECTIVE.md and docs/GPU.md).
 DEFAULT_CHUNK_BYTES = {"cpu": 4 * 2**20, "cuda": 2 * 2**30}
 
 STAT_NAMES = ("sum_logp", "n", "sum_p", "sum_p2")
@@ -141,7 +141,7 @@ def _local_lse(logits_TV, target_T, pieces, chunk_tokens: int, dtype, work_CV=No
             x_CV = logits_TV[a:b]
             m_C, j_C = torch.max(x_CV, dim=1)
             lsm_C = torch.log_softmax(x_CV, dim=1, dtype=dtype).gather(1, j_C[:, None]).squeeze(1)
-            lse_T[o: o + b - a] = m_C.double() - lsm_C.double()
+            lse_T[o : o + b - a] = m_C.double() - lsm_C.double()
         return lse_T
     max_T = logits_TV.new_empty(target_T.numel())  # the logits' dtype: amax writes it directly
     sumexp_T = logits_TV.new_empty(target_T.numel(), dtype=dtype)
@@ -195,8 +195,9 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         for a, b, o in ctx.pieces:
             sl = slice(o, o + b - a)
             # Direct: written straight into the gradient's rows (the logits' own rows in place).
-            rows_CV = _softmax_grad_rows(logits_TV[a:b], sl, lse_hi_T, label_T, scales,
-                                         out=grad_logits_TV[a:b] if direct else None)
+            rows_CV = _softmax_grad_rows(
+                logits_TV[a:b], sl, lse_hi_T, label_T, scales, out=grad_logits_TV[a:b] if direct else None
+            )
             if not direct:  # bf16/fp16 logits: finished in fp32 (promotion), rounded once here
                 grad_logits_TV[a:b].copy_(rows_CV)
             del rows_CV
@@ -257,8 +258,9 @@ def token_logprobs(
     vocab_local = logits.shape[-1]
     labels_T, idx_T = _selection(labels, mask, vocab_local, tp_group, "token_logprobs")
     chunk = _chunk(chunk_tokens, default_chunk_tokens(vocab_local, logits.device), "token_logprobs")
-    logp_sel_T = _VocabParallelLogprobs.apply(logits.reshape(-1, vocab_local), labels_T, idx_T, tp_group, chunk,
-                                              inplace_backward)
+    logp_sel_T = _VocabParallelLogprobs.apply(
+        logits.reshape(-1, vocab_local), labels_T, idx_T, tp_group, chunk, inplace_backward
+    )
     return _scatter_selected(logp_sel_T, idx_T, labels.shape)
 
 
@@ -357,7 +359,7 @@ def sequence_stats(
         "sum_p": zeros_N.index_add(0, seg_T, p_T),
         "sum_p2": zeros_N.index_add(0, seg_T, p_T * p_T),
     }
-    if _group_size(cp_group) > 1:
+    if cp_group is not None and _group_size(cp_group) > 1:
         stats = reduce_stats(stats, cp_group)
     return stats
 

@@ -13,6 +13,7 @@ emulated by masking off the sign-extended bits.
 
 Shape legend: B samples in the batch, P pairs per sample, S = 2 sides (chosen, rejected).
 """
+
 from __future__ import annotations
 
 from typing import Optional

@@ -3,6 +3,7 @@
 Each works with or without an initialised default group (a single process
 without torchrun counts as rank 0 of one).
 """
+
 from __future__ import annotations
 
 import socket

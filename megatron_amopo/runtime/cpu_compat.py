@@ -4,6 +4,7 @@ Megatron-Core assumes a CUDA device in a handful of places; ``apply()`` points t
 and does nothing when CUDA is present. Each patch below names the Megatron-Core calls it serves;
 docs/DESIGN.md, "The CPU compatibility layer", has the list.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -6,6 +6,7 @@ reductions (step metrics, stop agreement, object collectives) run on gloo. Witho
 everything is gloo. The CPU compatibility layer is applied here (and only when CUDA is
 absent) before any Megatron-Core object is built. docs/DESIGN.md lists every collective.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -33,13 +34,11 @@ class DistEnv:
     master_port: int
 
     @classmethod
-    def from_environ(cls, environ: Optional[dict] = None) -> "DistEnv":
+    def from_environ(cls, environ: Optional[dict] = None) -> DistEnv:
         env = os.environ if environ is None else environ
         missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in env]
         if missing and env.get("WORLD_SIZE", "1") != "1":
-            raise RuntimeError(
-                f"torchrun environment incomplete (missing {missing}); launch with torchrun or set them"
-            )
+            raise RuntimeError(f"torchrun environment incomplete (missing {missing}); launch with torchrun or set them")
         return cls(
             rank=int(env.get("RANK", 0)),
             world_size=int(env.get("WORLD_SIZE", 1)),
@@ -64,8 +63,10 @@ def process_group_backend(requested: Optional[str], cuda: Optional[bool] = None)
     if cuda:
         return CUDA_BACKEND
     if requested == "nccl":
-        raise ValueError("--distributed-backend nccl needs CUDA GPUs, and none is visible; "
-                         "drop the flag (gloo on CPU) or run on GPUs")
+        raise ValueError(
+            "--distributed-backend nccl needs CUDA GPUs, and none is visible; "
+            "drop the flag (gloo on CPU) or run on GPUs"
+        )
     return "gloo"
 
 

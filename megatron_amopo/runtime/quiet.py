@@ -5,6 +5,7 @@ filters exactly the entries of ``KNOWN`` (module, message, why it is harmless);
 ``AMOPO_SHOW_WARNINGS=1`` shows them all again. Our own and unknown warnings still
 print, prefixed with the rank when several ranks run (torchrun merges their output).
 """
+
 from __future__ import annotations
 
 import os
@@ -26,19 +27,39 @@ class Known:
 
 
 KNOWN: tuple[Known, ...] = (
-    Known(r"megatron\.core\.", r"Transformer Engine and Apex are not installed",
-          "CPU and TE-less builds use Megatron-Core's torch fallbacks on purpose (model/provider.py picks the spec)"),
-    Known(r"megatron\.core\.", r"Apex is not installed\. Falling back to Torch Norm",
-          "the local spec's torch RMSNorm is the norm we choose without TE"),
-    Known(r"megatron\.core\.transformer\.transformer_config", r"full scope is deprecated",
-          "Megatron-Core 0.16 warns about its own default cuda_graph_scope; we build no CUDA graphs"),
-    Known(r"megatron\.core\.dist_checkpointing\.", r"`load_state_dict` is deprecated",
-          "Megatron-Core 0.16's dist_checkpointing calls torch.distributed.checkpoint's old name", FutureWarning),
-    Known(r"", r"Please use DTensor instead and we are deprecating ShardedTensor",
-          "dist_checkpointing's torch strategy builds ShardedTensors (raised through cpu_compat's function mode)",
-          FutureWarning),
-    Known(r"megatron\.core\.tensor_parallel\.layers", r"When using async grad allreduce",
-          "CUDA_DEVICE_MAX_CONNECTIONS orders CUDA streams; there are none on CPU", cpu_only=True),
+    Known(
+        r"megatron\.core\.",
+        r"Transformer Engine and Apex are not installed",
+        "CPU and TE-less builds use Megatron-Core's torch fallbacks on purpose (model/provider.py picks the spec)",
+    ),
+    Known(
+        r"megatron\.core\.",
+        r"Apex is not installed\. Falling back to Torch Norm",
+        "the local spec's torch RMSNorm is the norm we choose without TE",
+    ),
+    Known(
+        r"megatron\.core\.transformer\.transformer_config",
+        r"full scope is deprecated",
+        "Megatron-Core 0.16 warns about its own default cuda_graph_scope; we build no CUDA graphs",
+    ),
+    Known(
+        r"megatron\.core\.dist_checkpointing\.",
+        r"`load_state_dict` is deprecated",
+        "Megatron-Core 0.16's dist_checkpointing calls torch.distributed.checkpoint's old name",
+        FutureWarning,
+    ),
+    Known(
+        r"",
+        r"Please use DTensor instead and we are deprecating ShardedTensor",
+        "dist_checkpointing's torch strategy builds ShardedTensors (raised through cpu_compat's function mode)",
+        FutureWarning,
+    ),
+    Known(
+        r"megatron\.core\.tensor_parallel\.layers",
+        r"When using async grad allreduce",
+        "CUDA_DEVICE_MAX_CONNECTIONS orders CUDA streams; there are none on CPU",
+        cpu_only=True,
+    ),
 )
 
 

@@ -8,6 +8,7 @@ rank's traceback; a run that does not finish within ``timeout`` seconds (some
 Megatron failure modes hang) kills all ranks and says which had not finished.
 Spawning costs ~3 s per rank on 2 cores, so run many checks per call.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -17,7 +18,8 @@ import pickle
 import queue
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from megatron_amopo.runtime.comm import free_port
 
@@ -33,8 +35,12 @@ class MultiRankError(RuntimeError):
 def _worker(fn, rank, world_size, port, out_q, args, kwargs, env) -> None:
     os.environ.update(env)
     os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
     )
     try:
         import warnings
@@ -48,7 +54,10 @@ def _worker(fn, rank, world_size, port, out_q, args, kwargs, env) -> None:
 
         torch.set_num_threads(1)
         dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world_size,
             timeout=datetime.timedelta(seconds=120),
         )
         result = fn(*args, **kwargs)

@@ -1,4 +1,5 @@
 """Tiny architectures and deterministic weights for tests."""
+
 from __future__ import annotations
 
 import zlib

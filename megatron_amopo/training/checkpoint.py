@@ -13,6 +13,7 @@ crash mid-save leaves the previous checkpoint as the newest complete one. On loa
 a directory whose marker is missing or disagrees with the files is skipped with a
 warning and the previous iteration is used.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,8 +57,11 @@ def find_loadable_iteration(root: str) -> int:
         if problem is None:
             return it
         if is_rank0():  # printed, not warnings.warn: it must show even with warnings filtered
-            print(f"warning: skipping checkpoint {iteration_dir(root, it)}: {problem}; trying an older one",
-                  file=sys.stderr, flush=True)
+            print(
+                f"warning: skipping checkpoint {iteration_dir(root, it)}: {problem}; trying an older one",
+                file=sys.stderr,
+                flush=True,
+            )
     raise FileNotFoundError(
         f"--load {root}: no complete checkpoint found (expected iter_NNNNNNN/ with {MARKER}); convert a Hugging "
         "Face model with tools/convert_hf_to_megatron.py or point --load at a training run's --save directory"
@@ -74,11 +78,15 @@ def _rng_object(load: bool):
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     world, rank = dist.get_world_size(), dist.get_rank()
-    state = None if load else {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
-    }
+    state = (
+        None
+        if load
+        else {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+        }
+    )
     return ShardedObject("rng_state", state, (world,), (rank,), replica_id=0)
 
 
@@ -95,13 +103,22 @@ def _layout() -> dict:
     from megatron.core import parallel_state as ps
 
     return dict(
-        world_size=dist.get_world_size(), tp=ps.get_tensor_model_parallel_world_size(),
-        pp=ps.get_pipeline_model_parallel_world_size(), dp=ps.get_data_parallel_world_size(),
+        world_size=dist.get_world_size(),
+        tp=ps.get_tensor_model_parallel_world_size(),
+        pp=ps.get_pipeline_model_parallel_world_size(),
+        dp=ps.get_data_parallel_world_size(),
     )
 
 
-def save_checkpoint(root: str, model_chunks: list, optimizer, scheduler, state: TrainState, run_config: dict,
-                    keep_last: Optional[int] = None) -> str:
+def save_checkpoint(
+    root: str,
+    model_chunks: list,
+    optimizer,
+    scheduler,
+    state: TrainState,
+    run_config: dict,
+    keep_last: Optional[int] = None,
+) -> str:
     """Save everything a resume needs; returns the final directory."""
     model_sd = unwrap(model_chunks[0]).sharded_state_dict()
     sharded = {
@@ -113,8 +130,9 @@ def save_checkpoint(root: str, model_chunks: list, optimizer, scheduler, state: 
         "run_config": run_config,
         "rng_state": _rng_object(load=False),
     }
-    final = atomic_save(sharded, root, state.iteration, "train", {"layout": _layout()},
-                        content_metadata=SHARDING_METADATA)
+    final = atomic_save(
+        sharded, root, state.iteration, "train", {"layout": _layout()}, content_metadata=SHARDING_METADATA
+    )
     if keep_last and is_rank0():
         _prune(root, keep_last)
     barrier()
@@ -135,8 +153,9 @@ def _prune(root: str, keep_last: int) -> None:
         shutil.rmtree(iteration_dir(root, it), ignore_errors=True)
 
 
-def load_checkpoint(root: str, model_chunks: list, optimizer=None, scheduler=None,
-                    finetune: bool = False) -> tuple[TrainState, dict[str, Any]]:
+def load_checkpoint(
+    root: str, model_chunks: list, optimizer=None, scheduler=None, finetune: bool = False
+) -> tuple[TrainState, dict[str, Any]]:
     """Load the newest complete checkpoint under ``root`` into the given objects.
 
     A converted model (or ``finetune``) restores the weights only and starts at step

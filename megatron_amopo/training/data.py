@@ -4,10 +4,12 @@ Every rank of a model replica (all TP ranks and PP stages) builds the same plan 
 its DP rank, so tensor-parallel ranks see identical data. The plan is
 deterministic in (seed, DP rank, DP size), so a resume only needs the position.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Literal, Optional
 
 import numpy as np
 
@@ -28,17 +30,23 @@ class Split:
         return len(self.group_ids)
 
 
-def open_splits(cfg: TrainDataConfig, seed: int, vocab_hash: Optional[str], seq_length: int) -> tuple[Split, Optional[Split]]:
+def open_splits(
+    cfg: TrainDataConfig, seed: int, vocab_hash: Optional[str], seq_length: int
+) -> tuple[Split, Optional[Split]]:
     """Training and (optional) validation splits, checked against the run's tokenizer."""
     if not cfg.data_path:
         raise ValueError("--data-path is required: a dataset directory written by tools/preprocess_data.py")
-    kw = dict(vocab_hash=vocab_hash, dimensions=cfg.dimensions, seq_length=seq_length)
-    train = PreferenceGroupDataset(cfg.data_path, **kw)
+
+    def open_dataset(path: str) -> PreferenceGroupDataset:
+        return PreferenceGroupDataset(path, vocab_hash=vocab_hash, dimensions=cfg.dimensions, seq_length=seq_length)
+
+    train = open_dataset(cfg.data_path)
     if cfg.valid_data_path:
-        valid = PreferenceGroupDataset(cfg.valid_data_path, **kw)
+        valid = open_dataset(cfg.valid_data_path)
         if valid.dimensions != train.dimensions:
-            raise ValueError(f"--valid-data-path dimensions {valid.dimensions} differ from --data-path's "
-                             f"{train.dimensions}")
+            raise ValueError(
+                f"--valid-data-path dimensions {valid.dimensions} differ from --data-path's {train.dimensions}"
+            )
         return Split(train, np.arange(len(train))), Split(valid, np.arange(len(valid)))
     ids = np.arange(len(train))
     if not cfg.split:
@@ -51,7 +59,7 @@ def open_splits(cfg: TrainDataConfig, seed: int, vocab_hash: Optional[str], seq_
     return Split(train, np.sort(perm[:cut])), (Split(train, np.sort(perm[cut:])) if cut < len(train) else None)
 
 
-def plan_cost(train_cfg: TrainingConfig, thd: bool) -> str:
+def plan_cost(train_cfg: TrainingConfig, thd: bool) -> Literal["padded", "packed", "thd"]:
     """The planner's micro-batch cost: ``padded`` rows; ``packed`` rows under the ROW RULE; ``thd``
     (real tokens) when packed micro-batches reach the model as one THD stream (``thd``, see
     ``training.step.packed_thd_default``), which has no padding to charge."""
@@ -60,24 +68,41 @@ def plan_cost(train_cfg: TrainingConfig, thd: bool) -> str:
     return "thd" if thd else "packed"
 
 
-def make_plan(split: Split, train_cfg: TrainingConfig, *, num_epochs: int, seed: int, dp_rank: int,
-              dp_size: int, thd: bool = False) -> MicrobatchPlan:
+def make_plan(
+    split: Split,
+    train_cfg: TrainingConfig,
+    *,
+    num_epochs: int,
+    seed: int,
+    dp_rank: int,
+    dp_size: int,
+    thd: bool = False,
+) -> MicrobatchPlan:
     """This DP rank's micro-batches over ``num_epochs`` epochs; group ids index the dataset.
 
     ``thd``: packed micro-batches go to the model as THD streams (charged by real tokens)."""
     ds = split.dataset
     plan = plan_microbatches(
-        ds.group_max_len[split.group_ids], ds.group_total_len[split.group_ids],
-        seq_lens=ds.group_seq_lens[split.group_ids], seq_length=train_cfg.seq_length,
-        seqs_per_group=2 * ds.num_pairs, num_epochs=num_epochs, seed=seed, dp_rank=dp_rank, dp_size=dp_size,
-        groups_per_microbatch=train_cfg.micro_batch_size, token_budget=train_cfg.micro_batch_tokens,
-        cost=plan_cost(train_cfg, thd), window=train_cfg.plan_window,
+        ds.group_max_len[split.group_ids],
+        ds.group_total_len[split.group_ids],
+        seq_lens=ds.group_seq_lens[split.group_ids],
+        seq_length=train_cfg.seq_length,
+        seqs_per_group=2 * ds.num_pairs,
+        num_epochs=num_epochs,
+        seed=seed,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        groups_per_microbatch=train_cfg.micro_batch_size,
+        token_budget=train_cfg.micro_batch_tokens,
+        cost=plan_cost(train_cfg, thd),
+        window=train_cfg.plan_window,
     )
     return MicrobatchPlan(plan.offsets, split.group_ids[plan.group_ids], plan.epochs, plan.dropped_groups)
 
 
-def microbatches(split: Split, plan: MicrobatchPlan, train_cfg: TrainingConfig, start: int = 0,
-                 stop: Optional[int] = None) -> Iterator[dict]:
+def microbatches(
+    split: Split, plan: MicrobatchPlan, train_cfg: TrainingConfig, start: int = 0, stop: Optional[int] = None
+) -> Iterator[dict]:
     """Model inputs for plan micro-batches ``start .. stop-1``; adds ``sample_ids`` and ``epoch``."""
     stop = plan.num_microbatches if stop is None else min(stop, plan.num_microbatches)
     for m in range(start, stop):

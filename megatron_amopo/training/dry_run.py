@@ -16,6 +16,7 @@ replicas hold the same shard). The local layer spec is built (Transformer Engine
 not needed); TE fuses the two norms into ``linear_qkv`` / ``linear_fc1`` under other
 names with the same shapes.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,15 @@ from typing import Optional
 import torch
 
 from megatron_amopo import planning
-from megatron_amopo.config import (DryRunConfig, RunConfig, add_dry_run_args, dataclass_from_args, run_arg_parser,
-                                   run_config_from_args, schedule_unused)
+from megatron_amopo.config import (
+    DryRunConfig,
+    RunConfig,
+    add_dry_run_args,
+    dataclass_from_args,
+    run_arg_parser,
+    run_config_from_args,
+    schedule_unused,
+)
 from megatron_amopo.model.architectures import ModelArch, arch_from_hf_config, load_hf_config, validate_layout
 from megatron_amopo.training.preflight import workload_and_layout
 
@@ -36,13 +44,17 @@ GiB = planning.GiB
 
 def parse_args(argv: list[str]) -> tuple[DryRunConfig, RunConfig]:
     """Dry-run options plus the training flags; of those only the layout, batching and precision matter."""
-    parser = run_arg_parser("pretrain_amopo.py --dry-run: build one rank's shard on the meta device (no GPUs, "
-                            "no peers) and print the memory estimate")
+    parser = run_arg_parser(
+        "pretrain_amopo.py --dry-run: build one rank's shard on the meta device (no GPUs, "
+        "no peers) and print the memory estimate"
+    )
     add_dry_run_args(parser)
     args = parser.parse_args(argv)
     schedule_unused(args)
-    if getattr(args, "TrainingConfig.micro_batch_size") is None and \
-            getattr(args, "TrainingConfig.micro_batch_tokens") is None:
+    if (
+        getattr(args, "TrainingConfig.micro_batch_size") is None
+        and getattr(args, "TrainingConfig.micro_batch_tokens") is None
+    ):
         setattr(args, "TrainingConfig.micro_batch_size", 1)
     cfg = run_config_from_args(args)
     ours = dataclass_from_args(DryRunConfig, args)
@@ -93,9 +105,16 @@ def init_fake_rank(cfg: RunConfig, world_size: int, rank: int) -> dict[str, int]
     ps.initialize_model_parallel(
         tensor_model_parallel_size=par.tensor_model_parallel_size,
         pipeline_model_parallel_size=par.pipeline_model_parallel_size,
-        context_parallel_size=par.context_parallel_size, create_gloo_process_groups=False)
-    return dict(rank=rank, tp_rank=ps.get_tensor_model_parallel_rank(), pp_rank=ps.get_pipeline_model_parallel_rank(),
-                dp_rank=ps.get_data_parallel_rank(), cp_rank=ps.get_context_parallel_rank())
+        context_parallel_size=par.context_parallel_size,
+        create_gloo_process_groups=False,
+    )
+    return dict(
+        rank=rank,
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(),
+        cp_rank=ps.get_context_parallel_rank(),
+    )
 
 
 def teardown() -> None:
@@ -113,9 +132,13 @@ def build_meta_stage(arch: ModelArch, cfg: RunConfig) -> torch.nn.Module:
     from megatron_amopo.model.provider import build_model_stage, transformer_config
 
     config = transformer_config(
-        arch, cfg.parallel, params_dtype=torch.bfloat16 if cfg.training.bf16 else torch.float32,
-        recompute_granularity=cfg.training.recompute_granularity, perform_initialization=False,
-        use_cpu_initialization=True)
+        arch,
+        cfg.parallel,
+        params_dtype=torch.bfloat16 if cfg.training.bf16 else torch.float32,
+        recompute_granularity=cfg.training.recompute_granularity,
+        perform_initialization=False,
+        use_cpu_initialization=True,
+    )
     with torch.device("meta"):
         return build_model_stage(arch, config, use_te=False)
 
@@ -124,12 +147,17 @@ def check_against_plan(model: torch.nn.Module, arch: ModelArch, tp: int, pp: int
     """Every parameter's shape must be the planner's; returns {name: shape}."""
     expected = planning.rank_parameter_shapes(arch, tp, pp, pp_rank)
     built = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    wrong = {n: (built.get(n), expected[n][0] if n in expected else None)
-             for n in set(built) | set(expected) if built.get(n) != (expected[n][0] if n in expected else None)}
+    wrong = {
+        n: (built.get(n), expected[n][0] if n in expected else None)
+        for n in set(built) | set(expected)
+        if built.get(n) != (expected[n][0] if n in expected else None)
+    }
     if wrong:
         sample = dict(sorted(wrong.items())[:5])
-        raise RuntimeError(f"built shard differs from megatron_amopo.planning at {len(wrong)} tensors "
-                           f"(name: (built, planned)): {sample}")
+        raise RuntimeError(
+            f"built shard differs from megatron_amopo.planning at {len(wrong)} tensors "
+            f"(name: (built, planned)): {sample}"
+        )
     return built
 
 
@@ -137,27 +165,32 @@ def rank_report(model: torch.nn.Module, coords: dict, arch: ModelArch, work, lay
     params = list(model.parameters())
     numel = sum(p.numel() for p in params)
     mem = planning.stage_memory(arch, work, layout, coords["pp_rank"])
-    return dict(coords, params=numel, param_bytes=numel * work.param_bytes,
-                built_bytes=sum(p.numel() * p.element_size() for p in params),
-                memory={k: v for k, v in asdict(mem).items() if k != "notes"} | {"total": mem.total},
-                memory_notes=mem.notes)
+    return dict(
+        coords,
+        params=numel,
+        param_bytes=numel * work.param_bytes,
+        built_bytes=sum(p.numel() * p.element_size() for p in params),
+        memory={k: v for k, v in asdict(mem).items() if k != "notes"} | {"total": mem.total},
+        memory_notes=mem.notes,
+    )
 
 
 def run(ours: DryRunConfig, cfg: RunConfig) -> dict:
     from megatron_amopo.runtime import cpu_compat
 
     arch = resolve_arch(ours.hf_config, cfg.checkpoint.load)
-    ranks = resolve_ranks(ours.rank, ours.world_size, cfg)
+    world_size = ours.world_size or cfg.parallel.model_parallel_size
+    ranks = resolve_ranks(ours.rank, world_size, cfg)
     validate_layout(arch, cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
     dims = ours.num_dimensions or (len(cfg.data.dimensions) if cfg.data.dimensions else 3)
-    work, layout = workload_and_layout(cfg, ours.world_size, dims)
+    work, layout = workload_and_layout(cfg, world_size, dims)
     tp, pp = layout.tp, layout.pp
     cpu_compat.apply()  # Megatron-Core's CUDA assumptions, as in initialize_distributed
     built: dict[tuple[int, int], dict] = {}
     reports = []
     try:
         for rank in ranks:
-            coords = init_fake_rank(cfg, ours.world_size, rank)
+            coords = init_fake_rank(cfg, world_size, rank)
             key = (coords["tp_rank"], coords["pp_rank"])
             if key not in built:
                 model = build_meta_stage(arch, cfg)
@@ -167,25 +200,38 @@ def run(ours: DryRunConfig, cfg: RunConfig) -> dict:
     finally:
         teardown()
     peak = planning.peak_memory(arch, work, layout)
-    return dict(world_size=ours.world_size, layout=asdict(layout), workload=asdict(work), arch=arch.to_dict(),
-                model_parameters=planning.model_parameter_count(arch), ranks=reports,
-                peak_stage=peak.pp_rank, peak_bytes=peak.total,
-                budget_bytes=int((ours.gpu_memory_gib - ours.reserve_gib) * GiB))
+    return dict(
+        world_size=ours.world_size,
+        layout=asdict(layout),
+        workload=asdict(work),
+        arch=arch.to_dict(),
+        model_parameters=planning.model_parameter_count(arch),
+        ranks=reports,
+        peak_stage=peak.pp_rank,
+        peak_bytes=peak.total,
+        budget_bytes=int((ours.gpu_memory_gib - ours.reserve_gib) * GiB),
+    )
 
 
 def print_report(report: dict) -> None:
     lay = planning.Layout(**report["layout"])
-    print(f"dry run: {report['arch']['model_type']} with {report['model_parameters']:,} parameters, "
-          f"world size {report['world_size']} = {lay.describe()}")
+    print(
+        f"dry run: {report['arch']['model_type']} with {report['model_parameters']:,} parameters, "
+        f"world size {report['world_size']} = {lay.describe()}"
+    )
     for r in report["ranks"]:
         m = r["memory"]
-        print(f"rank {r['rank']:>5} (tp {r['tp_rank']} pp {r['pp_rank']} dp {r['dp_rank']}): {r['params']:,} "
-              f"parameters, {r['param_bytes'] / GiB:.2f} GiB weights | estimate: grads {m['grads'] / GiB:.2f}, "
-              f"optimizer {m['optimizer'] / GiB:.2f}, activations {m['activations'] / GiB:.2f}, logits "
-              f"{m['logits'] / GiB:.2f}; total {m['total'] / GiB:.2f} GiB")
+        print(
+            f"rank {r['rank']:>5} (tp {r['tp_rank']} pp {r['pp_rank']} dp {r['dp_rank']}): {r['params']:,} "
+            f"parameters, {r['param_bytes'] / GiB:.2f} GiB weights | estimate: grads {m['grads'] / GiB:.2f}, "
+            f"optimizer {m['optimizer'] / GiB:.2f}, activations {m['activations'] / GiB:.2f}, logits "
+            f"{m['logits'] / GiB:.2f}; total {m['total'] / GiB:.2f} GiB"
+        )
     fits = report["peak_bytes"] <= report["budget_bytes"]
-    print(f"peak estimate {report['peak_bytes'] / GiB:.2f} GiB on pipeline stage {report['peak_stage']}; "
-          f"usable {report['budget_bytes'] / GiB:.2f} GiB per GPU: {'fits' if fits else 'DOES NOT FIT'}")
+    print(
+        f"peak estimate {report['peak_bytes'] / GiB:.2f} GiB on pipeline stage {report['peak_stage']}; "
+        f"usable {report['budget_bytes'] / GiB:.2f} GiB per GPU: {'fits' if fits else 'DOES NOT FIT'}"
+    )
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -5,6 +5,7 @@ PP), Megatron DDP, ``get_megatron_optimizer`` (optionally distributed),
 ``OptimizerParamScheduler`` and ``dist_checkpointing``. Library code: it takes a
 ``RunConfig`` and a forward-step function, never reads argv.
 """
+
 from __future__ import annotations
 
 import functools
@@ -12,14 +13,15 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from megatron_amopo.config import RunConfig
 from megatron_amopo.checkpoint.store import METADATA_FILE, read_model_metadata, write_model_metadata
+from megatron_amopo.config import RunConfig
 from megatron_amopo.model.architectures import ModelArch
 from megatron_amopo.model.build import build_model, check_wiring
 from megatron_amopo.model.provider import transformer_config
@@ -60,8 +62,11 @@ def run_transformer_config(arch, cfg: RunConfig):
     """TransformerConfig of a training or evaluation run at ``cfg.parallel``."""
     tc = cfg.training
     config = transformer_config(
-        arch, cfg.parallel, params_dtype=torch.bfloat16 if tc.bf16 else torch.float32,
-        recompute_granularity=tc.recompute_granularity, calculate_per_token_loss=True,
+        arch,
+        cfg.parallel,
+        params_dtype=torch.bfloat16 if tc.bf16 else torch.float32,
+        recompute_granularity=tc.recompute_granularity,
+        calculate_per_token_loss=True,
     )
     # Micro-batches differ in rows and length, so pipeline stages exchange shapes. Set
     # after construction: TransformerConfig's validation rejects the flag for its MoE
@@ -74,8 +79,9 @@ def is_reporting_rank() -> bool:
     """One rank per DP replica reports step values: last stage, TP rank 0, CP rank 0."""
     from megatron.core import parallel_state as ps
 
-    return (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
-            and ps.get_context_parallel_rank() == 0)
+    return (
+        ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
+    )
 
 
 def run_schedule(model: list, forward_step: Callable, batches: list[dict], forward_only: bool) -> list[dict]:
@@ -83,22 +89,30 @@ def run_schedule(model: list, forward_step: Callable, batches: list[dict], forwa
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     return get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(batches), model=model, num_microbatches=len(batches),
+        forward_step_func=forward_step,
+        data_iterator=iter(batches),
+        model=model,
+        num_microbatches=len(batches),
         seq_length=max(b["tokens"].shape[1] for b in batches),
-        micro_batch_size=max(b["tokens"].shape[0] for b in batches), forward_only=forward_only,
+        micro_batch_size=max(b["tokens"].shape[0] for b in batches),
+        forward_only=forward_only,
     )
 
 
-def reduce_step(reports: list[dict], batches: list[dict], num_pairs: int, stop: bool = False,
-                arch: Optional[ModelArch] = None) -> dict:
+def reduce_step(
+    reports: list[dict], batches: list[dict], num_pairs: int, stop: bool = False, arch: Optional[ModelArch] = None
+) -> dict:
     """Global sums of a step's reports, the groups, real tokens and (given ``arch``) model FLOPs
     it processed, and ``stop`` (> 0 when any rank asks to stop): one all-reduce per step."""
     reporting = is_reporting_rank()
     host = {"groups": 0.0, "tokens": 0.0, "flops": 0.0, "stop": float(stop)}
     if reporting:
         lengths = [n for b in batches for n in b["seq_lengths"].tolist()]  # positions per sequence
-        host.update(groups=sum(len(b["sample_ids"]) for b in batches), tokens=sum(lengths),
-                    flops=training_flops(arch, lengths) if arch is not None else 0.0)
+        host.update(
+            groups=sum(len(b["sample_ids"]) for b in batches),
+            tokens=sum(lengths),
+            flops=training_flops(arch, lengths) if arch is not None else 0.0,
+        )
     return reduce_reports(reports, reporting, num_pairs, len(PAIR_METRIC_NAMES), host)
 
 
@@ -107,8 +121,11 @@ def speed_values(reduced: dict, seconds: float, peak_tflops: Optional[float]) ->
     rank, MFU (only with a peak: bf16 on a GPU in ``throughput.PEAK_TFLOPS``) and this rank's peak
     memory (GPU: max allocated, CPU: peak RSS)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
-    out = dict(samples_per_s=reduced["groups"] / seconds, tokens_per_s=reduced["tokens"] / seconds,
-               tflops_per_rank=reduced["flops"] / seconds / world / 1e12)
+    out = dict(
+        samples_per_s=reduced["groups"] / seconds,
+        tokens_per_s=reduced["tokens"] / seconds,
+        tflops_per_rank=reduced["flops"] / seconds / world / 1e12,
+    )
     utilisation = mfu(reduced["flops"], seconds, world, peak_tflops)
     if utilisation is not None:
         out["mfu"] = utilisation
@@ -117,8 +134,15 @@ def speed_values(reduced: dict, seconds: float, peak_tflops: Optional[float]) ->
 
 
 @torch.no_grad()
-def evaluate_split(model: list, forward_step: Callable, split, plan, train_cfg, pair_names: list[str],
-                   max_batches: Optional[int] = None) -> dict[str, float]:
+def evaluate_split(
+    model: list,
+    forward_step: Callable,
+    split,
+    plan,
+    train_cfg,
+    pair_names: list[str],
+    max_batches: Optional[int] = None,
+) -> dict[str, float]:
     """Loss, per-pair preference accuracy and margins on a split (forward only, all DP ranks)."""
     stop = plan.num_microbatches if max_batches is None else min(max_batches, plan.num_microbatches)
     stop = stop if train_cfg.eval_batches is None else min(stop, train_cfg.eval_batches)
@@ -143,8 +167,10 @@ def evaluate_split(model: list, forward_step: Callable, split, plan, train_cfg, 
 
 def format_eval(values: dict[str, float], pair_names: list[str], label: str) -> str:
     acc = " ".join(f"{n} {values.get(f'accuracy/{n}', float('nan')):.3f}" for n in pair_names)
-    return (f"[{label}] loss {values['loss']:.4f} | accuracy: {acc} | accuracy/all "
-            f"{values.get('accuracy/all', float('nan')):.3f} | margin/all {values.get('margin/all', float('nan')):.3f}")
+    return (
+        f"[{label}] loss {values['loss']:.4f} | accuracy: {acc} | accuracy/all "
+        f"{values.get('accuracy/all', float('nan')):.3f} | margin/all {values.get('margin/all', float('nan')):.3f}"
+    )
 
 
 class Trainer:
@@ -155,8 +181,10 @@ class Trainer:
 
         self.cfg, self.ps = cfg, ps
         if not cfg.checkpoint.load:
-            raise ValueError("--load is required: a converted Hugging Face model (tools/convert_hf_to_megatron.py) "
-                             "or a training run's checkpoint directory")
+            raise ValueError(
+                "--load is required: a converted Hugging Face model (tools/convert_hf_to_megatron.py) "
+                "or a training run's checkpoint directory"
+            )
         self.model_meta = read_model_metadata(cfg.checkpoint.load)
         self.arch = self.model_meta.arch
         if self.arch.sliding_window and cfg.training.seq_length > self.arch.sliding_window:
@@ -176,13 +204,17 @@ class Trainer:
         check_wiring(self.config)
         self.optimizer = build_optimizer(self.model, cfg.optimizer, tc)
         self.scheduler = build_scheduler(self.optimizer, cfg.optimizer, self.train_iters, tc.global_batch_size)
-        self.state, _ = ckpt.load_checkpoint(cfg.checkpoint.load, self.model, self.optimizer, self.scheduler,
-                                             finetune=cfg.checkpoint.finetune)
+        self.state, _ = ckpt.load_checkpoint(
+            cfg.checkpoint.load, self.model, self.optimizer, self.scheduler, finetune=cfg.checkpoint.finetune
+        )
         if cfg.checkpoint.save:
             self._prepare_save_dir(cfg.checkpoint.save)
         self.forward_step = functools.partial(
-            forward_step, objective_cfg=cfg.amopo, tp_group=ps.get_tensor_model_parallel_group(),
-            cp_group=ps.get_context_parallel_group(), packed_thd=self.thd,
+            forward_step,
+            objective_cfg=cfg.amopo,
+            tp_group=ps.get_tensor_model_parallel_group(),
+            cp_group=ps.get_context_parallel_group(),
+            packed_thd=self.thd,
         )
         self.run_dir = cfg.data.run_dir or cfg.checkpoint.save or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
         self.writer = MetricsWriter(self.run_dir, enabled=dist.get_rank() == 0)
@@ -200,10 +232,15 @@ class Trainer:
                     f"({meta.arch.model_type}, {meta.arch.num_layers} layers, hidden {meta.arch.hidden_size}); "
                     "choose an empty --save directory"
                 )
-        if os.path.abspath(root) != os.path.abspath(self.cfg.checkpoint.load):
-            write_model_metadata(root, meta.arch, meta.hf_config, meta.tokenizer_dir,
-                                 source={**meta.source, "trained_from": os.path.abspath(self.cfg.checkpoint.load)},
-                                 generation_config=meta.generation_config)
+        if os.path.abspath(root) != os.path.abspath(self.cfg.checkpoint.load or ""):
+            write_model_metadata(
+                root,
+                meta.arch,
+                meta.hf_config,
+                meta.tokenizer_dir,
+                source={**meta.source, "trained_from": os.path.abspath(self.cfg.checkpoint.load or "")},
+                generation_config=meta.generation_config,
+            )
         dist.barrier()
 
     # ----------------------------------------------------------------- data
@@ -212,24 +249,43 @@ class Trainer:
         vocab_hash = self._tokenizer_vocab_hash()
         self.train_split, self.valid_split = tdata.open_splits(self.cfg.data, tc.seed, vocab_hash, tc.seq_length)
         self.pair_names = ["general"] + self.train_split.dataset.dimensions
-        one_epoch = tdata.make_plan(self.train_split, tc, num_epochs=1, seed=tc.seed, dp_rank=self.dp_rank,
-                                    dp_size=self.dp_size, thd=self.thd)
+        one_epoch = tdata.make_plan(
+            self.train_split, tc, num_epochs=1, seed=tc.seed, dp_rank=self.dp_rank, dp_size=self.dp_size, thd=self.thd
+        )
         if one_epoch.num_microbatches == 0:
-            raise ValueError(f"--data-path has {len(self.train_split)} training groups: not enough for one "
-                             f"micro-batch on each of {self.dp_size} data-parallel ranks")
+            raise ValueError(
+                f"--data-path has {len(self.train_split)} training groups: not enough for one "
+                f"micro-batch on each of {self.dp_size} data-parallel ranks"
+            )
         self.num_microbatches = tc.microbatches_per_step(self.dp_size, tdata.mean_groups_per_microbatch(one_epoch))
         steps_per_epoch = one_epoch.num_microbatches // self.num_microbatches
         if steps_per_epoch == 0:
-            raise ValueError(f"one epoch gives {one_epoch.num_microbatches} micro-batches per DP rank, fewer than "
-                             f"the {self.num_microbatches} one step needs; lower --global-batch-size")
-        self.train_iters = tc.train_iters or tc.train_epochs * steps_per_epoch
+            raise ValueError(
+                f"one epoch gives {one_epoch.num_microbatches} micro-batches per DP rank, fewer than "
+                f"the {self.num_microbatches} one step needs; lower --global-batch-size"
+            )
+        self.train_iters = tc.train_iters or (tc.train_epochs or 1) * steps_per_epoch
         epochs = math.ceil(self.train_iters / steps_per_epoch)
-        self.plan = tdata.make_plan(self.train_split, tc, num_epochs=epochs, seed=tc.seed, dp_rank=self.dp_rank,
-                                    dp_size=self.dp_size, thd=self.thd)
+        self.plan = tdata.make_plan(
+            self.train_split,
+            tc,
+            num_epochs=epochs,
+            seed=tc.seed,
+            dp_rank=self.dp_rank,
+            dp_size=self.dp_size,
+            thd=self.thd,
+        )
         self.valid_plan = None
         if self.valid_split is not None and len(self.valid_split):
-            self.valid_plan = tdata.make_plan(self.valid_split, tc, num_epochs=1, seed=tc.seed + 1,
-                                              dp_rank=self.dp_rank, dp_size=self.dp_size, thd=self.thd)
+            self.valid_plan = tdata.make_plan(
+                self.valid_split,
+                tc,
+                num_epochs=1,
+                seed=tc.seed + 1,
+                dp_rank=self.dp_rank,
+                dp_size=self.dp_size,
+                thd=self.thd,
+            )
 
     def _tokenizer_vocab_hash(self) -> Optional[str]:
         """Vocab hash of the tokenizer stored with the model (checked against the datasets)."""
@@ -281,8 +337,9 @@ class Trainer:
     def evaluate(self) -> Optional[dict[str, float]]:
         if self.valid_plan is None:
             return None
-        values = evaluate_split(self.model, self.forward_step, self.valid_split, self.valid_plan,
-                                self.cfg.training, self.pair_names)
+        values = evaluate_split(
+            self.model, self.forward_step, self.valid_split, self.valid_plan, self.cfg.training, self.pair_names
+        )
         self.writer.write(self.state.iteration, values, kind="valid")
         log0(format_eval(values, self.pair_names, f"valid @ iter {self.state.iteration}"))
         return values
@@ -291,16 +348,25 @@ class Trainer:
     def save(self) -> Optional[str]:
         if not self.cfg.checkpoint.save:
             return None
-        path = ckpt.save_checkpoint(self.cfg.checkpoint.save, self.model, self.optimizer, self.scheduler, self.state,
-                                    self.cfg.to_dict(), keep_last=self.cfg.checkpoint.keep_last)
+        path = ckpt.save_checkpoint(
+            self.cfg.checkpoint.save,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.state,
+            self.cfg.to_dict(),
+            keep_last=self.cfg.checkpoint.keep_last,
+        )
         log0(f"saved checkpoint {path}")
         return path
 
     def train(self) -> dict:
         tc, ck = self.cfg.training, self.cfg.checkpoint
-        log0(f"training {self.train_iters} steps x {self.num_microbatches} micro-batches x DP {self.dp_size} "
-             f"({len(self.train_split)} groups, P={len(self.pair_names)} pairs, layout {tc.batch_layout}); "
-             f"starting at step {self.state.iteration}")
+        log0(
+            f"training {self.train_iters} steps x {self.num_microbatches} micro-batches x DP {self.dp_size} "
+            f"({len(self.train_split)} groups, P={len(self.pair_names)} pairs, layout {tc.batch_layout}); "
+            f"starting at step {self.state.iteration}"
+        )
         history: dict = {"train": [], "valid": []}
         if tc.eval_interval and self.state.iteration == 0:
             history["valid"].append(self.evaluate())
@@ -313,8 +379,10 @@ class Trainer:
             it = self.state.iteration
             values = summarize(reduced, self.pair_names)
             values.update(
-                lr=self.optimizer.param_groups[0]["lr"], grad_norm=reduced["grad_norm"],
-                consumed_samples=self.state.consumed_samples, **speed_values(reduced, time.time() - tick, peak),
+                lr=self.optimizer.param_groups[0]["lr"],
+                grad_norm=reduced["grad_norm"],
+                consumed_samples=self.state.consumed_samples,
+                **speed_values(reduced, time.time() - tick, peak),
                 eta_s=(time.time() - t0) / (it - it0) * (self.train_iters - it),
             )
             history["train"].append(values)
@@ -345,6 +413,10 @@ class Trainer:
 
     def resolved_config(self) -> dict:
         out = self.cfg.to_dict()
-        out["derived"] = dict(train_iters=self.train_iters, microbatches_per_step=self.num_microbatches,
-                              data_parallel_size=self.dp_size, architecture=asdict(self.arch))
+        out["derived"] = dict(
+            train_iters=self.train_iters,
+            microbatches_per_step=self.num_microbatches,
+            data_parallel_size=self.dp_size,
+            architecture=asdict(self.arch),
+        )
         return out

@@ -1,10 +1,11 @@
 """Reducing step reports over ranks, and writing them: console, JSONL, TensorBoard."""
+
 from __future__ import annotations
 
 import json
 import os
 import time
-from typing import Optional
+from typing import IO, Optional
 
 import torch
 import torch.distributed as dist
@@ -13,8 +14,9 @@ from megatron_amopo.objective.amopo import summarize_metrics
 from megatron_amopo.training.step import REDUCIBLE_KEYS
 
 
-def reduce_reports(reports: list[dict], is_reporting_rank: bool, num_pairs: int, num_rows: int,
-                   host: Optional[dict[str, float]] = None) -> dict:
+def reduce_reports(
+    reports: list[dict], is_reporting_rank: bool, num_pairs: int, num_rows: int, host: Optional[dict[str, float]] = None
+) -> dict:
     """Sum the schedule's per-micro-batch reports over micro-batches and all ranks, together
     with this rank's ``host`` values (counts, flags), in one all-reduce.
 
@@ -29,10 +31,8 @@ def reduce_reports(reports: list[dict], is_reporting_rank: bool, num_pairs: int,
     n = 2 + num_rows * num_pairs + num_pairs
     flat = torch.zeros(n + len(host), dtype=torch.float64)
     if is_reporting_rank and reports:
-        total = None
-        for r in reports:
-            v = torch.cat([r[k].detach().reshape(-1).double() for k in REDUCIBLE_KEYS])
-            total = v if total is None else total + v
+        total = sum(torch.cat([r[k].detach().reshape(-1).double() for k in REDUCIBLE_KEYS]) for r in reports)
+        assert isinstance(total, torch.Tensor)
         flat[:n] = total.cpu()
     flat[n:] = torch.tensor(list(host.values()), dtype=torch.float64)
     if dist.is_initialized():
@@ -60,9 +60,9 @@ class MetricsWriter:
 
     def __init__(self, run_dir: Optional[str], enabled: bool) -> None:
         self.enabled = enabled and run_dir is not None
-        self._jsonl = None
+        self._jsonl: Optional[IO[str]] = None
         self._tb = None
-        if not self.enabled:
+        if run_dir is None or not self.enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
         self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
@@ -74,7 +74,7 @@ class MetricsWriter:
             self._tb = None
 
     def write(self, iteration: int, values: dict[str, float], kind: str = "train") -> None:
-        if not self.enabled:
+        if self._jsonl is None:
             return
         self._jsonl.write(json.dumps({"kind": kind, "iteration": iteration, "time": time.time(), **values}) + "\n")
         self._jsonl.flush()
@@ -96,8 +96,11 @@ def format_line(it: int, total: int, values: dict[str, float], pair_names: list[
     known), peak memory (GPU: ``mem``, max allocated; CPU: ``rss``, peak resident set), ETA."""
     eta = values.get("eta_s", 0.0)
     parts = [
-        f"iter {it}/{total}", f"samples {int(values.get('consumed_samples', 0))}", f"lr {values.get('lr', 0):.3g}",
-        f"loss {values['loss']:.4f}", f"grad_norm {values.get('grad_norm', float('nan')):.3g}",
+        f"iter {it}/{total}",
+        f"samples {int(values.get('consumed_samples', 0))}",
+        f"lr {values.get('lr', 0):.3g}",
+        f"loss {values['loss']:.4f}",
+        f"grad_norm {values.get('grad_norm', float('nan')):.3g}",
     ]
     for name in pair_names:
         if f"weight/{name}" in values:

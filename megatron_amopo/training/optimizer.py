@@ -4,6 +4,7 @@ Without TE or Apex, megatron-core 0.16.1 uses ``torch.optim.AdamW``: a resume sh
 tensor between parameters, resharded loads fail on a fresh optimizer, and the default ``foreach``
 kernels are slow. Each fix is a function below; docs/DESIGN.md, "Optimizer fixes", says why.
 """
+
 from __future__ import annotations
 
 import math
@@ -77,9 +78,10 @@ def _extend_init_state_fn(megatron_opt) -> None:
                 fused = group.get("fused")  # fused AdamW wants the step on the parameter's device
                 for p in group["params"]:
                     opt.state[p].setdefault(
-                        "step", torch.tensor(0.0, dtype=torch.float32, device=p.device if fused else None))
+                        "step", torch.tensor(0.0, dtype=torch.float32, device=p.device if fused else None)
+                    )
 
-    init_state_fn._amopo_adds_step = True
+    init_state_fn._amopo_adds_step = True  # type: ignore[attr-defined]
     megatron_opt.init_state_fn = init_state_fn
 
 
@@ -97,7 +99,7 @@ def _keep_step_on_reshard(dist_opt) -> None:
             tensors = {**tensors, "step": state["step"].detach().clone()}
         return original(model_param, tensors)
 
-    set_states._amopo_keeps_step = True
+    set_states._amopo_keeps_step = True  # type: ignore[attr-defined]
     dist_opt._set_main_param_and_optimizer_states = set_states
 
 

@@ -7,6 +7,7 @@ docs/DESIGN.md, "Packed sequences as THD".
 Shape legend: R rows, S positions per row, T packed tokens, K segments (sequences, plus
 the padding segment if any).
 """
+
 from __future__ import annotations
 
 import torch

@@ -8,6 +8,7 @@ rank may use: the GPU's free memory, or on CPU the cgroup limit / available RAM 
 by the node's ``LOCAL_WORLD_SIZE`` ranks. ``AMOPO_MEMORY_LIMIT_GIB`` sets the limit per
 rank by hand; ``--no-memory-check`` starts a run that does not fit anyway.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,26 +44,45 @@ class Estimate:
 
     def describe(self) -> str:
         p = self.peak
-        parts = [("weights", p.weights), ("grads", p.grads), ("optimizer", p.optimizer),
-                 ("activations", p.activations), ("logits", p.logits), ("process", self.process)]
+        parts = [
+            ("weights", p.weights),
+            ("grads", p.grads),
+            ("optimizer", p.optimizer),
+            ("activations", p.activations),
+            ("logits", p.logits),
+            ("process", self.process),
+        ]
         return f"{self.total / GiB:.2f} GiB (" + ", ".join(f"{k} {v / GiB:.2f}" for k, v in parts if v) + ")"
 
 
-def workload_and_layout(cfg: RunConfig, world_size: int, num_dimensions: int, rows: Optional[int] = None,
-                        width: Optional[int] = None, device: str = "cuda") -> tuple[planning.Workload, planning.Layout]:
+def workload_and_layout(
+    cfg: RunConfig,
+    world_size: int,
+    num_dimensions: int,
+    rows: Optional[int] = None,
+    width: Optional[int] = None,
+    device: str = "cuda",
+) -> tuple[planning.Workload, planning.Layout]:
     """The planner's view of a run: micro-batches of ``rows`` x ``width`` when the data plan is known."""
     tc, par = cfg.training, cfg.parallel
     dp = par.data_parallel_size(world_size)
     seqs_per_group = 2 * (num_dimensions + 1)
-    mbs = tc.micro_batch_size or max(1, tc.micro_batch_tokens // (tc.seq_length * seqs_per_group))
+    mbs = tc.micro_batch_size or max(1, (tc.micro_batch_tokens or 0) // (tc.seq_length * seqs_per_group))
     per_step = mbs * dp
     gbs = -(-tc.global_batch_size // per_step) * per_step  # --micro-batch-tokens: whole micro-batches per step
-    work = planning.default_workload(width or tc.seq_length, num_dimensions, gbs, bf16=tc.bf16,
-                                     flash_attention=tc.bf16 and device == "cuda")  # fused attention is 16-bit
+    work = planning.default_workload(
+        width or tc.seq_length, num_dimensions, gbs, bf16=tc.bf16, flash_attention=tc.bf16 and device == "cuda"
+    )  # fused attention is 16-bit
     work = replace(work, rows=rows, device=device)
     layout = planning.Layout(
-        par.tensor_model_parallel_size, par.pipeline_model_parallel_size, dp, mbs, par.sequence_parallel,
-        tc.use_distributed_optimizer, tc.recompute_granularity or "none")
+        par.tensor_model_parallel_size,
+        par.pipeline_model_parallel_size,
+        dp,
+        mbs,
+        par.sequence_parallel,
+        tc.use_distributed_optimizer,
+        tc.recompute_granularity or "none",
+    )
     return work, layout
 
 
@@ -85,8 +105,17 @@ def largest_microbatch(split, plan, cfg: RunConfig, candidates: int = 64) -> tup
     return best
 
 
-def estimate(arch: ModelArch, cfg: RunConfig, world_size: int, num_dimensions: int, *, training: bool,
-             rows: Optional[int] = None, width: Optional[int] = None, device: str = "cuda") -> Estimate:
+def estimate(
+    arch: ModelArch,
+    cfg: RunConfig,
+    world_size: int,
+    num_dimensions: int,
+    *,
+    training: bool,
+    rows: Optional[int] = None,
+    width: Optional[int] = None,
+    device: str = "cuda",
+) -> Estimate:
     work, layout = workload_and_layout(cfg, world_size, num_dimensions, rows, width, device)
     peak = planning.peak_memory(arch, work, layout, training=training)
     if device == "cpu":  # the rank's resident memory so far (interpreter, libraries, data) stays
@@ -145,8 +174,17 @@ def rank_limit(device: str) -> tuple[Optional[int], str]:
     return node // ranks, f"available RAM {node / GiB:.1f} GiB / {ranks} rank(s) of this node"
 
 
-def _fixes(arch: ModelArch, cfg: RunConfig, world_size: int, num_dimensions: int, limit: int, training: bool,
-           rows: Optional[int], width: Optional[int], device: str) -> list[str]:
+def _fixes(
+    arch: ModelArch,
+    cfg: RunConfig,
+    world_size: int,
+    num_dimensions: int,
+    limit: int,
+    training: bool,
+    rows: Optional[int],
+    width: Optional[int],
+    device: str,
+) -> list[str]:
     """Single changes to the run that bring the estimate under ``limit``."""
     tc, par = cfg.training, cfg.parallel
     _, layout = workload_and_layout(cfg, world_size, num_dimensions, device=device)
@@ -154,8 +192,7 @@ def _fixes(arch: ModelArch, cfg: RunConfig, world_size: int, num_dimensions: int
 
     def est(new_cfg: RunConfig, new_world: int, scale_rows: float = 1.0) -> Estimate:
         r = None if rows is None else max(1, int(np.ceil(rows * scale_rows)))
-        return estimate(arch, new_cfg, new_world, num_dimensions, training=training, rows=r, width=width,
-                        device=device)
+        return estimate(arch, new_cfg, new_world, num_dimensions, training=training, rows=r, width=width, device=device)
 
     out = []
     if training and layout.recompute != "full":
@@ -163,8 +200,11 @@ def _fixes(arch: ModelArch, cfg: RunConfig, world_size: int, num_dimensions: int
         if e.total <= limit:
             out.append(f"--recompute-granularity full (estimate {e.total / GiB:.2f} GiB)")
     for smaller in range(mbs - 1, 0, -1):
-        e = est(replace(cfg, training=replace(tc, micro_batch_size=smaller, micro_batch_tokens=None)), world_size,
-                smaller / mbs)
+        e = est(
+            replace(cfg, training=replace(tc, micro_batch_size=smaller, micro_batch_tokens=None)),
+            world_size,
+            smaller / mbs,
+        )
         if e.total <= limit:
             flag = "--micro-batch-size" if tc.micro_batch_size else "--micro-batch-tokens"
             value = smaller if tc.micro_batch_size else smaller * tc.seq_length * 2 * (num_dimensions + 1)
@@ -172,7 +212,8 @@ def _fixes(arch: ModelArch, cfg: RunConfig, world_size: int, num_dimensions: int
             break
     for name, size in (("tensor", par.tensor_model_parallel_size), ("pipeline", par.pipeline_model_parallel_size)):
         field = f"{name}_model_parallel_size"
-        new_par = replace(par, **{field: size * 2}, sequence_parallel=par.sequence_parallel or name == "tensor")
+        sp = par.sequence_parallel or name == "tensor"
+        new_par = replace(par, sequence_parallel=sp, **{field: size * 2})  # type: ignore[arg-type]
         try:
             validate_layout(arch, new_par.tensor_model_parallel_size, new_par.pipeline_model_parallel_size)
             e = est(replace(cfg, parallel=new_par), world_size * 2)
@@ -180,8 +221,10 @@ def _fixes(arch: ModelArch, cfg: RunConfig, world_size: int, num_dimensions: int
             continue
         if e.total <= limit:
             extra = " --sequence-parallel" if name == "tensor" and not par.sequence_parallel else ""
-            out.append(f"--{name}-model-parallel-size {size * 2}{extra} on twice the ranks "
-                       f"(estimate {e.total / GiB:.2f} GiB per rank)")
+            out.append(
+                f"--{name}-model-parallel-size {size * 2}{extra} on twice the ranks "
+                f"(estimate {e.total / GiB:.2f} GiB per rank)"
+            )
     return out
 
 
@@ -192,14 +235,17 @@ def _worst_over_ranks(total: int, limit: Optional[int], device: str) -> tuple[in
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return total, limit
     where = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
-    t = torch.tensor([float(total), -float(limit) if limit is not None else float("-inf")], dtype=torch.float64,
-                     device=where)
+    t = torch.tensor(
+        [float(total), -float(limit) if limit is not None else float("-inf")], dtype=torch.float64, device=where
+    )
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     worst_limit = -t[1].item()
     return int(t[0].item()), None if worst_limit == float("inf") else int(worst_limit)
 
 
-def check_memory(arch: ModelArch, cfg: RunConfig, split=None, plan=None, *, training: bool = True) -> Optional[Estimate]:
+def check_memory(
+    arch: ModelArch, cfg: RunConfig, split=None, plan=None, *, training: bool = True
+) -> Optional[Estimate]:
     """Raise ``InsufficientMemory`` (with the estimate, the limit and the fixes) when the run will not fit.
 
     Call before the model is built; every rank checks its own limit. Returns the estimate,
@@ -219,19 +265,27 @@ def check_memory(arch: ModelArch, cfg: RunConfig, split=None, plan=None, *, trai
     total, limit = _worst_over_ranks(est.total, limit, device)  # every rank takes the same decision
     if limit is None:
         return None
-    summary = (f"memory pre-flight: estimated peak per rank {est.describe()}; this rank may use "
-               f"{limit / GiB:.2f} GiB ({source})")
+    summary = (
+        f"memory pre-flight: estimated peak per rank {est.describe()}; this rank may use "
+        f"{limit / GiB:.2f} GiB ({source})"
+    )
     if total <= limit:
         if rank0:
             print(summary, flush=True)
         return est
     fixes = _fixes(arch, cfg, world_size, num_dimensions, limit, training, rows, width, device)
-    advice = ("; ".join(fixes) if fixes else
-              "none of recompute, a smaller micro-batch or 2x TP/PP alone is enough: combine them or use more memory")
+    advice = (
+        "; ".join(fixes)
+        if fixes
+        else "none of recompute, a smaller micro-batch or 2x TP/PP alone is enough: combine them or use more memory"
+    )
     message = f"{summary}: it will not fit. Fixes that would fit: {advice}. Pass --no-memory-check to start anyway."
     if cfg.training.memory_check:
         raise InsufficientMemory(message)
     if rank0:
-        print("warning: " + message.replace("Pass --no-memory-check to start anyway.", "Starting anyway "
-                                             "(--no-memory-check)."), flush=True)
+        print(
+            "warning: "
+            + message.replace("Pass --no-memory-check to start anyway.", "Starting anyway (--no-memory-check)."),
+            flush=True,
+        )
     return est

@@ -24,11 +24,13 @@ gradients match that count.
 Shape legend: R rows, S positions per row (this CP rank's share), V vocabulary slice,
 N sequences, B samples, P pairs, M pair-metric rows.
 """
+
 from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -90,8 +92,14 @@ def loss_func(
     come from ``fused_token_logprobs``: no logits tensor. ``batch["epoch"]`` (default 0) is the
     epoch of this micro-batch's samples, part of the key of their Gaussian draws.
     """
-    logp_RS = output_logprobs(batch, output, tp_group=tp_group, chunk_tokens=chunk_tokens,
-                              output_weight=output_weight, sequence_parallel=sequence_parallel)
+    logp_RS = output_logprobs(
+        batch,
+        output,
+        tp_group=tp_group,
+        chunk_tokens=chunk_tokens,
+        output_weight=output_weight,
+        sequence_parallel=sequence_parallel,
+    )
     stats_N = sequence_stats(logp_RS, batch["segment_ids"], batch["loss_mask"], int(batch["num_seqs"]), cp_group)
     ids_B = sample_ids(batch)
     num_seqs, num_samples = int(batch["num_seqs"]), ids_B.numel()
@@ -118,12 +126,25 @@ def output_logprobs(
     logits [R, S, V], or hidden states [S, R, H] with ``output_weight`` (see ``loss_func``)."""
     labels_RS, mask_RS = batch["labels"], batch["loss_mask"]
     if output_weight is not None:  # Megatron's [s, b, h] order: labels and mask follow it, not the other way
-        return fused_token_logprobs(output, output_weight, labels_RS.t(), tp_group, mask=mask_RS.t(),
-                                    chunk_tokens=chunk_tokens, sequence_parallel=sequence_parallel).t()
+        return fused_token_logprobs(
+            output,
+            output_weight,
+            labels_RS.t(),
+            tp_group,
+            mask=mask_RS.t(),
+            chunk_tokens=chunk_tokens,
+            sequence_parallel=sequence_parallel,
+        ).t()
     # The model's logits come out of the output layer and nothing else reads them: their storage
     # takes the gradient. Logits that are leaves (tests, tools) keep theirs.
-    return token_logprobs(output, labels_RS, tp_group, mask=mask_RS, chunk_tokens=chunk_tokens,
-                          inplace_backward=output.grad_fn is not None)
+    return token_logprobs(
+        output,
+        labels_RS,
+        tp_group,
+        mask=mask_RS,
+        chunk_tokens=chunk_tokens,
+        inplace_backward=output.grad_fn is not None,
+    )
 
 
 def make_report(loss_sum: torch.Tensor, count: torch.Tensor, metrics: dict, ids_B: torch.Tensor) -> dict:
@@ -188,8 +209,12 @@ def packed_thd_default(config, use_te: Optional[bool] = None) -> bool:
     from megatron_amopo.model.attention import flash_head_size_ok, varlen_causal_attention
 
     half = bool(getattr(config, "bf16", False) or getattr(config, "fp16", False))
-    return (torch.cuda.is_available() and half and flash_head_size_ok(getattr(config, "kv_channels", 0) or 0)
-            and varlen_causal_attention() is not None)
+    return (
+        torch.cuda.is_available()
+        and half
+        and flash_head_size_ok(getattr(config, "kv_channels", 0) or 0)
+        and varlen_causal_attention() is not None
+    )
 
 
 def forward_step(
@@ -216,16 +241,23 @@ def forward_step(
     fused = objective_cfg.output_layer == "fused" and getattr(gpt, "post_process", False)
     weight = output_weight(gpt) if fused else None
     with hidden_states_out(gpt) if fused else contextlib.nullcontext():
-        output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
-                       packed_seq_params=packed_seq_params)
+        output = model(
+            batch["tokens"], batch["position_ids"], batch["attention_mask"], packed_seq_params=packed_seq_params
+        )
     loss = functools.partial(
-        loss_func, batch, objective_cfg, tp_group=tp_group, cp_group=cp_group, chunk_tokens=chunk_tokens,
-        output_weight=weight, sequence_parallel=sequence_parallel,
+        loss_func,
+        batch,
+        objective_cfg,
+        tp_group=tp_group,
+        cp_group=cp_group,
+        chunk_tokens=chunk_tokens,
+        output_weight=weight,
+        sequence_parallel=sequence_parallel,
     )
     return output, loss
 
 
-def output_weight(gpt: torch.nn.Module) -> torch.Tensor:
+def output_weight(gpt: Any) -> torch.Tensor:
     """This rank's output-layer weight [V, H], as ``GPTModel._postprocess`` hands it to the output layer:
     the shared embedding when tied (the last stage's copy under PP), else ``output_layer.weight``."""
     if getattr(gpt.config, "mtp_num_layers", None):
@@ -239,7 +271,7 @@ def output_weight(gpt: torch.nn.Module) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def hidden_states_out(gpt: torch.nn.Module) -> Iterator[None]:
+def hidden_states_out(gpt: Any) -> Iterator[None]:
     """Within the block, ``GPTModel.forward`` returns the final hidden states (after the final norm,
     [S, R, H]) instead of the logits: ``_postprocess`` returns them when ``post_process`` is off, and
     nothing else in the forward reads the flag (Megatron-Core 0.16; see docs/DESIGN.md)."""

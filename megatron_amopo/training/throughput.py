@@ -8,9 +8,11 @@ N_mm: the matmul weights a token meets (QKV, attention output, the three MLP mat
 every layer, and the LM head; not the embedding lookup). The second term: the causal
 attention's score and value products (4 L^2 d_attn per layer forward, half under the mask).
 """
+
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections.abc import Iterable
+from typing import Optional
 
 import torch
 

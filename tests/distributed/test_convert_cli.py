@@ -5,6 +5,7 @@ convert_hf_to_megatron --check -> convert_megatron_to_hf --check with small shar
 -> transformers loads the export with its tokenizer and generates the same tokens
 as the original model.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,10 @@ TOKENIZER = os.path.join(ROOT, "data", "tokenizer-qwen2")
 def _tool(name: str, *argv) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, os.path.join(ROOT, "tools", f"{name}.py"), *map(str, argv)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
 
 
@@ -47,9 +51,18 @@ def test_tools_end_to_end_with_real_tokenizer(tmp_path):
     report = _report(res.stdout)
     assert 0 < report["max_abs"] <= 1e-4 and report["unpadded"]["argmax_agreement"] == 1.0
     assert sorted(os.listdir(mc / "tokenizer")) == sorted(
-        f for f in os.listdir(TOKENIZER) if f in ("vocab.json", "merges.txt", "tokenizer_config.json",
-                                                  "special_tokens_map.json", "added_tokens.json",
-                                                  "chat_template.jinja", "tokenizer.json")
+        f
+        for f in os.listdir(TOKENIZER)
+        if f
+        in (
+            "vocab.json",
+            "merges.txt",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "added_tokens.json",
+            "chat_template.jinja",
+            "tokenizer.json",
+        )
     )
     res = _tool("convert_megatron_to_hf", "--load", mc, "--save", out, "--check", "--max-shard-size", "15MB")
     assert res.returncode == 0, res.stderr[-3000:]

@@ -8,6 +8,7 @@ with HF logits (each prompt alone and as one left-padded batch) and the original
 files. Random weights are N(0, 1/fan_in) with random biases and norm weights, so a
 swapped or mis-split tensor moves logits by far more than the tolerance.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,9 +41,9 @@ def _overrides(extra):
 def _one_model(hf_dir: str, work: str, seqs: list[list[int]], check_errors: bool) -> dict:
     import torch.distributed as dist
 
+    from megatron_amopo.checkpoint.store import load_model_state, save_model_state, write_model_metadata
     from megatron_amopo.config import ParallelConfig
     from megatron_amopo.convert.check import megatron_logits
-    from megatron_amopo.checkpoint.store import load_model_state, save_model_state, write_model_metadata
     from megatron_amopo.convert.hf_to_megatron import convert_hf_to_megatron
     from megatron_amopo.convert.megatron_to_hf import convert_megatron_to_hf
     from megatron_amopo.model.provider import build_model_stage, transformer_config

@@ -7,6 +7,7 @@ the logits path and once fused, from the same weights. Compared: every token's l
 and every parameter's gradient after ``finalize_model_grads`` (output weight and, tied, the
 embedding included). A fused run fed the wrong weight shows that the comparison can fail.
 """
+
 from __future__ import annotations
 
 import functools
@@ -26,11 +27,20 @@ def _groups(vocab: int) -> list[dict]:
     groups = []
     for g in range(4):
         prompt_len = int(torch.randint(3, 6, (1,), generator=gen))
-        seqs = [torch.randint(1, vocab, (prompt_len + int(torch.randint(2, 7, (1,), generator=gen)),), generator=gen)
-                for _ in range(2 * NUM_PAIRS)]
-        groups.append(dict(tokens=seqs, response_start=torch.full((2 * NUM_PAIRS,), prompt_len),
-                           chosen_scores=torch.ones(NUM_PAIRS - 1), rejected_scores=torch.zeros(NUM_PAIRS - 1),
-                           row_id=g, group_id=50 + g))
+        seqs = [
+            torch.randint(1, vocab, (prompt_len + int(torch.randint(2, 7, (1,), generator=gen)),), generator=gen)
+            for _ in range(2 * NUM_PAIRS)
+        ]
+        groups.append(
+            dict(
+                tokens=seqs,
+                response_start=torch.full((2 * NUM_PAIRS,), prompt_len),
+                chosen_scores=torch.ones(NUM_PAIRS - 1),
+                rejected_scores=torch.zeros(NUM_PAIRS - 1),
+                row_id=g,
+                group_id=50 + g,
+            )
+        )
     return groups
 
 
@@ -45,9 +55,14 @@ def _recording_step(records: list, wrong_weight: bool, data_iterator, model, **k
         loss = functools.partial(step.loss_func, *loss.args, **keywords)
 
     def recorded(out):
-        logp = step.output_logprobs(batch, out, tp_group=keywords["tp_group"], chunk_tokens=keywords["chunk_tokens"],
-                                    output_weight=keywords["output_weight"],
-                                    sequence_parallel=keywords["sequence_parallel"])
+        logp = step.output_logprobs(
+            batch,
+            out,
+            tp_group=keywords["tp_group"],
+            chunk_tokens=keywords["chunk_tokens"],
+            output_weight=keywords["output_weight"],
+            sequence_parallel=keywords["sequence_parallel"],
+        )
         records.append(dict(logp=logp.detach()[batch["loss_mask"] > 0], width=out.shape[-1]))
         return loss(out)
 
@@ -59,13 +74,26 @@ def _run(model, micro, cfg, thd, wrong_weight=False):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     records = []
-    step = functools.partial(_recording_step, records, wrong_weight, objective_cfg=cfg,
-                             tp_group=ps.get_tensor_model_parallel_group(), cp_group=ps.get_context_parallel_group(),
-                             use_te=False, packed_thd=thd, chunk_tokens=7)
+    step = functools.partial(
+        _recording_step,
+        records,
+        wrong_weight,
+        objective_cfg=cfg,
+        tp_group=ps.get_tensor_model_parallel_group(),
+        cp_group=ps.get_context_parallel_group(),
+        use_te=False,
+        packed_thd=thd,
+        chunk_tokens=7,
+    )
     model.zero_grad_buffer()
     reports = get_forward_backward_func()(
-        forward_step_func=step, data_iterator=iter(micro), model=[model], num_microbatches=len(micro),
-        seq_length=micro[0]["tokens"].shape[1], micro_batch_size=micro[0]["tokens"].shape[0], forward_only=False,
+        forward_step_func=step,
+        data_iterator=iter(micro),
+        model=[model],
+        num_microbatches=len(micro),
+        seq_length=micro[0]["tokens"].shape[1],
+        micro_batch_size=micro[0]["tokens"].shape[0],
+        forward_only=False,
     )
     loss = torch.stack([r["loss_sum"] for r in reports]).sum() if reports else None
     grads = {n: p.main_grad.clone() for n, p in model.named_parameters()}
@@ -101,8 +129,9 @@ def _body():
     out = {}
     for tp, pp, sp in LAYOUTS:
         for tied in (False, True):
-            parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                      sequence_parallel=sp)
+            parallel = ParallelConfig(
+                tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp
+            )
             initialize_distributed(parallel)
             set_seed(SEED)
             arch = tiny_arch("qwen2", tie_word_embeddings=tied)
@@ -116,7 +145,7 @@ def _body():
                 if sp and kind == "packed":
                     continue  # packed rows are W <= S positions, W not always a multiple of TP
                 layout = "padded" if kind == "padded" else "packed"
-                micro = [build_micro_batch(mine[i:i + 1], layout, seq_length=ROW_LEN) for i in range(len(mine))]
+                micro = [build_micro_batch(mine[i : i + 1], layout, seq_length=ROW_LEN) for i in range(len(mine))]
                 runs = {path: _run(model, micro, cfg, thd=kind == "thd") for path, cfg in cfgs.items()}
                 out[tp, pp, sp, tied, kind] = _compare(runs["logits"], runs["fused"])
             if (tp, pp, sp) == (2, 1, True) and not tied:

@@ -6,6 +6,7 @@ with the global batch split over DP ranks and micro-batches, with the output lay
 with the fused output layer (``training.step``'s wiring). A final run with the gradient wiring
 removed shows the test catches its absence.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -45,7 +46,11 @@ def _run_layout(tp, pp, sp, tied, fused, wired=True):
     arch = tiny_arch("qwen2", tie_word_embeddings=tied)
     config = transformer_config(arch, parallel, calculate_per_token_loss=True)
     (model,) = build_model(arch, config)
-    tp_rank, dp_rank, dp = ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    tp_rank, dp_rank, dp = (
+        ps.get_tensor_model_parallel_rank(),
+        ps.get_data_parallel_rank(),
+        ps.get_data_parallel_world_size(),
+    )
     fill_deterministic(model, SEED, tp_rank, tp)
     if not wired:
         config.finalize_model_grads_func = None
@@ -85,8 +90,9 @@ def _run_layout(tp, pp, sp, tied, fused, wired=True):
 
         def loss_func(hidden):
             every = dict(labels=batch["labels"], loss_mask=torch.ones_like(batch["mask"]))
-            logp = step.output_logprobs(every, hidden, tp_group=ps.get_tensor_model_parallel_group(),
-                                        output_weight=weight, sequence_parallel=sp)
+            logp = step.output_logprobs(
+                every, hidden, tp_group=ps.get_tensor_model_parallel_group(), output_weight=weight, sequence_parallel=sp
+            )
             logits_out.append(logp.detach().clone())  # the per-token result compared across layouts
             loss_sum = -(logp * batch["mask"]).sum()
             count = batch["mask"].sum().to(torch.int)
@@ -96,8 +102,13 @@ def _run_layout(tp, pp, sp, tied, fused, wired=True):
 
     model.zero_grad_buffer()
     reports = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(micro), model=[model],
-        num_microbatches=len(micro), seq_length=SEQ, micro_batch_size=MBS, forward_only=False,
+        forward_step_func=forward_step,
+        data_iterator=iter(micro),
+        model=[model],
+        num_microbatches=len(micro),
+        seq_length=SEQ,
+        micro_batch_size=MBS,
+        forward_only=False,
     )
     is_last = ps.is_pipeline_last_stage()
     loss_pair = torch.stack([r["loss"] for r in reports]).sum(0) if is_last else torch.zeros(2)

@@ -9,6 +9,7 @@ TP2/PP1 (DP2), TP1/PP2 (DP2) and TP2/PP2 (DP1), the 4-sample global batch split 
 and SimPO with identical chosen and rejected responses, whose loss is
 -log sigmoid(-gamma) whatever the weights.
 """
+
 from __future__ import annotations
 
 import functools
@@ -45,11 +46,16 @@ def _groups(identical_sides: bool = False) -> list[dict]:
                 continue
             length = prompt_len + int(torch.randint(2, 8, (1,), generator=gen))
             seqs.append(torch.randint(1, 512, (length,), generator=gen))
-        groups.append(dict(
-            tokens=seqs, response_start=torch.full((2 * NUM_PAIRS,), prompt_len),
-            chosen_scores=torch.ones(NUM_PAIRS - 1), rejected_scores=torch.zeros(NUM_PAIRS - 1),
-            row_id=g, group_id=1000 + g,
-        ))
+        groups.append(
+            dict(
+                tokens=seqs,
+                response_start=torch.full((2 * NUM_PAIRS,), prompt_len),
+                chosen_scores=torch.ones(NUM_PAIRS - 1),
+                rejected_scores=torch.zeros(NUM_PAIRS - 1),
+                row_id=g,
+                group_id=1000 + g,
+            )
+        )
     return groups
 
 
@@ -115,8 +121,13 @@ def _run(model, mbs, cfg, *, wrong=False, identical_sides=False):
         )
     model.zero_grad_buffer()
     reports = get_forward_backward_func()(
-        forward_step_func=step, data_iterator=iter(micro), model=[model], num_microbatches=len(micro),
-        seq_length=ROW_LEN, micro_batch_size=mbs * 2 * NUM_PAIRS, forward_only=False,
+        forward_step_func=step,
+        data_iterator=iter(micro),
+        model=[model],
+        num_microbatches=len(micro),
+        seq_length=ROW_LEN,
+        micro_batch_size=mbs * 2 * NUM_PAIRS,
+        forward_only=False,
     )
     return _collect(model, reports)
 
@@ -141,7 +152,8 @@ def _collect(model, reports):
     grads = {full: (p.main_grad, tp_split_dim(p)) for _, full, p in local_parameters(model)}
     full_grads = gather_full(grads, ps.get_tensor_model_parallel_group(), ps.get_model_parallel_group())
     return dict(
-        loss=(sums[0] / sums[1]).item(), count=sums[1].item(),
+        loss=(sums[0] / sums[1]).item(),
+        count=sums[1].item(),
         weights=torch.stack([by_id[k] for k in sorted(by_id)]),
         grads=full_grads if ps.get_data_parallel_rank() == 0 else None,
     )

@@ -4,6 +4,7 @@ On 2 gloo ranks (DP2, distributed optimizer): train one step, save model and
 optimizer with dist_checkpointing (fully_reshardable), load into a fresh model and
 optimizer, train one more step, and compare with a run that never stopped.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -72,8 +73,11 @@ def _body(path: str, untie: bool, fix_init_state: bool):
     model, optimizer = _setup(fix_init_state=True)
     _step(model, optimizer, 0)
     model_sd = unwrap(model).sharded_state_dict()
-    dist_checkpointing.save({"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, metadata=meta)},
-                            path, content_metadata=meta)
+    dist_checkpointing.save(
+        {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, metadata=meta)},
+        path,
+        content_metadata=meta,
+    )
     _step(model, optimizer, 1)
     reference = _params(model)
 
@@ -99,8 +103,12 @@ def _body(path: str, untie: bool, fix_init_state: bool):
     _step(fresh, fresh_opt, 1)
     resumed = _params(fresh)
     diff = max((resumed[n] - reference[n]).abs().max().item() for n in reference)
-    return {"shared_step": shared, "max_diff": diff, "steps": sorted({float(s["step"]) for s in states}),
-            "fused": [bool(g.get("fused")) for g in fresh_opt.optimizer.param_groups]}
+    return {
+        "shared_step": shared,
+        "max_diff": diff,
+        "steps": sorted({float(s["step"]) for s in states}),
+        "fused": [bool(g.get("fused")) for g in fresh_opt.optimizer.param_groups],
+    }
 
 
 @pytest.mark.distributed

@@ -1,5 +1,6 @@
 """Packed rows (block-diagonal mask, positions restarting per sequence) give exactly the
 logits of the same sequences laid one per row, on the real Megatron-Core model (local spec)."""
+
 from __future__ import annotations
 
 import torch

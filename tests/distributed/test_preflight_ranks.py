@@ -1,5 +1,6 @@
 """The memory pre-flight takes one decision on every rank: the largest estimate against the smallest
 limit (a rank that refused alone would leave the others waiting in the model's first collective)."""
+
 from __future__ import annotations
 
 import pytest

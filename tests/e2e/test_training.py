@@ -6,6 +6,7 @@ One module-scoped setup; each test launches ``pretrain_amopo.py`` (or a tool) in
 subprocess. Layout equality: the same weights and the same global batch give the
 same first-step loss at TP2, PP2 and DP2.
 """
+
 from __future__ import annotations
 
 import collections
@@ -34,8 +35,10 @@ def _run(args: list[str], timeout: int = 400, check: bool = True, **kw) -> subpr
 
 
 def torchrun(*flags: str, nproc: int = 2, **kw) -> subprocess.CompletedProcess:
-    return _run([PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                 "pretrain_amopo.py", *flags], **kw)
+    return _run(
+        [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "pretrain_amopo.py", *flags],
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,27 +49,77 @@ def setup(tmp_path_factory):
         for line in fh:
             r = json.loads(line)
             rows[r["prompt"]].append(r)
-    pairs = sorted((rs for rs in rows.values() if len(rs) == 2),
-                   key=lambda rs: len(rs[0]["prompt"]) + max(len(r["response"]) for r in rs))
+    pairs = sorted(
+        (rs for rs in rows.values() if len(rs) == 2),
+        key=lambda rs: len(rs[0]["prompt"]) + max(len(r["response"]) for r in rs),
+    )
     with open(root / "rows.jsonl", "w") as fh:
         for rs in pairs[:14]:
             for r in rs:
                 fh.write(json.dumps(r) + "\n")
-    _run([PY, "tools/make_tiny_model.py", "--arch", "qwen2", "--tied", "--tokenizer", "data/tokenizer-qwen2",
-          "--vocab-size", "151680", "--hidden-size", "32", "--ffn-hidden-size", "64", "--num-layers", "2",
-          "--out", str(root / "hf")])
+    _run(
+        [
+            PY,
+            "tools/make_tiny_model.py",
+            "--arch",
+            "qwen2",
+            "--tied",
+            "--tokenizer",
+            "data/tokenizer-qwen2",
+            "--vocab-size",
+            "151680",
+            "--hidden-size",
+            "32",
+            "--ffn-hidden-size",
+            "64",
+            "--num-layers",
+            "2",
+            "--out",
+            str(root / "hf"),
+        ]
+    )
     _run([PY, "tools/convert_hf_to_megatron.py", "--hf-path", str(root / "hf"), "--save", str(root / "init")])
-    _run([PY, "tools/preprocess_data.py", "--input", str(root / "rows.jsonl"), "--output", str(root / "data"),
-          "--tokenizer", str(root / "init" / "tokenizer"), "--format", "helpsteer2", "--seq-length", str(SEQ),
-          "--no-progress"])
+    _run(
+        [
+            PY,
+            "tools/preprocess_data.py",
+            "--input",
+            str(root / "rows.jsonl"),
+            "--output",
+            str(root / "data"),
+            "--tokenizer",
+            str(root / "init" / "tokenizer"),
+            "--format",
+            "helpsteer2",
+            "--seq-length",
+            str(SEQ),
+            "--no-progress",
+        ]
+    )
     return root
 
 
 def common(setup, save, *extra: str) -> list[str]:
     """Flags shared by the runs; ``extra`` comes last, so it overrides (argparse keeps the last value)."""
-    return ["--load", str(setup / "init"), "--save", str(save), "--data-path", str(setup / "data"),
-            "--micro-batch-size", "1", "--global-batch-size", "2", "--seq-length", str(SEQ), "--lr", "1e-3",
-            "--lr-warmup-fraction", "0", *extra]
+    return [
+        "--load",
+        str(setup / "init"),
+        "--save",
+        str(save),
+        "--data-path",
+        str(setup / "data"),
+        "--micro-batch-size",
+        "1",
+        "--global-batch-size",
+        "2",
+        "--seq-length",
+        str(SEQ),
+        "--lr",
+        "1e-3",
+        "--lr-warmup-fraction",
+        "0",
+        *extra,
+    ]
 
 
 def losses(run_dir) -> dict[int, float]:
@@ -90,9 +143,11 @@ def model_tensors(iter_dir) -> dict[str, torch.Tensor]:
 
 def test_layouts_train_and_agree(setup):
     first = {}
-    for name, flags in (("tp2", ["--tensor-model-parallel-size", "2"]),
-                        ("pp2", ["--pipeline-model-parallel-size", "2"]),
-                        ("dp2", ["--use-distributed-optimizer"])):
+    for name, flags in (
+        ("tp2", ["--tensor-model-parallel-size", "2"]),
+        ("pp2", ["--pipeline-model-parallel-size", "2"]),
+        ("dp2", ["--use-distributed-optimizer"]),
+    ):
         save = setup / f"layout_{name}"
         proc = torchrun(*common(setup, save, "--train-iters", "2", *flags))
         assert "iter 2/2" in proc.stdout, proc.stdout[-2000:]
@@ -104,13 +159,14 @@ def test_layouts_train_and_agree(setup):
 
 def test_exact_resume_and_resume_across_layouts(setup):
     full, half = setup / "full", setup / "half"
-    torchrun(*common(setup, full, "--train-iters", "4", "--tensor-model-parallel-size", "2",
-                     "--save-interval", "2"))
-    proc = torchrun(*common(setup, half, "--train-iters", "4", "--exit-interval", "2",
-                            "--tensor-model-parallel-size", "2"))
+    torchrun(*common(setup, full, "--train-iters", "4", "--tensor-model-parallel-size", "2", "--save-interval", "2"))
+    proc = torchrun(
+        *common(setup, half, "--train-iters", "4", "--exit-interval", "2", "--tensor-model-parallel-size", "2")
+    )
     assert "--exit-interval 2: saving at iteration 2" in proc.stdout
-    proc = torchrun(*common(setup, half, "--train-iters", "4", "--tensor-model-parallel-size", "2",
-                            "--load", str(half)))
+    proc = torchrun(
+        *common(setup, half, "--train-iters", "4", "--tensor-model-parallel-size", "2", "--load", str(half))
+    )
     assert "starting at step 2" in proc.stdout
     a, b = losses(full), losses(half)
     assert [a[i] for i in (1, 2, 3, 4)] == [b[i] for i in (1, 2, 3, 4)]  # bit-identical
@@ -119,8 +175,11 @@ def test_exact_resume_and_resume_across_layouts(setup):
 
     # The TP2 checkpoint at step 2, resumed at PP2: the same step-3 loss to fp32 tolerance.
     other = setup / "other_layout"
-    proc = torchrun(*common(setup, other, "--train-iters", "3", "--pipeline-model-parallel-size", "2",
-                            "--load", half_copy(full, other)))
+    proc = torchrun(
+        *common(
+            setup, other, "--train-iters", "3", "--pipeline-model-parallel-size", "2", "--load", half_copy(full, other)
+        )
+    )
     assert "starting at step 2" in proc.stdout
     assert losses(other)[3] == pytest.approx(a[3], rel=1e-5)
 
@@ -141,8 +200,22 @@ def test_corrupt_newest_checkpoint_falls_back(setup):
     torchrun(*common(setup, src, "--train-iters", "4", "--tensor-model-parallel-size", "2", "--save-interval", "2"))
     victim = sorted(p for p in (src / "iter_0000004").iterdir() if p.suffix == ".distcp")[0]
     victim.write_bytes(victim.read_bytes()[:-10])  # truncated file: a partial write
-    proc = torchrun(*common(setup, src, "--train-iters", "5", "--tensor-model-parallel-size", "2", "--load", str(src),
-                            "--save-interval", "1", "--keep-last", "2"))
+    proc = torchrun(
+        *common(
+            setup,
+            src,
+            "--train-iters",
+            "5",
+            "--tensor-model-parallel-size",
+            "2",
+            "--load",
+            str(src),
+            "--save-interval",
+            "1",
+            "--keep-last",
+            "2",
+        )
+    )
     assert "skipping checkpoint" in proc.stderr + proc.stdout and "iter_0000004" in proc.stderr + proc.stdout
     assert "starting at step 2" in proc.stdout
     kept = sorted(p.name for p in src.iterdir() if p.name.startswith("iter_"))
@@ -152,8 +225,15 @@ def test_corrupt_newest_checkpoint_falls_back(setup):
 def test_preemption_signal_saves_and_exits_cleanly(setup):
     save = setup / "preempt"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    args = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "pretrain_amopo.py",
-            *common(setup, save, "--train-iters", "200", "--tensor-model-parallel-size", "2")]
+    args = [
+        PY,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "pretrain_amopo.py",
+        *common(setup, save, "--train-iters", "200", "--tensor-model-parallel-size", "2"),
+    ]
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     deadline = time.time() + 300
@@ -165,8 +245,9 @@ def test_preemption_signal_saves_and_exits_cleanly(setup):
     # themselves (torchrun, signalled, would exit non-zero by design).
     import psutil
 
-    workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
-               if "pretrain_amopo.py" in " ".join(c.cmdline())]
+    workers = [
+        c for c in psutil.Process(proc.pid).children(recursive=True) if "pretrain_amopo.py" in " ".join(c.cmdline())
+    ]
     assert len(workers) == 2
     for w in workers:
         w.send_signal(signal.SIGUSR1)
@@ -182,15 +263,18 @@ def test_preemption_signal_saves_and_exits_cleanly(setup):
 def test_bad_inputs_fail_early(setup):
     proc = torchrun(*common(setup, setup / "bad1", "--train-iters", "2", "--global-batch-size", "3"), check=False)
     assert proc.returncode != 0 and "--global-batch-size 3 is not divisible by --micro-batch-size x DP" in proc.stderr
-    proc = torchrun(*common(setup, setup / "bad2", "--train-iters", "2", "--load", str(setup / "nothing")),
-                    check=False)
+    proc = torchrun(*common(setup, setup / "bad2", "--train-iters", "2", "--load", str(setup / "nothing")), check=False)
     assert proc.returncode != 0 and "no checkpoint at" in proc.stderr
     proc = torchrun(*common(setup, setup / "bad3", "--train-iters", "2", "--dimensions", "helpfulness"), check=False)
     assert proc.returncode != 0 and "built for dimensions" in proc.stderr
     # NaN: a huge learning rate blows the weights up after the first step.
     save = setup / "nan"
-    proc = torchrun(*common(setup, save, "--train-iters", "4", "--tensor-model-parallel-size", "2", "--lr", "1e30",
-                            "--clip-grad", "0"), check=False)
+    proc = torchrun(
+        *common(
+            setup, save, "--train-iters", "4", "--tensor-model-parallel-size", "2", "--lr", "1e30", "--clip-grad", "0"
+        ),
+        check=False,
+    )
     assert proc.returncode != 0 and "loss is nan at iteration" in proc.stderr + proc.stdout, proc.stderr[-3000:]
     assert "sample ids of the batch" in proc.stderr + proc.stdout
     assert not os.path.exists(save / "latest_checkpointed_iteration.txt")
@@ -200,10 +284,30 @@ def test_evaluate_tool(setup):
     runs = {}
     for output_layer in ("logits", "fused"):  # the fused output layer evaluates the same (tied embedding, TP2)
         out = setup / f"eval_{output_layer}.json"
-        _run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "tools/evaluate.py",
-              "--load", str(setup / "init"), "--data-path", str(setup / "data"), "--tensor-model-parallel-size", "2",
-              "--micro-batch-size", "1", "--seq-length", str(SEQ), "--amopo-output-layer", output_layer,
-              "--output", str(out)])
+        _run(
+            [
+                PY,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node=2",
+                "tools/evaluate.py",
+                "--load",
+                str(setup / "init"),
+                "--data-path",
+                str(setup / "data"),
+                "--tensor-model-parallel-size",
+                "2",
+                "--micro-batch-size",
+                "1",
+                "--seq-length",
+                str(SEQ),
+                "--amopo-output-layer",
+                output_layer,
+                "--output",
+                str(out),
+            ]
+        )
         runs[output_layer] = json.loads(out.read_text())
     values = runs["logits"]
     assert values["samples"] >= 4

@@ -1,4 +1,5 @@
 """AMoPO objective against a naive per-sample loop written from the formulas (docs/OBJECTIVE.md)."""
+
 import decimal
 import math
 import random
@@ -121,8 +122,15 @@ def make_cfg(loss_type, weighting, P, rnd, sft_weight=0.0):
     fixed = [rnd.choice([0.0, 0.5, 1.0, 2.0, 3.0]) for _ in range(P)] if weighting == "fixed" else None
     if fixed is not None and sum(fixed) == 0:
         fixed[0] = 1.0
-    return AmopoConfig(loss_type=loss_type, weighting=weighting, fixed_weights=fixed, beta=rnd.uniform(0.5, 3.0),
-                       gamma=rnd.uniform(0.0, 2.0), sft_weight=sft_weight, seed=rnd.randint(0, 2**31))
+    return AmopoConfig(
+        loss_type=loss_type,
+        weighting=weighting,
+        fixed_weights=fixed,
+        beta=rnd.uniform(0.5, 3.0),
+        gamma=rnd.uniform(0.0, 2.0),
+        sft_weight=sft_weight,
+        seed=rnd.randint(0, 2**31),
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -144,8 +152,9 @@ def test_matches_naive_loop(loss_type, weighting, P):
             loss, metrics = amopo_loss(stats, cfg, normals=normals, sample_ids=sample_ids, epoch=2)
             want_loss, want_w = naive_amopo(stats, cfg, z.tolist())
             torch.testing.assert_close(loss, torch.tensor(want_loss, dtype=torch.float64), rtol=1e-12, atol=1e-12)
-            torch.testing.assert_close(metrics["weights"], torch.tensor(want_w, dtype=torch.float64),
-                                       rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(
+                metrics["weights"], torch.tensor(want_w, dtype=torch.float64), rtol=1e-12, atol=1e-12
+            )
             valid = (stats["n"] > 0).all(-1).any(-1)
             assert torch.equal(metrics["sample_valid"], valid)
 
@@ -262,10 +271,13 @@ def test_orpo_at_logp_zero_is_finite():
 
 def test_gaussian_and_inverse_weights():
     rnd = random.Random(11)
-    probs = [[[[rnd.uniform(0.05, 0.95) for _ in range(rnd.randint(2, 12))] for _ in range(2)] for _ in range(4)]
-             for _ in range(5)]
+    probs = [
+        [[[rnd.uniform(0.05, 0.95) for _ in range(rnd.randint(2, 12))] for _ in range(2)] for _ in range(4)]
+        for _ in range(5)
+    ]
     stats = stats_from_tokens(probs)
     z = torch.randn(5, 4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
     # r_k = sum over sides of mean + unbiased std * z, from the token lists themselves.
     def draw(b, k, s):
         tokens = torch.tensor(probs[b][k][s], dtype=torch.float64)
@@ -327,8 +339,10 @@ def test_summarize_metrics_by_hand():
         [[seq(-0.2, 0.3), seq(-0.4, 0.3)], [seq(-0.3, 0.3), empty]],
         [[empty, seq(-0.1, 0.1)], [empty, empty]],
     ]
-    stats = {k: torch.tensor([[[s[k] for s in pair] for pair in sample] for sample in layout], dtype=torch.float64)
-             for k in ("sum_logp", "n", "sum_p", "sum_p2")}
+    stats = {
+        k: torch.tensor([[[s[k] for s in pair] for pair in sample] for sample in layout], dtype=torch.float64)
+        for k in ("sum_logp", "n", "sum_p", "sum_p2")
+    }
     beta, gamma = 2.0, 1.0
     _, metrics = amopo_loss(stats, AmopoConfig(weighting="equal", beta=beta, gamma=gamma))
     assert metrics["pair_sums"].shape == (len(PAIR_METRIC_NAMES), 2)
@@ -341,17 +355,27 @@ def test_summarize_metrics_by_hand():
     want = {
         "loss/general": (simpo(-0.5, -1.0) + simpo(-0.2, -0.4)) / 2,
         "loss/helpfulness": simpo(-1.0, -0.5),
-        "weight/general": 0.75, "weight_std/general": 0.25,
-        "weight/helpfulness": 0.5, "weight_std/helpfulness": 0.0,
-        "weight_mean_mode/general": (sig + 1.0) / 2, "weight_mean_mode_std/general": (1.0 - sig) / 2,
-        "weight_mean_mode/helpfulness": 1.0 - sig, "weight_mean_mode_std/helpfulness": 0.0,
-        "margin/general": beta * (0.5 + 0.2) / 2, "margin/helpfulness": beta * -0.5,
-        "accuracy/general": 1.0, "accuracy/helpfulness": 0.0,
-        "logp_chosen/general": -0.35, "logp_rejected/general": -0.7,
-        "logp_chosen/helpfulness": -1.0, "logp_rejected/helpfulness": -0.5,
+        "weight/general": 0.75,
+        "weight_std/general": 0.25,
+        "weight/helpfulness": 0.5,
+        "weight_std/helpfulness": 0.0,
+        "weight_mean_mode/general": (sig + 1.0) / 2,
+        "weight_mean_mode_std/general": (1.0 - sig) / 2,
+        "weight_mean_mode/helpfulness": 1.0 - sig,
+        "weight_mean_mode_std/helpfulness": 0.0,
+        "margin/general": beta * (0.5 + 0.2) / 2,
+        "margin/helpfulness": beta * -0.5,
+        "accuracy/general": 1.0,
+        "accuracy/helpfulness": 0.0,
+        "logp_chosen/general": -0.35,
+        "logp_rejected/general": -0.7,
+        "logp_chosen/helpfulness": -1.0,
+        "logp_rejected/helpfulness": -0.5,
         "loss/all": (simpo(-0.5, -1.0) + simpo(-0.2, -0.4) + simpo(-1.0, -0.5)) / 3,
-        "margin/all": beta * (0.5 + 0.2 - 0.5) / 3, "accuracy/all": 2 / 3,
-        "logp_chosen/all": -1.7 / 3, "logp_rejected/all": -1.9 / 3,
+        "margin/all": beta * (0.5 + 0.2 - 0.5) / 3,
+        "accuracy/all": 2 / 3,
+        "logp_chosen/all": -1.7 / 3,
+        "logp_rejected/all": -1.9 / 3,
     }
     assert set(out) == set(want)
     for key, value in want.items():

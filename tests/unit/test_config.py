@@ -1,4 +1,5 @@
 """Flags generated from the config dataclasses, YAML run files mapping onto the same fields."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,9 +12,35 @@ def parse(argv):
 
 
 def test_flags_reach_their_fields():
-    cfg = parse("--micro-batch-size 2 --train-iters 3 --amopo-beta 2.5 --amopo-loss orpo --amopo-seed 9 --seed 5 "
-                "--tensor-model-parallel-size 2 --sequence-parallel --amopo-weighting fixed "
-                "--amopo-fixed-weights 1 2 3 4 --lr 1e-5 --use-distributed-optimizer".split())
+    cfg = parse(
+        [
+            "--micro-batch-size",
+            "2",
+            "--train-iters",
+            "3",
+            "--amopo-beta",
+            "2.5",
+            "--amopo-loss",
+            "orpo",
+            "--amopo-seed",
+            "9",
+            "--seed",
+            "5",
+            "--tensor-model-parallel-size",
+            "2",
+            "--sequence-parallel",
+            "--amopo-weighting",
+            "fixed",
+            "--amopo-fixed-weights",
+            "1",
+            "2",
+            "3",
+            "4",
+            "--lr",
+            "1e-5",
+            "--use-distributed-optimizer",
+        ]
+    )
     assert (cfg.training.micro_batch_size, cfg.training.train_iters, cfg.training.seed) == (2, 3, 5)
     assert (cfg.amopo.beta, cfg.amopo.loss_type, cfg.amopo.seed) == (2.5, "orpo", 9)
     assert cfg.amopo.fixed_weights == [1.0, 2.0, 3.0, 4.0]
@@ -37,15 +64,18 @@ def test_yaml_unknown_key_is_named(tmp_path):
         parse(["--config", str(run)])
 
 
-@pytest.mark.parametrize("argv, match", [
-    ("--train-iters 2", "exactly one of --micro-batch-size"),
-    ("--micro-batch-size 1", "exactly one of --train-iters or --train-epochs"),
-    ("--micro-batch-size 1 --train-iters 2 --amopo-loss dpo", "--amopo-loss must be one of"),
-    ("--micro-batch-size 1 --train-iters 2 --amopo-weighting fixed", "needs --amopo-fixed-weights"),
-    ("--micro-batch-size 1 --train-iters 2 --lr-decay-style exp", "--lr-decay-style must be"),
-    ("--micro-batch-size 1 --train-iters 2 --split 95", "--split must be two non-negative numbers"),
-    ("--micro-batch-size 1 --train-iters 2 --sequence-parallel", "--sequence-parallel needs"),
-])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        ("--train-iters 2", "exactly one of --micro-batch-size"),
+        ("--micro-batch-size 1", "exactly one of --train-iters or --train-epochs"),
+        ("--micro-batch-size 1 --train-iters 2 --amopo-loss dpo", "--amopo-loss must be one of"),
+        ("--micro-batch-size 1 --train-iters 2 --amopo-weighting fixed", "needs --amopo-fixed-weights"),
+        ("--micro-batch-size 1 --train-iters 2 --lr-decay-style exp", "--lr-decay-style must be"),
+        ("--micro-batch-size 1 --train-iters 2 --split 95", "--split must be two non-negative numbers"),
+        ("--micro-batch-size 1 --train-iters 2 --sequence-parallel", "--sequence-parallel needs"),
+    ],
+)
 def test_bad_flags_are_refused_before_any_work(argv, match):
     with pytest.raises(ValueError, match=match):
         parse(argv.split())

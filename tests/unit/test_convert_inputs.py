@@ -3,6 +3,7 @@
 The tools' ``main`` runs in this process: every check here must fire before the
 process group or the model exists (the distributed tests cover the rest).
 """
+
 from __future__ import annotations
 
 import importlib.util

@@ -2,6 +2,7 @@
 
 Shape legend: G query groups, h query heads per group, d head dim, H hidden.
 """
+
 from __future__ import annotations
 
 import json
@@ -80,7 +81,10 @@ def test_unsupported_model_type_lists_supported():
 
 
 def test_te_spec_names_resolve():
-    te_names = {"decoder.layers.3.self_attention.linear_qkv.layer_norm_weight", "decoder.layers.3.mlp.linear_fc1.layer_norm_weight"}
+    te_names = {
+        "decoder.layers.3.self_attention.linear_qkv.layer_norm_weight",
+        "decoder.layers.3.mlp.linear_fc1.layer_norm_weight",
+    }
     assert resolve_param_name("decoder.layers.3.input_layernorm.weight", te_names) == (
         "decoder.layers.3.self_attention.linear_qkv.layer_norm_weight"
     )

@@ -1,5 +1,6 @@
 """Preprocessing to a Megatron-Core IndexedDataset: reader round trip, metadata checks, bad rows,
 --strict, atomic output, and the CLI end to end."""
+
 import json
 import subprocess
 import sys
@@ -22,8 +23,15 @@ TOK = str(ROOT / "data" / "tokenizer-qwen2")
 
 
 def _run(tmp_path, name="ds", inp=HS2, limit=100, strict=False, workers=1, **data):
-    pre = PreprocessConfig(input=inp, output=str(tmp_path / name), tokenizer=TOK, limit=limit, strict=strict,
-                           workers=workers, progress=False)
+    pre = PreprocessConfig(
+        input=inp,
+        output=str(tmp_path / name),
+        tokenizer=TOK,
+        limit=limit,
+        strict=strict,
+        workers=workers,
+        progress=False,
+    )
     return preprocess(DataConfig(**data), PromptConfig(), pre), tmp_path / name
 
 
@@ -35,8 +43,12 @@ def hs2(tmp_path_factory):
 def test_round_trip_helpsteer2(hs2):
     meta, path = hs2
     tok = load_tokenizer(TOK)
-    ds = PreferenceGroupDataset(str(path), vocab_hash=tokenizer_fingerprint(tok, TOK)["vocab_hash"],
-                                dimensions=["helpfulness", "correctness", "coherence"], seq_length=1024)
+    ds = PreferenceGroupDataset(
+        str(path),
+        vocab_hash=tokenizer_fingerprint(tok, TOK)["vocab_hash"],
+        dimensions=["helpfulness", "correctness", "coherence"],
+        seq_length=1024,
+    )
     cfg = DataConfig(format="helpsteer2", seq_length=1024)
     recs = {r.row_id: r for r in records(iter_rows(HS2, limit=100), cfg) if isinstance(r, PreferenceRecord)}
     assert len(ds) == meta["counts"]["groups_written"] > 30
@@ -52,7 +64,9 @@ def test_round_trip_helpsteer2(hs2):
         for i, (seq, start) in enumerate(zip(item["tokens"], item["response_start"].tolist())):
             if ds.group_max_len[g] < 1000:  # certainly not truncated: decoded text equals the input text
                 assert tok.decode(seq[start:]) == (rec.chosen, rec.rejected)[i % 2] + "<|im_end|>"
-                assert tok.decode(seq[:start]).endswith(rec.turns[-1]["content"] + "<|im_end|>\n<|im_start|>assistant\n")
+                assert tok.decode(seq[:start]).endswith(
+                    rec.turns[-1]["content"] + "<|im_end|>\n<|im_start|>assistant\n"
+                )
                 exact += 1
     assert exact >= 8 * 30
     lengths = ds.seq_lengths_GN - 1
@@ -75,8 +89,15 @@ def test_metadata_mismatch_is_refused(hs2):
 def test_bad_rows_report_and_strict(tmp_path):
     meta, path = _run(tmp_path, inp=BAD, limit=None, format="amopo")
     assert meta["counts"]["groups_written"] == 2
-    assert meta["skipped"] == {"malformed_json": 2, "missing_field": 2, "bad_score": 1, "score_out_of_range": 1,
-                               "empty_response": 1, "identical_responses": 1, "tie": 1}
+    assert meta["skipped"] == {
+        "malformed_json": 2,
+        "missing_field": 2,
+        "bad_score": 1,
+        "score_out_of_range": 1,
+        "empty_response": 1,
+        "identical_responses": 1,
+        "tie": 1,
+    }
     report = json.loads((path / "skipped.json").read_text())
     assert [e["line"] for e in report["first"]["missing_field"]] == [3, 9]
     assert report["first"]["bad_score"][0]["detail"] == "score 'chosen.helpfulness' must be a finite number, got 'five'"
@@ -92,8 +113,9 @@ def test_too_long_and_atomic_overwrite(tmp_path):
     with pytest.raises(FileExistsError, match="--overwrite"):
         _run(tmp_path, inp=UF, limit=20, format="pairs")
     with pytest.raises(DataError, match=r"line 1: too_long: .*--seq-length 32"):
-        pre = PreprocessConfig(input=UF, output=str(tmp_path / "ds"), tokenizer=TOK, limit=6, strict=True,
-                               overwrite=True, progress=False)
+        pre = PreprocessConfig(
+            input=UF, output=str(tmp_path / "ds"), tokenizer=TOK, limit=6, strict=True, overwrite=True, progress=False
+        )
         preprocess(DataConfig(format="pairs", seq_length=32), PromptConfig(), pre)
     assert (tmp_path / "ds" / "data.bin").read_bytes() == before  # the old dataset is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
@@ -108,15 +130,31 @@ def test_workers_give_identical_output(tmp_path):
 
 def test_cli_end_to_end(tmp_path):
     out = tmp_path / "uf"
-    cmd = [sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input", UF, "--format", "pairs",
-           "--tokenizer", TOK, "--output", str(out), "--limit", "12", "--seq-length", "1024",
-           "--no-progress"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "tools" / "preprocess_data.py"),
+        "--input",
+        UF,
+        "--format",
+        "pairs",
+        "--tokenizer",
+        TOK,
+        "--output",
+        str(out),
+        "--limit",
+        "12",
+        "--seq-length",
+        "1024",
+        "--no-progress",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     line = res.stdout.strip().splitlines()[-1]
     meta = json.loads((out / "metadata.json").read_text())
-    n_ties = sum(json.loads(l)["metadata"]["score_chosen"] == json.loads(l)["metadata"]["score_rejected"]
-                 for l in open(UF).readlines()[:12])
+    n_ties = sum(
+        json.loads(line)["metadata"]["score_chosen"] == json.loads(line)["metadata"]["score_rejected"]
+        for line in open(UF).readlines()[:12]
+    )
     assert line.startswith(f"rows read 12 | groups written {12 - n_ties - meta['skipped'].get('truncation_limit', 0)}")
     assert f"tie={n_ties}" in line and meta["dimensions"] == ["overall"] and meta["num_pairs"] == 2
     bad = subprocess.run(cmd[:-1] + ["--seq-length", "4"], capture_output=True, text=True, timeout=120)

@@ -1,4 +1,5 @@
 """Dimension prompts: fresh per pair, target = chosen score on both sides, real score range, overrides."""
+
 import re
 from pathlib import Path
 
@@ -72,8 +73,10 @@ def test_rubric_uses_the_dataset_range(tok):
 
 def test_template_override_file_and_hash(tok, tmp_path):
     path = tmp_path / "t.yaml"
-    path.write_text("dimension: 'Target {dimension}={target} on [{score_min},{score_max}].'\n"
-                    "descriptions:\n  coherence: 'logical flow.'\n")
+    path.write_text(
+        "dimension: 'Target {dimension}={target} on [{score_min},{score_max}].'\n"
+        "descriptions:\n  coherence: 'logical flow.'\n"
+    )
     enc, cfg = _encoder(tok, templates=str(path), format="helpsteer2")
     default, _ = _encoder(tok, format="helpsteer2")
     assert enc.builder.dimension(0, 3.0) == "Target helpfulness=3 on [0,4]."

@@ -1,4 +1,5 @@
 """Input formats -> preference records, on the bundled real HelpSteer2 and UltraFeedback rows."""
+
 import json
 from collections import Counter
 from pathlib import Path
@@ -43,7 +44,7 @@ def test_helpsteer2_single_dimension_rule():
     raw = _rows(HS2, 100)
     for rec in records(iter_rows(str(HS2), limit=100), cfg):
         if isinstance(rec, PreferenceRecord):
-            by = {r["response"]: r["verbosity"] for r in raw[rec.row_id:rec.row_id + 2]}
+            by = {r["response"]: r["verbosity"] for r in raw[rec.row_id : rec.row_id + 2]}
             assert by[rec.chosen] > by[rec.rejected]
 
 
@@ -77,9 +78,17 @@ def test_pairs_field_map_and_messages(tmp_path):
     path = tmp_path / "renamed.jsonl"
     with open(path, "w") as fh:
         for r in raw:
-            fh.write(json.dumps({"q": [{"role": "user", "content": r["prompt"]}],
-                                 "good": [{"role": "assistant", "content": r["chosen"]}], "bad": r["rejected"],
-                                 "s": {"c": r["metadata"]["score_chosen"], "r": r["metadata"]["score_rejected"]}}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "q": [{"role": "user", "content": r["prompt"]}],
+                        "good": [{"role": "assistant", "content": r["chosen"]}],
+                        "bad": r["rejected"],
+                        "s": {"c": r["metadata"]["score_chosen"], "r": r["metadata"]["score_rejected"]},
+                    }
+                )
+                + "\n"
+            )
     cfg = DataConfig(format="pairs", field_map="prompt=q,chosen=good,rejected=bad,score_chosen=s.c,score_rejected=s.r")
     ref = [r for r in records(iter_rows(str(UF), limit=5), DataConfig(format="pairs"))]
     got = list(records(iter_rows(str(path)), cfg))
@@ -97,11 +106,17 @@ def test_json_and_parquet_inputs_match_jsonl(tmp_path):
     (tmp_path / "rows.json").write_text(json.dumps(raw))
     pq.write_table(pa.Table.from_pylist(raw), tmp_path / "rows.parquet")
     cfg = DataConfig(format="helpsteer2")
-    ref = [(r.chosen, r.rejected, r.chosen_scores) for r in records(iter_rows(str(HS2), limit=40), cfg)
-           if isinstance(r, PreferenceRecord)]
+    ref = [
+        (r.chosen, r.rejected, r.chosen_scores)
+        for r in records(iter_rows(str(HS2), limit=40), cfg)
+        if isinstance(r, PreferenceRecord)
+    ]
     for name in ("rows.json", "rows.parquet"):
-        got = [(r.chosen, r.rejected, r.chosen_scores) for r in records(iter_rows(str(tmp_path / name)), cfg)
-               if isinstance(r, PreferenceRecord)]
+        got = [
+            (r.chosen, r.rejected, r.chosen_scores)
+            for r in records(iter_rows(str(tmp_path / name)), cfg)
+            if isinstance(r, PreferenceRecord)
+        ]
         assert got == ref and len(ref) > 10
 
 
@@ -109,9 +124,17 @@ def test_amopo_bad_rows_every_reason():
     cfg = DataConfig(format="amopo")
     out = list(records(iter_rows(str(BAD)), cfg))
     skips = {s.line: s.reason for s in out if isinstance(s, Skip)}
-    assert skips == {2: "malformed_json", 3: "missing_field", 4: "bad_score", 5: "score_out_of_range",
-                     6: "empty_response", 7: "identical_responses", 8: "tie", 9: "missing_field",
-                     10: "malformed_json"}
+    assert skips == {
+        2: "malformed_json",
+        3: "missing_field",
+        4: "bad_score",
+        5: "score_out_of_range",
+        6: "empty_response",
+        7: "identical_responses",
+        8: "tie",
+        9: "missing_field",
+        10: "malformed_json",
+    }
     good = [r for r in out if isinstance(r, PreferenceRecord)]
     assert [r.line for r in good] == [1, 11]
     assert good[0].chosen_scores == [5.0, 5.0, 5.0] and good[0].rejected_scores == [2.0, 1.0, 3.0]

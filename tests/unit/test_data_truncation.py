@@ -1,4 +1,5 @@
 """Truncation keeps the pair prompt, the template's control tokens and the end of the question."""
+
 import re
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def test_all_helpsteer2_rows_at_512(tok):
             response = tok.decode(seq[start:])
             assert response.endswith("<|im_end|>")
             assert (rec.chosen, rec.rejected)[i % 2].startswith(response[: -len("<|im_end|>")])
-            users.add(text[len(head):text.rindex("<|im_start|>assistant")])
+            users.add(text[len(head) : text.rindex("<|im_start|>assistant")])
         assert len(users) == 1  # the same (possibly cut) conversation in all 2P sequences
     assert kept + dropped == len(recs) and truncated > 50 and kept > 300
 

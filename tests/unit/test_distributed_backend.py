@@ -4,6 +4,7 @@ The trainer all-reduces CPU tensors every step (metrics, counts, the stop flag),
 ``nccl`` group cannot take ("No backend type associated with device type cpu"): on CUDA the
 group must be ``cpu:gloo,cuda:nccl``, for the default and for ``--distributed-backend nccl``.
 """
+
 from __future__ import annotations
 
 import pytest

@@ -4,6 +4,7 @@ their sizes are the planner's.
 
 All ranks are built, one process per layout (re-initialising the fake group per rank
 costs ~0.3 s; the import of Megatron-Core dominates)."""
+
 from __future__ import annotations
 
 import json
@@ -43,12 +44,33 @@ def dry_runs(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("dry_run")
     procs = {}
     for model, (world, tp, pp) in LAYOUTS.items():
-        cmd = [sys.executable, str(REPO / "pretrain_amopo.py"), "--dry-run", "--world-size", str(world), "--rank",
-               "all", "--hf-config", str(CONFIGS / f"{model}.json"), "--tensor-model-parallel-size", str(tp),
-               "--pipeline-model-parallel-size", str(pp), "--sequence-parallel", "--use-distributed-optimizer",
-               "--json", str(tmp / f"{model}.json"), *TRAIN]
-        procs[model] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+        cmd = [
+            sys.executable,
+            str(REPO / "pretrain_amopo.py"),
+            "--dry-run",
+            "--world-size",
+            str(world),
+            "--rank",
+            "all",
+            "--hf-config",
+            str(CONFIGS / f"{model}.json"),
+            "--tensor-model-parallel-size",
+            str(tp),
+            "--pipeline-model-parallel-size",
+            str(pp),
+            "--sequence-parallel",
+            "--use-distributed-optimizer",
+            "--json",
+            str(tmp / f"{model}.json"),
+            *TRAIN,
+        ]
+        procs[model] = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        )
     reports = {}
     for model, proc in procs.items():
         out, err = proc.communicate(timeout=240)
@@ -74,8 +96,9 @@ def test_rank_shards_add_up_to_the_hf_model_and_match_the_planner(dry_runs, mode
         replicated = sum(n for name, n in numel.items() if name.endswith("layernorm.weight"))
         total += r["params"] - replicated + (replicated if r["tp_rank"] == 0 else 0)
         # The planner's weight bytes are the dry run's (bf16); the local spec keeps its norms in fp32.
-        stage = planning.stage_memory(arch, planning.default_workload(), planning.Layout(**report["layout"]),
-                                      r["pp_rank"])
+        stage = planning.stage_memory(
+            arch, planning.default_workload(), planning.Layout(**report["layout"]), r["pp_rank"]
+        )
         assert stage.weights == r["param_bytes"] == 2 * r["params"]
         assert r["built_bytes"] - r["param_bytes"] == 2 * replicated
         assert r["memory"]["total"] == stage.total
@@ -84,15 +107,27 @@ def test_rank_shards_add_up_to_the_hf_model_and_match_the_planner(dry_runs, mode
         assert ranks[0]["params"] == 1_072_674_816
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--world-size", "30", "--rank", "0"], "world size 30 is not divisible by TP x PP x CP = 8 x 4 x 1"),
-    (["--world-size", "32", "--rank", "32"], "--rank 32 is out of range for --world-size 32"),
-    (["--world-size", "32", "--rank", "-1"], "--rank -1 is out of range"),
-    (["--world-size", "32", "--rank", "first"], "--rank must be an integer or 'all'"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--world-size", "30", "--rank", "0"], "world size 30 is not divisible by TP x PP x CP = 8 x 4 x 1"),
+        (["--world-size", "32", "--rank", "32"], "--rank 32 is out of range for --world-size 32"),
+        (["--world-size", "32", "--rank", "-1"], "--rank -1 is out of range"),
+        (["--world-size", "32", "--rank", "first"], "--rank must be an integer or 'all'"),
+    ],
+)
 def test_bad_layout_or_rank_is_refused_before_building(capsys, extra, message):
-    argv = ["--dry-run", "--hf-config", str(CONFIGS / "qwen2.5-32b.json"), "--tensor-model-parallel-size", "8",
-            "--pipeline-model-parallel-size", "4", *extra, *TRAIN]
+    argv = [
+        "--dry-run",
+        "--hf-config",
+        str(CONFIGS / "qwen2.5-32b.json"),
+        "--tensor-model-parallel-size",
+        "8",
+        "--pipeline-model-parallel-size",
+        "4",
+        *extra,
+        *TRAIN,
+    ]
     assert dry_run.main(argv) == 2
     assert message in capsys.readouterr().err
 
@@ -100,15 +135,30 @@ def test_bad_layout_or_rank_is_refused_before_building(capsys, extra, message):
 def test_model_is_required_and_heads_must_divide(capsys):
     assert dry_run.main(["--dry-run", "--world-size", "8", "--rank", "0", *TRAIN]) == 2
     assert "give --hf-config PATH or --load CKPT" in capsys.readouterr().err
-    argv = ["--dry-run", "--world-size", "8", "--rank", "0", "--hf-config", str(CONFIGS / "qwen2.5-7b.json"),
-            "--tensor-model-parallel-size", "8", *TRAIN]
+    argv = [
+        "--dry-run",
+        "--world-size",
+        "8",
+        "--rank",
+        "0",
+        "--hf-config",
+        str(CONFIGS / "qwen2.5-7b.json"),
+        "--tensor-model-parallel-size",
+        "8",
+        *TRAIN,
+    ]
     assert dry_run.main(argv) == 2
     assert "does not divide num_attention_heads = 28" in capsys.readouterr().err
 
 
 def _script(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "pretrain_amopo.py"), *argv], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    return subprocess.run(
+        [sys.executable, str(REPO / "pretrain_amopo.py"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
 
 
 def test_dry_run_is_listed_in_help_and_has_its_own():
@@ -127,8 +177,16 @@ def test_dry_run_flags_are_refused_without_dry_run():
 
 def test_dry_run_asks_only_for_what_it_uses(capsys):
     """No --world-size (default: DP 1), --train-iters, --micro-batch-size or --global-batch-size."""
-    argv = ["--dry-run", "--hf-config", str(CONFIGS / "llama3.1-8b.json"), "--tensor-model-parallel-size", "4",
-            "--pipeline-model-parallel-size", "2", "--bf16"]
+    argv = [
+        "--dry-run",
+        "--hf-config",
+        str(CONFIGS / "llama3.1-8b.json"),
+        "--tensor-model-parallel-size",
+        "4",
+        "--pipeline-model-parallel-size",
+        "2",
+        "--bf16",
+    ]
     assert dry_run.main(argv) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "world size 8 = TP4 PP2 DP1 mbs 1" in out and "peak estimate" in out

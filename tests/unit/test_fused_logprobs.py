@@ -4,6 +4,7 @@ Values and both gradients against the logits path in fp32, bf16 and fp64, a floa
 chunk-size invariance, the flag's parsing and bad inputs. Multi-rank layouts and the model
 wiring are in tests/distributed/test_fused_output_layer.py.
 """
+
 from __future__ import annotations
 
 import pytest

@@ -2,6 +2,7 @@
 torch's fused AdamW. On CPU only the selection rules run; the CUDA tests (GPU subset of
 benchmarks/gpu_check.sh) compare the fused paths with the unfused ones.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -74,8 +75,11 @@ def test_cuda_fused_adamw_steps_like_foreach(one_rank):
     start = [p.detach().float().clone() for p in model_f.parameters()]
     results = []
     for model, fused in ((model_f, True), (model_p, False)):
-        opt = build_optimizer([model], OptimizerConfig(lr=1e-2, lr_warmup_fraction=0.0),
-                              TrainingConfig(micro_batch_size=1, train_iters=1, bf16=True))
+        opt = build_optimizer(
+            [model],
+            OptimizerConfig(lr=1e-2, lr_warmup_fraction=0.0),
+            TrainingConfig(micro_batch_size=1, train_iters=1, bf16=True),
+        )
         groups = opt.optimizer.param_groups
         assert all(g["fused"] for g in groups)
         if not fused:

@@ -16,8 +16,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megatron_amopo.data import indexer_ref
-from megatron_amopo.data.indexer import (MicrobatchPlan, default_num_threads, load_extension, padding_efficiency,
-                                         plan_microbatches)
+from megatron_amopo.data.indexer import (
+    MicrobatchPlan,
+    default_num_threads,
+    load_extension,
+    padding_efficiency,
+    plan_microbatches,
+)
 from megatron_amopo.data.packing import pack_rows, packed_rows, packed_shape
 
 _indexer = load_extension()  # a missing build must fail this file loudly
@@ -39,10 +44,14 @@ def planner_inputs(draw):
     seq_lens_G2P = rng.integers(low, seq_length + 1, size=(G, spg), dtype=np.int64)
     max_len_G, total_len_G = seq_lens_G2P.max(axis=1), seq_lens_G2P.sum(axis=1)
     mode = draw(st.sampled_from(["k", "padded", "packed", "thd"]))
-    kw = dict(seqs_per_group=spg, num_epochs=draw(st.integers(1, 3)),
-              seed=draw(st.integers(0, 2**64 - 1)), dp_size=draw(st.integers(1, 5)),
-              window=draw(st.sampled_from([1, 2, 7, 64, 1000])),
-              cost=draw(st.sampled_from(["padded", "packed", "thd"])) if mode == "k" else mode)
+    kw = dict(
+        seqs_per_group=spg,
+        num_epochs=draw(st.integers(1, 3)),
+        seed=draw(st.integers(0, 2**64 - 1)),
+        dp_size=draw(st.integers(1, 5)),
+        window=draw(st.sampled_from([1, 2, 7, 64, 1000])),
+        cost=draw(st.sampled_from(["padded", "packed", "thd"])) if mode == "k" else mode,
+    )
     if mode == "k":
         kw["groups_per_microbatch"] = draw(st.integers(1, 9))
     elif mode == "packed":
@@ -57,8 +66,7 @@ def planner_inputs(draw):
 
 
 def all_ranks(max_len_G, total_len_G, **kw):
-    return [plan_microbatches(max_len_G, total_len_G, dp_rank=r, **kw)
-            for r in range(kw["dp_size"])]
+    return [plan_microbatches(max_len_G, total_len_G, dp_rank=r, **kw) for r in range(kw["dp_size"])]
 
 
 def microbatches(plan: MicrobatchPlan):
@@ -89,8 +97,18 @@ def test_window_plans_are_the_same_for_any_thread_count(cost):
     """Windows are planned on several threads (more than windows, too), each writing its own
     windows' slots: every count gives the reference's plan."""
     seq_lens_G2P = np.random.default_rng(5).integers(1, 121, size=(400, 6)).astype(np.int64)
-    kw = dict(seq_lens=seq_lens_G2P, seqs_per_group=6, num_epochs=2, seed=11, dp_rank=1, dp_size=2,
-              token_budget=6 * 120 * 3, cost=cost, seq_length=120, window=16)
+    kw = dict(
+        seq_lens=seq_lens_G2P,
+        seqs_per_group=6,
+        num_epochs=2,
+        seed=11,
+        dp_rank=1,
+        dp_size=2,
+        token_budget=6 * 120 * 3,
+        cost=cost,
+        seq_length=120,
+        window=16,
+    )
     lens = dict(max_len=seq_lens_G2P.max(axis=1), total_len=seq_lens_G2P.sum(axis=1))
     ref = plan_microbatches(**lens, **kw, backend="python")
     assert ref.num_microbatches > 20
@@ -113,8 +131,17 @@ def test_thd_budget_is_first_fit_decreasing_inside_a_window(backend):
     remaining group and takes the largest ones that still fit: {9, 1} {7, 3} {6, 4}, all full
     (a run along the sorted window would give {1, 3, 4} {6} {7} {9})."""
     total_len_G = np.array([4, 9, 1, 6, 3, 7], np.int64)
-    kw = dict(seqs_per_group=2, num_epochs=1, seed=3, dp_rank=0, dp_size=1, token_budget=10,
-              cost="thd", window=8, backend=backend)
+    kw = dict(
+        seqs_per_group=2,
+        num_epochs=1,
+        seed=3,
+        dp_rank=0,
+        dp_size=1,
+        token_budget=10,
+        cost="thd",
+        window=8,
+        backend=backend,
+    )
     plan = plan_microbatches((total_len_G + 1) // 2, total_len_G, **kw)
     got = sorted(sorted(total_len_G[mb].tolist()) for mb in microbatches(plan))
     assert got == [[1, 9], [3, 7], [4, 6]]
@@ -137,9 +164,14 @@ def test_each_group_at_most_once_per_epoch_and_drops_are_counted(inputs):
     for e in range(kw["num_epochs"]):
         counts = [int((p.epochs == e).sum()) for p in plans]
         assert len(set(counts)) == 1, f"ranks got different micro-batch counts {counts}"
-        ids = np.concatenate([p.group_ids[p.offsets[:-1][p.epochs == e][0]:
-                                          p.offsets[1:][p.epochs == e][-1]]
-                              if counts[0] else np.zeros(0, np.int64) for p in plans])
+        ids = np.concatenate(
+            [
+                p.group_ids[p.offsets[:-1][p.epochs == e][0] : p.offsets[1:][p.epochs == e][-1]]
+                if counts[0]
+                else np.zeros(0, np.int64)
+                for p in plans
+            ]
+        )
         assert len(ids) == len(set(ids.tolist())), "a group appears twice in one epoch"
         missing += G - len(ids)
     assert missing == plans[0].dropped_groups
@@ -157,8 +189,9 @@ def test_dp_split_is_a_strided_slice_of_the_single_rank_plan(inputs):
     max_len_G, total_len_G, kw = inputs
     dp = kw.pop("dp_size")
     full = plan_microbatches(max_len_G, total_len_G, dp_rank=0, dp_size=1, **kw)
-    assert full.dropped_groups == (len(max_len_G) % kw["groups_per_microbatch"] * kw["num_epochs"]
-                                   if "groups_per_microbatch" in kw else 0)
+    assert full.dropped_groups == (
+        len(max_len_G) % kw["groups_per_microbatch"] * kw["num_epochs"] if "groups_per_microbatch" in kw else 0
+    )
     for r in range(dp):
         part = plan_microbatches(max_len_G, total_len_G, dp_rank=r, dp_size=dp, **kw)
         want = []
@@ -193,7 +226,7 @@ def test_every_microbatch_respects_the_token_budget(inputs):
                 cost = int(total_len_G[mb].sum())
             else:
                 cost = kw["seqs_per_group"] * len(mb) * int(max_len_G[mb].max())
-            assert 1 <= len(mb) and cost <= kw["token_budget"]
+            assert len(mb) >= 1 and cost <= kw["token_budget"]
 
 
 def _candidates(lens: list[int], S: int) -> list[tuple[int, int]]:
@@ -244,10 +277,10 @@ def test_planner_fit_test_agrees_with_the_row_rule(seq_length, data):
     says yes exactly when the rule's R * W is within the budget. Lengths at S/2, S/3 and S/4
     (and one above) sit on the bounds' thresholds."""
     S = seq_length
-    edges = sorted({max(1, min(S, v)) for v in (1, S // 4, S // 4 + 1, S // 3, S // 3 + 1, S // 2,
-                                                S // 2 + 1, S - 1, S)})
-    lens = data.draw(st.lists(st.one_of(st.integers(1, S), st.sampled_from(edges)),
-                              min_size=1, max_size=70))
+    edges = sorted(
+        {max(1, min(S, v)) for v in (1, S // 4, S // 4 + 1, S // 3, S // 3 + 1, S // 2, S // 2 + 1, S - 1, S)}
+    )
+    lens = data.draw(st.lists(st.one_of(st.integers(1, S), st.sampled_from(edges)), min_size=1, max_size=70))
     rows, width = packed_shape(lens, S)
     cost = rows * width
     budgets = {cost - 1, cost, cost + 1, sum(lens), data.draw(st.integers(1, 2 * cost))} - {0}
@@ -284,8 +317,18 @@ def test_packed_budget_charges_rows_times_width_of_the_whole_micro_batch(backend
     assert packed_shape(seq_lens_G2P[0], 10) == (2, 9)
     assert packed_shape(seq_lens_G2P[1], 10) == (2, 7)
     assert packed_shape(seq_lens_G2P, 10) == (4, 8)
-    kw = dict(seq_lens=seq_lens_G2P, seqs_per_group=4, num_epochs=1, seed=0, dp_rank=0, dp_size=1,
-              cost="packed", seq_length=10, window=8, backend=backend)
+    kw = dict(
+        seq_lens=seq_lens_G2P,
+        seqs_per_group=4,
+        num_epochs=1,
+        seed=0,
+        dp_rank=0,
+        dp_size=1,
+        cost="packed",
+        seq_length=10,
+        window=8,
+        backend=backend,
+    )
     assert sorted(microbatches(plan_microbatches(token_budget=31, **kw))) == [[0], [1]]
     assert microbatches(plan_microbatches(token_budget=32, **kw)) == [[0, 1]]  # largest first
 
@@ -294,9 +337,18 @@ def test_packed_budget_fills_rows_and_beats_the_summed_cost():
     """Groups of one long and one short sequence: the short ones of other groups fill the
     long ones' rows, so every full micro-batch uses all R rows with no waste."""
     seq_lens_G2P = np.array([[7, 1], [6, 2], [5, 3], [4, 4]] * 30, np.int64)
-    plan = plan_microbatches(seq_lens=seq_lens_G2P, seqs_per_group=2, num_epochs=1, seed=3,
-                             dp_rank=0, dp_size=1, token_budget=8 * 4, cost="packed",
-                             seq_length=8, window=1000)
+    plan = plan_microbatches(
+        seq_lens=seq_lens_G2P,
+        seqs_per_group=2,
+        num_epochs=1,
+        seed=3,
+        dp_rank=0,
+        dp_size=1,
+        token_budget=8 * 4,
+        cost="packed",
+        seq_length=8,
+        window=1000,
+    )
     assert padding_efficiency(plan, seq_lens_G2P, cost="packed", seq_length=8) == 1.0
     assert np.all(np.diff(plan.offsets) == 4)  # 4 rows of 8 = 32 tokens = 4 groups of 8
 
@@ -308,9 +360,20 @@ def test_token_budget_fill_is_greedy_inside_a_sorted_window():
     seq_lens_G2P = np.tile(np.array([10, 10, 5, 10], np.int64), (103, 1))
     max_len_G, total_len_G = seq_lens_G2P.max(axis=1), seq_lens_G2P.sum(axis=1)
     for cost, per_group in (("padded", 4 * 10), ("packed", 35)):
-        plan = plan_microbatches(max_len_G, total_len_G, seqs_per_group=4, num_epochs=1, seed=1,
-                                 dp_rank=0, dp_size=1, token_budget=1000, cost=cost, window=1024,
-                                 seq_lens=seq_lens_G2P, seq_length=35)
+        plan = plan_microbatches(
+            max_len_G,
+            total_len_G,
+            seqs_per_group=4,
+            num_epochs=1,
+            seed=1,
+            dp_rank=0,
+            dp_size=1,
+            token_budget=1000,
+            cost=cost,
+            window=1024,
+            seq_lens=seq_lens_G2P,
+            seq_length=35,
+        )
         sizes = sorted(np.diff(plan.offsets).tolist())
         n = 1000 // per_group
         assert sizes == sorted([n] * (103 // n) + ([103 % n] if 103 % n else []))
@@ -321,8 +384,10 @@ def test_length_grouping_sorts_windows_and_reduces_padding():
     max_len_G = rng.integers(1, 1000, size=4096)
     kw = dict(seqs_per_group=2, num_epochs=1, seed=5, dp_rank=0, dp_size=1, groups_per_microbatch=8)
     seq_lens_G2P = np.stack([max_len_G, max_len_G], axis=1)
-    eff = {w: padding_efficiency(plan_microbatches(max_len_G, 2 * max_len_G, window=w, **kw),
-                                 seq_lens_G2P, cost="padded") for w in (1, 512)}
+    eff = {
+        w: padding_efficiency(plan_microbatches(max_len_G, 2 * max_len_G, window=w, **kw), seq_lens_G2P, cost="padded")
+        for w in (1, 512)
+    }
     assert eff[512] > 0.95 > 0.6 > eff[1]
 
 
@@ -334,7 +399,7 @@ def test_plans_are_deterministic_and_depend_on_seed_and_epoch(cost):
     assert_same_plan(a, plan_microbatches(max_len_G, 2 * max_len_G, seed=11, **kw))
     b = plan_microbatches(max_len_G, 2 * max_len_G, seed=12, **kw)
     assert not np.array_equal(a.group_ids, b.group_ids)
-    e0, e1 = (a.group_ids[a.offsets[:-1][a.epochs == e][0]:][:50] for e in (0, 1))
+    e0, e1 = (a.group_ids[a.offsets[:-1][a.epochs == e][0] :][:50] for e in (0, 1))
     assert not np.array_equal(e0, e1)
 
 
@@ -345,24 +410,42 @@ def test_oversize_group_is_rejected_before_planning(backend, cost):
     max_len_G, total_len_G = seq_lens_G2P.max(axis=1), seq_lens_G2P.sum(axis=1)
     # num_epochs is so large that any planning work before the check would never end.
     with pytest.raises(ValueError) as err:
-        plan_microbatches(max_len_G, total_len_G, seqs_per_group=2, num_epochs=10**12, seed=0,
-                          dp_rank=0, dp_size=1, token_budget=110, cost=cost, backend=backend,
-                          seq_lens=seq_lens_G2P, seq_length=70)
+        plan_microbatches(
+            max_len_G,
+            total_len_G,
+            seqs_per_group=2,
+            num_epochs=10**12,
+            seed=0,
+            dp_rank=0,
+            dp_size=1,
+            token_budget=110,
+            cost=cost,
+            backend=backend,
+            seq_lens=seq_lens_G2P,
+            seq_length=70,
+        )
     # groups proven within the budget by the bound need no layout; the others get one (C++ or Python)
     if cost == "padded":
-        want = ("group 2 alone costs 120 tokens (padded), above token_budget=110; "
-                "the minimum budget that fits every group is 140")
+        want = (
+            "group 2 alone costs 120 tokens (padded), above token_budget=110; "
+            "the minimum budget that fits every group is 140"
+        )
     elif cost == "thd":  # 60 + 40 fits; 70 + 60 does not
-        want = ("group 4 alone costs 130 tokens (thd: the sum of its sequence lengths), above "
-                "token_budget=110; the minimum budget that fits every group is 130")
+        want = (
+            "group 4 alone costs 130 tokens (thd: the sum of its sequence lengths), above "
+            "token_budget=110; the minimum budget that fits every group is 130"
+        )
     else:  # 60 + 40 > 70: two rows, of 60 positions (the fullest row); [70, 60]: two of 70
-        want = ("group 2 alone costs 120 tokens (packed: 2 rows of 60 positions), above "
-                "token_budget=110; the minimum budget that fits every group is 140")
+        want = (
+            "group 2 alone costs 120 tokens (packed: 2 rows of 60 positions), above "
+            "token_budget=110; the minimum budget that fits every group is 140"
+        )
     assert str(err.value) == want
 
 
-PACKED = dict(seqs_per_group=2, num_epochs=1, seed=0, dp_rank=0, dp_size=1, token_budget=64,
-              cost="packed", seq_length=16)
+PACKED = dict(
+    seqs_per_group=2, num_epochs=1, seed=0, dp_rank=0, dp_size=1, token_budget=64, cost="packed", seq_length=16
+)
 
 
 @pytest.mark.parametrize(
@@ -371,11 +454,19 @@ PACKED = dict(seqs_per_group=2, num_epochs=1, seed=0, dp_rank=0, dp_size=1, toke
         ([3, 4], [5, 5], {}, r"needs seq_lens \[G, 2P\] and seq_length"),
         ([3, 4], [5, 5], {"seq_lens": [[3, 2], [4, 1]], "seq_length": None}, r"needs seq_lens"),
         (None, None, {"seq_lens": [[3, 2, 1], [4, 1, 1]]}, r"seq_lens must be \[G, seqs_per_group=2\]"),
-        (None, None, {"seq_lens": [[3, 2], [17, 1]]},
-         r"group 1: sequence lengths must be in \[1, seq_length=16\], got 17 at index 0"),
+        (
+            None,
+            None,
+            {"seq_lens": [[3, 2], [17, 1]]},
+            r"group 1: sequence lengths must be in \[1, seq_length=16\], got 17 at index 0",
+        ),
         (None, None, {"seq_lens": [[3, 2], [4, 0]]}, r"group 1: .*got 0 at index 1"),
-        ([3, 4], [5, 6], {"seq_lens": [[3, 2], [4, 1]]},
-         r"group 1: seq_lens give max 4 and sum 5, but max_len=4 total_len=6"),
+        (
+            [3, 4],
+            [5, 6],
+            {"seq_lens": [[3, 2], [4, 1]]},
+            r"group 1: seq_lens give max 4 and sum 5, but max_len=4 total_len=6",
+        ),
         ([3], [5], {"seq_lens": [[3, 2], [4, 1]]}, r"seq_lens has 2 groups, max_len 1"),
         (None, None, {"seq_lens": [[3, 2]], "seq_length": 0}, r"seq_length must be in \[1, 2\^40\]"),
     ],
@@ -434,11 +525,22 @@ def test_extension_checks_only_buffer_shapes():
     """The extension trusts the wrapper's values; it refuses only arrays whose shapes would make it
     read past a buffer, and numpy casts other integer arrays to C-contiguous int64."""
     ml, tl = np.array([3, 4], np.int64), np.array([5, 5], np.int64)
-    args = dict(seq_lens=np.zeros((0, 0), np.int64), seq_length=0, seqs_per_group=4, num_epochs=1,
-                seed=0, dp_rank=0, dp_size=1, groups_per_microbatch=1, token_budget=0,
-                packed=False, window=8)
+    args = dict(
+        seq_lens=np.zeros((0, 0), np.int64),
+        seq_length=0,
+        seqs_per_group=4,
+        num_epochs=1,
+        seed=0,
+        dp_rank=0,
+        dp_size=1,
+        groups_per_microbatch=1,
+        token_budget=0,
+        packed=False,
+        window=8,
+    )
     offsets, group_ids, epochs, dropped = _indexer.plan_microbatches(
-        ml.astype(np.int32), np.array([5, 0, 5, 0])[::2], **args)
+        ml.astype(np.int32), np.array([5, 0, 5, 0])[::2], **args
+    )
     assert offsets.tolist() == [0, 1, 2] and sorted(group_ids.tolist()) == [0, 1]
     assert epochs.tolist() == [0, 0] and dropped == 0
     with pytest.raises(ValueError, match="max_len and total_len must be 1-D arrays of the same length"):
@@ -493,11 +595,21 @@ def test_cpp_planner_releases_the_gil(packed, thd):
     G = 10_000 if packed else 1_000_000
     seq_lens_G2P = rng.integers(1, 1000, size=(G, 4)).astype(np.int64)
     max_len_G, total_len_G = seq_lens_G2P.max(axis=1), seq_lens_G2P.sum(axis=1)
-    args = dict(seq_lens=seq_lens_G2P, seq_length=1000, seqs_per_group=4, num_epochs=3, seed=1,
-                dp_rank=0, dp_size=1, groups_per_microbatch=0, token_budget=16_000, packed=packed,
-                window=512, thd=thd)
-    assert _counter_progress_during(lambda: _indexer.plan_microbatches(
-        max_len_G, total_len_G, **args)) >= 1000
+    args = dict(
+        seq_lens=seq_lens_G2P,
+        seq_length=1000,
+        seqs_per_group=4,
+        num_epochs=3,
+        seed=1,
+        dp_rank=0,
+        dp_size=1,
+        groups_per_microbatch=0,
+        token_budget=16_000,
+        packed=packed,
+        window=512,
+        thd=thd,
+    )
+    assert _counter_progress_during(lambda: _indexer.plan_microbatches(max_len_G, total_len_G, **args)) >= 1000
     # Control: the pure-Python planner holds the GIL, and the harness sees it.
     # (Called directly: numpy calls in the wrapper may release the GIL briefly.)
     n = 300 if packed else 20_000
@@ -508,8 +620,9 @@ def test_cpp_planner_releases_the_gil(packed, thd):
 
 def test_padding_efficiency_by_hand():
     seq_lens_G2P = np.array([[3, 1], [2, 2], [4, 4]])
-    plan = MicrobatchPlan(offsets=np.array([0, 2, 3]), group_ids=np.array([1, 0, 2]),
-                          epochs=np.array([0, 0]), dropped_groups=0)
+    plan = MicrobatchPlan(
+        offsets=np.array([0, 2, 3]), group_ids=np.array([1, 0, 2]), epochs=np.array([0, 0]), dropped_groups=0
+    )
     # padded: mb0 = 4 sequences * longest 3, mb1 = 2 * 4; real = 8 + 8 tokens.
     assert padding_efficiency(plan, seq_lens_G2P, cost="padded") == pytest.approx(16 / 20)
     # packed, rows of 4, best fit decreasing: mb0 = [2, 2, 3, 1] -> {3, 1} {2, 2}; mb1 = 2 rows.
@@ -518,10 +631,10 @@ def test_padding_efficiency_by_hand():
     # of 4; mb1 = 2 rows of 4 -> 16 / 16.
     assert padding_efficiency(plan, seq_lens_G2P, cost="packed", seq_length=5) == 1.0
     # a group [5, 2] in rows of at most 6: {5} {2}, 2 rows of 5 (its fullest row).
-    one = MicrobatchPlan(offsets=np.array([0, 1]), group_ids=np.array([2]), epochs=np.array([0]),
-                         dropped_groups=0)
-    assert padding_efficiency(one, np.array([[3, 1], [2, 2], [5, 2]]), cost="packed",
-                              seq_length=6) == pytest.approx(7 / 10)  # {5} {2}: 2 rows of 5
+    one = MicrobatchPlan(offsets=np.array([0, 1]), group_ids=np.array([2]), epochs=np.array([0]), dropped_groups=0)
+    assert padding_efficiency(one, np.array([[3, 1], [2, 2], [5, 2]]), cost="packed", seq_length=6) == pytest.approx(
+        7 / 10
+    )  # {5} {2}: 2 rows of 5
     with pytest.raises(ValueError, match="a sequence of 4 tokens does not fit a row of seq_length=3"):
         padding_efficiency(plan, seq_lens_G2P, cost="packed", seq_length=3)
     with pytest.raises(ValueError, match="needs seq_length"):

@@ -7,6 +7,7 @@ bad inputs. One spawn of 2 gloo ranks: TP=2 against the full vocabulary, the rea
 all-reduce (forward and backward), and padded vs packed micro-batches through the
 real tiny Megatron model at TP=2 via ``training.step.forward_step``.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -162,7 +163,9 @@ def test_context_parallel_parts_sum_to_the_whole():
         cols = torch.cat([chunks[r], chunks[2 * cp - 1 - r]])
         part = sequence_stats(
             token_logprobs(logits[:, cols], labels[:, cols], None, mask=mask[:, cols]),
-            segments[:, cols], mask[:, cols], 4,
+            segments[:, cols],
+            mask[:, cols],
+            4,
         )
         assert not torch.allclose(part["n"], whole["n"])  # each part really is partial
         total = {k: total[k] + part[k] for k in total}
@@ -206,9 +209,16 @@ def test_step_glue_refuses_incomplete_batches_and_sends_packed_rows_to_te_as_thd
     assert packed_to_thd(packed, thd=False)[1] is None  # the local spec applies the mask itself
     assert packed_to_thd(padded, thd=True)[1] is None  # one sequence per row: causal is exact
     tokens = torch.arange(5)[None]
-    full = dict(packed, tokens=tokens, labels=tokens, loss_mask=torch.tensor([[1.0, 1, 1, 1, 0]]),
-                position_ids=torch.tensor([[0, 1, 0, 1, 0]]),
-                attention_mask=None, cu_seqlens=torch.tensor([[0, 2, 4]]), num_seqs=torch.tensor(2))
+    full = dict(
+        packed,
+        tokens=tokens,
+        labels=tokens,
+        loss_mask=torch.tensor([[1.0, 1, 1, 1, 0]]),
+        position_ids=torch.tensor([[0, 1, 0, 1, 0]]),
+        attention_mask=None,
+        cu_seqlens=torch.tensor([[0, 2, 4]]),
+        num_seqs=torch.tensor(2),
+    )
     thd, params = packed_to_thd(full, thd=True)
     assert params.qkv_format == "thd" and params.cu_seqlens_q.tolist() == [0, 2, 4]
     assert thd["tokens"].shape == (1, 4)
@@ -229,10 +239,16 @@ def hand_groups(num_groups: int, num_pairs: int, vocab: int, seed: int) -> list[
             length = prompt_len + int(torch.randint(2, 7, (1,), generator=gen))
             seqs.append(torch.randint(1, vocab, (length,), generator=gen))
             starts.append(prompt_len)
-        groups.append(dict(
-            tokens=seqs, response_start=torch.tensor(starts), chosen_scores=torch.ones(num_pairs - 1),
-            rejected_scores=torch.zeros(num_pairs - 1), row_id=g, group_id=100 + g,
-        ))
+        groups.append(
+            dict(
+                tokens=seqs,
+                response_start=torch.tensor(starts),
+                chosen_scores=torch.ones(num_pairs - 1),
+                rejected_scores=torch.zeros(num_pairs - 1),
+                row_id=g,
+                group_id=100 + g,
+            )
+        )
     return groups
 
 
@@ -307,8 +323,12 @@ def _padded_vs_packed_on_tiny_model():
         loss_sum, count, report = loss(output)
         loss_sum.backward()
         out[layout] = dict(
-            rows=batch["tokens"].shape[0], loss=loss_sum.item(), count=int(count), weights=report["weights"],
-            pair_sums=report["pair_sums"], grads={n: p.grad.clone() for n, p in model.named_parameters()},
+            rows=batch["tokens"].shape[0],
+            loss=loss_sum.item(),
+            count=int(count),
+            weights=report["weights"],
+            pair_sums=report["pair_sums"],
+            grads={n: p.grad.clone() for n, p in model.named_parameters()},
         )
     # The in-place gradient through the real output layer (ColumnParallelLinear + the transpose of
     # GPTModel's logits) gives the same parameter gradients: nothing there reads the logits again.
@@ -318,8 +338,13 @@ def _padded_vs_packed_on_tiny_model():
     for inplace in (False, True):
         model.zero_grad()
         logits = model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
-        logp = token_logprobs(logits, batch["labels"], ps.get_tensor_model_parallel_group(),
-                              mask=batch["loss_mask"], inplace_backward=inplace)
+        logp = token_logprobs(
+            logits,
+            batch["labels"],
+            ps.get_tensor_model_parallel_group(),
+            mask=batch["loss_mask"],
+            inplace_backward=inplace,
+        )
         (logp * g).sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     out["inplace_grad_err"] = max((grads[1][n] - t).abs().max().item() for n, t in grads[0].items())

@@ -5,6 +5,7 @@ and positions; cu_seqlens are the sequence lengths in row-major order; per-seque
 statistics and the AMoPO loss are identical to the block-diagonal rows; the tiny model fed
 THD (Megatron's THD RoPE + SDPAttention's THD path) gives the rows' logits and gradients.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -12,9 +13,9 @@ import torch
 
 from megatron_amopo.config import AmopoConfig, ParallelConfig
 from megatron_amopo.data.batch import build_micro_batch
+from megatron_amopo.runtime.comm import free_port
 from megatron_amopo.training.packed import cu_seqlens_from_segments, packed_seq_params_from_batch, to_thd
 from megatron_amopo.training.step import loss_func
-from megatron_amopo.runtime.comm import free_port
 
 VOCAB, SEQ = 512, 40
 
@@ -24,12 +25,16 @@ def _groups(num_groups=3, seed=0) -> list[dict]:
     groups = []
     for g in range(num_groups):
         lengths = torch.randint(5, 21, (6,), generator=gen).tolist()  # P = 3 pairs
-        groups.append(dict(
-            tokens=[torch.randint(0, VOCAB, (n,), generator=gen) for n in lengths],
-            response_start=torch.randint(2, 5, (6,), generator=gen),
-            group_id=10 + g, row_id=g,
-            chosen_scores=torch.rand(2, generator=gen) * 5, rejected_scores=torch.rand(2, generator=gen) * 5,
-        ))
+        groups.append(
+            dict(
+                tokens=[torch.randint(0, VOCAB, (n,), generator=gen) for n in lengths],
+                response_start=torch.randint(2, 5, (6,), generator=gen),
+                group_id=10 + g,
+                row_id=g,
+                chosen_scores=torch.rand(2, generator=gen) * 5,
+                rejected_scores=torch.rand(2, generator=gen) * 5,
+            )
+        )
     return groups
 
 
@@ -51,8 +56,12 @@ def test_stream_keeps_every_sequence(rows):
         for k in ("tokens", "labels", "loss_mask", "position_ids"):
             assert torch.equal(rows[k][sel_rows], thd[k][sel_thd]), (k, n)
     # cu_seqlens: sequences in row-major order, each its builder length
-    order = [n for r in range(rows["tokens"].shape[0]) for n in rows["segment_ids"][r].unique_consecutive().tolist()
-             if n >= 0]
+    order = [
+        n
+        for r in range(rows["tokens"].shape[0])
+        for n in rows["segment_ids"][r].unique_consecutive().tolist()
+        if n >= 0
+    ]
     lengths = rows["seq_lengths"][order]
     assert thd["cu_seqlens"].dtype == torch.int32
     assert thd["cu_seqlens"].tolist() == [0] + torch.cumsum(lengths, 0).tolist()

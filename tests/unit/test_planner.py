@@ -1,4 +1,5 @@
 """The memory model and layout planner (megatron_amopo/planning.py, tools/plan_parallelism.py)."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,12 @@ from megatron_amopo.model.architectures import arch_from_hf_config, load_hf_conf
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "examples" / "model_configs"
 # Published parameter counts of these models (model cards / safetensors index totals).
-PUBLISHED = {"qwen2.5-7b": 7_615_616_512, "llama3.1-8b": 8_030_261_248, "qwen2.5-14b": 14_770_033_664,
-             "qwen2.5-32b": 32_763_876_352}
+PUBLISHED = {
+    "qwen2.5-7b": 7_615_616_512,
+    "llama3.1-8b": 8_030_261_248,
+    "qwen2.5-14b": 14_770_033_664,
+    "qwen2.5-32b": 32_763_876_352,
+}
 GiB = planning.GiB
 
 
@@ -25,17 +30,29 @@ def arch(name: str):
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_unique_parameters_are_the_published_total_at_every_layout(name):
     a = arch(name)
-    layouts = [(tp, pp) for tp in (1, 2, 4, 8) for pp in (1, 2, 4, 8)
-               if a.num_attention_heads % tp == 0 and a.num_query_groups % tp == 0 and a.num_layers % pp == 0]
+    layouts = [
+        (tp, pp)
+        for tp in (1, 2, 4, 8)
+        for pp in (1, 2, 4, 8)
+        if a.num_attention_heads % tp == 0 and a.num_query_groups % tp == 0 and a.num_layers % pp == 0
+    ]
     assert len(layouts) >= 8
     for tp, pp in layouts:
         assert planning.model_parameter_count(a, tp, pp) == PUBLISHED[name], (tp, pp)
 
 
 def test_tied_embedding_is_copied_to_the_last_stage_but_counted_once():
-    qwen05 = dict(model_type="qwen2", hidden_act="silu", hidden_size=896, intermediate_size=4864,
-                  num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
-                  tie_word_embeddings=True)
+    qwen05 = dict(
+        model_type="qwen2",
+        hidden_act="silu",
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    )
     a = arch_from_hf_config(qwen05)
     assert planning.model_parameter_count(a) == planning.model_parameter_count(a, 2, 4) == 494_032_768
     assert "output_layer.weight" not in planning.rank_parameter_shapes(a, 1, 1, 0)
@@ -65,15 +82,19 @@ def test_activation_terms():
     base = planning.Layout(tp=2, pp=1, dp=4, micro_batch_size=1)
     outside, inside_sel = 2 * s * rows * 4 * h, 2 * s * rows * (2 * h + 2 * kv + 3 * f)
     lse = 4 * heads * s * rows
-    assert planning.layer_activation_bytes(a, work, rows, replace(base, recompute="selective")) == \
-        outside + inside_sel // 2
+    assert (
+        planning.layer_activation_bytes(a, work, rows, replace(base, recompute="selective"))
+        == outside + inside_sel // 2
+    )
     assert planning.layer_activation_bytes(a, work, rows, base) == outside + (inside_sel + lse) // 2
     sp = replace(base, sequence_parallel=True)
     assert planning.layer_activation_bytes(a, work, rows, sp) == (outside + inside_sel + lse) // 2
     assert planning.layer_activation_bytes(a, work, rows, replace(sp, recompute="full")) == 2 * s * rows * h // 2
     unfused = replace(work, flash_attention=False)  # Korthikanti's softmax output 2 a s^2 b, split over TP
-    assert planning.layer_activation_bytes(a, unfused, rows, base) - \
-        planning.layer_activation_bytes(a, work, rows, base) == (2 * heads * s * s * rows - lse) // 2
+    assert (
+        planning.layer_activation_bytes(a, unfused, rows, base) - planning.layer_activation_bytes(a, work, rows, base)
+        == (2 * heads * s * s * rows - lse) // 2
+    )
 
 
 def test_pipeline_stage0_holds_p_microbatches_and_last_stage_the_logits():

@@ -1,4 +1,5 @@
 """Memory pre-flight: a run that will not fit is refused with the estimate, the limit and the fixes."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,9 +9,19 @@ from megatron_amopo.config import run_arg_parser, run_config_from_args
 from megatron_amopo.training import preflight
 
 # SmolLM2-135M's shape (LlamaForCausalLM): the model of docs/SCALING.md's CPU calibration.
-SMOLLM2 = dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-               num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
-               max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0)
+SMOLLM2 = dict(
+    model_type="llama",
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    tie_word_embeddings=True,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+)
 
 
 def _cfg(*flags: str):
@@ -40,11 +51,23 @@ def test_refused_with_estimate_limit_and_fixes(arch, monkeypatch):
 
 def test_fixes_are_only_those_that_fit(arch):
     cfg = _cfg("--micro-batch-size", "4", "--global-batch-size", "4")
-    full = preflight.estimate(arch, _cfg("--micro-batch-size", "4", "--global-batch-size", "4",
-                                         "--recompute-granularity", "full"), 1, 3, training=True, device="cpu")
+    full = preflight.estimate(
+        arch,
+        _cfg("--micro-batch-size", "4", "--global-batch-size", "4", "--recompute-granularity", "full"),
+        1,
+        3,
+        training=True,
+        device="cpu",
+    )
     for smaller in (1, 2):
-        est = preflight.estimate(arch, _cfg("--micro-batch-size", str(smaller), "--global-batch-size", "4"), 1, 3,
-                                 training=True, device="cpu")
+        est = preflight.estimate(
+            arch,
+            _cfg("--micro-batch-size", str(smaller), "--global-batch-size", "4"),
+            1,
+            3,
+            training=True,
+            device="cpu",
+        )
         limit = est.total + 2**20
         fixes = preflight._fixes(arch, cfg, 1, 3, limit, True, None, None, "cpu")
         assert any(f.startswith(f"--micro-batch-size {smaller} ") for f in fixes)

@@ -1,4 +1,5 @@
 """runtime/quiet.py: known third-party warnings are filtered, everything else still prints."""
+
 from __future__ import annotations
 
 import warnings
@@ -27,13 +28,19 @@ def test_known_warning_is_filtered_and_unknown_ones_print(fresh, monkeypatch):
     monkeypatch.delenv(quiet.SHOW_ENV, raising=False)
     quiet.install()
     _emit("Apex is not installed. Falling back to Torch Norm", "megatron.core.models.backends")
-    _emit("`load_state_dict` is deprecated and will be removed", "megatron.core.dist_checkpointing.strategies.torch",
-          FutureWarning)
+    _emit(
+        "`load_state_dict` is deprecated and will be removed",
+        "megatron.core.dist_checkpointing.strategies.torch",
+        FutureWarning,
+    )
     _emit("something nobody has seen before", "megatron.core.models.backends")  # unknown message of a known module
     _emit("Apex is not installed. Falling back to Torch Norm", "someone_else")  # known message, other module
-    warnings.warn("our own warning")
-    assert [str(w.message) for w in fresh] == ["something nobody has seen before",
-                                               "Apex is not installed. Falling back to Torch Norm", "our own warning"]
+    warnings.warn("our own warning", stacklevel=1)
+    assert [str(w.message) for w in fresh] == [
+        "something nobody has seen before",
+        "Apex is not installed. Falling back to Torch Norm",
+        "our own warning",
+    ]
 
 
 def test_show_env_shows_everything(fresh, monkeypatch):

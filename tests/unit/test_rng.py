@@ -1,4 +1,5 @@
 """Counter-based normals: exact hashing, layout independence and statistical sanity."""
+
 import math
 
 import pytest
@@ -38,8 +39,13 @@ def to_unsigned(t: torch.Tensor) -> list[int]:
 def test_mix64_matches_splitmix64_reference_vector():
     # First outputs of the reference splitmix64.c generator for seed 1234567
     # (state += golden gamma; output = finaliser(state)).
-    expected = [6457827717110365317, 3203168211198807973, 9817491932198370423,
-                4593380528125082431, 16408922859458223821]
+    expected = [
+        6457827717110365317,
+        3203168211198807973,
+        9817491932198370423,
+        4593380528125082431,
+        16408922859458223821,
+    ]
     states = [rng._as_int64(1234567 + (i + 1) * GOLDEN) for i in range(5)]
     got = to_unsigned(rng.mix64(torch.tensor(states, dtype=torch.int64)))
     assert got == expected
@@ -49,13 +55,20 @@ def test_mix64_matches_splitmix64_reference_vector():
 def test_hash_and_normals_match_exact_integer_reference():
     ids = [0, 1, 7, 123456789, -5, 2**62 + 3]
     seed, epoch, num_pairs = 2**40 + 17, 3, 3
-    key = rng.hash_keys(seed, epoch, torch.tensor(ids).view(-1, 1, 1),
-                        torch.arange(num_pairs).view(1, -1, 1), torch.arange(2).view(1, 1, -1))
+    key = rng.hash_keys(
+        seed,
+        epoch,
+        torch.tensor(ids).view(-1, 1, 1),
+        torch.arange(num_pairs).view(1, -1, 1),
+        torch.arange(2).view(1, 1, -1),
+    )
     want = [py_hash(seed, epoch, i & MASK, p, s) for i in ids for p in range(num_pairs) for s in range(2)]
     assert to_unsigned(key) == want
     z = rng.counter_normals(seed, epoch, torch.tensor(ids), num_pairs, dtype=torch.float64)
-    z_ref = torch.tensor([[[py_normal(seed, epoch, i & MASK, p, s) for s in range(2)]
-                           for p in range(num_pairs)] for i in ids], dtype=torch.float64)
+    z_ref = torch.tensor(
+        [[[py_normal(seed, epoch, i & MASK, p, s) for s in range(2)] for p in range(num_pairs)] for i in ids],
+        dtype=torch.float64,
+    )
     torch.testing.assert_close(z, z_ref, rtol=1e-12, atol=1e-12)
 
 

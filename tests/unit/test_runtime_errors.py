@@ -1,12 +1,12 @@
 """Impossible layouts and unsupported models fail early with actionable messages."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 from megatron_amopo.config import ParallelConfig
-from megatron_amopo.model.architectures import arch_from_hf_config
-from megatron_amopo.model.architectures import validate_layout
+from megatron_amopo.model.architectures import arch_from_hf_config, validate_layout
 from megatron_amopo.runtime import cpu_compat
 from megatron_amopo.runtime.distributed import DistEnv, initialize_distributed
 from megatron_amopo.testing.tiny import tiny_arch, tiny_hf_config

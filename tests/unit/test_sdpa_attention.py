@@ -5,6 +5,7 @@ gradients within fp32 tolerance; the local layer spec selects it; bad input is r
 a message. The CUDA test (skipped on CPU) pins the flash and memory-efficient kernels.
 Shape legend: S positions, B rows, N query heads, G query groups, H head size.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -22,6 +23,7 @@ S, B, N, G, H = 12, 3, 4, 2, 8
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = dict(rtol=1e-5, atol=1e-5) if DEVICE == "cpu" else dict(rtol=1e-4, atol=1e-4)
 
+
 @pytest.fixture(scope="module")
 def one_rank():
     """A 1-rank process group with Megatron's parallel state (the unfused path needs it)."""
@@ -33,9 +35,11 @@ def one_rank():
     yield
     destroy_distributed()
 
+
 def _config(**overrides):
     arch = tiny_arch("qwen2", num_attention_heads=N, num_key_value_heads=G, hidden_size=N * H)
     return transformer_config(arch, ParallelConfig(), params_dtype=torch.float32, **overrides)
+
 
 def _pair(config):
     from megatron.core.transformer.dot_product_attention import DotProductAttention
@@ -44,10 +48,12 @@ def _pair(config):
     kw = dict(config=config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
     return SDPAttention(**kw), DotProductAttention(**kw)
 
+
 def _qkv(seed=0, device=DEVICE, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
     shapes = [(S, B, N, H), (S, B, G, H), (S, B, G, H)]
     return [torch.randn(s, generator=gen).to(device, dtype).requires_grad_() for s in shapes]
+
 
 def _run(module, qkv, mask):
     out = module(*qkv, mask)
@@ -59,6 +65,7 @@ def _run(module, qkv, mask):
         t.grad = None
     return out.detach(), grads
 
+
 def _masks():
     seg_padded = torch.tensor([[0] * S, [1] * 9 + [-1] * 3, [2] * 5 + [-1] * 7])
     seg_packed = torch.tensor([[0] * 4 + [1] * 5 + [2] * 3, [3] * 7 + [4] * 3 + [-1] * 2, [5] * 12])
@@ -68,6 +75,7 @@ def _masks():
         "packed": attention_mask_from_segments(seg_packed),
     }
     return {"causal-none": None, **{k: m.to(DEVICE) for k, m in masks.items()}}
+
 
 @pytest.mark.parametrize("mask_name", list(_masks()))
 def test_matches_unfused_outputs_and_grads(one_rank, mask_name):
@@ -82,6 +90,7 @@ def test_matches_unfused_outputs_and_grads(one_rank, mask_name):
         assert g_ref.abs().max() > 0
         torch.testing.assert_close(g, g_ref, **TOL)
 
+
 def test_mask_really_matters(one_rank):
     """The packed mask changes the result relative to plain causal (the comparison can fail)."""
     sdpa, _ = _pair(_config())
@@ -89,6 +98,7 @@ def test_mask_really_matters(one_rank):
     out_causal, _ = _run(sdpa, qkv, None)
     out_packed, _ = _run(sdpa, qkv, _masks()["packed"])
     assert (out_causal - out_packed).abs().max() > 1e-2
+
 
 def test_thd_matches_block_diagonal_rows(one_rank):
     """THD input (one packed stream + cu_seqlens) gives the rows' block-diagonal result per token."""
@@ -108,6 +118,7 @@ def test_thd_matches_block_diagonal_rows(one_rank):
     for g, g_rows in zip((t.grad for t in flat), grads_rows):
         torch.testing.assert_close(g, g_rows.transpose(0, 1).reshape(B * S, *g_rows.shape[2:]), **TOL)
 
+
 def test_bad_input_is_refused(one_rank):
     from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.transformer.enums import AttnMaskType
@@ -126,6 +137,7 @@ def test_bad_input_is_refused(one_rank):
     with pytest.raises(ValueError, match="'thd' format"):
         sdpa(q, k, v, None, packed_seq_params=PackedSeqParams(qkv_format="sbhd"))
 
+
 def test_local_spec_selects_sdpa(one_rank):
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
@@ -136,6 +148,7 @@ def test_local_spec_selects_sdpa(one_rank):
     cores = [layer.self_attention.core_attention for layer in model.decoder.layers]
     assert len(cores) == arch.num_layers and all(type(c) is SDPAttention for c in cores)
     assert not any(isinstance(m, DotProductAttention) for m in model.modules())
+
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (flash / memory-efficient kernels)")
 @pytest.mark.parametrize("mask_name,backend", [("causal-none", "FLASH_ATTENTION"), ("packed", "EFFICIENT_ATTENTION")])
@@ -154,6 +167,7 @@ def test_cuda_kernels_bf16(one_rank, mask_name, backend):
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g.float(), g_ref, rtol=5e-2, atol=5e-2)
 
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (variable-length flash attention)")
 def test_cuda_thd_varlen_bf16(one_rank):
     """bf16 THD on GPU takes torch's variable-length flash kernel (one call, no host sync) and
@@ -169,8 +183,9 @@ def test_cuda_thd_varlen_bf16(one_rank):
     seg = torch.tensor([[0] * 4 + [1] * 5 + [2] * 3, [3] * 7 + [4] * 5, [5] * 12])
     q, k, v = _qkv(seed=4, device="cuda")
     out_rows, grads_rows = _run(ref, (q, k, v), attention_mask_from_segments(seg).cuda())
-    flat = [x.detach().transpose(0, 1).reshape(B * S, *x.shape[2:]).to(torch.bfloat16).requires_grad_()
-            for x in (q, k, v)]
+    flat = [
+        x.detach().transpose(0, 1).reshape(B * S, *x.shape[2:]).to(torch.bfloat16).requires_grad_() for x in (q, k, v)
+    ]
     cu = torch.tensor([0, 4, 9, 12, 19, 24, 36], dtype=torch.int32, device="cuda")
     params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=12, max_seqlen_kv=12)
     out = sdpa(*flat, None, packed_seq_params=params)
@@ -180,5 +195,6 @@ def test_cuda_thd_varlen_bf16(one_rank):
     (out.float() * w.transpose(0, 1).reshape(B * S, -1)).sum().backward()
     torch.testing.assert_close(out.float(), out_rows.transpose(0, 1).reshape(B * S, -1), rtol=2e-2, atol=2e-2)
     for g, g_rows in zip((t.grad for t in flat), grads_rows):
-        torch.testing.assert_close(g.float(), g_rows.transpose(0, 1).reshape(B * S, *g_rows.shape[2:]),
-                                   rtol=5e-2, atol=5e-2)
+        torch.testing.assert_close(
+            g.float(), g_rows.transpose(0, 1).reshape(B * S, *g_rows.shape[2:]), rtol=5e-2, atol=5e-2
+        )

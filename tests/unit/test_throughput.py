@@ -1,4 +1,5 @@
 """FLOPs model, MFU, peak memory and how the trainer's log line shows them."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,8 +17,11 @@ def test_flops_count_every_matmul_weight_of_the_hf_model():
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = tiny_hf_config("qwen2")
-    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(
-        "qwen2", **{k: v for k, v in cfg.items() if k not in ("model_type", "architectures", "torch_dtype")}))
+    hf = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model(
+            "qwen2", **{k: v for k, v in cfg.items() if k not in ("model_type", "architectures", "torch_dtype")}
+        )
+    )
     n_mm = sum(m.weight.numel() for m in hf.modules() if isinstance(m, torch.nn.Linear))
     arch = tiny_arch()
     assert matmul_params(arch) == n_mm
@@ -32,8 +36,10 @@ def test_mfu():
     assert mfu(1e12, 1.0, 1, None) is None  # no defensible peak (CPU, unknown card)
 
 
-@pytest.mark.parametrize("name, peak", [("NVIDIA H200", 989.0), ("NVIDIA H100 80GB HBM3", 989.0),
-                                        ("NVIDIA H100 PCIe", None), ("NVIDIA A10G", None)])
+@pytest.mark.parametrize(
+    "name, peak",
+    [("NVIDIA H200", 989.0), ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", None), ("NVIDIA A10G", None)],
+)
 def test_peak_by_card(monkeypatch, name, peak):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
