@@ -9,6 +9,7 @@ Megatron's pretrain_gpt.py: ``get_batch``, ``forward_step`` and ``loss_func`` li
 megatron_amopo/training/step.py; this file only wires flags to a training run.
 ``--dry-run`` builds one rank's shard on the meta device instead (``--dry-run --help``).
 """
+
 from __future__ import annotations
 
 import os
@@ -36,9 +37,8 @@ def main(argv=None) -> int:
 
     from megatron_amopo.runtime.distributed import destroy_distributed, initialize_distributed, set_seed
     from megatron_amopo.training.loop import Trainer, log0
-    from megatron_amopo.training.step import forward_step
-
     from megatron_amopo.training.preflight import InsufficientMemory
+    from megatron_amopo.training.step import forward_step
 
     initialize_distributed(cfg.parallel)
     set_seed(cfg.training.seed)

@@ -3,6 +3,7 @@
 Everything else about the package lives in pyproject.toml. A compile failure
 fails the install: there is no silent pure-Python fallback.
 """
+
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
 

@@ -7,7 +7,7 @@ Example (the published Qwen2.5-32B config, 4 nodes of 8 x 80 GB GPUs):
 
 --model is a Hugging Face config.json (or its model directory) or a converted
 checkpoint root (amopo_model.json). The memory model, its formulas and sources:
-megatron_amopo/planning.py and docs/SCALING.md. Check a chosen layout rank by rank
+megatron_amopo/model/memory.py and docs/SCALING.md. Check a chosen layout rank by rank
 with `pretrain_amopo.py --dry-run`.
 """
 
@@ -23,7 +23,7 @@ from megatron_amopo.runtime import quiet  # noqa: E402
 
 quiet.install()  # before anything imports Megatron-Core
 
-from megatron_amopo import planning  # noqa: E402
+from megatron_amopo.model import memory  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -64,7 +64,7 @@ def load_arch(path: str):
     return arch_from_hf_config(load_hf_config(path))
 
 
-def layout_flags(layout: planning.Layout) -> str:
+def layout_flags(layout: memory.Layout) -> str:
     flags = [
         f"--tensor-model-parallel-size {layout.tp}",
         f"--pipeline-model-parallel-size {layout.pp}",
@@ -83,16 +83,16 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    work = planning.default_workload(
+    work = memory.default_workload(
         args.seq_length,
         args.num_dimensions,
         args.global_batch_size,
         bf16=not args.fp32,
         flash_attention=not args.unfused_attention,
     )
-    plans, rejected = planning.plan(arch, work, args.gpus, args.gpu_memory_gib, args.gpus_per_node, args.reserve_gib)
+    plans, rejected = memory.plan(arch, work, args.gpus, args.gpu_memory_gib, args.gpus_per_node, args.reserve_gib)
     print(
-        f"{arch.model_type}: {planning.model_parameter_count(arch):,} parameters, {arch.num_layers} layers; "
+        f"{arch.model_type}: {memory.model_parameter_count(arch):,} parameters, {arch.num_layers} layers; "
         f"{args.gpus} GPUs x {args.gpu_memory_gib:g} GiB ({args.gpu_memory_gib - args.reserve_gib:g} usable); "
         f"micro-batch unit = {work.seqs_per_group} sequences x {work.seq_length} positions per group"
     )

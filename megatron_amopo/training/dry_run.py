@@ -9,7 +9,7 @@ return at once, no peers needed) of the full world size, Megatron-Core's paralle
 groups are created for the layout (``create_gloo_process_groups=False``: gloo would
 need real peers), and the rank's ``GPTModel`` stage is built under
 ``torch.device("meta")`` with initialisation off, so nothing is allocated. Its
-parameters are compared tensor by tensor with ``megatron_amopo.planning``'s shapes,
+parameters are compared tensor by tensor with ``megatron_amopo.model.memory``'s shapes,
 whose arithmetic gives the memory estimate printed next to them. ``--rank all``
 builds one rank per (TP, PP) coordinate and reports every rank (data-parallel
 replicas hold the same shard). The local layer spec is built (Transformer Engine is
@@ -26,7 +26,6 @@ from typing import Optional
 
 import torch
 
-from megatron_amopo import planning
 from megatron_amopo.config import (
     DryRunConfig,
     RunConfig,
@@ -36,10 +35,11 @@ from megatron_amopo.config import (
     run_config_from_args,
     schedule_unused,
 )
+from megatron_amopo.model import memory
 from megatron_amopo.model.architectures import ModelArch, arch_from_hf_config, load_hf_config, validate_layout
 from megatron_amopo.training.preflight import workload_and_layout
 
-GiB = planning.GiB
+GiB = memory.GiB
 
 
 def parse_args(argv: list[str]) -> tuple[DryRunConfig, RunConfig]:
@@ -145,7 +145,7 @@ def build_meta_stage(arch: ModelArch, cfg: RunConfig) -> torch.nn.Module:
 
 def check_against_plan(model: torch.nn.Module, arch: ModelArch, tp: int, pp: int, pp_rank: int) -> dict:
     """Every parameter's shape must be the planner's; returns {name: shape}."""
-    expected = planning.rank_parameter_shapes(arch, tp, pp, pp_rank)
+    expected = memory.rank_parameter_shapes(arch, tp, pp, pp_rank)
     built = {name: tuple(p.shape) for name, p in model.named_parameters()}
     wrong = {
         n: (built.get(n), expected[n][0] if n in expected else None)
@@ -155,7 +155,7 @@ def check_against_plan(model: torch.nn.Module, arch: ModelArch, tp: int, pp: int
     if wrong:
         sample = dict(sorted(wrong.items())[:5])
         raise RuntimeError(
-            f"built shard differs from megatron_amopo.planning at {len(wrong)} tensors "
+            f"built shard differs from megatron_amopo.model.memory at {len(wrong)} tensors "
             f"(name: (built, planned)): {sample}"
         )
     return built
@@ -164,7 +164,7 @@ def check_against_plan(model: torch.nn.Module, arch: ModelArch, tp: int, pp: int
 def rank_report(model: torch.nn.Module, coords: dict, arch: ModelArch, work, layout) -> dict:
     params = list(model.parameters())
     numel = sum(p.numel() for p in params)
-    mem = planning.stage_memory(arch, work, layout, coords["pp_rank"])
+    mem = memory.stage_memory(arch, work, layout, coords["pp_rank"])
     return dict(
         coords,
         params=numel,
@@ -199,13 +199,13 @@ def run(ours: DryRunConfig, cfg: RunConfig) -> dict:
             reports.append({**built[key], **coords})
     finally:
         teardown()
-    peak = planning.peak_memory(arch, work, layout)
+    peak = memory.peak_memory(arch, work, layout)
     return dict(
         world_size=ours.world_size,
         layout=asdict(layout),
         workload=asdict(work),
         arch=arch.to_dict(),
-        model_parameters=planning.model_parameter_count(arch),
+        model_parameters=memory.model_parameter_count(arch),
         ranks=reports,
         peak_stage=peak.pp_rank,
         peak_bytes=peak.total,
@@ -214,7 +214,7 @@ def run(ours: DryRunConfig, cfg: RunConfig) -> dict:
 
 
 def print_report(report: dict) -> None:
-    lay = planning.Layout(**report["layout"])
+    lay = memory.Layout(**report["layout"])
     print(
         f"dry run: {report['arch']['model_type']} with {report['model_parameters']:,} parameters, "
         f"world size {report['world_size']} = {lay.describe()}"

@@ -1,6 +1,6 @@
 """Memory pre-flight: refuse a run that will not fit, before the model is built.
 
-The per-rank peak is ``megatron_amopo.planning``'s memory model for this run's layout
+The per-rank peak is ``megatron_amopo.model.memory``'s memory model for this run's layout
 and its largest planned micro-batch; on CPU it adds the rank's resident memory so far and
 scales activations by the factor measured in docs/SCALING.md ("CPU memory calibration").
 The limit is what this
@@ -18,11 +18,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-from megatron_amopo import planning
 from megatron_amopo.config import RunConfig
+from megatron_amopo.model import memory
 from megatron_amopo.model.architectures import ModelArch, validate_layout
 
-GiB = planning.GiB
+GiB = memory.GiB
 LIMIT_ENV = "AMOPO_MEMORY_LIMIT_GIB"
 # Measured / modelled activation bytes on CPU, the largest of docs/SCALING.md's calibration
 # runs without recomputation ("CPU memory calibration"); the logits term measured as modelled.
@@ -35,7 +35,7 @@ class InsufficientMemory(RuntimeError):
 
 @dataclass(frozen=True)
 class Estimate:
-    peak: planning.StageMemory
+    peak: memory.StageMemory
     process: int  # resident memory not in the model (CPU: interpreter, libraries, data)
 
     @property
@@ -62,7 +62,7 @@ def workload_and_layout(
     rows: Optional[int] = None,
     width: Optional[int] = None,
     device: str = "cuda",
-) -> tuple[planning.Workload, planning.Layout]:
+) -> tuple[memory.Workload, memory.Layout]:
     """The planner's view of a run: micro-batches of ``rows`` x ``width`` when the data plan is known."""
     tc, par = cfg.training, cfg.parallel
     dp = par.data_parallel_size(world_size)
@@ -70,11 +70,11 @@ def workload_and_layout(
     mbs = tc.micro_batch_size or max(1, (tc.micro_batch_tokens or 0) // (tc.seq_length * seqs_per_group))
     per_step = mbs * dp
     gbs = -(-tc.global_batch_size // per_step) * per_step  # --micro-batch-tokens: whole micro-batches per step
-    work = planning.default_workload(
+    work = memory.default_workload(
         width or tc.seq_length, num_dimensions, gbs, bf16=tc.bf16, flash_attention=tc.bf16 and device == "cuda"
     )  # fused attention is 16-bit
     work = replace(work, rows=rows, device=device)
-    layout = planning.Layout(
+    layout = memory.Layout(
         par.tensor_model_parallel_size,
         par.pipeline_model_parallel_size,
         dp,
@@ -117,7 +117,7 @@ def estimate(
     device: str = "cuda",
 ) -> Estimate:
     work, layout = workload_and_layout(cfg, world_size, num_dimensions, rows, width, device)
-    peak = planning.peak_memory(arch, work, layout, training=training)
+    peak = memory.peak_memory(arch, work, layout, training=training)
     if device == "cpu":  # the rank's resident memory so far (interpreter, libraries, data) stays
         peak = replace(peak, activations=int(peak.activations * CPU_ACTIVATION_FACTOR))
         return Estimate(peak, _own_rss())

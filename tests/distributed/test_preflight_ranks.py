@@ -15,8 +15,8 @@ def _body():
 
     import torch.distributed as dist
 
-    from megatron_amopo import planning
     from megatron_amopo.config import run_arg_parser, run_config_from_args
+    from megatron_amopo.model import memory
     from megatron_amopo.testing.tiny import tiny_arch
     from megatron_amopo.training import preflight
 
@@ -24,7 +24,7 @@ def _body():
     cfg = run_config_from_args(run_arg_parser().parse_args(["--train-iters", "1", "--micro-batch-size", "1"]))
     est = preflight.estimate(tiny_arch(), cfg, 1, 3, training=True, device="cpu")
     # Rank 1 alone has too little memory: both ranks must refuse.
-    os.environ[preflight.LIMIT_ENV] = str(100.0 if rank == 0 else est.total / planning.GiB / 2)
+    os.environ[preflight.LIMIT_ENV] = str(100.0 if rank == 0 else est.total / memory.GiB / 2)
     try:
         preflight.check_memory(tiny_arch(), cfg, training=True)
     except preflight.InsufficientMemory as err:

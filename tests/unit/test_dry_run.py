@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_amopo import planning
+from megatron_amopo.model import memory
 from megatron_amopo.model.architectures import arch_from_hf_config, load_hf_config
 from megatron_amopo.training import dry_run
 
@@ -96,9 +96,7 @@ def test_rank_shards_add_up_to_the_hf_model_and_match_the_planner(dry_runs, mode
         replicated = sum(n for name, n in numel.items() if name.endswith("layernorm.weight"))
         total += r["params"] - replicated + (replicated if r["tp_rank"] == 0 else 0)
         # The planner's weight bytes are the dry run's (bf16); the local spec keeps its norms in fp32.
-        stage = planning.stage_memory(
-            arch, planning.default_workload(), planning.Layout(**report["layout"]), r["pp_rank"]
-        )
+        stage = memory.stage_memory(arch, memory.default_workload(), memory.Layout(**report["layout"]), r["pp_rank"])
         assert stage.weights == r["param_bytes"] == 2 * r["params"]
         assert r["built_bytes"] - r["param_bytes"] == 2 * replicated
         assert r["memory"]["total"] == stage.total

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_amopo import planning
 from megatron_amopo.config import run_arg_parser, run_config_from_args
+from megatron_amopo.model import memory
 from megatron_amopo.training import preflight
 
 # SmolLM2-135M's shape (LlamaForCausalLM): the model of docs/SCALING.md's CPU calibration.
@@ -38,7 +38,7 @@ def arch():
 def test_refused_with_estimate_limit_and_fixes(arch, monkeypatch):
     cfg = _cfg("--micro-batch-size", "2", "--global-batch-size", "2")
     recompute = _cfg("--micro-batch-size", "2", "--global-batch-size", "2", "--recompute-granularity", "full")
-    limit = f"{preflight.estimate(arch, recompute, 1, 3, training=True, device='cpu').total / planning.GiB + 0.3:.2f}"
+    limit = f"{preflight.estimate(arch, recompute, 1, 3, training=True, device='cpu').total / memory.GiB + 0.3:.2f}"
     monkeypatch.setenv(preflight.LIMIT_ENV, limit)
     with pytest.raises(preflight.InsufficientMemory) as err:
         preflight.check_memory(arch, cfg, training=True)
@@ -46,7 +46,7 @@ def test_refused_with_estimate_limit_and_fixes(arch, monkeypatch):
     assert "will not fit" in msg and f"{preflight.LIMIT_ENV}={limit}" in msg and "--no-memory-check" in msg
     assert "Fixes that would fit: --recompute-granularity full" in msg
     est = preflight.estimate(arch, cfg, 1, 3, training=True, device="cpu")
-    assert f"activations {est.peak.activations / planning.GiB:.2f}" in msg
+    assert f"activations {est.peak.activations / memory.GiB:.2f}" in msg
 
 
 def test_fixes_are_only_those_that_fit(arch):
@@ -106,7 +106,7 @@ def test_gpu_limit_is_the_free_memory_of_this_rank_s_gpu(monkeypatch):
     import torch
 
     monkeypatch.delenv(preflight.LIMIT_ENV, raising=False)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (10 * planning.GiB, 80 * planning.GiB))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (10 * memory.GiB, 80 * memory.GiB))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     limit, source = preflight.rank_limit("cuda")
-    assert limit == 10 * planning.GiB and "GPU 3 (80.0 GiB in all)" in source
+    assert limit == 10 * memory.GiB and "GPU 3 (80.0 GiB in all)" in source

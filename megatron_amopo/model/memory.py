@@ -1,52 +1,8 @@
 """Per-GPU memory model of an AMoPO run and a planner for its parallel layout.
 
-Everything here is arithmetic on a ``ModelArch``; the dry run
-(``megatron_amopo/training/dry_run.py``) builds a rank's real Megatron-Core shard on
-the meta device and checks it against ``rank_parameter_shapes`` tensor by tensor, so
-the parameter counts below are exact, not estimates. docs/SCALING.md states the same
-formulas with worked numbers.
-
-Parameters (Megatron-Core ``GPTModel``, local layer-spec names; TP size t, stage of
-L/p layers; H hidden, F ffn, a heads, g query groups, d head dim, V vocabulary):
-  per layer  (a d + 2 g d) H / t (+ (a d + 2 g d) / t QKV bias)   linear_qkv
-             H a d / t                                           linear_proj
-             2 F H / t + H F / t                                  SwiGLU fc1 [gate; up], fc2
-             2 H  (replicated on every TP rank)                   input / pre-MLP RMSNorm
-  first stage  V H / t (word embeddings); last stage  H (final norm) + V H / t
-  (output layer; with tied embeddings only when PP > 1, as Megatron keeps a copy).
-
-Model and optimizer state, bytes per parameter (Megatron mixed precision, as in
-Megatron-LM's distributed-optimizer guide): bf16 weights 2, fp32 gradient buffer 4
-(``grad_reduce_in_fp32``, megatron_amopo/model/build.py), fp32 main weights 4 and
-Adam m, v 8. Without the distributed optimizer 2 + 4 + 12 = 18; with it
-2 + 4 + 12 / DP. fp32 runs keep no separate main weights (4 + 4 + 8).
-
-Activations per transformer layer for R rows of S positions, 16-bit activations
-(Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
-Models", Sec. 4; their Eq. 1 is s b h (34 + 5 a s / h) with dropout and GeLU MLP):
-  kept as is     2 norm inputs 4 S R H, QKV input 2 S R H, MLP input 2 S R H,
-                 attention-projection input 2 S R H
-  adapted        GQA: Q 2 S R H plus K, V 4 S R g d (their 4 s b h assumes g d = H)
-                 SwiGLU: fc1 output [gate; up] 4 S R F + fc2 input 2 S R F
-                 (their 19 s b h is a 4h GeLU MLP)
-                 no dropout masks (hidden/attention dropout are 0: PyTorch stores none)
-  attention core flash (fused, GPU): log-sum-exp 4 a S R (fp32); unfused (local spec):
-                 softmax output 2 a S^2 R (their 5 a s^2 b less the dropout terms)
-  t-way TP divides everything between the column- and row-parallel linears; sequence
-  parallelism (Korthikanti Sec. 4.2.2) divides the rest too. Selective recomputation
-  (their Sec. 5, Megatron's "core_attn") drops the attention core; full recomputation
-  keeps only each layer's input 2 S R H (/ t with SP) plus one layer's activations
-  live during its backward.
-Pipeline (1F1B, Narayanan et al. 2021): stage i holds min(p - i, m) micro-batches of
-activations in flight, m micro-batches per step. The last stage also holds the
-vocab-parallel logits [T, V / t] in the weights' dtype (saved for the backward of
-``token_logprobs``), their gradient of the same size, and one fp32 [C, V / t] work
-chunk of ``objective.logprobs.DEFAULT_CHUNK_BYTES`` for the device (no full fp32 copy is made).
-
-The micro-batch of an AMoPO run is micro_batch_size groups of 2(D + 1) sequences
-(one chosen/rejected pair for the general preference and one per dimension), laid
-out padded: R = micro_batch_size x 2(D + 1) rows of S = seq_length positions.
-Context parallelism is not modelled (CP = 1).
+Arithmetic on a ``ModelArch``: exact parameter shapes per rank (the dry run checks them against a
+real Megatron-Core shard), model and optimizer state, activations with and without recomputation,
+and the logits. The formulas, their sources and worked numbers are in docs/SCALING.md, section 4.
 """
 
 from __future__ import annotations
