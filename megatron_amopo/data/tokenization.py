@@ -77,6 +77,14 @@ def tokenizer_fingerprint(tok, path: str) -> dict:
     }
 
 
+def pair_messages(prompt: str, turns: list[dict], placement: str) -> list[dict]:
+    """Chat messages of one pair: its prompt as a system message or prepended to the final user turn."""
+    if placement == "system":
+        return [{"role": "system", "content": prompt}] + turns
+    last = dict(turns[-1], content=prompt + "\n\n" + turns[-1]["content"])
+    return turns[:-1] + [last]
+
+
 class GroupEncoder:
     """Tokenises records into groups; one per worker process (holds the tokenizer)."""
 
@@ -146,10 +154,7 @@ class GroupEncoder:
     # -- rendering ---------------------------------------------------------------------------
 
     def _messages(self, prompt: str, turns: list[dict]) -> list[dict]:
-        if self.pcfg.placement == "system":
-            return [{"role": "system", "content": prompt}] + turns
-        last = dict(turns[-1], content=prompt + "\n\n" + turns[-1]["content"])
-        return turns[:-1] + [last]
+        return pair_messages(prompt, turns, self.pcfg.placement)
 
     def _render(self, prompts: list[str], turns: list[dict], responses: tuple[str, str]):
         """(tokens, response_start) for the 2P sequences, sequence index 2*k + side."""

@@ -230,6 +230,7 @@ def amopo_loss(
         "weights": w_BP,
         "weights_mean_mode": w_mean_mode_BP,
         "pair_losses": loss_BP.detach(),
+        "pair_margins": (cfg.beta * (a_BPS[..., 0] - a_BPS[..., 1])).detach(),
         "pair_valid": valid_BP,
         "sample_valid": sample_valid_B,
         "pair_sums": pair_sums_MP,

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from megatron_amopo.checkpoint.store import METADATA_FILE, read_model_metadata, write_model_metadata
 from megatron_amopo.config import RunConfig
 from megatron_amopo.model.architectures import ModelArch
+from megatron_amopo.evaluation.report import gather_per_group
 from megatron_amopo.model.build import build_model, check_wiring
 from megatron_amopo.model.provider import transformer_config
 from megatron_amopo.objective.amopo import PAIR_METRIC_NAMES
@@ -142,8 +143,11 @@ def evaluate_split(
     train_cfg,
     pair_names: list[str],
     max_batches: Optional[int] = None,
-) -> dict[str, float]:
-    """Loss, per-pair preference accuracy and margins on a split (forward only, all DP ranks)."""
+    per_group: bool = False,
+) -> dict:
+    """Loss, per-pair preference accuracy and margins on a split (forward only, all DP ranks).
+
+    ``per_group``: also return every group's pair margins under ``"per_group"`` (on all ranks)."""
     stop = plan.num_microbatches if max_batches is None else min(max_batches, plan.num_microbatches)
     stop = stop if train_cfg.eval_batches is None else min(stop, train_cfg.eval_batches)
     for chunk in model:
@@ -157,12 +161,16 @@ def evaluate_split(
 
     try:
         batches = list(tdata.microbatches(split, plan, train_cfg, 0, stop))
-        reduced = reduce_step(run_schedule(model, counted_step, batches, forward_only=True), batches, len(pair_names))
+        reports = run_schedule(model, counted_step, batches, forward_only=True)
+        reduced = reduce_step(reports, batches, len(pair_names))
     finally:
         bar.close()
         for chunk in model:
             chunk.train()
-    return summarize(reduced, pair_names)
+    values: dict = summarize(reduced, pair_names)
+    if per_group:
+        values["per_group"] = gather_per_group(reports, split.dataset.row_ids_G, pair_names, is_reporting_rank())
+    return values
 
 
 def format_eval(values: dict[str, float], pair_names: list[str], label: str) -> str:
@@ -383,6 +391,7 @@ class Trainer:
                 grad_norm=reduced["grad_norm"],
                 consumed_samples=self.state.consumed_samples,
                 **speed_values(reduced, time.time() - tick, peak),
+                tokens=reduced["tokens"],
                 eta_s=(time.time() - t0) / (it - it0) * (self.train_iters - it),
             )
             history["train"].append(values)

@@ -150,8 +150,8 @@ def output_logprobs(
 def make_report(loss_sum: torch.Tensor, count: torch.Tensor, metrics: dict, ids_B: torch.Tensor) -> dict:
     """Detached clones for logging (the schedule may divide the returned loss in place).
 
-    ``REDUCIBLE_KEYS`` are sums to all-reduce over DP; ``weights`` [B, P] and
-    ``sample_ids`` [B] are this micro-batch's own.
+    ``REDUCIBLE_KEYS`` are sums to all-reduce over DP; ``weights``, ``pair_margins``,
+    ``pair_valid`` [B, P] and ``sample_ids`` [B] are this micro-batch's own.
     """
     return {
         "loss_sum": loss_sum.detach().clone(),
@@ -159,6 +159,8 @@ def make_report(loss_sum: torch.Tensor, count: torch.Tensor, metrics: dict, ids_
         "pair_sums": metrics["pair_sums"].detach().clone(),
         "pair_counts": metrics["pair_counts"].detach().clone(),
         "weights": metrics["weights"].detach().clone(),
+        "pair_margins": metrics["pair_margins"].detach().clone(),
+        "pair_valid": metrics["pair_valid"].detach().clone(),
         "sample_ids": ids_B.detach().clone(),
     }
 

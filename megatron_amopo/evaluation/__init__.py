@@ -1,0 +1,1 @@
+"""Evaluation reports: per-group detail, bootstrap intervals, controllability."""

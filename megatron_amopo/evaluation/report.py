@@ -1,0 +1,186 @@
+"""Per-group evaluation detail and bootstrap confidence intervals over prompts.
+
+An evaluation of a preprocessed split keeps, for every group (one prompt with its chosen and
+rejected response), the margin beta * (a_c - a_r) of each pair; accuracy is margin > 0. Means
+get a 95% percentile-bootstrap interval from resampling groups; the gain of one checkpoint
+over another gets a paired bootstrap (the same resampled groups for both), so it reflects the
+change on each prompt rather than the spread between prompts. Pure numpy apart from
+``gather_per_group``, which collects the records from the ranks of an evaluation.
+"""
+from __future__ import annotations
+
+import json
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+METRICS = ("accuracy", "margin")
+DEFAULT_RESAMPLES = 10000
+
+
+def group_records(reports: Sequence[dict], row_ids: np.ndarray, pair_names: Sequence[str]) -> list[dict]:
+    """One record per evaluated group from this rank's schedule reports.
+
+    A record is ``{"group_id", "row_id", "margin/<pair>": float or None}``; None marks a pair
+    with an empty response (left out of that pair's statistics, as in the training metrics).
+    """
+    out = []
+    for rep in reports:
+        margins_BP, valid_BP = rep["pair_margins"].double().cpu(), rep["pair_valid"].cpu()
+        if margins_BP.shape[1] != len(pair_names):
+            raise ValueError(f"reports have {margins_BP.shape[1]} pairs but pair_names has {len(pair_names)}")
+        for b, g in enumerate(rep["sample_ids"].tolist()):
+            rec = {"group_id": int(g), "row_id": int(row_ids[int(g)])}
+            for k, name in enumerate(pair_names):
+                rec[f"margin/{name}"] = float(margins_BP[b, k]) if bool(valid_BP[b, k]) else None
+            out.append(rec)
+    return out
+
+
+def gather_per_group(reports: Sequence[dict], row_ids: np.ndarray, pair_names: Sequence[str],
+                     reporting: bool) -> list[dict]:
+    """Every rank's group records (reporting ranks contribute theirs), sorted by group id."""
+    import torch.distributed as dist
+
+    mine = group_records(reports, row_ids, pair_names) if reporting else []
+    if not dist.is_initialized():
+        return sorted(mine, key=lambda r: r["group_id"])
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return sorted((r for part in everyone for r in part), key=lambda r: r["group_id"])
+
+
+def pair_names_of(records: Sequence[dict]) -> list[str]:
+    """Pair names present in the records, in their order."""
+    if not records:
+        return []
+    return [k.split("/", 1)[1] for k in records[0] if k.startswith("margin/")]
+
+
+def values(records: Sequence[dict], pair: str, metric: str) -> dict[int, float]:
+    """group_id -> the group's accuracy (0/1) or margin on ``pair``; pairs without a value are left out."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    out = {}
+    for r in records:
+        m = r.get(f"margin/{pair}")
+        if m is None:
+            continue
+        out[int(r["group_id"])] = float(m > 0) if metric == "accuracy" else float(m)
+    return out
+
+
+def bootstrap_means(x: np.ndarray, resamples: int, seed: int) -> np.ndarray:
+    """Means of ``resamples`` resamples (with replacement) of the rows of x."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.size == 0:
+        raise ValueError("bootstrap of an empty sample")
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    chunk = max(1, 2_000_000 // x.size)
+    for start in range(0, resamples, chunk):
+        stop = min(resamples, start + chunk)
+        means[start:stop] = x[rng.integers(0, x.size, size=(stop - start, x.size))].mean(axis=1)
+    return means
+
+
+def mean_ci(x: Sequence[float], resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
+            level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): the mean and its percentile-bootstrap interval at ``level``."""
+    x = np.asarray(x, dtype=np.float64)
+    means = bootstrap_means(x, resamples, seed)
+    tail = 100 * (1 - level) / 2
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    return float(x.mean()), float(lo), float(hi)
+
+
+def summarize_groups(records: Sequence[dict], pair_names: Optional[Sequence[str]] = None,
+                     resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict:
+    """``{"<metric>/<pair>": mean, "<metric>_ci95/<pair>": [low, high], "groups/<pair>": n}``."""
+    out: dict = {}
+    for pair in pair_names or pair_names_of(records):
+        for metric in METRICS:
+            v = values(records, pair, metric)
+            if not v:
+                continue
+            mean, lo, hi = mean_ci(list(v.values()), resamples, seed)
+            out[f"{metric}/{pair}"], out[f"{metric}_ci95/{pair}"] = mean, [lo, hi]
+            out[f"groups/{pair}"] = len(v)
+    return out
+
+
+def paired_gain(before: Sequence[dict], after: Sequence[dict], pair: str, metric: str,
+                resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> tuple[float, float, float, int]:
+    """(gain, low, high, n): mean of after - before over the groups both evaluated, with its
+    paired-bootstrap 95% interval. Refuses evaluations of different group sets."""
+    b, a = values(before, pair, metric), values(after, pair, metric)
+    ids_b = {int(r["row_id"]) for r in before}
+    ids_a = {int(r["row_id"]) for r in after}
+    if ids_a != ids_b:
+        raise ValueError(f"the two evaluations cover different groups ({len(ids_b)} vs {len(ids_a)} rows, "
+                         f"{len(ids_a ^ ids_b)} not shared): evaluate both checkpoints on the same dataset")
+    common = sorted(set(a) & set(b))
+    if not common:
+        raise ValueError(f"no group has a value for pair {pair!r} in both evaluations")
+    mean, lo, hi = mean_ci([a[g] - b[g] for g in common], resamples, seed)
+    return mean, lo, hi, len(common)
+
+
+def write_records(path: str, records: Iterable[dict]) -> None:
+    with open(path, "w") as fh:
+        for r in records:
+            fh.write(json.dumps(r) + "\n")
+
+
+def read_records(path: str) -> list[dict]:
+    """Group records of a ``tools/evaluate.py --per-group-output`` file."""
+    with open(path) as fh:
+        records = [json.loads(line) for line in fh if line.strip()]
+    if not records or "group_id" not in records[0] or not pair_names_of(records):
+        raise ValueError(f"{path}: not a per-group evaluation file (tools/evaluate.py --per-group-output)")
+    return records
+
+
+def fmt_ci(mean: float, lo: float, hi: float, signed: bool = False) -> str:
+    f = "{:+.3f}" if signed else "{:.3f}"
+    return f"{f.format(mean)} [{f.format(lo)}, {f.format(hi)}]"
+
+
+def comparison_table(baseline: Sequence[dict], arms: Sequence[tuple[str, Sequence[dict]]],
+                     pair_names: Sequence[str], resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> str:
+    """Markdown table: per arm and pair, accuracy and margin with 95% intervals, and the paired gain
+    over ``baseline`` (the untrained model) with its 95% interval; '*' marks a gain interval
+    that excludes zero."""
+    head = ("| arm | pair | n | accuracy [95% CI] | accuracy gain [95% CI] | margin [95% CI] "
+            "| margin gain [95% CI] |\n|---|---|---|---|---|---|---|")
+    lines = [head]
+    for pair in pair_names:
+        acc = values(baseline, pair, "accuracy")
+        if not acc:
+            continue
+        cells = [fmt_ci(*mean_ci(list(values(baseline, pair, m).values()), resamples, seed)) for m in METRICS]
+        lines.append(f"| untrained | {pair} | {len(acc)} | {cells[0]} | | {cells[1]} | |")
+    for name, recs in arms:
+        for pair in pair_names:
+            if not values(recs, pair, "accuracy"):
+                continue
+            row = [name, pair]
+            for metric in METRICS:
+                level = fmt_ci(*mean_ci(list(values(recs, pair, metric).values()), resamples, seed))
+                gain, lo, hi, n = paired_gain(baseline, recs, pair, metric, resamples, seed)
+                mark = "*" if lo > 0 or hi < 0 else ""
+                row += [level, fmt_ci(gain, lo, hi, signed=True) + mark]
+            lines.append(f"| {row[0]} | {row[1]} | {n} | {' | '.join(row[2:])} |")
+    return "\n".join(lines)
+
+
+def format_intervals(summary: dict, pair_names: Sequence[str]) -> str:
+    """One console line per pair: accuracy and margin with their 95% intervals."""
+    lines = []
+    for pair in pair_names:
+        if f"accuracy/{pair}" not in summary:
+            continue
+        acc = fmt_ci(summary[f"accuracy/{pair}"], *summary[f"accuracy_ci95/{pair}"])
+        margin = fmt_ci(summary[f"margin/{pair}"], *summary[f"margin_ci95/{pair}"])
+        lines.append(f"  {pair}: accuracy {acc} | margin {margin} | {summary[f'groups/{pair}']} groups (95% bootstrap)")
+    return "\n".join(lines)

@@ -1,0 +1,103 @@
+"""End to end: tools/evaluate.py --per-group-output, tools/compare_evals.py and tools/evaluate_control.py
+on a tiny Qwen2 model (real Qwen2 tokenizer) and real HelpSteer2 rows, through the real tools."""
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from megatron_amopo.evaluation.control import spearman
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PY = sys.executable
+SEQ = 256
+PAIRS = ["general", "helpfulness", "verbosity"]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+def _run(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaltools")
+    by_prompt = collections.defaultdict(list)
+    with open(os.path.join(REPO, "data/helpsteer2/train_rows.jsonl")) as fh:
+        for line in fh:
+            r = json.loads(line)
+            by_prompt[r["prompt"]].append(r)
+    groups = sorted((rs for rs in by_prompt.values() if len(rs) == 2),
+                    key=lambda rs: len(rs[0]["prompt"]) + max(len(r["response"]) for r in rs))[:12]
+    with open(root / "rows.jsonl", "w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for rs in groups for r in rs)
+    _run([PY, "tools/make_tiny_model.py", "--arch", "qwen2", "--tied", "--tokenizer", "data/tokenizer-qwen2",
+          "--vocab-size", "151680", "--hidden-size", "32", "--ffn-hidden-size", "64", "--num-layers", "2",
+          "--out", str(root / "hf")])
+    _run([PY, "tools/convert_hf_to_megatron.py", "--hf-path", str(root / "hf"), "--save", str(root / "init")])
+    _run([PY, "tools/preprocess_data.py", "--input", str(root / "rows.jsonl"), "--output", str(root / "data"),
+          "--tokenizer", str(root / "init" / "tokenizer"), "--format", "helpsteer2", "--dimensions",
+          "helpfulness", "verbosity", "--seq-length", str(SEQ), "--no-progress"])
+    return root
+
+
+def test_evaluate_per_group_and_compare(setup):
+    out, groups = setup / "eval.json", setup / "groups.jsonl"
+    _run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "tools/evaluate.py",
+          "--load", str(setup / "init"), "--data-path", str(setup / "data"), "--micro-batch-size", "1",
+          "--seq-length", str(SEQ), "--output", str(out), "--per-group-output", str(groups),
+          "--bootstrap-resamples", "500"])
+    values = json.loads(out.read_text())
+    records = [json.loads(line) for line in groups.read_text().splitlines()]
+    # DP2 splits the groups over two ranks: every evaluated group comes back exactly once.
+    assert values["groups"] == len(records) == values["samples"] >= 6
+    assert len({r["group_id"] for r in records}) == len(records)
+    for pair in PAIRS:
+        margins = [r[f"margin/{pair}"] for r in records if r[f"margin/{pair}"] is not None]
+        assert math.isclose(np.mean(margins), values[f"margin/{pair}"], rel_tol=1e-5, abs_tol=1e-7)
+        assert math.isclose(np.mean([m > 0 for m in margins]), values[f"accuracy/{pair}"], abs_tol=1e-9)
+        lo, hi = values["bootstrap"][f"margin_ci95/{pair}"]
+        assert lo <= values["bootstrap"][f"margin/{pair}"] <= hi and lo < hi
+
+    table = _run([PY, "tools/compare_evals.py", "--baseline", str(groups), "--arm", f"same={groups}",
+                  "--resamples", "500"]).stdout
+    rows = [line for line in table.splitlines() if line.startswith("| same |")]
+    assert len(rows) == 3 and all(line.count("+0.000 [+0.000, +0.000]") == 2 for line in rows)
+    bad = _run([PY, "tools/compare_evals.py", "--baseline", str(groups), "--arm", "noequals"], check=False)
+    assert bad.returncode != 0 and "--arm must be NAME=FILE" in bad.stderr
+
+
+def test_evaluate_control_cli(setup):
+    out = setup / "control.json"
+    proc = _run([PY, "tools/evaluate_control.py", "--model", str(setup / "hf"), "--input", str(setup / "rows.jsonl"),
+                 "--dimension", "verbosity", "--scores", "0", "4", "--num-prompts", "3", "--max-new-tokens", "5",
+                 "--batch-size", "2", "--output", str(out)])
+    assert "verbosity 4.0: 6/6 replies" in proc.stdout and "Spearman(requested verbosity, length)" in proc.stdout
+    result = json.loads(out.read_text())
+    replies = result["replies"]
+    assert len(replies) == 6 and sorted({r["prompt_index"] for r in replies}) == [0, 1, 2]
+    assert all(0 <= r["length"] <= 5 and r["truncated"] == (r["length"] == 5) for r in replies)
+    for s in ("0.0", "4.0"):
+        lengths = [r["length"] for r in replies if str(r["score"]) == s]
+        assert result["per_score"][s]["mean_length"] == np.mean(lengths)
+    rho = spearman([r["score"] for r in replies], [r["length"] for r in replies])
+    assert (math.isnan(rho) and math.isnan(result["spearman_score_length"])) or rho == result["spearman_score_length"]
+
+    for flags, message in [
+        (["--dimension", "verbosity", "--scores", "0", "9"], "outside the scale"),
+        (["--dimension", "verbosity", "--scores", "2", "2"], "at least two different scores"),
+        (["--dimension", "humour"], "no description for dimensions ['humour']"),
+    ]:
+        proc = _run([PY, "tools/evaluate_control.py", "--model", str(setup / "hf"), "--input",
+                     str(setup / "rows.jsonl"), *flags], check=False)
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]

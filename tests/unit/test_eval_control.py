@@ -1,0 +1,46 @@
+"""Controllability measurement (megatron_amopo/evaluation/control.py): Spearman and the summary."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from megatron_amopo.evaluation.control import average_ranks, reply_length, spearman, summarize_control
+
+
+def test_average_ranks_share_ties():
+    np.testing.assert_array_equal(average_ranks([10, 30, 20, 30, 5]), [2, 4.5, 3, 4.5, 1])
+
+
+def test_spearman_hand_computed():
+    # Without ties: rho = 1 - 6 sum d^2 / (n (n^2 - 1)); d = [0, -1, 1, 0, 0] -> 1 - 12 / 120.
+    assert math.isclose(spearman([1, 2, 3, 4, 5], [10, 30, 20, 40, 50]), 0.9)
+    # With ties: ranks of y are [1, 2, 3.5, 5, 3.5]; Pearson of the ranks is 8 / sqrt(10 * 9.5).
+    assert math.isclose(spearman([1, 2, 3, 4, 5], [5, 6, 7, 8, 7]), 8 / math.sqrt(95))
+    assert math.isclose(spearman([0, 0, 2, 2, 4, 4], [9, 3, 2, 1, 0, 0]), -spearman([0, 0, 2, 2, 4, 4], [-9, -3, -2, -1, 0, 0]))
+    assert spearman([1, 2, 3], [-1, -5, -9]) == -1.0
+    assert math.isnan(spearman([0, 2, 4], [7, 7, 7]))
+    with pytest.raises(ValueError, match="same length"):
+        spearman([1, 2], [1, 2, 3])
+
+
+def test_reply_length_stops_at_the_first_stop_token():
+    assert reply_length([5, 6, 2, 7, 2], {2}) == (2, False)
+    assert reply_length([5, 6, 7], {2, 9}) == (3, True)
+    assert reply_length([9], {2, 9}) == (0, False)
+
+
+def test_summarize_control():
+    replies = [
+        {"score": 0.0, "length": 10, "truncated": False}, {"score": 0.0, "length": 20, "truncated": False},
+        {"score": 2.0, "length": 30, "truncated": False}, {"score": 2.0, "length": 20, "truncated": False},
+        {"score": 4.0, "length": 64, "truncated": True}, {"score": 4.0, "length": 40, "truncated": False},
+    ]
+    s = summarize_control(replies, [0.0, 2.0, 4.0])
+    assert s["per_score"]["0.0"] == {"mean_length": 15.0, "replies": 2, "at_max_new_tokens": 0}
+    assert s["per_score"]["4.0"] == {"mean_length": 52.0, "replies": 2, "at_max_new_tokens": 1}
+    assert s["replies"] == 6
+    # ranks: scores [1.5, 1.5, 3.5, 3.5, 5.5, 5.5], lengths [1, 2.5, 4, 2.5, 6, 5]
+    assert math.isclose(s["spearman_score_length"], spearman([0, 0, 2, 2, 4, 4], [10, 20, 30, 20, 64, 40]))
+    assert 0.8 < s["spearman_score_length"] < 1.0

@@ -1,0 +1,59 @@
+"""Before/after table of per-group evaluations (tools/evaluate.py --per-group-output files).
+
+    python tools/compare_evals.py --baseline before.jsonl --arm gaussian=after_g.jsonl \\
+        --arm equal=after_e.jsonl [--pairs general helpfulness] [--output table.md]
+
+Per arm and pair: accuracy and mean margin with 95% bootstrap intervals over groups (prompts), and
+the gain over the baseline (the untrained model on the same groups) with a 95% paired-bootstrap
+interval; '*' marks a gain whose interval excludes zero.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_amopo.evaluation.report import (  # noqa: E402
+    DEFAULT_RESAMPLES, comparison_table, pair_names_of, read_records,
+)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--baseline", required=True, help="per-group file of the untrained model")
+    p.add_argument("--arm", action="append", required=True, metavar="NAME=FILE", help="per-group file of an arm")
+    p.add_argument("--pairs", nargs="+", default=None, help="pairs to show (default: all in --baseline)")
+    p.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES)
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
+    p.add_argument("--output", default=None, help="also write the table here")
+    args = p.parse_args(argv)
+    arms = []
+    for item in args.arm:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            p.error(f"--arm must be NAME=FILE, got {item!r}")
+        arms.append((name, path))
+    for path in [args.baseline] + [path for _, path in arms]:
+        if not os.path.isfile(path):
+            p.error(f"{path} does not exist")
+    try:
+        baseline = read_records(args.baseline)
+        loaded = [(name, read_records(path)) for name, path in arms]
+        pairs = args.pairs or pair_names_of(baseline)
+        unknown = [x for x in pairs if x not in pair_names_of(baseline)]
+        if unknown:
+            p.error(f"--pairs {unknown} are not in {args.baseline} (it has {pair_names_of(baseline)})")
+        table = comparison_table(baseline, loaded, pairs, args.resamples, args.seed)
+    except ValueError as err:
+        raise SystemExit(f"compare_evals: {err}")
+    print(table)
+    if args.output:
+        with open(args.output, "w") as fh:
+            fh.write(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
