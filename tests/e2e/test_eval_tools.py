@@ -2,7 +2,6 @@
 on a tiny Qwen2 model (real Qwen2 tokenizer) and real HelpSteer2 rows, through the real tools."""
 from __future__ import annotations
 
-import collections
 import json
 import math
 import os
@@ -32,15 +31,8 @@ def _run(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaltools")
-    by_prompt = collections.defaultdict(list)
-    with open(os.path.join(REPO, "data/helpsteer2/train_rows.jsonl")) as fh:
-        for line in fh:
-            r = json.loads(line)
-            by_prompt[r["prompt"]].append(r)
-    groups = sorted((rs for rs in by_prompt.values() if len(rs) == 2),
-                    key=lambda rs: len(rs[0]["prompt"]) + max(len(r["response"]) for r in rs))[:12]
-    with open(root / "rows.jsonl", "w") as fh:
-        fh.writelines(json.dumps(r) + "\n" for rs in groups for r in rs)
+    _run([PY, "examples/lib/select_helpsteer2.py", "--input", "data/helpsteer2/train_rows.jsonl", "--output",
+          str(root / "rows.jsonl"), "--take", "12", "--dimensions", "helpfulness", "verbosity"])
     _run([PY, "tools/make_tiny_model.py", "--arch", "qwen2", "--tied", "--tokenizer", "data/tokenizer-qwen2",
           "--vocab-size", "151680", "--hidden-size", "32", "--ffn-hidden-size", "64", "--num-layers", "2",
           "--out", str(root / "hf")])
