@@ -13,9 +13,9 @@ set -euo pipefail
 
 OUT=${OUT:-runs/smollm2_arms}
 SWEEP=${SWEEP:-runs/smollm2_lr_sweep}
-LR=${LR:-6e-5}
-TRAIN_PROMPTS=${TRAIN_PROMPTS:-24}
-HELDOUT_PROMPTS=${HELDOUT_PROMPTS:-32}
+LR=${LR:-5e-4}                     # the sweep's choice (docs/RESULTS.md)
+TRAIN_PROMPTS=${TRAIN_PROMPTS:-40}
+HELDOUT_PROMPTS=${HELDOUT_PROMPTS:-48}
 CONTROL_PROMPTS=${CONTROL_PROMPTS:-12}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-96}
 ARMS=${ARMS:-"gaussian gaussian-inverse equal simpo"}

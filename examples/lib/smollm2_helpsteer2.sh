@@ -49,7 +49,7 @@ preprocess() {
 }
 
 # train NAME LOAD DATA [extra flags...]: DP2 AMoPO run into $OUT/NAME, wall seconds in $OUT/NAME/wall_s.
-# The distributed optimizer halves the Adam state per rank (memory is what this shared machine lacks).
+# (No --use-distributed-optimizer: its checkpoint save gathers the Adam state on one rank, +2 GiB there.)
 train() {
   local name=$1 load=$2 data=$3
   shift 3
@@ -57,7 +57,7 @@ train() {
   t0=$(date +%s)
   xlog "train $name: $*"
   $TORCHRUN --nproc-per-node "$NPROC" pretrain_amopo.py --load "$load" --save "$OUT/$name" --data-path "$data" \
-    "${TRAIN_FLAGS[@]}" --use-distributed-optimizer --global-batch-size "$GLOBAL_BATCH" --log-interval 1 "$@"
+    "${TRAIN_FLAGS[@]}" --global-batch-size "$GLOBAL_BATCH" --log-interval 1 "$@"
   echo $(( $(date +%s) - t0 )) > "$OUT/$name/wall_s"
 }
 
