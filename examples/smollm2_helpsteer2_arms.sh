@@ -17,7 +17,7 @@ LR=${LR:-5e-4}                     # the sweep's choice (docs/RESULTS.md)
 TRAIN_PROMPTS=${TRAIN_PROMPTS:-40}
 HELDOUT_PROMPTS=${HELDOUT_PROMPTS:-48}
 CONTROL_PROMPTS=${CONTROL_PROMPTS:-12}
-MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-96}
+MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-256}  # greedy replies of this model often loop: a low cap makes every length equal
 ARMS=${ARMS:-"gaussian gaussian-inverse equal simpo"}
 # shellcheck source=examples/lib/smollm2_helpsteer2.sh
 source "$(dirname "$0")/lib/smollm2_helpsteer2.sh"
