@@ -79,5 +79,5 @@ for name in ("untrained", "gaussian"):
     levels = ", ".join(f"{s}: {v['mean_length']:.1f} ({v['at_max_new_tokens']} capped)"
                        for s, v in c["per_score"].items())
     print(f"control {name}: mean reply tokens at verbosity {levels}; Spearman {c['spearman_score_length']:.3f} "
-          f"over {c['replies']} replies")
+          f"over {len(c['replies'])} replies")
 PY

@@ -110,7 +110,7 @@ def main(argv=None) -> int:
         print(f"{args.dimension} {s}: mean length {v['mean_length']:.1f} tokens over {v['replies']} replies "
               f"({v['at_max_new_tokens']} hit --max-new-tokens)")
     print(f"Spearman(requested {args.dimension}, length) = {summary['spearman_score_length']:.3f} "
-          f"over {summary['replies']} replies")
+          f"over {summary['num_replies']} replies")
     if args.output:
         result = {"model": args.model, "input": args.input, "dimension": args.dimension, "scores": args.scores,
                   "num_prompts": len(prompts), "max_new_tokens": args.max_new_tokens, **summary, "replies": replies}

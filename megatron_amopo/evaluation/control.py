@@ -53,7 +53,7 @@ def summarize_control(replies: Sequence[dict], scores: Sequence[float]) -> dict:
                              "replies": len(lengths),
                              "at_max_new_tokens": sum(bool(r["truncated"]) for r in replies if r["score"] == s)}
     rho = spearman([r["score"] for r in replies], [r["length"] for r in replies])
-    return {"per_score": per_level, "spearman_score_length": rho, "replies": len(replies)}
+    return {"per_score": per_level, "spearman_score_length": rho, "num_replies": len(replies)}
 
 
 def reply_length(generated: Sequence[int], stop_ids: set[int]) -> tuple[int, bool]:

@@ -41,7 +41,7 @@ def test_summarize_control():
     s = summarize_control(replies, [0.0, 2.0, 4.0])
     assert s["per_score"]["0.0"] == {"mean_length": 15.0, "replies": 2, "at_max_new_tokens": 0}
     assert s["per_score"]["4.0"] == {"mean_length": 52.0, "replies": 2, "at_max_new_tokens": 1}
-    assert s["replies"] == 6
+    assert s["num_replies"] == 6
     # ranks: scores [1.5, 1.5, 3.5, 3.5, 5.5, 5.5], lengths [1, 2.5, 4, 2.5, 6, 5]
     assert math.isclose(s["spearman_score_length"], spearman([0, 0, 2, 2, 4, 4], [10, 20, 30, 20, 64, 40]))
     assert 0.8 < s["spearman_score_length"] < 1.0
