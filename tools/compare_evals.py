@@ -7,6 +7,7 @@ Per arm and pair: accuracy and mean margin with 95% bootstrap intervals over gro
 the gain over the baseline (the untrained model on the same groups) with a 95% paired-bootstrap
 interval; '*' marks a gain whose interval excludes zero.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,7 +17,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_amopo.evaluation.report import (  # noqa: E402
-    DEFAULT_RESAMPLES, comparison_table, pair_names_of, read_records,
+    DEFAULT_RESAMPLES,
+    comparison_table,
+    pair_names_of,
+    read_records,
 )
 
 
@@ -47,7 +51,7 @@ def main(argv=None) -> int:
             p.error(f"--pairs {unknown} are not in {args.baseline} (it has {pair_names_of(baseline)})")
         table = comparison_table(baseline, loaded, pairs, args.resamples, args.seed)
     except ValueError as err:
-        raise SystemExit(f"compare_evals: {err}")
+        raise SystemExit(f"compare_evals: {err}") from None
     print(table)
     if args.output:
         with open(args.output, "w") as fh:

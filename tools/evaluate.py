@@ -30,8 +30,11 @@ from megatron_amopo.config import run_arg_parser, run_config_from_args, schedule
 def main(argv=None) -> int:
     parser = run_arg_parser(__doc__.splitlines()[0])
     parser.add_argument("--output", default=None, help="write the metrics as JSON here")
-    parser.add_argument("--per-group-output", default=None,
-                        help="write each group's pair margins here (JSON lines) and add bootstrap intervals")
+    parser.add_argument(
+        "--per-group-output",
+        default=None,
+        help="write each group's pair margins here (JSON lines) and add bootstrap intervals",
+    )
     parser.add_argument("--bootstrap-resamples", type=int, default=10000, help="resamples of the bootstrap")
     args = parser.parse_args(argv)
     schedule_unused(args)  # no training: the schedule length is irrelevant
@@ -47,8 +50,8 @@ def main(argv=None) -> int:
     from megatron.core import parallel_state as ps
 
     from megatron_amopo.checkpoint.store import load_model_state, read_model_metadata
-    from megatron_amopo.evaluation.report import format_intervals, summarize_groups, write_records
     from megatron_amopo.data.tokenization import load_tokenizer, tokenizer_fingerprint
+    from megatron_amopo.evaluation.report import format_intervals, summarize_groups, write_records
     from megatron_amopo.model.build import build_model
     from megatron_amopo.model.sharding import unwrap
     from megatron_amopo.runtime.comm import is_rank0

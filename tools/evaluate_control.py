@@ -9,6 +9,7 @@ dimension prompt the training data used (same templates and placement as tools/p
 Prints the mean reply length (tokens) per requested score and Spearman's rank correlation between
 requested score and length; ``--output`` also keeps every reply.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,9 +35,9 @@ def read_prompts(path: str, limit: int) -> list[list[dict]]:
                 prompt = json.loads(line)["prompt"]
                 turns = parse_turns(prompt)
             except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise SystemExit(f"{path} line {n}: not a row with a 'prompt' string ({err!r})")
+                raise SystemExit(f"{path} line {n}: not a row with a 'prompt' string ({err!r})") from None
             except BadRow as bad:
-                raise SystemExit(f"{path} line {n}: {bad.reason}: {bad.detail}")
+                raise SystemExit(f"{path} line {n}: {bad.reason}: {bad.detail}") from None
             if prompt in seen:
                 continue
             seen.add(prompt)
@@ -84,10 +85,9 @@ def main(argv=None) -> int:
     from megatron_amopo.data.prompts import PromptBuilder, load_templates
 
     try:
-        builder = PromptBuilder(load_templates(args.prompt_templates), [args.dimension], args.score_min,
-                                args.score_max)
+        builder = PromptBuilder(load_templates(args.prompt_templates), [args.dimension], args.score_min, args.score_max)
     except ValueError as err:
-        raise SystemExit(f"--dimension {args.dimension}: {err}")
+        raise SystemExit(f"--dimension {args.dimension}: {err}") from None
     prompts = read_prompts(args.input, args.num_prompts)
     if len(prompts) < 2:
         raise SystemExit(f"--input {args.input} has {len(prompts)} distinct prompts; at least 2 are needed")
@@ -100,20 +100,44 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    print(f"{args.model}: {len(prompts)} prompts x scores {args.scores} of {args.dimension}, greedy, "
-          f"<= {args.max_new_tokens} new tokens", flush=True)
-    replies = generate_at_scores(model, tok, prompts, builder, args.dimension, args.scores,
-                                 placement=args.prompt_placement, max_new_tokens=args.max_new_tokens,
-                                 batch_size=args.batch_size, progress=lambda m: print(m, flush=True))
+    print(
+        f"{args.model}: {len(prompts)} prompts x scores {args.scores} of {args.dimension}, greedy, "
+        f"<= {args.max_new_tokens} new tokens",
+        flush=True,
+    )
+    replies = generate_at_scores(
+        model,
+        tok,
+        prompts,
+        builder,
+        args.dimension,
+        args.scores,
+        placement=args.prompt_placement,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        progress=lambda m: print(m, flush=True),
+    )
     summary = summarize_control(replies, args.scores)
     for s, v in summary["per_score"].items():
-        print(f"{args.dimension} {s}: mean length {v['mean_length']:.1f} tokens over {v['replies']} replies "
-              f"({v['at_max_new_tokens']} hit --max-new-tokens)")
-    print(f"Spearman(requested {args.dimension}, length) = {summary['spearman_score_length']:.3f} "
-          f"over {summary['num_replies']} replies")
+        print(
+            f"{args.dimension} {s}: mean length {v['mean_length']:.1f} tokens over {v['replies']} replies "
+            f"({v['at_max_new_tokens']} hit --max-new-tokens)"
+        )
+    print(
+        f"Spearman(requested {args.dimension}, length) = {summary['spearman_score_length']:.3f} "
+        f"over {summary['num_replies']} replies"
+    )
     if args.output:
-        result = {"model": args.model, "input": args.input, "dimension": args.dimension, "scores": args.scores,
-                  "num_prompts": len(prompts), "max_new_tokens": args.max_new_tokens, **summary, "replies": replies}
+        result = {
+            "model": args.model,
+            "input": args.input,
+            "dimension": args.dimension,
+            "scores": args.scores,
+            "num_prompts": len(prompts),
+            "max_new_tokens": args.max_new_tokens,
+            **summary,
+            "replies": replies,
+        }
         tmp = args.output + ".tmp"
         with open(tmp, "w") as fh:
             json.dump(result, fh, indent=1)

@@ -7,6 +7,7 @@ Groups consecutive rows by prompt, keeps prompts with two different responses wh
 --dimensions differs (ties give no AMoPO pair), drops prompts found in any --exclude file, orders the
 rest by characters of the prompt plus its longer response and writes rows of prompts skip .. skip+take-1.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,14 +40,21 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     excluded = {g[0]["prompt"] for path in args.exclude for g in read_groups(path)}
     mean = lambda r: sum(r[d] for d in args.dimensions) / len(args.dimensions)  # noqa: E731
-    usable = [g for g in read_groups(args.input)
-              if len(g) == 2 and g[0]["prompt"] not in excluded and g[0]["response"] != g[1]["response"]
-              and mean(g[0]) != mean(g[1])]
+    usable = [
+        g
+        for g in read_groups(args.input)
+        if len(g) == 2
+        and g[0]["prompt"] not in excluded
+        and g[0]["response"] != g[1]["response"]
+        and mean(g[0]) != mean(g[1])
+    ]
     usable.sort(key=lambda g: len(g[0]["prompt"]) + max(len(r["response"]) for r in g))
-    picked = usable[args.skip:args.skip + args.take]
+    picked = usable[args.skip : args.skip + args.take]
     if len(picked) < args.take:
-        raise SystemExit(f"{args.input}: only {len(picked)} usable prompts after skipping {args.skip} "
-                         f"(of {len(usable)} usable); lower --take or --skip")
+        raise SystemExit(
+            f"{args.input}: only {len(picked)} usable prompts after skipping {args.skip} "
+            f"(of {len(usable)} usable); lower --take or --skip"
+        )
     with open(args.output, "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(r) + "\n" for g in picked for r in g)
     print(f"{args.output}: {len(picked)} prompts (usable {len(usable)}, excluded {len(excluded)})")

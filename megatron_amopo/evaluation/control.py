@@ -7,11 +7,13 @@ length per requested score and Spearman's rank correlation between requested sco
 over all (prompt, score) replies. Spearman is computed here (ranks with ties averaged, then
 Pearson's r of the ranks), not taken from scipy.
 """
+
 from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -29,7 +31,7 @@ def average_ranks(x: Sequence[float]) -> np.ndarray:
         j = i
         while j + 1 < len(x) and x[order[j + 1]] == x[order[i]]:
             j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
         i = j + 1
     return ranks
 
@@ -49,9 +51,11 @@ def summarize_control(replies: Sequence[dict], scores: Sequence[float]) -> dict:
     per_level = {}
     for s in scores:
         lengths = [r["length"] for r in replies if r["score"] == s]
-        per_level[str(s)] = {"mean_length": float(np.mean(lengths)) if lengths else float("nan"),
-                             "replies": len(lengths),
-                             "at_max_new_tokens": sum(bool(r["truncated"]) for r in replies if r["score"] == s)}
+        per_level[str(s)] = {
+            "mean_length": float(np.mean(lengths)) if lengths else float("nan"),
+            "replies": len(lengths),
+            "at_max_new_tokens": sum(bool(r["truncated"]) for r in replies if r["score"] == s),
+        }
     rho = spearman([r["score"] for r in replies], [r["length"] for r in replies])
     return {"per_score": per_level, "spearman_score_length": rho, "num_replies": len(replies)}
 
@@ -75,9 +79,19 @@ def stop_token_ids(model, tok) -> set[int]:
     return ids
 
 
-def generate_at_scores(model, tok, prompts: Sequence[list[dict]], builder: PromptBuilder, dimension: str,
-                       scores: Sequence[float], *, placement: str = "system", max_new_tokens: int = 128,
-                       batch_size: int = 8, progress: Optional[Callable[[str], None]] = None) -> list[dict]:
+def generate_at_scores(
+    model,
+    tok,
+    prompts: Sequence[list[dict]],
+    builder: PromptBuilder,
+    dimension: str,
+    scores: Sequence[float],
+    *,
+    placement: str = "system",
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+    progress: Optional[Callable[[str], None]] = None,
+) -> list[dict]:
     """Greedy replies to each prompt (a list of chat turns) at each requested score of ``dimension``.
 
     Returns one dict per reply: prompt index, score, length in tokens, whether it hit
@@ -94,20 +108,32 @@ def generate_at_scores(model, tok, prompts: Sequence[list[dict]], builder: Promp
     total = len(prompts) * len(scores)
     for score in scores:
         system = builder.dimension(k, score)
-        texts = [tok.apply_chat_template(pair_messages(system, turns, placement), tokenize=False,
-                                         add_generation_prompt=True) for turns in prompts]
+        texts = [
+            tok.apply_chat_template(pair_messages(system, turns, placement), tokenize=False, add_generation_prompt=True)
+            for turns in prompts
+        ]
         for b in range(0, len(texts), batch_size):
-            enc = tok(texts[b:b + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = tok(texts[b : b + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
             with torch.no_grad():
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tok.pad_token_id)
-            for i, row in enumerate(out[:, enc["input_ids"].shape[1]:].tolist()):
+                out = model.generate(
+                    **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+                )
+            for i, row in enumerate(out[:, enc["input_ids"].shape[1] :].tolist()):
                 length, truncated = reply_length(row, stop_ids)
-                replies.append({"prompt_index": b + i, "score": score, "length": length, "truncated": truncated,
-                                "text": tok.decode(row[:length], skip_special_tokens=True)})
+                replies.append(
+                    {
+                        "prompt_index": b + i,
+                        "score": score,
+                        "length": length,
+                        "truncated": truncated,
+                        "text": tok.decode(row[:length], skip_special_tokens=True),
+                    }
+                )
             done += len(out)
             if progress is not None:
                 elapsed = time.time() - start
-                progress(f"{dimension} {score}: {done}/{total} replies, {elapsed:.0f}s elapsed, "
-                         f"ETA {elapsed / done * (total - done):.0f}s")
+                progress(
+                    f"{dimension} {score}: {done}/{total} replies, {elapsed:.0f}s elapsed, "
+                    f"ETA {elapsed / done * (total - done):.0f}s"
+                )
     return replies

@@ -7,10 +7,12 @@ over another gets a paired bootstrap (the same resampled groups for both), so it
 change on each prompt rather than the spread between prompts. Pure numpy apart from
 ``gather_per_group``, which collects the records from the ranks of an evaluation.
 """
+
 from __future__ import annotations
 
 import json
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -37,8 +39,9 @@ def group_records(reports: Sequence[dict], row_ids: np.ndarray, pair_names: Sequ
     return out
 
 
-def gather_per_group(reports: Sequence[dict], row_ids: np.ndarray, pair_names: Sequence[str],
-                     reporting: bool) -> list[dict]:
+def gather_per_group(
+    reports: Sequence[dict], row_ids: np.ndarray, pair_names: Sequence[str], reporting: bool
+) -> list[dict]:
     """Every rank's group records (reporting ranks contribute theirs), sorted by group id."""
     import torch.distributed as dist
 
@@ -84,8 +87,9 @@ def bootstrap_means(x: np.ndarray, resamples: int, seed: int) -> np.ndarray:
     return means
 
 
-def mean_ci(x: Sequence[float], resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
-            level: float = 0.95) -> tuple[float, float, float]:
+def mean_ci(
+    x: Sequence[float], resamples: int = DEFAULT_RESAMPLES, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
     """(mean, low, high): the mean and its percentile-bootstrap interval at ``level``."""
     x = np.asarray(x, dtype=np.float64)
     means = bootstrap_means(x, resamples, seed)
@@ -94,8 +98,12 @@ def mean_ci(x: Sequence[float], resamples: int = DEFAULT_RESAMPLES, seed: int = 
     return float(x.mean()), float(lo), float(hi)
 
 
-def summarize_groups(records: Sequence[dict], pair_names: Optional[Sequence[str]] = None,
-                     resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict:
+def summarize_groups(
+    records: Sequence[dict],
+    pair_names: Optional[Sequence[str]] = None,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> dict:
     """``{"<metric>/<pair>": mean, "<metric>_ci95/<pair>": [low, high], "groups/<pair>": n}``."""
     out: dict = {}
     for pair in pair_names or pair_names_of(records):
@@ -109,16 +117,24 @@ def summarize_groups(records: Sequence[dict], pair_names: Optional[Sequence[str]
     return out
 
 
-def paired_gain(before: Sequence[dict], after: Sequence[dict], pair: str, metric: str,
-                resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> tuple[float, float, float, int]:
+def paired_gain(
+    before: Sequence[dict],
+    after: Sequence[dict],
+    pair: str,
+    metric: str,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> tuple[float, float, float, int]:
     """(gain, low, high, n): mean of after - before over the groups both evaluated, with its
     paired-bootstrap 95% interval. Refuses evaluations of different group sets."""
     b, a = values(before, pair, metric), values(after, pair, metric)
     ids_b = {int(r["row_id"]) for r in before}
     ids_a = {int(r["row_id"]) for r in after}
     if ids_a != ids_b:
-        raise ValueError(f"the two evaluations cover different groups ({len(ids_b)} vs {len(ids_a)} rows, "
-                         f"{len(ids_a ^ ids_b)} not shared): evaluate both checkpoints on the same dataset")
+        raise ValueError(
+            f"the two evaluations cover different groups ({len(ids_b)} vs {len(ids_a)} rows, "
+            f"{len(ids_a ^ ids_b)} not shared): evaluate both checkpoints on the same dataset"
+        )
     common = sorted(set(a) & set(b))
     if not common:
         raise ValueError(f"no group has a value for pair {pair!r} in both evaluations")
@@ -146,13 +162,20 @@ def fmt_ci(mean: float, lo: float, hi: float, signed: bool = False) -> str:
     return f"{f.format(mean)} [{f.format(lo)}, {f.format(hi)}]"
 
 
-def comparison_table(baseline: Sequence[dict], arms: Sequence[tuple[str, Sequence[dict]]],
-                     pair_names: Sequence[str], resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> str:
+def comparison_table(
+    baseline: Sequence[dict],
+    arms: Sequence[tuple[str, Sequence[dict]]],
+    pair_names: Sequence[str],
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> str:
     """Markdown table: per arm and pair, accuracy and margin with 95% intervals, and the paired gain
     over ``baseline`` (the untrained model) with its 95% interval; '*' marks a gain interval
     that excludes zero."""
-    head = ("| arm | pair | n | accuracy [95% CI] | accuracy gain [95% CI] | margin [95% CI] "
-            "| margin gain [95% CI] |\n|---|---|---|---|---|---|---|")
+    head = (
+        "| arm | pair | n | accuracy [95% CI] | accuracy gain [95% CI] | margin [95% CI] "
+        "| margin gain [95% CI] |\n|---|---|---|---|---|---|---|"
+    )
     lines = [head]
     for pair in pair_names:
         acc = values(baseline, pair, "accuracy")

@@ -22,8 +22,8 @@ import torch.distributed as dist
 
 from megatron_amopo.checkpoint.store import METADATA_FILE, read_model_metadata, write_model_metadata
 from megatron_amopo.config import RunConfig
-from megatron_amopo.model.architectures import ModelArch
 from megatron_amopo.evaluation.report import gather_per_group
+from megatron_amopo.model.architectures import ModelArch
 from megatron_amopo.model.build import build_model, check_wiring
 from megatron_amopo.model.provider import transformer_config
 from megatron_amopo.objective.amopo import PAIR_METRIC_NAMES

@@ -13,7 +13,7 @@ import pytest
 from test_training import setup  # noqa: F401  (the same tiny Qwen2 model, converted, and HelpSteer2 data)
 
 from megatron_amopo.runtime import quiet
-from megatron_amopo.testing.multirank import free_port
+from megatron_amopo.runtime.comm import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PY = sys.executable

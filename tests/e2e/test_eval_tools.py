@@ -1,5 +1,6 @@
 """End to end: tools/evaluate.py --per-group-output, tools/compare_evals.py and tools/evaluate_control.py
 on a tiny Qwen2 model (real Qwen2 tokenizer) and real HelpSteer2 rows, through the real tools."""
+
 from __future__ import annotations
 
 import json
@@ -31,24 +32,92 @@ def _run(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaltools")
-    _run([PY, "examples/lib/select_helpsteer2.py", "--input", "data/helpsteer2/train_rows.jsonl", "--output",
-          str(root / "rows.jsonl"), "--take", "12", "--dimensions", "helpfulness", "verbosity"])
-    _run([PY, "tools/make_tiny_model.py", "--arch", "qwen2", "--tied", "--tokenizer", "data/tokenizer-qwen2",
-          "--vocab-size", "151680", "--hidden-size", "32", "--ffn-hidden-size", "64", "--num-layers", "2",
-          "--out", str(root / "hf")])
+    _run(
+        [
+            PY,
+            "examples/lib/select_helpsteer2.py",
+            "--input",
+            "data/helpsteer2/train_rows.jsonl",
+            "--output",
+            str(root / "rows.jsonl"),
+            "--take",
+            "12",
+            "--dimensions",
+            "helpfulness",
+            "verbosity",
+        ]
+    )
+    _run(
+        [
+            PY,
+            "tools/make_tiny_model.py",
+            "--arch",
+            "qwen2",
+            "--tied",
+            "--tokenizer",
+            "data/tokenizer-qwen2",
+            "--vocab-size",
+            "151680",
+            "--hidden-size",
+            "32",
+            "--ffn-hidden-size",
+            "64",
+            "--num-layers",
+            "2",
+            "--out",
+            str(root / "hf"),
+        ]
+    )
     _run([PY, "tools/convert_hf_to_megatron.py", "--hf-path", str(root / "hf"), "--save", str(root / "init")])
-    _run([PY, "tools/preprocess_data.py", "--input", str(root / "rows.jsonl"), "--output", str(root / "data"),
-          "--tokenizer", str(root / "init" / "tokenizer"), "--format", "helpsteer2", "--dimensions",
-          "helpfulness", "verbosity", "--seq-length", str(SEQ), "--no-progress"])
+    _run(
+        [
+            PY,
+            "tools/preprocess_data.py",
+            "--input",
+            str(root / "rows.jsonl"),
+            "--output",
+            str(root / "data"),
+            "--tokenizer",
+            str(root / "init" / "tokenizer"),
+            "--format",
+            "helpsteer2",
+            "--dimensions",
+            "helpfulness",
+            "verbosity",
+            "--seq-length",
+            str(SEQ),
+            "--no-progress",
+        ]
+    )
     return root
 
 
 def test_evaluate_per_group_and_compare(setup):
     out, groups = setup / "eval.json", setup / "groups.jsonl"
-    _run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "tools/evaluate.py",
-          "--load", str(setup / "init"), "--data-path", str(setup / "data"), "--micro-batch-size", "1",
-          "--seq-length", str(SEQ), "--output", str(out), "--per-group-output", str(groups),
-          "--bootstrap-resamples", "500"])
+    _run(
+        [
+            PY,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "tools/evaluate.py",
+            "--load",
+            str(setup / "init"),
+            "--data-path",
+            str(setup / "data"),
+            "--micro-batch-size",
+            "1",
+            "--seq-length",
+            str(SEQ),
+            "--output",
+            str(out),
+            "--per-group-output",
+            str(groups),
+            "--bootstrap-resamples",
+            "500",
+        ]
+    )
     values = json.loads(out.read_text())
     records = [json.loads(line) for line in groups.read_text().splitlines()]
     # DP2 splits the groups over two ranks: every evaluated group comes back exactly once.
@@ -61,8 +130,9 @@ def test_evaluate_per_group_and_compare(setup):
         lo, hi = values["bootstrap"][f"margin_ci95/{pair}"]
         assert lo <= values["bootstrap"][f"margin/{pair}"] <= hi and lo < hi
 
-    table = _run([PY, "tools/compare_evals.py", "--baseline", str(groups), "--arm", f"same={groups}",
-                  "--resamples", "500"]).stdout
+    table = _run(
+        [PY, "tools/compare_evals.py", "--baseline", str(groups), "--arm", f"same={groups}", "--resamples", "500"]
+    ).stdout
     rows = [line for line in table.splitlines() if line.startswith("| same |")]
     assert len(rows) == 3 and all(line.count("+0.000 [+0.000, +0.000]") == 2 for line in rows)
     bad = _run([PY, "tools/compare_evals.py", "--baseline", str(groups), "--arm", "noequals"], check=False)
@@ -71,9 +141,29 @@ def test_evaluate_per_group_and_compare(setup):
 
 def test_evaluate_control_cli(setup):
     out = setup / "control.json"
-    proc = _run([PY, "tools/evaluate_control.py", "--model", str(setup / "hf"), "--input", str(setup / "rows.jsonl"),
-                 "--dimension", "verbosity", "--scores", "0", "4", "--num-prompts", "3", "--max-new-tokens", "5",
-                 "--batch-size", "2", "--output", str(out)])
+    proc = _run(
+        [
+            PY,
+            "tools/evaluate_control.py",
+            "--model",
+            str(setup / "hf"),
+            "--input",
+            str(setup / "rows.jsonl"),
+            "--dimension",
+            "verbosity",
+            "--scores",
+            "0",
+            "4",
+            "--num-prompts",
+            "3",
+            "--max-new-tokens",
+            "5",
+            "--batch-size",
+            "2",
+            "--output",
+            str(out),
+        ]
+    )
     assert "verbosity 4.0: 6/6 replies" in proc.stdout and "Spearman(requested verbosity, length)" in proc.stdout
     result = json.loads(out.read_text())
     replies = result["replies"]
@@ -90,6 +180,16 @@ def test_evaluate_control_cli(setup):
         (["--dimension", "verbosity", "--scores", "2", "2"], "at least two different scores"),
         (["--dimension", "humour"], "no description for dimensions ['humour']"),
     ]:
-        proc = _run([PY, "tools/evaluate_control.py", "--model", str(setup / "hf"), "--input",
-                     str(setup / "rows.jsonl"), *flags], check=False)
+        proc = _run(
+            [
+                PY,
+                "tools/evaluate_control.py",
+                "--model",
+                str(setup / "hf"),
+                "--input",
+                str(setup / "rows.jsonl"),
+                *flags,
+            ],
+            check=False,
+        )
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]

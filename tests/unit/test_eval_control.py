@@ -1,4 +1,5 @@
 """Controllability measurement (megatron_amopo/evaluation/control.py): Spearman and the summary."""
+
 from __future__ import annotations
 
 import math
@@ -34,9 +35,12 @@ def test_reply_length_stops_at_the_first_stop_token():
 
 def test_summarize_control():
     replies = [
-        {"score": 0.0, "length": 10, "truncated": False}, {"score": 0.0, "length": 20, "truncated": False},
-        {"score": 2.0, "length": 30, "truncated": False}, {"score": 2.0, "length": 20, "truncated": False},
-        {"score": 4.0, "length": 64, "truncated": True}, {"score": 4.0, "length": 40, "truncated": False},
+        {"score": 0.0, "length": 10, "truncated": False},
+        {"score": 0.0, "length": 20, "truncated": False},
+        {"score": 2.0, "length": 30, "truncated": False},
+        {"score": 2.0, "length": 20, "truncated": False},
+        {"score": 4.0, "length": 64, "truncated": True},
+        {"score": 4.0, "length": 40, "truncated": False},
     ]
     s = summarize_control(replies, [0.0, 2.0, 4.0])
     assert s["per_score"]["0.0"] == {"mean_length": 15.0, "replies": 2, "at_max_new_tokens": 0}

@@ -1,4 +1,5 @@
 """Per-group evaluation records and bootstrap intervals (megatron_amopo/evaluation/report.py)."""
+
 from __future__ import annotations
 
 import math
@@ -81,8 +82,9 @@ def test_paired_gain_uses_the_change_per_group():
     assert n == 80 and math.isclose(gain, 0.1) and math.isclose(lo, 0.1) and math.isclose(hi, 0.1)
     _, ulo, uhi = report.mean_ci(before + 0.1, resamples=2000)
     assert uhi - ulo > 0.3  # the unpaired interval of the level is far wider
-    acc_gain = report.paired_gain(_recs({"general": [-1, -1, 1, 1]}), _recs({"general": [1, -1, 1, 1]}),
-                                  "general", "accuracy", resamples=2000)
+    acc_gain = report.paired_gain(
+        _recs({"general": [-1, -1, 1, 1]}), _recs({"general": [1, -1, 1, 1]}), "general", "accuracy", resamples=2000
+    )
     assert acc_gain[0] == 0.25 and acc_gain[3] == 4
 
 

@@ -1,4 +1,5 @@
 """The experiment's single-objective baseline: --amopo-weighting fixed 1 0 ... 0 is SimPO on the general pair."""
+
 from __future__ import annotations
 
 import torch
