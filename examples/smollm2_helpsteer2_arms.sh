@@ -49,7 +49,10 @@ control() {  # control MODEL NAME
 for arm in $ARMS; do
   [[ -f $OUT/groups_$arm.jsonl ]] && continue
   case $arm in
-    simpo) weighting=(--amopo-weighting fixed --amopo-fixed-weights 1 $(printf '0 %.0s' "${DIMS[@]}")) ;;
+    simpo)  # SimPO on the general pair: weight 1 on pair 0, 0 on every dimension pair
+      zeros=()
+      for _ in "${DIMS[@]}"; do zeros+=(0); done
+      weighting=(--amopo-weighting fixed --amopo-fixed-weights 1 "${zeros[@]}") ;;
     *) weighting=(--amopo-weighting "$arm") ;;
   esac
   rm -rf "${OUT:?}/$arm"
@@ -65,6 +68,7 @@ done
 table=()
 for arm in $ARMS; do table+=(--arm "$arm=$OUT/groups_$arm.jsonl"); done
 $PYTHON tools/compare_evals.py --baseline "$OUT/groups_untrained.jsonl" "${table[@]}" --output "$OUT/table.md"
+# shellcheck disable=SC2086  # ARMS is a space-separated list of arm names, one argument each
 $PYTHON - "$OUT" "$SEED" $ARMS <<'PY' | tee "$OUT/runs.md"
 import json, sys
 out, seed, arms = sys.argv[1], sys.argv[2], sys.argv[3:]
