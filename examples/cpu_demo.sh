@@ -9,7 +9,8 @@
 set -euo pipefail
 
 PYTHON=${PYTHON:-.venv/bin/python}
-TORCHRUN=${TORCHRUN:-"$PYTHON -m torch.distributed.run"}
+# One thread per rank, as torchrun would choose, set here so it does not print its banner about it.
+TORCHRUN=${TORCHRUN:-"env OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} $PYTHON -m torch.distributed.run"}
 OUT=${OUT:-runs/demo}
 NPROC=${NPROC:-2}
 SEED=${SEED:-1234}

@@ -4,7 +4,8 @@
 # Sourced after the caller set OUT; every other variable has a default here.
 
 PYTHON=${PYTHON:-.venv/bin/python}
-TORCHRUN=${TORCHRUN:-"$PYTHON -m torch.distributed.run --standalone"}
+# One thread per rank, as torchrun would choose, set here so it does not print its banner about it.
+TORCHRUN=${TORCHRUN:-"env OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} $PYTHON -m torch.distributed.run --standalone"}
 NPROC=${NPROC:-2}                              # DP2: the fastest layout of this model on 2 cores
 DIMENSIONS=${DIMENSIONS:-"helpfulness verbosity"}
 SEQ_LENGTH=${SEQ_LENGTH:-256}
