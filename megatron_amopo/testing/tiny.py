@@ -40,3 +40,27 @@ def fill_deterministic(model: torch.nn.Module, seed: int, tp_rank: int, tp_size:
         value = torch.randn(shape, generator=gen, dtype=torch.float32)
         value = 1.0 + 0.1 * value if "norm" in full else 0.05 * value
         param.copy_(shard_tensor(value, full, tp_split_dim(param), tp_rank, tp_size).to(param.dtype))
+
+
+def hand_groups(num_groups: int, num_pairs: int, vocab: int, seed: int) -> list[dict]:
+    """Preference groups in the reader's format with random tokens and lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    groups = []
+    for g in range(num_groups):
+        prompt_len = int(torch.randint(3, 6, (1,), generator=gen))
+        seqs, starts = [], []
+        for _ in range(2 * num_pairs):
+            length = prompt_len + int(torch.randint(2, 7, (1,), generator=gen))
+            seqs.append(torch.randint(1, vocab, (length,), generator=gen))
+            starts.append(prompt_len)
+        groups.append(
+            dict(
+                tokens=seqs,
+                response_start=torch.tensor(starts),
+                chosen_scores=torch.ones(num_pairs - 1),
+                rejected_scores=torch.zeros(num_pairs - 1),
+                row_id=g,
+                group_id=100 + g,
+            )
+        )
+    return groups

@@ -19,17 +19,12 @@ def _logits_per_sequence(model, batch) -> list[torch.Tensor]:
 
 
 def _body():
-    import sys
-
     from megatron_amopo.config import ParallelConfig
     from megatron_amopo.data.batch import build_micro_batch
     from megatron_amopo.model.build import build_model
     from megatron_amopo.model.provider import transformer_config
     from megatron_amopo.runtime.distributed import initialize_distributed, set_seed
-    from megatron_amopo.testing.tiny import fill_deterministic, tiny_arch
-
-    sys.path.insert(0, __file__.rsplit("/", 1)[0])
-    from test_logprobs import hand_groups
+    from megatron_amopo.testing.tiny import fill_deterministic, hand_groups, tiny_arch
 
     parallel = ParallelConfig()
     initialize_distributed(parallel)

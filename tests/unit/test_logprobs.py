@@ -20,6 +20,7 @@ from megatron_amopo.objective.logprobs import (
     token_logprobs,
 )
 from megatron_amopo.testing import run_multirank
+from megatron_amopo.testing.tiny import hand_groups
 
 
 def _reference_logprobs(logits, labels, mask):
@@ -226,30 +227,6 @@ def test_step_glue_refuses_incomplete_batches_and_sends_packed_rows_to_te_as_thd
 
 # ---------------------------------------------------------------------------
 # Two ranks
-
-
-def hand_groups(num_groups: int, num_pairs: int, vocab: int, seed: int) -> list[dict]:
-    """Preference groups in the reader's format with random tokens and lengths."""
-    gen = torch.Generator().manual_seed(seed)
-    groups = []
-    for g in range(num_groups):
-        prompt_len = int(torch.randint(3, 6, (1,), generator=gen))
-        seqs, starts = [], []
-        for _ in range(2 * num_pairs):
-            length = prompt_len + int(torch.randint(2, 7, (1,), generator=gen))
-            seqs.append(torch.randint(1, vocab, (length,), generator=gen))
-            starts.append(prompt_len)
-        groups.append(
-            dict(
-                tokens=seqs,
-                response_start=torch.tensor(starts),
-                chosen_scores=torch.ones(num_pairs - 1),
-                rejected_scores=torch.zeros(num_pairs - 1),
-                row_id=g,
-                group_id=100 + g,
-            )
-        )
-    return groups
 
 
 def _tp2_full_vocab():
