@@ -22,28 +22,6 @@ LAYOUTS = [(1, 1, False), (2, 1, False), (2, 1, True), (1, 2, False)]  # (TP, PP
 BATCHES = ("padded", "packed", "thd")
 
 
-def _groups(vocab: int) -> list[dict]:
-    gen = torch.Generator().manual_seed(17)
-    groups = []
-    for g in range(4):
-        prompt_len = int(torch.randint(3, 6, (1,), generator=gen))
-        seqs = [
-            torch.randint(1, vocab, (prompt_len + int(torch.randint(2, 7, (1,), generator=gen)),), generator=gen)
-            for _ in range(2 * NUM_PAIRS)
-        ]
-        groups.append(
-            dict(
-                tokens=seqs,
-                response_start=torch.full((2 * NUM_PAIRS,), prompt_len),
-                chosen_scores=torch.ones(NUM_PAIRS - 1),
-                rejected_scores=torch.zeros(NUM_PAIRS - 1),
-                row_id=g,
-                group_id=50 + g,
-            )
-        )
-    return groups
-
-
 def _recording_step(records: list, wrong_weight: bool, data_iterator, model, **kw):
     """``forward_step`` whose loss function also records the token log-probs and the output's width."""
     from megatron_amopo.training import step
@@ -123,7 +101,7 @@ def _body():
     from megatron_amopo.model.build import build_model
     from megatron_amopo.model.provider import transformer_config
     from megatron_amopo.runtime.distributed import initialize_distributed, set_seed
-    from megatron_amopo.testing.tiny import fill_deterministic, tiny_arch
+    from megatron_amopo.testing.tiny import fill_deterministic, hand_groups, tiny_arch
 
     cfgs = {path: AmopoConfig(weighting="gaussian", sft_weight=0.2, output_layer=path) for path in ("logits", "fused")}
     out = {}
@@ -140,7 +118,7 @@ def _body():
             config.variable_seq_lengths = True  # packed micro-batches vary in rows and THD streams in length
             fill_deterministic(model, SEED, ps.get_tensor_model_parallel_rank(), tp)
             dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-            mine = _groups(arch.vocab_size)[dp_rank::dp]
+            mine = hand_groups(4, NUM_PAIRS, arch.vocab_size, seed=17)[dp_rank::dp]
             for kind in BATCHES:
                 if sp and kind == "packed":
                     continue  # packed rows are W <= S positions, W not always a multiple of TP
