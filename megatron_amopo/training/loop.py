@@ -225,7 +225,7 @@ class Trainer:
             packed_thd=self.thd,
         )
         self.run_dir = cfg.data.run_dir or cfg.checkpoint.save or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-        self.writer = MetricsWriter(self.run_dir, enabled=dist.get_rank() == 0)
+        self.writer = MetricsWriter(self.run_dir, enabled=is_rank0())
         self.stop = StopRequested()
 
     def _prepare_save_dir(self, root: str) -> None:

@@ -21,6 +21,7 @@ import torch
 from megatron_amopo.config import RunConfig
 from megatron_amopo.model import memory
 from megatron_amopo.model.architectures import ModelArch, validate_layout
+from megatron_amopo.runtime.comm import is_rank0
 
 GiB = memory.GiB
 LIMIT_ENV = "AMOPO_MEMORY_LIMIT_GIB"
@@ -261,7 +262,7 @@ def check_memory(
         rows, width = largest_microbatch(split, plan, cfg)
     est = estimate(arch, cfg, world_size, num_dimensions, training=training, rows=rows, width=width, device=device)
     limit, source = rank_limit(device)
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    rank0 = is_rank0()
     total, limit = _worst_over_ranks(est.total, limit, device)  # every rank takes the same decision
     if limit is None:
         return None
