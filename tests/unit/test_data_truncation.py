@@ -30,7 +30,7 @@ def test_all_helpsteer2_rows_at_512(tok):
     enc, cfg = _encoder(tok, seq_length=512)
     assert enc.piecewise  # the fast path must agree with whole-text encoding (checked at init)
     recs = [r for r in records(iter_rows(HS2), cfg) if isinstance(r, PreferenceRecord)]
-    kept = truncated = dropped = 0
+    kept = truncated = dropped = cut = 0
     for rec in recs:
         group = enc.encode(rec)
         if isinstance(group, Skip):
@@ -50,11 +50,15 @@ def test_all_helpsteer2_rows_at_512(tok):
             assert f"{question_end}<|im_end|>\n<|im_start|>assistant\n" in text
             assert tok.decode(seq[:start]).endswith("<|im_start|>assistant\n")
             response = tok.decode(seq[start:])
-            assert response.endswith("<|im_end|>")
-            assert (rec.chosen, rec.rejected)[i % 2].startswith(response[: -len("<|im_end|>")])
+            whole = (rec.chosen, rec.rejected)[i % 2]
+            if response.endswith("<|im_end|>"):  # the whole response and its end-of-turn token
+                assert whole.startswith(response[: -len("<|im_end|>")])
+            else:  # cut: a strict prefix of the response, no end-of-turn token anywhere
+                assert "<|im_end|>" not in response and whole.startswith(response) and len(response) < len(whole)
+                cut += 1
             users.add(text[len(head) : text.rindex("<|im_start|>assistant")])
         assert len(users) == 1  # the same (possibly cut) conversation in all 2P sequences
-    assert kept + dropped == len(recs) and truncated > 50 and kept > 300
+    assert kept + dropped == len(recs) and truncated > 50 and kept > 300 and cut > 100
 
 
 def test_oldest_turns_go_first(tok):
@@ -65,8 +69,8 @@ def test_oldest_turns_go_first(tok):
         group = enc.encode(rec)
         if group.user_tokens_lost == 0:
             continue
-        text = tok.decode(group.sequences[0])
-        kept_turns = re.findall(r"<\|im_start\|>(user|assistant)\n(.*?)<\|im_end\|>", text, re.S)[:-1]
+        text = tok.decode(group.sequences[0][: group.response_start[0]])  # up to the response
+        kept_turns = re.findall(r"<\|im_start\|>(user|assistant)\n(.*?)<\|im_end\|>", text, re.S)
         n = len(kept_turns)
         tail = [(t["role"], t["content"]) for t in rec.turns[-n:]]
         # the kept history is the newest n turns; only the first kept one may be cut, at its start
@@ -92,7 +96,8 @@ def test_response_keeps_its_share(tok):
         free = min(513 - (len(full.sequences[i]) - n_user - n_resp) for i in range(0, len(full.sequences), 2))
         group = enc.encode(rec)
         for i in range(0, len(group.sequences), 2):
-            kept = len(group.sequences[i]) - group.response_start[i] - 1  # without <|im_end|>
+            assert group.sequences[i][-1] != tok.eos_token_id  # a cut response has no end-of-turn token
+            kept = len(group.sequences[i]) - group.response_start[i]
             assert kept >= int(0.7 * free) - 1
         seen += 1
     assert seen >= 3
