@@ -13,7 +13,7 @@
 set -euo pipefail
 
 OUT=${OUT:-runs/smollm2_helpsteer2}
-HELDOUT_PROMPTS=${HELDOUT_PROMPTS:-100}
+HELDOUT_PROMPTS=${HELDOUT_PROMPTS:-0}  # 0: every usable held-out prompt
 CONTROL_PROMPTS=${CONTROL_PROMPTS:-12}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-256}  # greedy replies of this model often loop: a low cap makes every length equal
 ARMS=${ARMS:-"gaussian gaussian-inverse equal simpo"}

@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
-    p.add_argument("--take", type=int, required=True, help="prompts to write")
+    p.add_argument("--take", type=int, required=True, help="prompts to write; 0: every usable prompt after --skip")
     p.add_argument("--skip", type=int, default=0, help="shortest prompts to pass over first")
     p.add_argument("--exclude", nargs="*", default=[], help="row files whose prompts must not be picked")
     p.add_argument("--dimensions", nargs="+", default=["helpfulness", "verbosity"])
@@ -49,8 +49,8 @@ def main(argv=None) -> int:
         and mean(g[0]) != mean(g[1])
     ]
     usable.sort(key=lambda g: len(g[0]["prompt"]) + max(len(r["response"]) for r in g))
-    picked = usable[args.skip : args.skip + args.take]
-    if len(picked) < args.take:
+    picked = usable[args.skip : args.skip + args.take] if args.take > 0 else usable[args.skip :]
+    if len(picked) < max(args.take, 1):
         raise SystemExit(
             f"{args.input}: only {len(picked)} usable prompts after skipping {args.skip} "
             f"(of {len(usable)} usable); lower --take or --skip"
