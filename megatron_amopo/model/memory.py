@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from megatron_amopo.model.architectures import ModelArch, validate_layout
+from megatron_amopo.objective.fused_logprobs import DEFAULT_CHUNK_BYTES as FUSED_CHUNK_BYTES
 from megatron_amopo.objective.logprobs import DEFAULT_CHUNK_BYTES
 
 LOGPROB_CHUNK_BYTES = DEFAULT_CHUNK_BYTES["cuda"]  # the GPU work chunk; Workload.device picks the chunk
@@ -135,6 +136,7 @@ class Workload:
     flash_attention: bool = True  # TE / fused attention on GPU; False = Megatron's unfused local attention
     rows: Optional[int] = None  # rows of the largest micro-batch when the data plan is known; else padded
     device: str = "cuda"  # the log-prob work chunk is sized per device (objective.logprobs)
+    fused_output: bool = False  # --amopo-output-layer fused: log-probs from hidden states, no logits
 
     @property
     def seqs_per_group(self) -> int:
@@ -158,7 +160,14 @@ def layer_activation_bytes(arch: ModelArch, work: Workload, rows: int, layout: L
 
 
 def logits_bytes(arch: ModelArch, work: Workload, rows: int, tp: int, training: bool = True) -> int:
-    """Logits [T, V/t] (and in training their gradient) in the weights' dtype, plus one fp32 work chunk."""
+    """Logits [T, V/t] (and in training their gradient) in the weights' dtype, plus one fp32 work chunk.
+
+    Fused output layer: one chunk of logits, and in training the weight gradient's fp32 accumulator
+    [V/t, H] (plus a staging copy in the weights' dtype when that is 16-bit), whatever T is."""
+    if work.fused_output:
+        chunk = FUSED_CHUNK_BYTES[work.device]
+        staging = work.param_bytes if work.param_bytes != 4 else 0
+        return chunk + (4 + staging) * (arch.vocab_size // tp) * arch.hidden_size if training else chunk
     tokens = rows * work.seq_length
     copies = 2 if training else 1
     return copies * work.param_bytes * tokens * (arch.vocab_size // tp) + DEFAULT_CHUNK_BYTES[work.device]

@@ -74,7 +74,7 @@ def workload_and_layout(
     work = memory.default_workload(
         width or tc.seq_length, num_dimensions, gbs, bf16=tc.bf16, flash_attention=tc.bf16 and device == "cuda"
     )  # fused attention is 16-bit
-    work = replace(work, rows=rows, device=device)
+    work = replace(work, rows=rows, device=device, fused_output=cfg.amopo.output_layer == "fused")
     layout = memory.Layout(
         par.tensor_model_parallel_size,
         par.pipeline_model_parallel_size,

@@ -92,6 +92,27 @@ def test_evaluation_needs_less_than_training(arch):
     assert evaluate.peak.grads == evaluate.peak.optimizer == 0 and evaluate.total < train.total / 2
 
 
+def test_fused_output_layer_holds_no_logits(arch):
+    """--amopo-output-layer fused: the output term is a chunk and the weight-gradient accumulator, whatever the
+    tokens; the logits path grows with them."""
+
+    def output_term(seq: str, mbs: str, *extra: str, training: bool = True) -> int:
+        cfg = run_config_from_args(
+            run_arg_parser().parse_args(
+                ["--train-iters", "1", "--seq-length", seq, "--micro-batch-size", mbs, "--global-batch-size", mbs]
+                + list(extra)
+            )
+        )
+        return preflight.estimate(arch, cfg, 1, 3, training=training, device="cpu").peak.logits
+
+    fused = [output_term(s, m, "--amopo-output-layer", "fused") for s, m in (("512", "1"), ("4096", "4"))]
+    logits = [output_term(s, m) for s, m in (("512", "1"), ("4096", "4"))]
+    assert fused[0] == fused[1] and logits[1] > 8 * (logits[0] - 4 * 2**20)
+    weight_grad = 4 * arch.vocab_size * arch.hidden_size  # fp32 accumulator of the fp32 run
+    assert fused[0] == 64 * 2**20 + weight_grad < logits[0]
+    assert output_term("4096", "4", "--amopo-output-layer", "fused", training=False) == 64 * 2**20
+
+
 def test_cpu_limit_is_shared_by_the_ranks_of_a_node(monkeypatch):
     monkeypatch.delenv(preflight.LIMIT_ENV, raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
