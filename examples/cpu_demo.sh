@@ -45,8 +45,11 @@ $PYTHON tools/convert_hf_to_megatron.py --hf-path "$OUT/hf_init" --save "$OUT/me
 stage "3/9 HelpSteer2 rows split by prompt; the $TRAIN_PROMPTS / $HELDOUT_PROMPTS shortest train / held-out prompts"
 $PYTHON tools/split_data.py --input data/helpsteer2/train_rows.jsonl --output "$OUT/split" --split 80,10,10 \
     --seed "$SEED"
-$PYTHON examples/lib/shortest_prompts.py "$OUT/split/train.jsonl" "$OUT/train_rows.jsonl" "$TRAIN_PROMPTS"
-$PYTHON examples/lib/shortest_prompts.py "$OUT/split/heldout.jsonl" "$OUT/heldout_rows.jsonl" "$HELDOUT_PROMPTS"
+for split in train heldout; do  # prompts whose two responses differ in mean score: ties give no pair
+  take=TRAIN_PROMPTS && [[ $split == heldout ]] && take=HELDOUT_PROMPTS
+  $PYTHON examples/lib/select_helpsteer2.py --input "$OUT/split/$split.jsonl" --output "$OUT/${split}_rows.jsonl" \
+      --take "${!take}" --dimensions "${DIMS[@]}"
+done
 for split in train heldout; do
   $PYTHON tools/preprocess_data.py --input "$OUT/${split}_rows.jsonl" --output "$OUT/data_$split" \
       --tokenizer "$OUT/megatron_init/tokenizer" --format helpsteer2 --dimensions "${DIMS[@]}" \
