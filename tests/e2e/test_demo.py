@@ -39,7 +39,7 @@ def _reply(path) -> str:
 
 def test_demo_trains_a_real_model_and_exports(tmp_path):
     out = tmp_path / "demo"
-    env = dict(os.environ, PYTHON=sys.executable, OUT=str(out), PYTHONWARNINGS="ignore", **BUDGET)
+    env = dict(os.environ, PYTHON=sys.executable, OUT=str(out), **BUDGET)
     # Its own session, so a timeout ends torchrun and its ranks too, not only bash.
     proc = subprocess.Popen(
         ["bash", "examples/cpu_demo.sh"],

@@ -5,34 +5,22 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from megatron_amopo.evaluation.control import spearman
+from megatron_amopo.testing.pipeline import PY, run_tool, tiny_qwen2_setup
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PY = sys.executable
 SEQ = 256
 PAIRS = ["general", "helpfulness", "verbosity"]
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
 
 
-def _run(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    return proc
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaltools")
-    _run(
+    run_tool(
         [
             PY,
             "examples/lib/select_helpsteer2.py",
@@ -47,54 +35,13 @@ def setup(tmp_path_factory):
             "verbosity",
         ]
     )
-    _run(
-        [
-            PY,
-            "tools/make_tiny_model.py",
-            "--arch",
-            "qwen2",
-            "--tied",
-            "--tokenizer",
-            "data/tokenizer-qwen2",
-            "--vocab-size",
-            "151680",
-            "--hidden-size",
-            "32",
-            "--ffn-hidden-size",
-            "64",
-            "--num-layers",
-            "2",
-            "--out",
-            str(root / "hf"),
-        ]
-    )
-    _run([PY, "tools/convert_hf_to_megatron.py", "--hf-path", str(root / "hf"), "--save", str(root / "init")])
-    _run(
-        [
-            PY,
-            "tools/preprocess_data.py",
-            "--input",
-            str(root / "rows.jsonl"),
-            "--output",
-            str(root / "data"),
-            "--tokenizer",
-            str(root / "init" / "tokenizer"),
-            "--format",
-            "helpsteer2",
-            "--dimensions",
-            "helpfulness",
-            "verbosity",
-            "--seq-length",
-            str(SEQ),
-            "--no-progress",
-        ]
-    )
+    tiny_qwen2_setup(root, root / "rows.jsonl", SEQ, ["helpfulness", "verbosity"])
     return root
 
 
 def test_evaluate_per_group_and_compare(setup):
     out, groups = setup / "eval.json", setup / "groups.jsonl"
-    _run(
+    run_tool(
         [
             PY,
             "-m",
@@ -130,18 +77,18 @@ def test_evaluate_per_group_and_compare(setup):
         lo, hi = values["bootstrap"][f"margin_ci95/{pair}"]
         assert lo <= values["bootstrap"][f"margin/{pair}"] <= hi and lo < hi
 
-    table = _run(
+    table = run_tool(
         [PY, "tools/compare_evals.py", "--baseline", str(groups), "--arm", f"same={groups}", "--resamples", "500"]
     ).stdout
     rows = [line for line in table.splitlines() if line.startswith("| same |")]
     assert len(rows) == 3 and all(line.count("+0.000 [+0.000, +0.000]") == 2 for line in rows)
-    bad = _run([PY, "tools/compare_evals.py", "--baseline", str(groups), "--arm", "noequals"], check=False)
+    bad = run_tool([PY, "tools/compare_evals.py", "--baseline", str(groups), "--arm", "noequals"], check=False)
     assert bad.returncode != 0 and "--arm must be NAME=FILE" in bad.stderr
 
 
 def test_evaluate_control_cli(setup):
     out = setup / "control.json"
-    proc = _run(
+    proc = run_tool(
         [
             PY,
             "tools/evaluate_control.py",
@@ -180,7 +127,7 @@ def test_evaluate_control_cli(setup):
         (["--dimension", "verbosity", "--scores", "2", "2"], "at least two different scores"),
         (["--dimension", "humour"], "no description for dimensions ['humour']"),
     ]:
-        proc = _run(
+        proc = run_tool(
             [
                 PY,
                 "tools/evaluate_control.py",

@@ -14,28 +14,19 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PY = sys.executable
+from megatron_amopo.testing.pipeline import PY, REPO, run_tool, tiny_qwen2_setup
+
 SEQ = 256
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 
-def _run(args: list[str], timeout: int = 400, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, **kw)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    return proc
-
-
 def torchrun(*flags: str, nproc: int = 2, **kw) -> subprocess.CompletedProcess:
-    return _run(
+    return run_tool(
         [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "pretrain_amopo.py", *flags],
         **kw,
     )
@@ -57,45 +48,7 @@ def setup(tmp_path_factory):
         for rs in pairs[:14]:
             for r in rs:
                 fh.write(json.dumps(r) + "\n")
-    _run(
-        [
-            PY,
-            "tools/make_tiny_model.py",
-            "--arch",
-            "qwen2",
-            "--tied",
-            "--tokenizer",
-            "data/tokenizer-qwen2",
-            "--vocab-size",
-            "151680",
-            "--hidden-size",
-            "32",
-            "--ffn-hidden-size",
-            "64",
-            "--num-layers",
-            "2",
-            "--out",
-            str(root / "hf"),
-        ]
-    )
-    _run([PY, "tools/convert_hf_to_megatron.py", "--hf-path", str(root / "hf"), "--save", str(root / "init")])
-    _run(
-        [
-            PY,
-            "tools/preprocess_data.py",
-            "--input",
-            str(root / "rows.jsonl"),
-            "--output",
-            str(root / "data"),
-            "--tokenizer",
-            str(root / "init" / "tokenizer"),
-            "--format",
-            "helpsteer2",
-            "--seq-length",
-            str(SEQ),
-            "--no-progress",
-        ]
-    )
+    tiny_qwen2_setup(root, root / "rows.jsonl", SEQ)
     return root
 
 
@@ -224,7 +177,7 @@ def test_corrupt_newest_checkpoint_falls_back(setup):
 
 def test_preemption_signal_saves_and_exits_cleanly(setup):
     save = setup / "preempt"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     args = [
         PY,
         "-m",
@@ -284,7 +237,7 @@ def test_evaluate_tool(setup):
     runs = {}
     for output_layer in ("logits", "fused"):  # the fused output layer evaluates the same (tied embedding, TP2)
         out = setup / f"eval_{output_layer}.json"
-        _run(
+        run_tool(
             [
                 PY,
                 "-m",

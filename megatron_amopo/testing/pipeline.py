@@ -1,0 +1,38 @@
+"""The real tools as end-to-end tests run them: one subprocess runner and the tiny Qwen2 set-up they share."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+REPO = str(Path(__file__).resolve().parents[2])
+PY = sys.executable
+
+
+def run_tool(args: list[str], timeout: int = 400, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    """Run ``args`` from the repository root with one thread per process; on failure, show the output's tail."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def tiny_qwen2_setup(root: Path, rows: Path, seq_length: int, dimensions: Optional[list[str]] = None) -> None:
+    """A 2-layer Qwen2 with the real Qwen2 tokenizer -> ``root/hf`` -> ``root/init`` (Megatron), and ``rows``
+    preprocessed into ``root/data`` with that tokenizer."""
+    run_tool(
+        [PY, "tools/make_tiny_model.py", "--arch", "qwen2", "--tied", "--tokenizer", "data/tokenizer-qwen2"]
+        + ["--vocab-size", "151680", "--hidden-size", "32", "--ffn-hidden-size", "64", "--num-layers", "2"]
+        + ["--out", str(root / "hf")]
+    )
+    run_tool([PY, "tools/convert_hf_to_megatron.py", "--hf-path", str(root / "hf"), "--save", str(root / "init")])
+    dims = ["--dimensions", *dimensions] if dimensions else []
+    run_tool(
+        [PY, "tools/preprocess_data.py", "--input", str(rows), "--output", str(root / "data")]
+        + ["--tokenizer", str(root / "init" / "tokenizer"), "--format", "helpsteer2", *dims]
+        + ["--seq-length", str(seq_length), "--no-progress"]
+    )
