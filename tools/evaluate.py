@@ -71,10 +71,9 @@ def main(argv=None) -> int:
         split, _ = tdata.open_splits(cfg.data, cfg.training.seed, vocab_hash, cfg.training.seq_length)
         config = run_transformer_config(meta.arch, cfg)
         thd = packed_thd_default(config)  # the plan charges what the step feeds
-        plan = tdata.make_plan(
+        plan = tdata.make_eval_plan(
             split,
             cfg.training,
-            num_epochs=1,
             seed=cfg.training.seed,
             dp_rank=ps.get_data_parallel_rank(),
             dp_size=ps.get_data_parallel_world_size(),

@@ -100,6 +100,30 @@ def make_plan(
     return MicrobatchPlan(plan.offsets, split.group_ids[plan.group_ids], plan.epochs, plan.dropped_groups)
 
 
+def make_eval_plan(
+    split: Split, train_cfg: TrainingConfig, *, seed: int, dp_rank: int, dp_size: int, thd: bool = False
+) -> MicrobatchPlan:
+    """This DP rank's share of ONE pass over every group of ``split`` (evaluation).
+
+    The one-rank plan, plus the groups it leaves out (a short fixed-k tail) as extra micro-batches, dealt
+    round-robin: micro-batch m goes to DP rank m % dp_size. Ranks may get different counts (one fewer, or none):
+    a forward-only pass has no per-micro-batch collective across DP ranks."""
+    whole = make_plan(split, train_cfg, num_epochs=1, seed=seed, dp_rank=0, dp_size=1, thd=thd)
+    left = np.setdiff1d(split.group_ids, whole.group_ids)
+    k = train_cfg.micro_batch_size or 1
+    sizes = np.concatenate([np.diff(whole.offsets), np.full(len(left) // k, k), [len(left) % k] * bool(len(left) % k)])
+    ids = np.concatenate([whole.group_ids, left]).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    mine = np.arange(dp_rank, len(sizes), dp_size)
+    group_ids = [ids[offsets[m] : offsets[m + 1]] for m in mine]
+    return MicrobatchPlan(
+        np.concatenate([[0], np.cumsum([len(g) for g in group_ids])]).astype(np.int64),
+        np.concatenate(group_ids).astype(np.int64) if group_ids else np.zeros(0, np.int64),
+        np.zeros(len(mine), np.int64),
+        0,
+    )
+
+
 def microbatches(
     split: Split, plan: MicrobatchPlan, train_cfg: TrainingConfig, start: int = 0, stop: Optional[int] = None
 ) -> Iterator[dict]:

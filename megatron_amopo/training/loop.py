@@ -161,7 +161,8 @@ def evaluate_split(
 
     try:
         batches = list(tdata.microbatches(split, plan, train_cfg, 0, stop))
-        reports = run_schedule(model, counted_step, batches, forward_only=True)
+        # A DP rank may have no micro-batch in a pass over every group (tdata.make_eval_plan).
+        reports = run_schedule(model, counted_step, batches, forward_only=True) if batches else []
         reduced = reduce_step(reports, batches, len(pair_names))
     finally:
         bar.close()
@@ -285,10 +286,9 @@ class Trainer:
         )
         self.valid_plan = None
         if self.valid_split is not None and len(self.valid_split):
-            self.valid_plan = tdata.make_plan(
+            self.valid_plan = tdata.make_eval_plan(
                 self.valid_split,
                 tc,
-                num_epochs=1,
                 seed=tc.seed + 1,
                 dp_rank=self.dp_rank,
                 dp_size=self.dp_size,

@@ -29,7 +29,7 @@ def setup(tmp_path_factory):
             "--output",
             str(root / "rows.jsonl"),
             "--take",
-            "12",
+            "13",  # odd: DP2 evaluation must still cover every group
             "--dimensions",
             "helpfulness",
             "verbosity",
@@ -67,8 +67,9 @@ def test_evaluate_per_group_and_compare(setup):
     )
     values = json.loads(out.read_text())
     records = [json.loads(line) for line in groups.read_text().splitlines()]
-    # DP2 splits the groups over two ranks: every evaluated group comes back exactly once.
-    assert values["groups"] == len(records) == values["samples"] >= 6
+    # DP2 splits the groups over two ranks: every group of the dataset comes back exactly once.
+    written = json.loads((setup / "data" / "metadata.json").read_text())["counts"]["groups_written"]
+    assert written % 2 == 1 and values["groups"] == len(records) == values["samples"] == written
     assert len({r["group_id"] for r in records}) == len(records)
     for pair in PAIRS:
         margins = [r[f"margin/{pair}"] for r in records if r[f"margin/{pair}"] is not None]
