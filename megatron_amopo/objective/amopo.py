@@ -17,8 +17,8 @@ Shape legend:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple, Optional
+from collections.abc import Sequence
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -45,33 +45,38 @@ _GAUSSIAN_MODES = ("gaussian", "gaussian-inverse")
 
 
 class SequenceStats(NamedTuple):
-    """Per-sequence statistics over response tokens, each [B, P, 2] (chosen, rejected)."""
+    """Per-sequence sums over response tokens: each [N] (``logprobs.sequence_stats``), or [B, P, 2]
+    (chosen, rejected) after ``pairs``, the shape ``amopo_loss`` takes."""
 
     sum_logp: torch.Tensor  # sum of token log-probs (carries the gradient)
     n: torch.Tensor  # number of response tokens (int or float)
     sum_p: torch.Tensor  # sum of token probabilities p = exp(logp)
     sum_p2: torch.Tensor  # sum of p ** 2
 
+    def pairs(self, num_pairs: int) -> SequenceStats:
+        """[N] -> [B, P, 2]: sequence n = b * 2P + 2k + side (the micro-batch layout)."""
+        N = self.sum_logp.numel()
+        if N % (2 * num_pairs):
+            raise ValueError(
+                f"SequenceStats.pairs: {N} sequences is not a multiple of 2P = {2 * num_pairs} "
+                f"(P = {num_pairs} pairs per sample, chosen and rejected each)"
+            )
+        return SequenceStats(*(t.view(-1, num_pairs, 2) for t in self))
 
-def as_sequence_stats(stats: Any) -> SequenceStats:
-    """Accept a ``SequenceStats``, any object with the four attributes, or a mapping."""
-    fields = SequenceStats._fields
-    if isinstance(stats, Mapping):
-        missing = [f for f in fields if f not in stats]
-        get = stats.__getitem__
-    else:
-        missing = [f for f in fields if not hasattr(stats, f)]
-        get = lambda f: getattr(stats, f)  # noqa: E731
-    if missing:
-        raise ValueError(f"amopo_loss: stats lacks {missing}; expected tensors {list(fields)} of shape [B, P, 2]")
-    out = SequenceStats(*(get(f) for f in fields))
-    shape = out.sum_logp.shape
+
+def _checked_stats(stats: SequenceStats) -> SequenceStats:
+    if not isinstance(stats, SequenceStats):
+        raise TypeError(
+            f"amopo_loss: stats must be a SequenceStats of [B, P, 2] tensors (logprobs.sequence_stats(...).pairs(P)), "
+            f"got {type(stats).__name__}"
+        )
+    shape = stats.sum_logp.shape
     if len(shape) != 3 or shape[2] != 2:
         raise ValueError(f"amopo_loss: stats tensors must be [B, P, 2], got sum_logp of shape {tuple(shape)}")
-    for f, t in zip(fields, out):
+    for f, t in zip(SequenceStats._fields, stats):
         if t.shape != shape:
             raise ValueError(f"amopo_loss: stats.{f} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-    return out
+    return stats
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -194,7 +199,7 @@ def _normals(stats: SequenceStats, cfg, normals, sample_ids, epoch: int) -> torc
 
 
 def amopo_loss(
-    stats: Any,
+    stats: SequenceStats,
     cfg,
     normals: Optional[torch.Tensor] = None,
     sample_ids: Optional[torch.Tensor] = None,
@@ -206,7 +211,7 @@ def amopo_loss(
     valid pair. A pair is valid when both of its responses have n > 0 tokens.
     ``normals`` z_BPS overrides the counter-based draws (then ``sample_ids`` is not needed).
     """
-    stats = as_sequence_stats(stats)
+    stats = _checked_stats(stats)
     dtype = stats.sum_logp.dtype
     n_BPS = stats.n.to(dtype)
     valid_BP = (n_BPS > 0).all(dim=-1)
