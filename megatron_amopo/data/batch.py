@@ -1,8 +1,9 @@
 """Planned micro-batch (groups from ``PreferenceGroupDataset``) -> ``MicroBatch``, the step's input.
 
 Built once in the form the model takes: rows with an attention mask (padded, or packed rows on
-the mask path), or one THD stream with ``cu_seqlens`` (packed, where attention takes THD). Layouts,
-shift and mask conventions: docs/DESIGN.md, "The micro-batch". Shapes: the legend in docs/DESIGN.md.
+the mask path), or one THD stream with ``cu_seqlens`` (packed, where attention takes THD), so the
+step never converts. Layouts, shift and mask conventions: docs/DESIGN.md, "The micro-batch layout of
+the 2(D+1) sequences"; shape letters: its "Shape letters".
 """
 
 from __future__ import annotations

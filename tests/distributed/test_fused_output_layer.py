@@ -97,11 +97,11 @@ def _body():
 
     from megatron_amopo.config import AmopoConfig, ParallelConfig
     from megatron_amopo.data.batch import build_micro_batch
-    from megatron_amopo.training.step import thd_pad_multiple
     from megatron_amopo.model.build import build_model
     from megatron_amopo.model.provider import transformer_config
     from megatron_amopo.runtime.distributed import initialize_distributed, set_seed
     from megatron_amopo.testing.tiny import fill_deterministic, hand_groups, tiny_arch
+    from megatron_amopo.training.step import thd_pad_multiple
 
     cfgs = {path: AmopoConfig(weighting="gaussian", sft_weight=0.2, output_layer=path) for path in ("logits", "fused")}
     out = {}

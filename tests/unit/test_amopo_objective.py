@@ -204,7 +204,9 @@ def test_weights_carry_no_gradient():
     stats = stats_from_tokens(make_tokens(rnd, 4, 3))
     leaves = {k: getattr(stats, k).clone().requires_grad_(True) for k in ("sum_logp", "sum_p", "sum_p2")}
     for weighting in ("gaussian", "gaussian-inverse", "mean"):
-        loss, metrics = amopo_loss(stats._replace(**leaves), AmopoConfig(weighting=weighting), sample_ids=torch.arange(4))
+        loss, metrics = amopo_loss(
+            stats._replace(**leaves), AmopoConfig(weighting=weighting), sample_ids=torch.arange(4)
+        )
         assert not metrics["weights"].requires_grad
         loss.sum().backward()
         assert leaves["sum_logp"].grad is not None and leaves["sum_logp"].grad.abs().sum() > 0

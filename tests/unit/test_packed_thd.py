@@ -131,7 +131,9 @@ def test_model_on_thd_equals_block_diagonal_rows(one_rank, rows, thd):
     results = []
     for batch in (rows, thd):
         model.zero_grad(set_to_none=True)
-        logits = model(batch.tokens, batch.position_ids, batch.attention_mask, packed_seq_params=packed_seq_params(batch))
+        logits = model(
+            batch.tokens, batch.position_ids, batch.attention_mask, packed_seq_params=packed_seq_params(batch)
+        )
         loss, _, _ = loss_func(batch, AmopoConfig(), logits)
         loss.backward()
         results.append((logits.detach(), loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
