@@ -68,8 +68,8 @@ def _run(model, micro, cfg, wrong_weight=False):
         data_iterator=iter(micro),
         model=[model],
         num_microbatches=len(micro),
-        seq_length=micro[0]["tokens"].shape[1],
-        micro_batch_size=micro[0]["tokens"].shape[0],
+        seq_length=micro[0].tokens.shape[1],
+        micro_batch_size=micro[0].tokens.shape[0],
         forward_only=False,
     )
     loss = torch.stack([r["loss_sum"] for r in reports]).sum() if reports else None
