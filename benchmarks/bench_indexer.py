@@ -13,8 +13,8 @@
     over a shuffled sampler does), all at the same micro-batch token budget 2P * seq_length * k.
     Packed: tokens processed = R * W, the [R, W] rows (W <= seq_length) that
     batch.build_micro_batch(layout="packed") builds and the planner charges (the ROW RULE).
-    THD (one stream per micro-batch, training/packed.py to_thd): tokens processed = real tokens,
-    so its efficiency is 1.0 by construction (unless to_thd pads the stream to a multiple, e.g.
+    THD (one stream per micro-batch, data/batch.py build_micro_batch(thd=True)): tokens processed = real tokens,
+    so its efficiency is 1.0 by construction (unless the builder pads the stream to a multiple, e.g.
     for sequence parallelism: then < that multiple per micro-batch); what tells how full its
     micro-batches are is the budget fill = real tokens / (micro-batches * budget), printed beside.
 
@@ -198,7 +198,7 @@ def bench_efficiency(seq_lens_G2P: np.ndarray, epochs: int) -> None:
     )
     print(
         "thd: one THD stream of the micro-batch's real tokens, nothing padded, so its efficiency is "
-        "1.0 unless to_thd pads the stream to a multiple (with pad_to_multiple=8, k=1/2/4/8: "
+        "1.0 unless the builder pads the stream to a multiple (with pad_to_multiple=8, k=1/2/4/8: "
         + "/".join(f"{e:.4f}" for e in pad8)
         + "); thd fill = real tokens / (micro-batches * budget)."
     )

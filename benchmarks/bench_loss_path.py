@@ -43,9 +43,9 @@ import psutil
 import torch
 
 from megatron_amopo.config import AmopoConfig
-from megatron_amopo.objective.amopo import amopo_loss
+from megatron_amopo.objective.amopo import SequenceStats, amopo_loss
 from megatron_amopo.objective.fused_logprobs import fused_token_logprobs
-from megatron_amopo.objective.logprobs import sequence_stats, stats_to_pairs, token_logprobs
+from megatron_amopo.objective.logprobs import sequence_stats, token_logprobs
 
 GIB = 2**30
 BASELINE_FACTOR = 7.5  # inputs + fresh copy + log_softmax + softmax + their gradients + grad of the logits, slack
@@ -122,7 +122,7 @@ def make_hidden_inputs(num_seqs: int, length: int, vocab: int, hidden: int, prom
     return inp
 
 
-def fused_stats(inp: dict, hidden: torch.Tensor, weight: torch.Tensor) -> dict:
+def fused_stats(inp: dict, hidden: torch.Tensor, weight: torch.Tensor) -> SequenceStats:
     logp = fused_token_logprobs(hidden, weight, inp["labels"], None, mask=inp["loss_mask"])
     return sequence_stats(logp, inp["segment_ids"], inp["loss_mask"], hidden.shape[0])
 
@@ -136,18 +136,18 @@ HIDDEN_PATHS = {
 }
 
 
-def ours_stats(inp: dict, logits: torch.Tensor, inplace_backward: bool = True) -> dict:
+def ours_stats(inp: dict, logits: torch.Tensor, inplace_backward: bool = True) -> SequenceStats:
     logp = token_logprobs(logits, inp["labels"], None, mask=inp["loss_mask"], inplace_backward=inplace_backward)
     return sequence_stats(logp, inp["segment_ids"], inp["loss_mask"], logits.shape[0])
 
 
-def baseline_stats(inp: dict, logits: torch.Tensor) -> dict:
+def baseline_stats(inp: dict, logits: torch.Tensor) -> SequenceStats:
     logp_all = logits.log_softmax(dim=-1)
     p_all = logits.softmax(dim=-1)
     index = inp["labels"].unsqueeze(-1)
     token_logp = logp_all.gather(-1, index).squeeze(-1)
     token_p = p_all.gather(-1, index).squeeze(-1)
-    rows = {k: [] for k in ("sum_logp", "n", "sum_p", "sum_p2")}
+    rows: dict[str, list[torch.Tensor]] = {k: [] for k in SequenceStats._fields}
     for i in range(logits.shape[0]):  # per sequence, in Python
         sel = inp["loss_mask"][i] > 0
         lp, p = token_logp[i][sel], token_p[i][sel].detach()
@@ -155,7 +155,7 @@ def baseline_stats(inp: dict, logits: torch.Tensor) -> dict:
         rows["n"].append(sel.sum().float())
         rows["sum_p"].append(p.sum())
         rows["sum_p2"].append((p * p).sum())
-    return {k: torch.stack(v) for k, v in rows.items()}
+    return SequenceStats(**{k: torch.stack(v) for k, v in rows.items()})
 
 
 def run_path(name: str, stats_fn, inp: dict, cfg: AmopoConfig, num_pairs: int) -> dict:
@@ -172,8 +172,8 @@ def _measure(stats_thunk, cfg: AmopoConfig, num_pairs: int) -> dict:
     """Time and peak extra memory of stats -> AMoPO loss (forward) and of its backward."""
     with PeakRSS() as fwd_mem:
         t0, c0 = time.perf_counter(), time.process_time()
-        stats = stats_to_pairs(stats_thunk(), num_pairs)
-        num_samples = stats["n"].shape[0]
+        stats = stats_thunk().pairs(num_pairs)
+        num_samples = stats.n.shape[0]
         loss_B, _ = amopo_loss(stats, cfg, sample_ids=torch.arange(num_samples))
         loss = loss_B.sum()
         t_fwd = time.perf_counter() - t0

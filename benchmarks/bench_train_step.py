@@ -31,6 +31,7 @@ memory reading of ``megatron_amopo.training.throughput`` (the trainer logs the s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -163,7 +164,7 @@ def run_ours(args, cfg: dict, chunks: list[list[dict]]) -> dict:
     from megatron_amopo.runtime.comm import free_port
     from megatron_amopo.runtime.distributed import DistEnv, initialize_distributed, set_seed
     from megatron_amopo.training.optimizer import build_optimizer
-    from megatron_amopo.training.step import forward_step
+    from megatron_amopo.training.step import forward_step, packed_thd_default
 
     parallel = ParallelConfig()
     initialize_distributed(parallel, DistEnv(0, 1, 0, "127.0.0.1", free_port()))
@@ -193,15 +194,14 @@ def run_ours(args, cfg: dict, chunks: list[list[dict]]) -> dict:
         tp_group=ps.get_tensor_model_parallel_group(),
         cp_group=ps.get_context_parallel_group(),
         chunk_tokens=args.chunk_tokens,
-        packed_thd={"packed-thd": True, "packed-mask": False}.get(args.layout),
     )
     if args.layout.startswith("packed"):
-        batches = [build_micro_batch(c, "packed", seq_length=args.seq_length) for c in chunks]
+        thd = {"packed-thd": True, "packed-mask": False}.get(args.layout, packed_thd_default(model[0].config))
+        batches = [build_micro_batch(c, "packed", seq_length=args.seq_length, thd=thd) for c in chunks]
     else:
         batches = [build_micro_batch(c, "padded") for c in chunks]
         if args.layout == "padded-causal":  # right-padded rows: plain causal attention is exact for real tokens
-            for b in batches:
-                b["attention_mask"] = None
+            batches = [dataclasses.replace(b, attention_mask=None) for b in batches]
 
     def step() -> float:
         for chunk in model:
@@ -213,7 +213,7 @@ def run_ours(args, cfg: dict, chunks: list[list[dict]]) -> dict:
             model=model,
             num_microbatches=len(batches),
             seq_length=args.seq_length,
-            micro_batch_size=max(b["tokens"].shape[0] for b in batches),
+            micro_batch_size=max(b.tokens.shape[0] for b in batches),
             forward_only=False,
         )
         optimizer.step()
@@ -224,13 +224,11 @@ def run_ours(args, cfg: dict, chunks: list[list[dict]]) -> dict:
         _profile(step)
     attention, layout = "te" if transformer_engine_available() else "sdpa", args.layout
     if layout == "packed":  # what the training step's default chose
-        from megatron_amopo.training.step import packed_thd_default
-
         layout = "packed-thd" if packed_thd_default(model[0].config) else "packed-mask"
     return dict(
         losses=losses,
         times=times,
-        rows=sum(b["tokens"].shape[0] for b in batches),
+        rows=sum(b.tokens.shape[0] for b in batches),
         attention=f"{attention}/{layout}"
         + "".join(f"/no-{d}" for d in sorted(disabled))
         + ("/fused-output-layer" if args.output_layer == "fused" else ""),
@@ -264,9 +262,8 @@ def run_baseline(args, cfg: dict, chunks: list[list[dict]]) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from megatron_amopo.config import AmopoConfig
-    from megatron_amopo.data.batch import build_micro_batch
+    from megatron_amopo.data.batch import MicroBatch, build_micro_batch
     from megatron_amopo.objective.amopo import amopo_loss
-    from megatron_amopo.objective.logprobs import stats_to_pairs
 
     torch.manual_seed(args.seed)
     cuda = torch.cuda.is_available()
@@ -284,12 +281,12 @@ def run_baseline(args, cfg: dict, chunks: list[list[dict]]) -> dict:
     num_pairs, amopo_cfg = args.dims + 1, AmopoConfig()
     total_samples = sum(len(c) for c in chunks)
 
-    def micro(batch: dict) -> torch.Tensor:
-        inp = {k: batch[k].to(device) for k in ("tokens", "labels", "loss_mask")}
+    def micro(batch: MicroBatch) -> torch.Tensor:
+        inp = {k: getattr(batch, k).to(device) for k in ("tokens", "labels", "loss_mask", "segment_ids")}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            logits = model(input_ids=inp["tokens"], attention_mask=(batch["segment_ids"] >= 0).long().to(device)).logits
-            stats = stats_to_pairs(baseline_stats(inp, logits), num_pairs)
-            loss_B, _ = amopo_loss(stats, amopo_cfg, sample_ids=batch["group_ids"].to(device))
+            logits = model(input_ids=inp["tokens"], attention_mask=(inp["segment_ids"] >= 0).long()).logits
+            stats = baseline_stats(inp, logits).pairs(num_pairs)
+            loss_B, _ = amopo_loss(stats, amopo_cfg, sample_ids=batch.sample_ids.to(device))
         loss = loss_B.sum() / total_samples
         loss.backward()
         return loss.detach()
@@ -302,7 +299,7 @@ def run_baseline(args, cfg: dict, chunks: list[list[dict]]) -> dict:
         return float(loss)
 
     losses, times = _timed(step, args.steps, args.warmup)
-    return dict(losses=losses, times=times, rows=sum(b["tokens"].shape[0] for b in batches), attention="hf-sdpa")
+    return dict(losses=losses, times=times, rows=sum(b.tokens.shape[0] for b in batches), attention="hf-sdpa")
 
 
 # -------------------------------------------------------------------------- driver

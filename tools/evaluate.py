@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     from megatron_amopo.training import data as tdata
     from megatron_amopo.training.loop import evaluate_split, format_eval, log0, run_transformer_config
     from megatron_amopo.training.preflight import InsufficientMemory, check_memory
-    from megatron_amopo.training.step import forward_step, packed_thd_default
+    from megatron_amopo.training.step import forward_step, packed_thd_default, thd_pad_multiple
 
     initialize_distributed(cfg.parallel)
     set_seed(cfg.training.seed)
@@ -87,11 +87,20 @@ def main(argv=None) -> int:
             objective_cfg=cfg.amopo,
             tp_group=ps.get_tensor_model_parallel_group(),
             cp_group=ps.get_context_parallel_group(),
-            packed_thd=thd,
         )
         pair_names = ["general"] + split.dataset.dimensions
         per_group = args.per_group_output is not None
-        values = evaluate_split(model, step, split, plan, cfg.training, pair_names, per_group=per_group)
+        values = evaluate_split(
+            model,
+            step,
+            split,
+            plan,
+            cfg.training,
+            pair_names,
+            per_group=per_group,
+            thd=thd,
+            pad_to_multiple=thd_pad_multiple(config),
+        )
         values["iteration"] = iteration
         log0(format_eval(values, pair_names, f"eval {cfg.checkpoint.load} @ iter {iteration}"))
         if per_group:

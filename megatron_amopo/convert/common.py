@@ -6,7 +6,8 @@ transform. Every HF tensor carries its shape in symbols resolved from the
 ``ModelArch`` so that a checkpoint can be validated from its header alone.
 
 Shape legend: V vocab, H hidden, F ffn hidden, Q = heads * head_dim,
-K = query groups * head_dim, d head_dim, G query groups, h heads per group.
+K = query groups * head_dim, d head_dim, G query groups, h heads per group (weight-shape
+symbols of the tables, apart from the package's tensor legend in docs/DESIGN.md).
 """
 
 from __future__ import annotations

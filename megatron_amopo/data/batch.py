@@ -1,36 +1,65 @@
-"""Planned micro-batch (list of groups from PreferenceGroupDataset) -> model input tensors.
+"""Planned micro-batch (groups from ``PreferenceGroupDataset``) -> ``MicroBatch``, the step's input.
 
-Legend: B groups in the micro-batch, P pairs, N = B * 2P sequences, R rows, S row length.
-Sequence index within the micro-batch n = b * 2P + 2 * k + side, so any per-sequence statistic
-of shape [N] reshapes to [B, P, 2] (side 0 chosen, 1 rejected).
-
-Shift as in Megatron GPT: a stored sequence x of L tokens gives inputs x[:-1] and labels x[1:]
-(L - 1 positions); loss_mask is 1 where the label is a response token (index >= response_start).
-
-Layouts:
-  padded  one sequence per row, R = N.
-  packed  sequences laid end to end in R rows of W <= S positions, attention block-diagonal
-          across sequences, position ids restarting at 0 per sequence. Which sequences share a
-          row, and W (the fullest row): the ROW RULE of megatron_amopo.data.packing (best fit
-          decreasing into rows of S, or longest-processing-time into fewer, balanced rows,
-          whichever gives the least R * W); within a row in placement order. The planner
-          (cost="packed") charges a micro-batch exactly R * W, the tensor built here.
-
-``attention_mask`` follows Megatron: bool [R, 1, S, S], True = masked (not attended). Real
-tokens see only earlier tokens of their own sequence. A padding query sees only itself, so no
-row of the mask is fully masked (a fully masked softmax row is NaN in -inf based kernels);
-no real token ever sees padding.
+Built once in the form the model takes: rows with an attention mask (padded, or packed rows on
+the mask path), or one THD stream with ``cu_seqlens`` (packed, where attention takes THD), so the
+step never converts. Layouts, shift and mask conventions: docs/DESIGN.md, "The micro-batch layout of
+the 2(D+1) sequences"; shape letters: its "Shape letters".
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal, Optional, Union
 
 import torch
 
 from megatron_amopo.data.packing import pack_rows
 
 LAYOUTS = ("padded", "packed")
+PAD_SEGMENT = -1
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch as ``training.step`` consumes it (the role ``PackedSeqParams`` plays in Megatron).
+
+    Rows: the sequence tensors are [R, S] and ``attention_mask`` is set. THD: they are one stream
+    [1, T], ``cu_seqlens`` / ``max_seqlen`` are set and ``attention_mask`` is None. Sequence
+    n = b * 2P + 2k + side (side 0 chosen, 1 rejected). Host fields need no device sync.
+    """
+
+    tokens: torch.Tensor  # int64 [R, S] | [1, T]: inputs x[:-1] of each sequence x
+    labels: torch.Tensor  # int64, as tokens: x[1:]
+    loss_mask: torch.Tensor  # float32, as tokens: 1 where the label is a response token
+    position_ids: torch.Tensor  # int64, as tokens: restarting at 0 per sequence
+    segment_ids: torch.Tensor  # int64, as tokens: sequence index n, -1 on padding
+    sample_ids: torch.Tensor  # int64 [B]: global sample ids, the key of the Gaussian draws
+    seq_lengths: tuple[int, ...]  # host [N]: positions of each sequence (after the shift)
+    layout: Literal["padded", "packed"] = "padded"  # host: one sequence per row, or several
+    epoch: int = 0  # host: epoch of the samples, part of the key of their Gaussian draws
+    attention_mask: Optional[torch.Tensor] = None  # bool [R, 1, S, S], True = masked; rows only
+    cu_seqlens: Optional[torch.Tensor] = None  # int32 [K + 1]: segment starts and T; THD only
+    max_seqlen: Optional[int] = None  # host: longest segment; THD only
+
+    @property
+    def num_seqs(self) -> int:
+        """N, the sequences of the micro-batch (2P per sample)."""
+        return len(self.seq_lengths)
+
+    @property
+    def thd(self) -> bool:
+        """Whether the sequence tensors are one THD stream (then ``cu_seqlens`` says where each starts)."""
+        return self.cu_seqlens is not None
+
+    def to(self, device: Union[torch.device, str], non_blocking: bool = True) -> MicroBatch:
+        """A copy with every tensor on ``device`` (asynchronous from pinned memory)."""
+        moved = {
+            f.name: v.to(device, non_blocking=non_blocking)
+            for f in dataclasses.fields(self)
+            if torch.is_tensor(v := getattr(self, f.name))
+        }
+        return dataclasses.replace(self, **moved)
 
 
 def _shifted(groups: list[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
@@ -45,84 +74,89 @@ def _shifted(groups: list[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor]
     return inputs, labels, masks
 
 
-def _place(lengths: list[int], S: int, layout: str) -> list[list[int]]:
-    """Row assignment: a list of sequence indices per row.
-
-    packed: the ROW RULE (``packing.pack_rows``) the planner charges a packed micro-batch by, so
-    a planned micro-batch gets exactly the planned rows and width.
-    """
-    if layout == "padded":
-        return [[n] for n in range(len(lengths))]
-    return pack_rows(lengths, S)
-
-
 def build_micro_batch(
-    groups: list[dict], layout: str = "padded", seq_length: Optional[int] = None, pad_id: int = 0
-) -> dict:
-    """Model inputs for the planned micro-batch ``groups`` (see the module docstring for the layout).
+    groups: list[dict],
+    layout: str = "padded",
+    seq_length: Optional[int] = None,
+    pad_id: int = 0,
+    *,
+    thd: bool = False,
+    pad_to_multiple: int = 1,
+    epoch: int = 0,
+) -> MicroBatch:
+    """The ``MicroBatch`` of the planned micro-batch ``groups``.
 
-    ``seq_length`` is the row length S (default: the longest sequence's positions for padded,
-    required for packed, where it caps the rows: they are W <= S positions, W = the fullest
-    row). Returns tokens/labels/position_ids/segment_ids [R, W] int64 (W = S for padded),
-    loss_mask [R, W] float, attention_mask [R, 1, W, W] bool, cu_seqlens [R, M + 1] int32 (row-local
-    boundaries, padded by repeating the last value; M = most sequences in a row), num_segments [R],
-    seq_row/seq_offset/seq_lengths [N], num_seqs (0-dim), group_ids/row_ids [B], chosen_scores and
-    rejected_scores [B, D].
+    ``seq_length`` caps the positions of a sequence (default: the longest; required for packed).
+    padded: one sequence per row, R = N rows of the longest sequence's positions. packed, rows:
+    the ROW RULE's R rows of W <= ``seq_length`` (``packing.pack_rows``, what the planner charged).
+    packed with ``thd``: sequences end to end in one stream, T rounded up to ``pad_to_multiple``
+    (the TP size under sequence parallelism) with one padding segment.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if not groups:
         raise ValueError("a micro-batch needs at least one group")
-    inputs, labels, masks = _shifted(groups)
-    lengths = [len(x) for x in inputs]
-    S = seq_length if seq_length is not None else max(lengths)
     if layout == "packed" and seq_length is None:
         raise ValueError("the packed layout needs seq_length (the row length S)")
-    if max(lengths) > S:
+    if pad_to_multiple < 1:
+        raise ValueError(f"pad_to_multiple must be >= 1, got {pad_to_multiple}")
+    inputs, labels, masks = _shifted(groups)
+    lengths = [len(x) for x in inputs]
+    cap = seq_length if seq_length is not None else max(lengths)
+    if max(lengths) > cap:
         raise ValueError(
-            f"a sequence has {max(lengths)} positions, more than the row length {S}; "
+            f"a sequence has {max(lengths)} positions, more than the row length {cap}; "
             "the dataset was built for a longer --seq-length"
         )
-    rows = _place(lengths, S, layout)
-    if layout == "packed":  # rows of W <= S positions: W is the fullest row
-        S = max(sum(lengths[n] for n in r) for r in rows)
-    R, N = len(rows), len(lengths)
+    if layout == "padded":
+        rows = [[n] for n in range(len(lengths))]
+    elif thd:
+        rows = [list(range(len(lengths)))]  # one stream: every sequence in order
+    else:
+        rows = pack_rows(lengths, cap)
+    width = cap if layout == "padded" else max(sum(lengths[n] for n in r) for r in rows)
+    if layout == "packed" and thd:
+        width += -width % pad_to_multiple
+    seqs = _fill(rows, width, inputs, labels, masks, pad_id)
+    batch = MicroBatch(
+        **seqs,
+        sample_ids=torch.tensor([g["group_id"] for g in groups], dtype=torch.int64),
+        seq_lengths=tuple(lengths),
+        layout="packed" if layout == "packed" else "padded",
+        epoch=epoch,
+    )
+    if not (layout == "packed" and thd):
+        batch.attention_mask = attention_mask_from_segments(batch.segment_ids)
+        return batch
+    real = sum(lengths)
+    seg_K = lengths + ([width - real] if width > real else [])  # the padding segment last
+    batch.position_ids[0, real:] = torch.arange(width - real)
+    batch.cu_seqlens = torch.tensor([0] + seg_K, dtype=torch.int64).cumsum(0).to(torch.int32)
+    batch.max_seqlen = max(seg_K)
+    return batch
+
+
+def _fill(rows: list[list[int]], width: int, inputs, labels, masks, pad_id: int) -> dict[str, torch.Tensor]:
+    """Sequence tensors [R, width]: row r holds ``rows[r]``'s sequences end to end, then padding
+    (segment -1, loss mask 0, position 0)."""
+    R = len(rows)
     out = {
-        "tokens": torch.full((R, S), pad_id, dtype=torch.int64),
-        "labels": torch.full((R, S), pad_id, dtype=torch.int64),
-        "loss_mask": torch.zeros((R, S), dtype=torch.float32),
-        "position_ids": torch.zeros((R, S), dtype=torch.int64),
-        "segment_ids": torch.full((R, S), -1, dtype=torch.int64),
+        "tokens": torch.full((R, width), pad_id, dtype=torch.int64),
+        "labels": torch.full((R, width), pad_id, dtype=torch.int64),
+        "loss_mask": torch.zeros((R, width), dtype=torch.float32),
+        "position_ids": torch.zeros((R, width), dtype=torch.int64),
+        "segment_ids": torch.full((R, width), PAD_SEGMENT, dtype=torch.int64),
     }
-    seq_row, seq_offset = torch.zeros(N, dtype=torch.int64), torch.zeros(N, dtype=torch.int64)
-    M = max(len(r) for r in rows)
-    cu = torch.zeros((R, M + 1), dtype=torch.int32)
     for r, members in enumerate(rows):
         col = 0
-        for j, n in enumerate(members):
-            end = col + lengths[n]
+        for n in members:
+            end = col + len(inputs[n])
             out["tokens"][r, col:end] = inputs[n]
             out["labels"][r, col:end] = labels[n]
             out["loss_mask"][r, col:end] = masks[n]
-            out["position_ids"][r, col:end] = torch.arange(lengths[n])
+            out["position_ids"][r, col:end] = torch.arange(end - col)
             out["segment_ids"][r, col:end] = n
-            seq_row[n], seq_offset[n] = r, col
-            cu[r, j + 1] = end
             col = end
-        cu[r, len(members) + 1 :] = col
-    out["attention_mask"] = attention_mask_from_segments(out["segment_ids"])
-    out.update(
-        cu_seqlens=cu,
-        num_segments=torch.tensor([len(r) for r in rows], dtype=torch.int64),
-        seq_row=seq_row,
-        seq_offset=seq_offset,
-        seq_lengths=torch.tensor(lengths, dtype=torch.int64),
-        num_seqs=torch.tensor(N, dtype=torch.int64),
-        group_ids=torch.tensor([g["group_id"] for g in groups], dtype=torch.int64),
-        row_ids=torch.tensor([g["row_id"] for g in groups], dtype=torch.int64),
-        chosen_scores=torch.stack([g["chosen_scores"] for g in groups]),
-        rejected_scores=torch.stack([g["rejected_scores"] for g in groups]),
-    )
     return out
 
 

@@ -326,7 +326,7 @@ def padding_efficiency(
 ) -> float:
     """Real tokens / tokens processed over every micro-batch of ``plan``; ``seq_lens_G2P``: int
     [G, 2P]. Tokens processed: padded, 2P * groups * longest; packed, the ROW RULE's R * W; thd, the
-    real tokens rounded up to a multiple of ``pad_to_multiple`` (``training.packed.to_thd``).
+    real tokens rounded up to a multiple of ``pad_to_multiple`` (``data.batch.build_micro_batch(thd=True)``).
     """
     seq_lens_G2P = np.asarray(seq_lens_G2P, dtype=np.int64)
     if seq_lens_G2P.ndim != 2:

@@ -6,6 +6,8 @@ Megatron's mask convention (bool, True = masked), and packed THD input attended 
 
 Shape legend: sq/sk query/key positions, b rows, np query heads and ng query groups on this
 tensor-parallel rank, hn head size, hp = np * hn, t packed tokens.
+Tensor suffixes here use Megatron's attention letters, not the package legend (docs/DESIGN.md):
+B rows, S positions, T packed tokens, N query heads, G query groups, H head size.
 """
 
 from __future__ import annotations
@@ -114,7 +116,7 @@ class SDPAttention(MegatronModule):
             raise ValueError("SDPAttention THD: self-attention needs cu_seqlens_kv == cu_seqlens_q")
         varlen = varlen_causal_attention() if _flash_eligible(q_TNH) else None
         if varlen is not None and params.max_seqlen_q is not None:
-            # cu_seqlens were checked where they were built (training/packed.py): no host sync here.
+            # cu_seqlens were checked where they were built (data/batch.py): no host sync here.
             out_TNH = varlen(q_TNH, k_TGH, v_TGH, cu_q.to(torch.int32), int(params.max_seqlen_q), self.softmax_scale)
             return out_TNH.reshape(q_TNH.shape[0], -1)
         return self._thd_per_sequence(q_TNH, k_TGH, v_TGH, cu_q)

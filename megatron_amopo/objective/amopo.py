@@ -7,18 +7,15 @@ statistics over their response tokens; this module turns them into per-pair
 reference-free losses (SimPO or ORPO), adaptive pair weights (paper Sec. 3, Gaussian
 weights), per-sample losses and reducible metrics. See docs/OBJECTIVE.md.
 
-Shape legend:
-    B  samples (groups) in the micro-batch
-    P  pairs per sample, P = D + 1 (general pair first)
-    S  sides per pair, 2: index 0 chosen, 1 rejected
-    M  rows of ``pair_sums`` (``PAIR_METRIC_NAMES``)
+Shapes (legend in docs/DESIGN.md): B samples in the micro-batch, P = D + 1 pairs per sample
+(general pair first), 2 sides (0 chosen, 1 rejected), E rows of ``pair_sums`` (``PAIR_METRIC_NAMES``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple, Optional
+from collections.abc import Sequence
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -45,33 +42,38 @@ _GAUSSIAN_MODES = ("gaussian", "gaussian-inverse")
 
 
 class SequenceStats(NamedTuple):
-    """Per-sequence statistics over response tokens, each [B, P, 2] (chosen, rejected)."""
+    """Per-sequence sums over response tokens: each [N] (``logprobs.sequence_stats``), or [B, P, 2]
+    (chosen, rejected) after ``pairs``, the shape ``amopo_loss`` takes."""
 
     sum_logp: torch.Tensor  # sum of token log-probs (carries the gradient)
     n: torch.Tensor  # number of response tokens (int or float)
     sum_p: torch.Tensor  # sum of token probabilities p = exp(logp)
     sum_p2: torch.Tensor  # sum of p ** 2
 
+    def pairs(self, num_pairs: int) -> SequenceStats:
+        """[N] -> [B, P, 2]: sequence n = b * 2P + 2k + side (the micro-batch layout)."""
+        N = self.sum_logp.numel()
+        if N % (2 * num_pairs):
+            raise ValueError(
+                f"SequenceStats.pairs: {N} sequences is not a multiple of 2P = {2 * num_pairs} "
+                f"(P = {num_pairs} pairs per sample, chosen and rejected each)"
+            )
+        return SequenceStats(*(t.view(-1, num_pairs, 2) for t in self))
 
-def as_sequence_stats(stats: Any) -> SequenceStats:
-    """Accept a ``SequenceStats``, any object with the four attributes, or a mapping."""
-    fields = SequenceStats._fields
-    if isinstance(stats, Mapping):
-        missing = [f for f in fields if f not in stats]
-        get = stats.__getitem__
-    else:
-        missing = [f for f in fields if not hasattr(stats, f)]
-        get = lambda f: getattr(stats, f)  # noqa: E731
-    if missing:
-        raise ValueError(f"amopo_loss: stats lacks {missing}; expected tensors {list(fields)} of shape [B, P, 2]")
-    out = SequenceStats(*(get(f) for f in fields))
-    shape = out.sum_logp.shape
+
+def _checked_stats(stats: SequenceStats) -> SequenceStats:
+    if not isinstance(stats, SequenceStats):
+        raise TypeError(
+            f"amopo_loss: stats must be a SequenceStats of [B, P, 2] tensors (logprobs.sequence_stats(...).pairs(P)), "
+            f"got {type(stats).__name__}"
+        )
+    shape = stats.sum_logp.shape
     if len(shape) != 3 or shape[2] != 2:
         raise ValueError(f"amopo_loss: stats tensors must be [B, P, 2], got sum_logp of shape {tuple(shape)}")
-    for f, t in zip(fields, out):
+    for f, t in zip(SequenceStats._fields, stats):
         if t.shape != shape:
             raise ValueError(f"amopo_loss: stats.{f} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-    return out
+    return stats
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -84,14 +86,14 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(near_zero, torch.log(-torch.expm1(x_near)), torch.log1p(-torch.exp(x_far)))
 
 
-def pair_losses(a_BPS: torch.Tensor, cfg) -> torch.Tensor:
+def pair_losses(a_BP2: torch.Tensor, cfg) -> torch.Tensor:
     """Per-pair loss L_BP from length-normalised log-probs a = sum_logp / n.
 
     SimPO (Meng et al. 2024, Eq. 6): -log sigmoid(beta (a_c - a_r) - gamma).
     ORPO (Hong et al. 2024, Eq. 6-7 with length-normalised log-probs):
     -a_c + beta * -log sigmoid(log odds(a_c) - log odds(a_r)), odds(a) = e^a / (1 - e^a).
     """
-    a_c, a_r = a_BPS[..., 0], a_BPS[..., 1]
+    a_c, a_r = a_BP2[..., 0], a_BP2[..., 1]
     if cfg.loss_type == "simpo":
         return -torch.nn.functional.logsigmoid(cfg.beta * (a_c - a_r) - cfg.gamma)
     if cfg.loss_type == "orpo":
@@ -111,19 +113,19 @@ def masked_softmax(scores_BP: torch.Tensor, valid_BP: torch.Tensor) -> torch.Ten
     return torch.softmax(masked_BP, dim=-1) * valid_BP
 
 
-def gaussian_moments(stats: SequenceStats, valid_BPS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def gaussian_moments(stats: SequenceStats, valid_BP2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean mu and unbiased std sigma of the token probabilities of each sequence, [B, P, 2].
 
     sigma^2 = (sum p^2 - n mu^2) / (n - 1), clamped at 0 against rounding; sigma = 0 for n < 2.
     """
-    n_BPS = stats.n.to(stats.sum_p.dtype)
-    n_safe_BPS = torch.where(valid_BPS, n_BPS, torch.ones_like(n_BPS))
-    mu_BPS = torch.where(valid_BPS, stats.sum_p / n_safe_BPS, torch.zeros_like(n_BPS))
-    many_BPS = n_BPS >= 2
-    dof_BPS = torch.where(many_BPS, n_BPS - 1, torch.ones_like(n_BPS))
-    var_BPS = torch.clamp(stats.sum_p2 - n_BPS * mu_BPS * mu_BPS, min=0.0) / dof_BPS
-    sigma_BPS = torch.where(many_BPS, torch.sqrt(var_BPS), torch.zeros_like(var_BPS))
-    return mu_BPS, sigma_BPS
+    n_BP2 = stats.n.to(stats.sum_p.dtype)
+    n_safe_BP2 = torch.where(valid_BP2, n_BP2, torch.ones_like(n_BP2))
+    mu_BP2 = torch.where(valid_BP2, stats.sum_p / n_safe_BP2, torch.zeros_like(n_BP2))
+    many_BP2 = n_BP2 >= 2
+    dof_BP2 = torch.where(many_BP2, n_BP2 - 1, torch.ones_like(n_BP2))
+    var_BP2 = torch.clamp(stats.sum_p2 - n_BP2 * mu_BP2 * mu_BP2, min=0.0) / dof_BP2
+    sigma_BP2 = torch.where(many_BP2, torch.sqrt(var_BP2), torch.zeros_like(var_BP2))
+    return mu_BP2, sigma_BP2
 
 
 def _fixed_weights(cfg, valid_BP: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -157,21 +159,21 @@ def pair_weights(
     w = softmax_k(r) ("gaussian", published code) or softmax_k(-r) ("gaussian-inverse").
     """
     stats = SequenceStats(*(t.detach() for t in stats))
-    valid_BPS = valid_BP.unsqueeze(-1).expand(stats.n.shape)
-    mu_BPS, sigma_BPS = gaussian_moments(stats, valid_BPS)
-    mean_mode_BP = masked_softmax(mu_BPS.sum(dim=-1), valid_BP)
+    valid_BP2 = valid_BP.unsqueeze(-1).expand(stats.n.shape)
+    mu_BP2, sigma_BP2 = gaussian_moments(stats, valid_BP2)
+    mean_mode_BP = masked_softmax(mu_BP2.sum(dim=-1), valid_BP)
     mode = cfg.weighting
     if mode in _GAUSSIAN_MODES:
-        z_BPS = _normals(stats, cfg, normals, sample_ids, epoch)
-        r_BP = (mu_BPS + sigma_BPS * z_BPS).sum(dim=-1)
+        z_BP2 = _normals(stats, cfg, normals, sample_ids, epoch)
+        r_BP = (mu_BP2 + sigma_BP2 * z_BP2).sum(dim=-1)
         return masked_softmax(r_BP if mode == "gaussian" else -r_BP, valid_BP), mean_mode_BP
     if mode == "mean":
         return mean_mode_BP, mean_mode_BP
     if mode == "equal":
-        count_B1 = valid_BP.sum(dim=-1, keepdim=True).clamp(min=1).to(mu_BPS.dtype)
-        return valid_BP.to(mu_BPS.dtype) / count_B1, mean_mode_BP
+        count_B1 = valid_BP.sum(dim=-1, keepdim=True).clamp(min=1).to(mu_BP2.dtype)
+        return valid_BP.to(mu_BP2.dtype) / count_B1, mean_mode_BP
     if mode == "fixed":
-        return _fixed_weights(cfg, valid_BP, mu_BPS.dtype), mean_mode_BP
+        return _fixed_weights(cfg, valid_BP, mu_BP2.dtype), mean_mode_BP
     raise ValueError(f"amopo_loss: unknown cfg.weighting {mode!r}")
 
 
@@ -189,12 +191,12 @@ def _normals(stats: SequenceStats, cfg, normals, sample_ids, epoch: int) -> torc
         )
     if sample_ids.shape != shape[:1]:
         raise ValueError(f"amopo_loss: sample_ids must have shape [{shape[0]}], got {tuple(sample_ids.shape)}")
-    z_BPS = counter_normals(cfg.seed, epoch, sample_ids, shape[1], device=stats.sum_p.device)
-    return z_BPS.to(stats.sum_p.dtype)
+    z_BP2 = counter_normals(cfg.seed, epoch, sample_ids, shape[1], device=stats.sum_p.device)
+    return z_BP2.to(stats.sum_p.dtype)
 
 
 def amopo_loss(
-    stats: Any,
+    stats: SequenceStats,
     cfg,
     normals: Optional[torch.Tensor] = None,
     sample_ids: Optional[torch.Tensor] = None,
@@ -204,49 +206,49 @@ def amopo_loss(
 
     loss_b = sum_k w_bk L_bk + sft_weight * mean_{valid k} (-a_c,bk), 0 for a sample with no
     valid pair. A pair is valid when both of its responses have n > 0 tokens.
-    ``normals`` z_BPS overrides the counter-based draws (then ``sample_ids`` is not needed).
+    ``normals`` z_BP2 overrides the counter-based draws (then ``sample_ids`` is not needed).
     """
-    stats = as_sequence_stats(stats)
+    stats = _checked_stats(stats)
     dtype = stats.sum_logp.dtype
-    n_BPS = stats.n.to(dtype)
-    valid_BP = (n_BPS > 0).all(dim=-1)
-    valid_BPS = valid_BP.unsqueeze(-1).expand_as(n_BPS)
+    n_BP2 = stats.n.to(dtype)
+    valid_BP = (n_BP2 > 0).all(dim=-1)
+    valid_BP2 = valid_BP.unsqueeze(-1).expand_as(n_BP2)
     # Safe values where invalid so that no inf/NaN reaches the graph, even times 0.
-    n_safe_BPS = torch.where(valid_BPS, n_BPS, torch.ones_like(n_BPS))
-    a_BPS = torch.where(valid_BPS, stats.sum_logp / n_safe_BPS, torch.full_like(n_BPS, -1.0))
-    zero_BP = torch.zeros_like(a_BPS[..., 0])
-    loss_BP = torch.where(valid_BP, pair_losses(a_BPS, cfg), zero_BP)
+    n_safe_BP2 = torch.where(valid_BP2, n_BP2, torch.ones_like(n_BP2))
+    a_BP2 = torch.where(valid_BP2, stats.sum_logp / n_safe_BP2, torch.full_like(n_BP2, -1.0))
+    zero_BP = torch.zeros_like(a_BP2[..., 0])
+    loss_BP = torch.where(valid_BP, pair_losses(a_BP2, cfg), zero_BP)
     w_BP, w_mean_mode_BP = pair_weights(stats, valid_BP, cfg, normals, sample_ids, epoch)
     w_BP, w_mean_mode_BP = w_BP.to(dtype), w_mean_mode_BP.to(dtype)
 
     sample_valid_B = valid_BP.any(dim=-1)
     num_valid_B = valid_BP.sum(dim=-1).clamp(min=1).to(dtype)
-    nll_B = torch.where(valid_BP, -a_BPS[..., 0], zero_BP).sum(dim=-1) / num_valid_B
+    nll_B = torch.where(valid_BP, -a_BP2[..., 0], zero_BP).sum(dim=-1) / num_valid_B
     loss_B = (w_BP * loss_BP).sum(dim=-1) + cfg.sft_weight * nll_B
     loss_B = torch.where(sample_valid_B, loss_B, torch.zeros_like(loss_B))
 
-    pair_sums_MP, pair_counts_P = _pair_sums(a_BPS, loss_BP, w_BP, w_mean_mode_BP, valid_BP, cfg)
+    pair_sums_EP, pair_counts_P = _pair_sums(a_BP2, loss_BP, w_BP, w_mean_mode_BP, valid_BP, cfg)
     metrics = {
         "weights": w_BP,
         "weights_mean_mode": w_mean_mode_BP,
         "pair_losses": loss_BP.detach(),
-        "pair_margins": (cfg.beta * (a_BPS[..., 0] - a_BPS[..., 1])).detach(),
+        "pair_margins": (cfg.beta * (a_BP2[..., 0] - a_BP2[..., 1])).detach(),
         "pair_valid": valid_BP,
         "sample_valid": sample_valid_B,
-        "pair_sums": pair_sums_MP,
+        "pair_sums": pair_sums_EP,
         "pair_counts": pair_counts_P,
     }
     return loss_B, metrics
 
 
 @torch.no_grad()
-def _pair_sums(a_BPS, loss_BP, w_BP, w_mean_mode_BP, valid_BP, cfg) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sums over valid samples of each ``PAIR_METRIC_NAMES`` row, [M, P], and counts [P].
+def _pair_sums(a_BP2, loss_BP, w_BP, w_mean_mode_BP, valid_BP, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums over valid samples of each ``PAIR_METRIC_NAMES`` row, [E, P], and counts [P].
 
     Both are plain sums (the counts in the same float dtype), so data-parallel ranks
     combine them with one SUM all-reduce before ``summarize_metrics``.
     """
-    a_c_BP, a_r_BP = a_BPS.detach()[..., 0], a_BPS.detach()[..., 1]
+    a_c_BP, a_r_BP = a_BP2.detach()[..., 0], a_BP2.detach()[..., 1]
     rows = {
         "loss": loss_BP.detach(),
         "weight": w_BP,
@@ -259,8 +261,8 @@ def _pair_sums(a_BPS, loss_BP, w_BP, w_mean_mode_BP, valid_BP, cfg) -> tuple[tor
         "weight_mean_mode_sq": w_mean_mode_BP * w_mean_mode_BP,
     }
     zero_BP = torch.zeros_like(a_c_BP)
-    pair_sums_MP = torch.stack([torch.where(valid_BP, rows[name], zero_BP).sum(dim=0) for name in PAIR_METRIC_NAMES])
-    return pair_sums_MP, valid_BP.to(a_c_BP.dtype).sum(dim=0)
+    pair_sums_EP = torch.stack([torch.where(valid_BP, rows[name], zero_BP).sum(dim=0) for name in PAIR_METRIC_NAMES])
+    return pair_sums_EP, valid_BP.to(a_c_BP.dtype).sum(dim=0)
 
 
 def reduce_for_schedule(loss_per_sample: torch.Tensor, metrics: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,20 +287,20 @@ def summarize_metrics(
     the batch, from sums of squares. Pairs with no valid sample are left out; "<metric>/all"
     pools every valid (sample, pair).
     """
-    sums_MP = pair_sums.detach().to(device="cpu", dtype=torch.float64)
+    sums_EP = pair_sums.detach().to(device="cpu", dtype=torch.float64)
     counts_P = pair_counts.detach().to(device="cpu", dtype=torch.float64)
     expected = (len(PAIR_METRIC_NAMES), len(pair_names))
-    if tuple(sums_MP.shape) != expected or tuple(counts_P.shape) != expected[1:]:
+    if tuple(sums_EP.shape) != expected or tuple(counts_P.shape) != expected[1:]:
         raise ValueError(
             f"summarize_metrics: expected pair_sums {expected} and pair_counts ({expected[1]},) for pair_names "
-            f"{list(pair_names)}, got {tuple(sums_MP.shape)} and {tuple(counts_P.shape)}"
+            f"{list(pair_names)}, got {tuple(sums_EP.shape)} and {tuple(counts_P.shape)}"
         )
     out: dict[str, float] = {}
     for k, name in enumerate(pair_names):
         count = float(counts_P[k])
         if count <= 0:
             continue
-        mean = {row: float(sums_MP[_ROW[row], k]) / count for row in PAIR_METRIC_NAMES}
+        mean = {row: float(sums_EP[_ROW[row], k]) / count for row in PAIR_METRIC_NAMES}
         for row in ("loss", "weight", "weight_mean_mode", "margin", "accuracy", "logp_chosen", "logp_rejected"):
             out[f"{row}/{name}"] = mean[row]
         for row in ("weight", "weight_mean_mode"):
@@ -306,5 +308,5 @@ def summarize_metrics(
     total = float(counts_P.sum())
     if total > 0:
         for row in ("loss", "margin", "accuracy", "logp_chosen", "logp_rejected"):
-            out[f"{row}/all"] = float(sums_MP[_ROW[row]].sum()) / total
+            out[f"{row}/all"] = float(sums_EP[_ROW[row]].sum()) / total
     return out

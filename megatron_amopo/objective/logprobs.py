@@ -1,36 +1,11 @@
 """Vocab-parallel token log-probs and per-sequence statistics: the objective's communication.
 
-The output layer leaves each tensor-parallel rank with its slice of the vocabulary.
-``token_logprobs`` turns those slices into log p(label) without gathering the full
-vocabulary, following Megatron-Core's ``tensor_parallel/cross_entropy.py``: each rank
-computes the log-sum-exp of its slice (m + log sum exp(x - m), m the row maximum; on
-CUDA from one fused log-softmax per chunk, where memory traffic rather than cache reuse
-decides), then
-an all-reduce of the maxima (MAX) and one all-reduce of the rescaled sums and of the
-label's logit, which only its owning rank contributes (SUM). Chunk arithmetic is fp32
-(fp64 for fp64 logits); the O(tokens) log-sum-exps and log p = x_label - lse are fp64.
-Only tokens that enter the loss are touched, in runs of consecutive tokens cut into
-chunks: slices of the logits are views, so the extra memory is one [C, V] work buffer
-plus O(tokens) vectors. Backward recomputes the softmax chunk by chunk as exp(x - lse)
-from the saved logits and per-token log-sum-exps (no max or sum passes), writing
-g * (onehot(label) - softmax) straight into the gradient's rows; no full-vocabulary
-softmax is ever stored. With ``inplace_backward`` those rows are the logits' own, as
-Megatron's ``vocab_parallel_cross_entropy`` reuses its saved softmax for the gradient.
-
-``sequence_stats`` reduces token log-probs to the sufficient statistics the AMoPO
-objective consumes (``megatron_amopo/objective/amopo.py``); with context parallelism
-each rank holds part of every sequence, so the partial sums are all-reduced over the
-CP group before any weighting.
-
-This module, its sibling ``fused_logprobs.py`` (the same log-probs from the hidden states)
-and ``megatron_amopo/training/step.py`` are the only code of the objective path that talks
-to other ranks; every process group is an argument (``None`` means a group of one).
-
-Shape legend:
-    T  tokens (rows x positions, flattened)
-    V  vocabulary entries on this tensor-parallel rank
-    C  tokens in one chunk
-    N  sequences in the micro-batch
+``token_logprobs`` turns each tensor-parallel rank's vocabulary slice of the logits into
+log p(label) without gathering the vocabulary (as Megatron-Core's ``tensor_parallel/cross_entropy.py``),
+chunk by chunk and only for loss tokens; ``sequence_stats`` sums them per sequence (all-reduced over
+context parallelism). With ``fused_logprobs.py`` and ``training/step.py`` the only code of the
+objective path that talks to other ranks; every process group is an argument (``None``: a group
+of one). Algorithm and precision: docs/OBJECTIVE.md, "Vocab-parallel log-probs".
 """
 
 from __future__ import annotations
@@ -40,12 +15,12 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_amopo.objective.amopo import SequenceStats
+
 # Budget of the fp32 [C, V] work buffer, far below the logits of any real micro-batch.
 # CPU: 4 MiB stays in the last-level cache between the passes over a chunk; GPU: 2 GiB keeps
 # kernel launches few (measurements in docs/OBJECTIVE.md and docs/GPU.md).
 DEFAULT_CHUNK_BYTES = {"cpu": 4 * 2**20, "cuda": 2 * 2**30}
-
-STAT_NAMES = ("sum_logp", "n", "sum_p", "sum_p2")
 
 
 def _group_size(group: Optional[dist.ProcessGroup]) -> int:
@@ -298,15 +273,9 @@ def _check_labels(labels_T: torch.Tensor, vocab_size: int, group, who: str = "to
         )
 
 
+# Ours, not torch.distributed.nn.functional.all_reduce (same backward): torch 2.13 warns it is deprecated on every call.
 class _AllReduceSum(torch.autograd.Function):
-    """SUM all-reduce whose backward is a SUM all-reduce too.
-
-    Every CP rank computes the same loss from the reduced statistics, so the gradient
-    reaching each rank's partial sums is the sum of identical copies: CP-size times
-    dL/dstat. That matches Megatron's context-parallel convention, where gradients
-    are summed over DP x CP and divided by the loss count summed over DP x CP (each CP
-    rank contributes its count once, see ``training/step.py``).
-    """
+    """SUM all-reduce whose backward is a SUM all-reduce of the gradient (see ``reduce_stats``)."""
 
     @staticmethod
     def forward(ctx, x, group):
@@ -328,8 +297,8 @@ def sequence_stats(
     loss_mask: torch.Tensor,
     num_seqs: int,
     cp_group: Optional[dist.ProcessGroup] = None,
-) -> dict[str, torch.Tensor]:
-    """Per-sequence sums over response tokens, each [N] (fp32, or fp64 for fp64 logp): ``STAT_NAMES``.
+) -> SequenceStats:
+    """Per-sequence sums over response tokens, each [N] (fp32, or fp64 for fp64 logp).
 
     ``sum_logp`` = sum of log p (carries the gradient), ``n`` = token count,
     ``sum_p`` / ``sum_p2`` = sums of p and p^2 with p = exp(log p) (no gradient: the
@@ -342,7 +311,6 @@ def sequence_stats(
             f"sequence_stats: logp {tuple(logp.shape)}, segment_ids {tuple(segment_ids.shape)} and loss_mask "
             f"{tuple(loss_mask.shape)} must have the same shape"
         )
-    num_seqs = int(num_seqs)
     sel_T = loss_mask.reshape(-1) > 0
     seg_T = segment_ids.reshape(-1)[sel_T].to(torch.int64)
     if seg_T.numel() and (seg_T.min() < 0 or seg_T.max() >= num_seqs):
@@ -353,33 +321,25 @@ def sequence_stats(
     logp_T = logp.reshape(-1)[sel_T].to(compute_dtype(logp.dtype))
     p_T = logp_T.detach().exp()
     zeros_N = logp_T.new_zeros(num_seqs)
-    stats = {
-        "sum_logp": zeros_N.index_add(0, seg_T, logp_T),
-        "n": zeros_N.index_add(0, seg_T, torch.ones_like(p_T)),
-        "sum_p": zeros_N.index_add(0, seg_T, p_T),
-        "sum_p2": zeros_N.index_add(0, seg_T, p_T * p_T),
-    }
+    stats = SequenceStats(
+        sum_logp=zeros_N.index_add(0, seg_T, logp_T),
+        n=zeros_N.index_add(0, seg_T, torch.ones_like(p_T)),
+        sum_p=zeros_N.index_add(0, seg_T, p_T),
+        sum_p2=zeros_N.index_add(0, seg_T, p_T * p_T),
+    )
     if cp_group is not None and _group_size(cp_group) > 1:
         stats = reduce_stats(stats, cp_group)
     return stats
 
 
-def reduce_stats(stats: dict[str, torch.Tensor], cp_group: dist.ProcessGroup) -> dict[str, torch.Tensor]:
-    """Sum partial statistics over the CP group (one collective; gradient only through ``sum_logp``)."""
-    sum_logp_N = _AllReduceSum.apply(stats["sum_logp"], cp_group)
-    rest_3N = torch.stack([stats[name].detach() for name in STAT_NAMES[1:]])
+def reduce_stats(stats: SequenceStats, cp_group: dist.ProcessGroup) -> SequenceStats:
+    """Sum partial statistics over the CP group (gradient only through ``sum_logp``).
+
+    The backward of ``sum_logp``'s all-reduce is a SUM all-reduce too: every CP rank computes the
+    same loss, so each rank's partial sums get CP-size times dL/dstat, Megatron's CP convention
+    (gradients summed over DP x CP, divided by the loss count summed over DP x CP).
+    """
+    sum_logp_N = _AllReduceSum.apply(stats.sum_logp, cp_group)
+    rest_3N = torch.stack([t.detach() for t in stats[1:]])
     dist.all_reduce(rest_3N, op=dist.ReduceOp.SUM, group=cp_group)
-    return {"sum_logp": sum_logp_N, **dict(zip(STAT_NAMES[1:], rest_3N.unbind(0)))}
-
-
-def stats_to_pairs(stats: dict[str, torch.Tensor], num_pairs: int) -> dict[str, torch.Tensor]:
-    """[N] statistics -> [B, P, 2]: sequence n = b * 2P + 2k + side (the micro-batch layout)."""
-    out = {}
-    for name, t_N in stats.items():
-        if t_N.numel() % (2 * num_pairs):
-            raise ValueError(
-                f"stats_to_pairs: {t_N.numel()} sequences is not a multiple of 2P = {2 * num_pairs} "
-                f"(P = {num_pairs} pairs per sample, chosen and rejected each)"
-            )
-        out[name] = t_N.view(-1, num_pairs, 2)
-    return out
+    return SequenceStats(sum_logp_N, *rest_3N.unbind(0))

@@ -11,7 +11,7 @@ fields, written in torch int64 arithmetic: int64 multiplication wraps modulo 2**
 pattern; right shifts of int64 are arithmetic in torch, so logical shifts are
 emulated by masking off the sign-extended bits.
 
-Shape legend: B samples in the batch, P pairs per sample, S = 2 sides (chosen, rejected).
+Shapes (legend in docs/DESIGN.md): B samples in the batch, P pairs per sample, 2 sides (chosen, rejected).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def counter_normals(
     device: Optional[torch.device | str] = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Standard normals z_BPS keyed by (seed, epoch, sample_ids[b], pair p, side s).
+    """Standard normals z_BP2 keyed by (seed, epoch, sample_ids[b], pair p, side s).
 
     ``sample_ids``: int [B] global sample ids. Returns [B, P, 2] in ``dtype`` on ``device``
     (default: the device of ``sample_ids``). Box-Muller (cosine branch) in float64.
@@ -94,9 +94,9 @@ def counter_normals(
     device = sample_ids.device if device is None else torch.device(device)
     ids_B11 = sample_ids.to(device=device, dtype=torch.int64).view(-1, 1, 1)
     pair_1P1 = torch.arange(num_pairs, dtype=torch.int64, device=device).view(1, -1, 1)
-    side_11S = torch.arange(2, dtype=torch.int64, device=device).view(1, 1, -1)
-    key_BPS = hash_keys(seed, epoch, ids_B11, pair_1P1, side_11S)
-    u1_BPS = uniform_open01(hash_keys(key_BPS, _STREAM_U1))
-    u2_BPS = uniform_open01(hash_keys(key_BPS, _STREAM_U2))
-    z_BPS = torch.sqrt(-2.0 * torch.log(u1_BPS)) * torch.cos(2.0 * torch.pi * u2_BPS)
-    return z_BPS.to(dtype)
+    side_112 = torch.arange(2, dtype=torch.int64, device=device).view(1, 1, -1)
+    key_BP2 = hash_keys(seed, epoch, ids_B11, pair_1P1, side_112)
+    u1_BP2 = uniform_open01(hash_keys(key_BP2, _STREAM_U1))
+    u2_BP2 = uniform_open01(hash_keys(key_BP2, _STREAM_U2))
+    z_BP2 = torch.sqrt(-2.0 * torch.log(u1_BP2)) * torch.cos(2.0 * torch.pi * u2_BP2)
+    return z_BP2.to(dtype)

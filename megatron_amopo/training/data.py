@@ -14,7 +14,7 @@ from typing import Literal, Optional
 import numpy as np
 
 from megatron_amopo.config import TrainDataConfig, TrainingConfig
-from megatron_amopo.data.batch import build_micro_batch
+from megatron_amopo.data.batch import MicroBatch, build_micro_batch
 from megatron_amopo.data.indexer import MicrobatchPlan, plan_microbatches
 from megatron_amopo.data.reader import PreferenceGroupDataset
 
@@ -125,17 +125,29 @@ def make_eval_plan(
 
 
 def microbatches(
-    split: Split, plan: MicrobatchPlan, train_cfg: TrainingConfig, start: int = 0, stop: Optional[int] = None
-) -> Iterator[dict]:
-    """Model inputs for plan micro-batches ``start .. stop-1``; adds ``sample_ids`` and ``epoch``."""
+    split: Split,
+    plan: MicrobatchPlan,
+    train_cfg: TrainingConfig,
+    start: int = 0,
+    stop: Optional[int] = None,
+    *,
+    thd: bool = False,
+    pad_to_multiple: int = 1,
+) -> Iterator[MicroBatch]:
+    """Plan micro-batches ``start .. stop-1`` in the form the step feeds: packed ones as THD streams
+    (T a multiple of ``pad_to_multiple``) when ``thd`` (``training.step.packed_thd_default``)."""
     stop = plan.num_microbatches if stop is None else min(stop, plan.num_microbatches)
     for m in range(start, stop):
         groups = [split.dataset[int(g)] for g in plan.microbatch(m)]
         seq_length = train_cfg.seq_length if train_cfg.batch_layout == "packed" else None
-        batch = build_micro_batch(groups, layout=train_cfg.batch_layout, seq_length=seq_length)
-        batch["sample_ids"] = batch["group_ids"]
-        batch["epoch"] = int(plan.epochs[m])
-        yield batch
+        yield build_micro_batch(
+            groups,
+            layout=train_cfg.batch_layout,
+            seq_length=seq_length,
+            thd=thd,
+            pad_to_multiple=pad_to_multiple,
+            epoch=int(plan.epochs[m]),
+        )
 
 
 def mean_groups_per_microbatch(plan: MicrobatchPlan) -> float:

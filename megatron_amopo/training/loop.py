@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from megatron_amopo.checkpoint.store import METADATA_FILE, read_model_metadata, write_model_metadata
 from megatron_amopo.config import RunConfig
+from megatron_amopo.data.batch import MicroBatch
 from megatron_amopo.evaluation.report import gather_per_group
 from megatron_amopo.model.architectures import ModelArch
 from megatron_amopo.model.build import build_model, check_wiring
@@ -34,7 +35,7 @@ from megatron_amopo.training import data as tdata
 from megatron_amopo.training.metrics import MetricsWriter, format_line, reduce_reports, summarize
 from megatron_amopo.training.optimizer import build_optimizer, build_scheduler
 from megatron_amopo.training.preflight import check_memory
-from megatron_amopo.training.step import packed_thd_default
+from megatron_amopo.training.step import packed_thd_default, thd_pad_multiple
 from megatron_amopo.training.throughput import device_peak_tflops, mfu, peak_memory_bytes, training_flops
 
 
@@ -85,7 +86,7 @@ def is_reporting_rank() -> bool:
     )
 
 
-def run_schedule(model: list, forward_step: Callable, batches: list[dict], forward_only: bool) -> list[dict]:
+def run_schedule(model: list, forward_step: Callable, batches: list[MicroBatch], forward_only: bool) -> list[dict]:
     """Megatron's schedule (1F1B with PP) over this rank's micro-batches of one step."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -94,23 +95,27 @@ def run_schedule(model: list, forward_step: Callable, batches: list[dict], forwa
         data_iterator=iter(batches),
         model=model,
         num_microbatches=len(batches),
-        seq_length=max(b["tokens"].shape[1] for b in batches),
-        micro_batch_size=max(b["tokens"].shape[0] for b in batches),
+        seq_length=max(b.tokens.shape[1] for b in batches),
+        micro_batch_size=max(b.tokens.shape[0] for b in batches),
         forward_only=forward_only,
     )
 
 
 def reduce_step(
-    reports: list[dict], batches: list[dict], num_pairs: int, stop: bool = False, arch: Optional[ModelArch] = None
+    reports: list[dict],
+    batches: list[MicroBatch],
+    num_pairs: int,
+    stop: bool = False,
+    arch: Optional[ModelArch] = None,
 ) -> dict:
     """Global sums of a step's reports, the groups, real tokens and (given ``arch``) model FLOPs
     it processed, and ``stop`` (> 0 when any rank asks to stop): one all-reduce per step."""
     reporting = is_reporting_rank()
     host = {"groups": 0.0, "tokens": 0.0, "flops": 0.0, "stop": float(stop)}
     if reporting:
-        lengths = [n for b in batches for n in b["seq_lengths"].tolist()]  # positions per sequence
+        lengths = [n for b in batches for n in b.seq_lengths]  # positions per sequence
         host.update(
-            groups=sum(len(b["sample_ids"]) for b in batches),
+            groups=sum(len(b.sample_ids) for b in batches),
             tokens=sum(lengths),
             flops=training_flops(arch, lengths) if arch is not None else 0.0,
         )
@@ -144,10 +149,13 @@ def evaluate_split(
     pair_names: list[str],
     max_batches: Optional[int] = None,
     per_group: bool = False,
+    thd: bool = False,
+    pad_to_multiple: int = 1,
 ) -> dict:
     """Loss, per-pair preference accuracy and margins on a split (forward only, all DP ranks).
 
-    ``per_group``: also return every group's pair margins under ``"per_group"`` (on all ranks)."""
+    ``per_group``: also return every group's pair margins under ``"per_group"`` (on all ranks).
+    ``thd``, ``pad_to_multiple``: the form of packed micro-batches (``tdata.microbatches``)."""
     stop = plan.num_microbatches if max_batches is None else min(max_batches, plan.num_microbatches)
     stop = stop if train_cfg.eval_batches is None else min(stop, train_cfg.eval_batches)
     for chunk in model:
@@ -160,7 +168,7 @@ def evaluate_split(
         return out
 
     try:
-        batches = list(tdata.microbatches(split, plan, train_cfg, 0, stop))
+        batches = list(tdata.microbatches(split, plan, train_cfg, 0, stop, thd=thd, pad_to_multiple=pad_to_multiple))
         # A DP rank may have no micro-batch in a pass over every group (tdata.make_eval_plan).
         reports = run_schedule(model, counted_step, batches, forward_only=True) if batches else []
         reduced = reduce_step(reports, batches, len(pair_names))
@@ -207,6 +215,7 @@ class Trainer:
         self.config = run_transformer_config(self.arch, cfg)
         # Packed micro-batches as THD streams or as masked rows: the plan charges what the step feeds.
         self.thd = packed_thd_default(self.config)
+        self.pad_to_multiple = thd_pad_multiple(self.config)
         self._open_data()
         check_memory(self.arch, cfg, self.train_split, self.plan)  # refuses a run that will not fit
         self.model = build_model(self.arch, self.config, use_distributed_optimizer=tc.use_distributed_optimizer)
@@ -223,7 +232,6 @@ class Trainer:
             objective_cfg=cfg.amopo,
             tp_group=ps.get_tensor_model_parallel_group(),
             cp_group=ps.get_context_parallel_group(),
-            packed_thd=self.thd,
         )
         self.run_dir = cfg.data.run_dir or cfg.checkpoint.save or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
         self.writer = MetricsWriter(self.run_dir, enabled=is_rank0())
@@ -306,7 +314,7 @@ class Trainer:
         return tokenizer_fingerprint(load_tokenizer(path), path)["vocab_hash"]
 
     # ----------------------------------------------------------------- steps
-    def _reduce(self, reports: list[dict], batches: list[dict]) -> dict:
+    def _reduce(self, reports: list[dict], batches: list[MicroBatch]) -> dict:
         return reduce_step(reports, batches, len(self.pair_names), stop=self.stop.flag, arch=self.arch)
 
     def _check_finite(self, reduced: dict, reports: list[dict]) -> None:
@@ -324,7 +332,17 @@ class Trainer:
     def train_step(self) -> dict:
         tc = self.cfg.training
         start = self.state.consumed_microbatches
-        batches = list(tdata.microbatches(self.train_split, self.plan, tc, start, start + self.num_microbatches))
+        batches = list(
+            tdata.microbatches(
+                self.train_split,
+                self.plan,
+                tc,
+                start,
+                start + self.num_microbatches,
+                thd=self.thd,
+                pad_to_multiple=self.pad_to_multiple,
+            )
+        )
         if len(batches) < self.num_microbatches:
             raise RuntimeError(f"the data plan ran out at micro-batch {start} (plan has {self.plan.num_microbatches})")
         for chunk in self.model:
@@ -346,7 +364,14 @@ class Trainer:
         if self.valid_plan is None:
             return None
         values = evaluate_split(
-            self.model, self.forward_step, self.valid_split, self.valid_plan, self.cfg.training, self.pair_names
+            self.model,
+            self.forward_step,
+            self.valid_split,
+            self.valid_plan,
+            self.cfg.training,
+            self.pair_names,
+            thd=self.thd,
+            pad_to_multiple=self.pad_to_multiple,
         )
         self.writer.write(self.state.iteration, values, kind="valid")
         log0(format_eval(values, self.pair_names, f"valid @ iter {self.state.iteration}"))

@@ -9,9 +9,10 @@ Everything a run chooses is bound with ``functools.partial`` (no globals)::
     get_forward_backward_func()(forward_step_func=step, data_iterator=..., model=[model],
                                 num_microbatches=M, seq_length=S, micro_batch_size=R, ...)
 
-``micro_batch_size`` is the number of rows R of a micro-batch, 2P sequences per sample
-in the padded layout; the packed layout has a varying R, so pipeline parallelism then
-needs ``config.variable_seq_lengths = True``.
+The data iterator yields ``data.batch.MicroBatch``es, built in the form the model takes (rows
+with a mask, or one THD stream). ``micro_batch_size`` is the number of rows R of a micro-batch,
+2P sequences per sample in the padded layout; packed micro-batches vary in R and S (a THD stream
+is [1, T]), so pipeline parallelism then needs ``config.variable_seq_lengths = True``.
 
 Loss convention (Megatron-Core 0.16, ``calculate_per_token_loss=True``): ``loss_func``
 returns (sum of per-sample losses, number of valid samples, report). The schedule sums
@@ -21,13 +22,14 @@ micro-batch split and DP size. Under context parallelism every CP rank returns t
 loss and count; ``sequence_stats``' all-reduce backward sums the CP copies so the
 gradients match that count.
 
-Shape legend: R rows, S positions per row (this CP rank's share), V vocabulary slice,
-N sequences, B samples, P pairs, M pair-metric rows.
+Shapes (legend in docs/DESIGN.md): R rows, S positions per row (this CP rank's share), T tokens
+of a THD stream, V vocabulary slice, N sequences, B samples, P pairs, M micro-batches.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Iterator
 from typing import Any, Optional
@@ -35,12 +37,13 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_amopo.data.batch import MicroBatch
 from megatron_amopo.model.sharding import unwrap
 from megatron_amopo.objective.amopo import amopo_loss, reduce_for_schedule
 from megatron_amopo.objective.fused_logprobs import fused_token_logprobs
-from megatron_amopo.objective.logprobs import sequence_stats, stats_to_pairs, token_logprobs
+from megatron_amopo.objective.logprobs import sequence_stats, token_logprobs
 
-# Keys laid out along the sequence (split over CP ranks); the rest are per sample/sequence.
+# MicroBatch fields laid out along the sequence (split over CP ranks); the rest are per sample/sequence.
 SEQUENCE_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "segment_ids", "attention_mask")
 # Report entries that are plain sums: the training loop all-reduces them over DP for logging.
 REDUCIBLE_KEYS = ("loss_sum", "count", "pair_sums", "pair_counts")
@@ -50,32 +53,31 @@ def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def get_batch(data_iterator: Iterator[dict], cp_group: Optional[dist.ProcessGroup] = None) -> dict:
-    """The next micro-batch dict on this rank's device, sliced to this rank's CP share."""
+def get_batch(data_iterator: Iterator[MicroBatch], cp_group: Optional[dist.ProcessGroup] = None) -> MicroBatch:
+    """The next micro-batch on this rank's device, sliced to this rank's CP share."""
     batch = next(data_iterator)
-    missing = [k for k in SEQUENCE_KEYS + ("num_seqs",) if k not in batch]
-    if missing:
-        raise KeyError(f"micro-batch lacks {missing}; build it with megatron_amopo.data.batch.build_micro_batch")
-    device = _device()
-    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    if not isinstance(batch, MicroBatch):
+        raise TypeError(
+            f"the data iterator yielded a {type(batch).__name__}; build micro-batches with "
+            "megatron_amopo.data.batch.build_micro_batch"
+        )
+    batch = batch.to(_device())
     if cp_group is not None and dist.get_world_size(cp_group) > 1:
+        if batch.thd:
+            raise NotImplementedError(
+                "packed micro-batches with context parallelism need padded THD boundaries (cu_seqlens_padded), "
+                "which the builder does not make; use --batch-layout padded with --context-parallel-size > 1"
+            )
         from megatron.core.utils import get_batch_on_this_cp_rank
 
         # Megatron's load-balanced split: chunks r and 2 CP - 1 - r of the sequence on rank r.
-        batch.update(get_batch_on_this_cp_rank({k: batch[k] for k in SEQUENCE_KEYS}, cp_group))
+        shares = get_batch_on_this_cp_rank({k: getattr(batch, k) for k in SEQUENCE_KEYS}, cp_group)
+        batch = dataclasses.replace(batch, **shares)
     return batch
 
 
-def sample_ids(batch: dict) -> torch.Tensor:
-    """Global sample ids [B] that key the Gaussian draws (``sample_ids``, else the builder's ``group_ids``)."""
-    for key in ("sample_ids", "group_ids"):
-        if key in batch:
-            return batch[key]
-    raise KeyError("micro-batch has neither sample_ids nor group_ids (global sample ids [B])")
-
-
 def loss_func(
-    batch: dict,
+    batch: MicroBatch,
     cfg,
     output: torch.Tensor,
     *,
@@ -89,8 +91,8 @@ def loss_func(
 
     With ``output_weight`` (this rank's output-layer weight [V, H]), ``output`` is instead the final
     hidden states [S, R, H] (this rank's share of S under ``sequence_parallel``) and the log-probs
-    come from ``fused_token_logprobs``: no logits tensor. ``batch["epoch"]`` (default 0) is the
-    epoch of this micro-batch's samples, part of the key of their Gaussian draws.
+    come from ``fused_token_logprobs``: no logits tensor. Rows or a THD stream alike: the statistics
+    are sums over each sequence's tokens.
     """
     logp_RS = output_logprobs(
         batch,
@@ -100,21 +102,21 @@ def loss_func(
         output_weight=output_weight,
         sequence_parallel=sequence_parallel,
     )
-    stats_N = sequence_stats(logp_RS, batch["segment_ids"], batch["loss_mask"], int(batch["num_seqs"]), cp_group)
-    ids_B = sample_ids(batch)
-    num_seqs, num_samples = int(batch["num_seqs"]), ids_B.numel()
+    ids_B = batch.sample_ids
+    num_seqs, num_samples = batch.num_seqs, ids_B.numel()
     if num_samples == 0 or num_seqs % (2 * num_samples):
         raise ValueError(
             f"micro-batch has {num_seqs} sequences for {num_samples} samples; expected 2P sequences per sample"
         )
-    stats_BPS = stats_to_pairs(stats_N, num_seqs // (2 * num_samples))
-    loss_B, metrics = amopo_loss(stats_BPS, cfg, sample_ids=ids_B, epoch=int(batch.get("epoch", 0)))
+    stats_N = sequence_stats(logp_RS, batch.segment_ids, batch.loss_mask, num_seqs, cp_group)
+    stats_BP2 = stats_N.pairs(num_seqs // (2 * num_samples))
+    loss_B, metrics = amopo_loss(stats_BP2, cfg, sample_ids=ids_B, epoch=batch.epoch)
     loss_sum, count = reduce_for_schedule(loss_B, metrics)
     return loss_sum, count, make_report(loss_sum, count, metrics, ids_B)
 
 
 def output_logprobs(
-    batch: dict,
+    batch: MicroBatch,
     output: torch.Tensor,
     *,
     tp_group: Optional[dist.ProcessGroup] = None,
@@ -124,7 +126,7 @@ def output_logprobs(
 ) -> torch.Tensor:
     """Token log-probs [R, S] of the labels (0 outside the loss mask) from the last stage's output:
     logits [R, S, V], or hidden states [S, R, H] with ``output_weight`` (see ``loss_func``)."""
-    labels_RS, mask_RS = batch["labels"], batch["loss_mask"]
+    labels_RS, mask_RS = batch.labels, batch.loss_mask
     if output_weight is not None:  # Megatron's [s, b, h] order: labels and mask follow it, not the other way
         return fused_token_logprobs(
             output,
@@ -165,39 +167,39 @@ def make_report(loss_sum: torch.Tensor, count: torch.Tensor, metrics: dict, ids_
     }
 
 
-def packed_rows(batch: dict) -> bool:
-    """True when some row holds more than one sequence (the packed layout)."""
-    seg_RS = batch["segment_ids"]
-    prev_RS = torch.cat([seg_RS[:, :1], seg_RS[:, :-1]], dim=1)
-    return bool(((seg_RS != prev_RS) & (seg_RS >= 0) & (prev_RS >= 0)).any())
+def packed_seq_params(batch: MicroBatch, tp_group=None, sequence_parallel: bool = False):
+    """Megatron ``PackedSeqParams`` (qkv_format "thd") of a THD micro-batch; None for rows.
 
-
-def packed_to_thd(batch: dict, thd: bool, cp_group=None, tp_group=None, sequence_parallel: bool = False):
-    """Packed rows under THD attention -> one THD stream and its ``PackedSeqParams``.
-
-    ``thd`` says the attention takes THD input (``packed_thd_default``): Megatron's TE layer spec uses a causal
-    mask type and drops ``attention_mask``, so packed rows must go to TE as THD sequences
-    (``cu_seqlens``), which also skips the masked blocks. The local spec applies the
-    block-diagonal mask itself (RoPE is relative, so packed rows give the logits of
-    separate sequences), or takes THD through ``SDPAttention``'s variable-length path
-    when asked to (``forward_step(packed_thd=True)``). Returns (batch, packed_seq_params or None).
-    """
-    if not (thd and packed_rows(batch)):
-        return batch, None
-    if cp_group is not None and dist.get_world_size(cp_group) > 1:
-        raise NotImplementedError(
-            "packed micro-batches with context parallelism need padded THD boundaries (cu_seqlens_padded), "
-            "which this step does not build; use --batch-layout padded with --context-parallel-size > 1"
-        )
-    from megatron_amopo.training.packed import packed_seq_params_from_batch, to_thd
+    Checks on the host what the attention takes on trust: under sequence parallelism T must split
+    evenly over the TP ranks (the builder's ``pad_to_multiple``, ``thd_pad_multiple``)."""
+    if not batch.thd:
+        return None
+    from megatron.core.packed_seq_params import PackedSeqParams
 
     tp = 1 if tp_group is None else dist.get_world_size(tp_group)
-    stream = to_thd(batch, pad_to_multiple=tp if sequence_parallel else 1)
-    return stream, packed_seq_params_from_batch(stream)
+    if sequence_parallel and batch.tokens.shape[1] % tp:
+        raise ValueError(
+            f"sequence parallelism splits the THD stream over {tp} TP ranks, but it has {batch.tokens.shape[1]} "
+            "tokens: build it with build_micro_batch(..., pad_to_multiple=thd_pad_multiple(config))"
+        )
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=batch.cu_seqlens,
+        cu_seqlens_kv=batch.cu_seqlens,
+        max_seqlen_q=batch.max_seqlen,
+        max_seqlen_kv=batch.max_seqlen,
+    )
+
+
+def thd_pad_multiple(config) -> int:
+    """What a THD stream's length must divide by: the TP size under sequence parallelism, else 1."""
+    if getattr(config, "sequence_parallel", False):
+        return int(config.tensor_model_parallel_size)
+    return 1
 
 
 def packed_thd_default(config, use_te: Optional[bool] = None) -> bool:
-    """Whether packed rows go to the model as one THD stream: with TE (its fused attention needs
+    """Whether packed micro-batches are built as one THD stream: with TE (its fused attention needs
     THD for packing), and without TE where ``SDPAttention`` has variable-length flash attention
     (CUDA, bf16/fp16, a torch with ``varlen_attn``): it skips the masked blocks that the rows'
     block-diagonal mask computes (measured on an H200 in docs/GPU.md). ``use_te``: whether the
@@ -220,7 +222,7 @@ def packed_thd_default(config, use_te: Optional[bool] = None) -> bool:
 
 
 def forward_step(
-    data_iterator: Iterator[dict],
+    data_iterator: Iterator[MicroBatch],
     model: torch.nn.Module,
     *,
     objective_cfg,
@@ -228,24 +230,26 @@ def forward_step(
     cp_group: Optional[dist.ProcessGroup] = None,
     chunk_tokens: Optional[int] = None,
     use_te: Optional[bool] = None,
-    packed_thd: Optional[bool] = None,
 ) -> tuple[torch.Tensor, Any]:
     """Megatron ``forward_step_func``: (output tensor, loss function of that output).
 
-    The loss function is only called on the last pipeline stage (by the schedule).
-    ``packed_thd``: feed packed rows to the model as one THD stream (default: ``packed_thd_default``).
+    The loss function is only called on the last pipeline stage (by the schedule). The batch comes
+    as the model takes it: a THD stream goes in with its ``PackedSeqParams``, rows with their mask.
+    ``use_te``: whether the TE layer spec runs (default: ``provider.transformer_engine_available()``).
     """
     batch = get_batch(data_iterator, cp_group)
     sequence_parallel = bool(getattr(getattr(model, "config", None), "sequence_parallel", False))
-    thd = packed_thd_default(getattr(model, "config", None), use_te) if packed_thd is None else packed_thd
-    batch, packed_seq_params = packed_to_thd(batch, thd, cp_group, tp_group, sequence_parallel)
+    if batch.layout == "packed" and not batch.thd and _te_spec(use_te):
+        raise ValueError(
+            "packed rows reach the TE layer spec, whose attention ignores their block-diagonal mask: build packed "
+            "micro-batches with build_micro_batch(..., thd=True) (training.step.packed_thd_default)"
+        )
+    params = packed_seq_params(batch, tp_group, sequence_parallel)
     gpt = unwrap(model)
     fused = objective_cfg.output_layer == "fused" and getattr(gpt, "post_process", False)
     weight = output_weight(gpt) if fused else None
     with hidden_states_out(gpt) if fused else contextlib.nullcontext():
-        output = model(
-            batch["tokens"], batch["position_ids"], batch["attention_mask"], packed_seq_params=packed_seq_params
-        )
+        output = model(batch.tokens, batch.position_ids, batch.attention_mask, packed_seq_params=params)
     loss = functools.partial(
         loss_func,
         batch,
@@ -257,6 +261,14 @@ def forward_step(
         sequence_parallel=sequence_parallel,
     )
     return output, loss
+
+
+def _te_spec(use_te: Optional[bool]) -> bool:
+    if use_te is None:
+        from megatron_amopo.model.provider import transformer_engine_available
+
+        return transformer_engine_available()
+    return use_te
 
 
 def output_weight(gpt: Any) -> torch.Tensor:

@@ -41,13 +41,13 @@ def _recording_step(records: list, wrong_weight: bool, data_iterator, model, **k
             output_weight=keywords["output_weight"],
             sequence_parallel=keywords["sequence_parallel"],
         )
-        records.append(dict(logp=logp.detach()[batch["loss_mask"] > 0], width=out.shape[-1]))
+        records.append(dict(logp=logp.detach()[batch.loss_mask > 0], width=out.shape[-1]))
         return loss(out)
 
     return output, recorded
 
 
-def _run(model, micro, cfg, thd, wrong_weight=False):
+def _run(model, micro, cfg, wrong_weight=False):
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -60,7 +60,6 @@ def _run(model, micro, cfg, thd, wrong_weight=False):
         tp_group=ps.get_tensor_model_parallel_group(),
         cp_group=ps.get_context_parallel_group(),
         use_te=False,
-        packed_thd=thd,
         chunk_tokens=7,
     )
     model.zero_grad_buffer()
@@ -69,8 +68,8 @@ def _run(model, micro, cfg, thd, wrong_weight=False):
         data_iterator=iter(micro),
         model=[model],
         num_microbatches=len(micro),
-        seq_length=micro[0]["tokens"].shape[1],
-        micro_batch_size=micro[0]["tokens"].shape[0],
+        seq_length=micro[0].tokens.shape[1],
+        micro_batch_size=micro[0].tokens.shape[0],
         forward_only=False,
     )
     loss = torch.stack([r["loss_sum"] for r in reports]).sum() if reports else None
@@ -102,6 +101,7 @@ def _body():
     from megatron_amopo.model.provider import transformer_config
     from megatron_amopo.runtime.distributed import initialize_distributed, set_seed
     from megatron_amopo.testing.tiny import fill_deterministic, hand_groups, tiny_arch
+    from megatron_amopo.training.step import thd_pad_multiple
 
     cfgs = {path: AmopoConfig(weighting="gaussian", sft_weight=0.2, output_layer=path) for path in ("logits", "fused")}
     out = {}
@@ -123,11 +123,12 @@ def _body():
                 if sp and kind == "packed":
                     continue  # packed rows are W <= S positions, W not always a multiple of TP
                 layout = "padded" if kind == "padded" else "packed"
-                micro = [build_micro_batch(mine[i : i + 1], layout, seq_length=ROW_LEN) for i in range(len(mine))]
-                runs = {path: _run(model, micro, cfg, thd=kind == "thd") for path, cfg in cfgs.items()}
+                feed = dict(thd=kind == "thd", pad_to_multiple=thd_pad_multiple(config))  # as the trainer builds them
+                micro = [build_micro_batch(g, layout, ROW_LEN, **feed) for g in ([x] for x in mine)]
+                runs = {path: _run(model, micro, cfg) for path, cfg in cfgs.items()}
                 out[tp, pp, sp, tied, kind] = _compare(runs["logits"], runs["fused"])
             if (tp, pp, sp) == (2, 1, True) and not tied:
-                out["wrong"] = _compare(runs["logits"], _run(model, micro, cfgs["fused"], thd=True, wrong_weight=True))
+                out["wrong"] = _compare(runs["logits"], _run(model, micro, cfgs["fused"], wrong_weight=True))
     return out
 
 
@@ -142,7 +143,7 @@ def results():
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["tp1", "tp2", "tp2-sp", "pp2"])
 def test_fused_equals_logits_path(results, layout, tied, kind):
     if layout[2] and kind == "packed":
-        pytest.skip("sequence parallelism splits rows of any width only as THD (packed_to_thd pads it)")
+        pytest.skip("sequence parallelism splits rows of any width only as THD (the builder pads the stream)")
     for rank, res in enumerate(results):
         got = res[(*layout, tied, kind)]
         what = (rank, layout, tied, kind, got)

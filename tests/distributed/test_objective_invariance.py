@@ -62,22 +62,21 @@ def _groups(identical_sides: bool = False) -> list[dict]:
 def _wrong_loss_func(batch, cfg, logits, *, tp_group):
     """Per-rank stateful draws: what the counter-based normals exist to avoid."""
     from megatron_amopo.objective.amopo import amopo_loss, reduce_for_schedule
-    from megatron_amopo.objective.logprobs import sequence_stats, stats_to_pairs, token_logprobs
-    from megatron_amopo.training.step import make_report, sample_ids
+    from megatron_amopo.objective.logprobs import sequence_stats, token_logprobs
+    from megatron_amopo.training.step import make_report
 
-    logp = token_logprobs(logits, batch["labels"], tp_group, mask=batch["loss_mask"])
-    stats = sequence_stats(logp, batch["segment_ids"], batch["loss_mask"], int(batch["num_seqs"]))
-    stats_BPS = stats_to_pairs(stats, NUM_PAIRS)
-    loss_B, metrics = amopo_loss(stats_BPS, cfg, normals=torch.randn(stats_BPS["n"].shape))
+    logp = token_logprobs(logits, batch.labels, tp_group, mask=batch.loss_mask)
+    stats_BP2 = sequence_stats(logp, batch.segment_ids, batch.loss_mask, batch.num_seqs).pairs(NUM_PAIRS)
+    loss_B, metrics = amopo_loss(stats_BP2, cfg, normals=torch.randn(stats_BP2.n.shape))
     loss_sum, count = reduce_for_schedule(loss_B, metrics)
-    return loss_sum, count, make_report(loss_sum, count, metrics, sample_ids(batch))
+    return loss_sum, count, make_report(loss_sum, count, metrics, batch.sample_ids)
 
 
 def _wrong_forward_step(data_iterator, model, *, objective_cfg, tp_group):
     from megatron_amopo.training.step import get_batch
 
     batch = get_batch(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
+    output = model(batch.tokens, batch.position_ids, batch.attention_mask)
     return output, functools.partial(_wrong_loss_func, batch, objective_cfg, tp_group=tp_group)
 
 

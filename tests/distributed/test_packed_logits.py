@@ -10,12 +10,8 @@ from megatron_amopo.testing import run_multirank
 
 def _logits_per_sequence(model, batch) -> list[torch.Tensor]:
     with torch.no_grad():
-        logits = model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
-    out = []
-    for n in range(int(batch["num_seqs"])):
-        r, c, length = int(batch["seq_row"][n]), int(batch["seq_offset"][n]), int(batch["seq_lengths"][n])
-        out.append(logits[r, c : c + length])
-    return out
+        logits = model(batch.tokens, batch.position_ids, batch.attention_mask)
+    return [logits[batch.segment_ids == n] for n in range(batch.num_seqs)]  # each sequence's positions in order
 
 
 def _body():
@@ -36,7 +32,7 @@ def _body():
     groups = hand_groups(3, 2, arch.vocab_size, seed=4)
     padded = build_micro_batch(groups, layout="padded")
     packed = build_micro_batch(groups, layout="packed", seq_length=24)
-    assert packed["tokens"].shape[0] < padded["tokens"].shape[0]  # really several sequences per row
+    assert packed.tokens.shape[0] < padded.tokens.shape[0]  # really several sequences per row
     a, b = _logits_per_sequence(model, padded), _logits_per_sequence(model, packed)
     return max((x - y).abs().max().item() for x, y in zip(a, b)), len(a)
 

@@ -43,8 +43,8 @@ def _step(model, batch, use_mask: bool, tp_group):
     from megatron_amopo.training.step import loss_func
 
     model.zero_grad(set_to_none=True)
-    mask = batch["attention_mask"] if use_mask else None
-    logits = model(batch["tokens"], batch["position_ids"], mask)
+    mask = batch.attention_mask if use_mask else None
+    logits = model(batch.tokens, batch.position_ids, mask)
     loss_sum, _, _ = loss_func(batch, AmopoConfig(), logits, tp_group=tp_group)
     loss_sum.backward()
     full = tensor_parallel.gather_from_tensor_model_parallel_region(logits.detach())

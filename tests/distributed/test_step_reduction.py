@@ -43,15 +43,14 @@ def _batches_and_reports(dp_rank: int, tp_rank: int) -> tuple[list[dict], list[d
                 )
             )
         batch = build_micro_batch(groups, "packed", seq_length=64)
-        batch["sample_ids"] = batch["group_ids"]
         B = len(groups)
         n = torch.randint(0, 6, (B, NUM_PAIRS, 2), generator=gen).double()  # some pairs invalid (n = 0)
         sum_logp = -torch.rand(B, NUM_PAIRS, 2, generator=gen, dtype=torch.float64) * n * 3
         p = torch.exp(sum_logp / n.clamp(min=1))
         stats = SequenceStats(sum_logp, n, p * n, p * p * n)
-        loss_B, metrics = amopo_loss(stats, AmopoConfig(weighting="mean"), sample_ids=batch["sample_ids"])
+        loss_B, metrics = amopo_loss(stats, AmopoConfig(weighting="mean"), sample_ids=batch.sample_ids)
         loss_sum, count = reduce_for_schedule(loss_B, metrics)
-        report = make_report(loss_sum, count, metrics, batch["sample_ids"])
+        report = make_report(loss_sum, count, metrics, batch.sample_ids)
         if tp_rank == 1:  # a non-reporting copy must not count: make it differ
             report = {k: v + 1000 if k != "sample_ids" else v for k, v in report.items()}
         batches.append(batch)
@@ -72,8 +71,8 @@ def _former_reduction(reports, batches, reporting: bool, num_rows: int, stop: bo
     dist.all_reduce(flat)
     counts = torch.zeros(2, dtype=torch.float64)
     if reporting:
-        counts[0] = sum(len(b["sample_ids"]) for b in batches)
-        counts[1] = sum(int((b["segment_ids"] >= 0).sum()) for b in batches)
+        counts[0] = sum(len(b.sample_ids) for b in batches)
+        counts[1] = sum(int((b.segment_ids >= 0).sum()) for b in batches)
     dist.all_reduce(counts)
     flag = torch.tensor([1.0 if stop else 0.0])
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -125,7 +124,7 @@ def _check_on_rank() -> dict:
         out[f"stop_{step}"] = new["stop"] > 0
         out["all_reduces"] = calls
     # FLOPs: the sum over the two DP replicas of the training FLOPs of their sequences
-    mine = training_flops(arch, [n for b in batches for n in b["seq_lengths"].tolist()])
+    mine = training_flops(arch, [n for b in batches for n in b.seq_lengths])
     both = torch.tensor([mine if is_reporting_rank() else 0.0], dtype=torch.float64)
     dist.all_reduce(both)
     assert new["flops"] == both.item() > 0

@@ -40,16 +40,16 @@ def make_tokens(rnd: random.Random, B: int, P: int, p_one: float = 0.0):
     return probs
 
 
-def stats_from_tokens(probs, dtype=torch.float64) -> dict:
+def stats_from_tokens(probs, dtype=torch.float64) -> SequenceStats:
     def t(fn):
         return torch.tensor([[[fn(seq) for seq in pair] for pair in sample] for sample in probs], dtype=dtype)
 
-    return {
-        "sum_logp": t(lambda q: sum(math.log(x) for x in q)),
-        "n": t(len),
-        "sum_p": t(sum),
-        "sum_p2": t(lambda q: sum(x * x for x in q)),
-    }
+    return SequenceStats(
+        sum_logp=t(lambda q: sum(math.log(x) for x in q)),
+        n=t(len),
+        sum_p=t(sum),
+        sum_p2=t(lambda q: sum(x * x for x in q)),
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -76,9 +76,9 @@ def naive_softmax(scores: list, valid: list) -> list:
 
 def naive_draw(stats, b, k, s, z) -> tuple[float, float]:
     """(mu, mu + sigma z) for one sequence."""
-    n = stats["n"][b, k, s].item()
-    mu = stats["sum_p"][b, k, s].item() / n
-    var = max(stats["sum_p2"][b, k, s].item() - n * mu * mu, 0.0) / (n - 1) if n >= 2 else 0.0
+    n = stats.n[b, k, s].item()
+    mu = stats.sum_p[b, k, s].item() / n
+    var = max(stats.sum_p2[b, k, s].item() - n * mu * mu, 0.0) / (n - 1) if n >= 2 else 0.0
     return mu, mu + math.sqrt(var) * z[b][k][s]
 
 
@@ -100,16 +100,16 @@ def naive_weights(stats, b, valid, cfg, z) -> list:
 
 def naive_amopo(stats, cfg, z):
     """Per-sample losses and weights [B][P]."""
-    B, P = stats["n"].shape[:2]
+    B, P = stats.n.shape[:2]
     losses, weights = [], []
     for b in range(B):
-        n = [[stats["n"][b, k, s].item() for s in range(2)] for k in range(P)]
+        n = [[stats.n[b, k, s].item() for s in range(2)] for k in range(P)]
         valid = [n[k][0] > 0 and n[k][1] > 0 for k in range(P)]
         if not any(valid):
             losses.append(0.0)
             weights.append([0.0] * P)
             continue
-        a = [[stats["sum_logp"][b, k, s].item() / n[k][s] if valid[k] else 0.0 for s in range(2)] for k in range(P)]
+        a = [[stats.sum_logp[b, k, s].item() / n[k][s] if valid[k] else 0.0 for s in range(2)] for k in range(P)]
         w = naive_weights(stats, b, valid, cfg, z)
         loss = sum(w[k] * naive_pair_loss(a[k][0], a[k][1], cfg) for k in range(P) if valid[k])
         loss += cfg.sft_weight * sum(-a[k][0] for k in range(P) if valid[k]) / sum(valid)
@@ -155,20 +155,22 @@ def test_matches_naive_loop(loss_type, weighting, P):
             torch.testing.assert_close(
                 metrics["weights"], torch.tensor(want_w, dtype=torch.float64), rtol=1e-12, atol=1e-12
             )
-            valid = (stats["n"] > 0).all(-1).any(-1)
+            valid = (stats.n > 0).all(-1).any(-1)
             assert torch.equal(metrics["sample_valid"], valid)
 
 
-def test_stats_as_dict_or_dataclass_and_int_lengths():
+def test_stats_type_shape_and_int_lengths():
     rnd = random.Random(0)
     stats = stats_from_tokens(make_tokens(rnd, 4, 3))
     cfg = AmopoConfig(weighting="mean", sft_weight=0.1)
-    as_tuple = SequenceStats(stats["sum_logp"], stats["n"].long(), stats["sum_p"], stats["sum_p2"])
-    torch.testing.assert_close(amopo_loss(as_tuple, cfg)[0], amopo_loss(stats, cfg)[0], rtol=0, atol=0)
-    with pytest.raises(ValueError, match="sum_p2"):
-        amopo_loss({k: v for k, v in stats.items() if k != "sum_p2"}, cfg)
+    int_n = stats._replace(n=stats.n.long())
+    torch.testing.assert_close(amopo_loss(int_n, cfg)[0], amopo_loss(stats, cfg)[0], rtol=0, atol=0)
+    with pytest.raises(TypeError, match="SequenceStats"):
+        amopo_loss(stats._asdict(), cfg)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"\[B, P, 2\]"):
-        amopo_loss({k: v[..., :1] for k, v in stats.items()}, cfg)
+        amopo_loss(SequenceStats(*(v[..., :1] for v in stats)), cfg)
+    with pytest.raises(ValueError, match="stats.sum_p2"):
+        amopo_loss(stats._replace(sum_p2=stats.sum_p2[:1]), cfg)
 
 
 def test_log1mexp_accuracy():
@@ -191,18 +193,20 @@ def test_gradcheck_wrt_sum_logp(loss_type):
     z = torch.randn(3, 3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
 
     def f(sum_logp):
-        return amopo_loss({**stats, "sum_logp": sum_logp}, cfg, normals=z)[0]
+        return amopo_loss(stats._replace(sum_logp=sum_logp), cfg, normals=z)[0]
 
-    x = stats["sum_logp"].clone().requires_grad_(True)
+    x = stats.sum_logp.clone().requires_grad_(True)
     assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
 def test_weights_carry_no_gradient():
     rnd = random.Random(5)
     stats = stats_from_tokens(make_tokens(rnd, 4, 3))
-    leaves = {k: stats[k].clone().requires_grad_(True) for k in ("sum_logp", "sum_p", "sum_p2")}
+    leaves = {k: getattr(stats, k).clone().requires_grad_(True) for k in ("sum_logp", "sum_p", "sum_p2")}
     for weighting in ("gaussian", "gaussian-inverse", "mean"):
-        loss, metrics = amopo_loss({**stats, **leaves}, AmopoConfig(weighting=weighting), sample_ids=torch.arange(4))
+        loss, metrics = amopo_loss(
+            stats._replace(**leaves), AmopoConfig(weighting=weighting), sample_ids=torch.arange(4)
+        )
         assert not metrics["weights"].requires_grad
         loss.sum().backward()
         assert leaves["sum_logp"].grad is not None and leaves["sum_logp"].grad.abs().sum() > 0
@@ -237,20 +241,24 @@ def test_invalid_pairs_and_samples():
         probs[1][k][k % 2] = []
     stats = stats_from_tokens(probs)
     # Garbage where n = 0 must not leak anywhere.
-    for key in ("sum_logp", "sum_p", "sum_p2"):
-        stats[key] = torch.where(stats["n"] > 0, stats[key], torch.full_like(stats[key], float("nan")))
+    stats = stats._replace(
+        **{
+            key: torch.where(stats.n > 0, getattr(stats, key), torch.full_like(stats.n, float("nan")))
+            for key in ("sum_logp", "sum_p", "sum_p2")
+        }
+    )
     z = torch.randn(3, 4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     for loss_type in ("simpo", "orpo"):
-        x = stats["sum_logp"].clone().requires_grad_(True)
+        x = stats.sum_logp.clone().requires_grad_(True)
         cfg = AmopoConfig(loss_type=loss_type, weighting="gaussian", sft_weight=0.5)
-        loss, metrics = amopo_loss({**stats, "sum_logp": x}, cfg, normals=z)
+        loss, metrics = amopo_loss(stats._replace(sum_logp=x), cfg, normals=z)
         assert metrics["sample_valid"].tolist() == [True, False, True]
         assert float(loss[1].detach()) == 0.0 and torch.isfinite(loss).all()
         w = metrics["weights"]
         assert w[1].tolist() == [0.0] * 4 and float(w[0, 1]) == 0.0
         # Sample 0's softmax runs over its valid pairs 0, 2, 3 only.
-        mu = stats["sum_p"][0] / stats["n"][0]
-        var = (stats["sum_p2"][0] - stats["n"][0] * mu**2) / (stats["n"][0] - 1)
+        mu = stats.sum_p[0] / stats.n[0]
+        var = (stats.sum_p2[0] - stats.n[0] * mu**2) / (stats.n[0] - 1)
         r = (mu + var.clamp(min=0).sqrt().nan_to_num() * z[0]).sum(-1)
         keep = torch.tensor([0, 2, 3])
         torch.testing.assert_close(w[0, keep], torch.softmax(r[keep], 0), rtol=1e-12, atol=1e-12)
@@ -263,8 +271,8 @@ def test_invalid_pairs_and_samples():
 
 def test_orpo_at_logp_zero_is_finite():
     stats = stats_from_tokens([[[[1.0, 1.0, 1.0], [0.5, 0.9]], [[0.3], [1.0]]]])
-    x = stats["sum_logp"].clone().requires_grad_(True)
-    loss, _ = amopo_loss({**stats, "sum_logp": x}, AmopoConfig(loss_type="orpo", weighting="equal"))
+    x = stats.sum_logp.clone().requires_grad_(True)
+    loss, _ = amopo_loss(stats._replace(sum_logp=x), AmopoConfig(loss_type="orpo", weighting="equal"))
     loss.sum().backward()
     assert torch.isfinite(loss).all() and torch.isfinite(x.grad).all()
 
@@ -316,7 +324,7 @@ def test_split_batches_reduce_to_the_same_global_mean():
     assert int(count) == int(metrics["sample_valid"].sum()) and 0 < int(count) < 7
     parts_total, parts_count, parts_sums, parts_counts = 0.0, 0, 0.0, 0.0
     for lo, hi in ((0, 2), (2, 3), (3, 7)):
-        part = {k: v[lo:hi] for k, v in stats.items()}
+        part = SequenceStats(*(v[lo:hi] for v in stats))
         part_loss, part_metrics = amopo_loss(part, cfg, sample_ids=ids[lo:hi], epoch=1)
         t, c = reduce_for_schedule(part_loss, part_metrics)
         parts_total, parts_count = parts_total + t, parts_count + c
@@ -339,10 +347,12 @@ def test_summarize_metrics_by_hand():
         [[seq(-0.2, 0.3), seq(-0.4, 0.3)], [seq(-0.3, 0.3), empty]],
         [[empty, seq(-0.1, 0.1)], [empty, empty]],
     ]
-    stats = {
-        k: torch.tensor([[[s[k] for s in pair] for pair in sample] for sample in layout], dtype=torch.float64)
-        for k in ("sum_logp", "n", "sum_p", "sum_p2")
-    }
+    stats = SequenceStats(
+        *(
+            torch.tensor([[[s[k] for s in pair] for pair in sample] for sample in layout], dtype=torch.float64)
+            for k in SequenceStats._fields
+        )
+    )
     beta, gamma = 2.0, 1.0
     _, metrics = amopo_loss(stats, AmopoConfig(weighting="equal", beta=beta, gamma=gamma))
     assert metrics["pair_sums"].shape == (len(PAIR_METRIC_NAMES), 2)

@@ -28,27 +28,28 @@ def ds(tmp_path_factory):
 def _per_sequence(batch):
     """{sequence index: (tokens, labels, loss_mask, position_ids)} read back through segment_ids."""
     out = {}
-    for n in range(int(batch["num_seqs"])):
-        sel = batch["segment_ids"] == n
-        out[n] = tuple(batch[k][sel] for k in ("tokens", "labels", "loss_mask", "position_ids"))
+    for n in range(batch.num_seqs):
+        sel = batch.segment_ids == n
+        out[n] = tuple(getattr(batch, k)[sel] for k in ("tokens", "labels", "loss_mask", "position_ids"))
     return out
 
 
-def test_padded_and_packed_agree(ds):
+def test_padded_packed_and_thd_agree(ds):
     groups = [ds[g] for g in range(min(3, len(ds)))]
     B, P = len(groups), ds.num_pairs
     padded = build_micro_batch(groups, "padded", seq_length=512, pad_id=151643)
     packed = build_micro_batch(groups, "packed", seq_length=512, pad_id=151643)
+    thd = build_micro_batch(groups, "packed", seq_length=512, pad_id=151643, thd=True)
     N = B * 2 * P
-    assert padded["tokens"].shape == (N, 512) and int(padded["num_seqs"]) == N == int(packed["num_seqs"])
-    assert packed["tokens"].shape[0] < N  # sequences share rows
-    a, b = _per_sequence(padded), _per_sequence(packed)
+    assert padded.tokens.shape == (N, 512) and padded.num_seqs == N == packed.num_seqs == thd.num_seqs
+    assert packed.tokens.shape[0] < N  # sequences share rows
+    a, b, c = _per_sequence(padded), _per_sequence(packed), _per_sequence(thd)
     for n in range(N):
         g, k, side = n // (2 * P), (n % (2 * P)) // 2, n % 2
         seq = groups[g]["tokens"][2 * k + side]
         start = int(groups[g]["response_start"][2 * k + side])
-        for x, y in zip(a[n], b[n]):
-            assert torch.equal(x, y)
+        for x, y, z in zip(a[n], b[n], c[n]):
+            assert torch.equal(x, y) and torch.equal(x, z)
         tokens, labels, mask, pos = a[n]
         assert torch.equal(tokens, seq[:-1]) and torch.equal(labels, seq[1:])
         assert torch.equal(pos, torch.arange(len(seq) - 1))
@@ -57,18 +58,45 @@ def test_padded_and_packed_agree(ds):
     resp_tokens = torch.stack([a[n][2].sum() for n in range(N)]).view(B, P, 2)
     assert resp_tokens[0, 1, 0] == len(groups[0]["tokens"][2]) - int(groups[0]["response_start"][2])
     for batch in (padded, packed):
-        pad = batch["segment_ids"] < 0
-        assert pad.any() and batch["loss_mask"][pad].sum() == 0 and torch.all(batch["tokens"][pad] == 151643)
-    assert packed["group_ids"].tolist() == [g["group_id"] for g in groups]
-    assert packed["chosen_scores"].shape == (B, 1)
-    # cu_seqlens: row-local boundaries of the packed sequences
-    for r in range(packed["tokens"].shape[0]):
-        segs = packed["segment_ids"][r]
-        m = int(packed["num_segments"][r])
-        cu = packed["cu_seqlens"][r, : m + 1].tolist()
-        assert cu[0] == 0 and cu[-1] == int((segs >= 0).sum())
-        for j in range(m):
-            assert len(set(segs[cu[j] : cu[j + 1]].tolist())) == 1
+        pad = batch.segment_ids < 0
+        assert pad.any() and batch.loss_mask[pad].sum() == 0 and torch.all(batch.tokens[pad] == 151643)
+        assert batch.attention_mask is not None and not batch.thd
+    assert packed.sample_ids.tolist() == [g["group_id"] for g in groups] == thd.sample_ids.tolist()
+    assert packed.seq_lengths == thd.seq_lengths == tuple(len(s) - 1 for g in groups for s in g["tokens"])
+    # THD: one stream of every sequence in order, cu_seqlens the running sum of the lengths, no mask
+    assert thd.thd and thd.attention_mask is None and thd.tokens.shape == (1, sum(thd.seq_lengths))
+    assert thd.cu_seqlens.dtype == torch.int32 and thd.max_seqlen == max(thd.seq_lengths)
+    assert thd.cu_seqlens.tolist() == [0] + torch.tensor(thd.seq_lengths).cumsum(0).tolist()
+    assert thd.segment_ids[0].tolist() == [n for n, L in enumerate(thd.seq_lengths) for _ in range(L)]
+
+
+def test_thd_stream_padded_to_a_multiple(ds):
+    """Sequence parallelism: T rounded up with one padding segment (segment -1, loss mask 0) that
+    counts as one more THD sequence."""
+    groups = [ds[g] for g in range(min(2, len(ds)))]
+    plain = build_micro_batch(groups, "packed", seq_length=512, thd=True)
+    T = plain.tokens.shape[1]
+    multiple = next(m for m in (7, 11, 13) if T % m)
+    padded = build_micro_batch(groups, "packed", seq_length=512, thd=True, pad_to_multiple=multiple)
+    T_pad = padded.tokens.shape[1]
+    assert T_pad % multiple == 0 and T < T_pad < T + multiple
+    assert padded.cu_seqlens.tolist() == plain.cu_seqlens.tolist() + [T_pad]
+    assert (padded.segment_ids[0, T:] == -1).all() and padded.loss_mask[0, T:].sum() == 0
+    assert padded.position_ids[0, T:].tolist() == list(range(T_pad - T))
+    for k in ("tokens", "labels", "loss_mask", "position_ids", "segment_ids"):
+        assert torch.equal(getattr(padded, k)[:, :T], getattr(plain, k)), k
+    assert build_micro_batch(groups, "padded", thd=True).attention_mask is not None  # padded rows stay rows
+    with pytest.raises(ValueError, match="pad_to_multiple"):
+        build_micro_batch(groups, "packed", seq_length=512, thd=True, pad_to_multiple=0)
+
+
+def test_to_device_moves_every_tensor_and_keeps_host_fields(ds):
+    batch = build_micro_batch([ds[0]], "packed", seq_length=512, thd=True, epoch=3)
+    moved = batch.to("meta")
+    for f in ("tokens", "labels", "loss_mask", "position_ids", "segment_ids", "sample_ids", "cu_seqlens"):
+        assert getattr(moved, f).device.type == "meta", f
+    assert moved.seq_lengths == batch.seq_lengths and moved.epoch == 3 and moved.max_seqlen == batch.max_seqlen
+    assert batch.tokens.device.type == "cpu"  # a copy
 
 
 def test_attention_mask_convention():
@@ -94,10 +122,10 @@ def test_packed_rows_respect_length_and_errors(ds):
     groups = [ds[g] for g in range(min(4, len(ds)))]
     longest = max(len(s) - 1 for g in groups for s in g["tokens"])
     batch = build_micro_batch(groups, "packed", seq_length=longest)
-    assert batch["tokens"].shape[1] == longest
-    assert int((batch["segment_ids"] >= 0).sum()) == sum(len(s) - 1 for g in groups for s in g["tokens"])
-    seg = batch["segment_ids"]
-    sees = ~batch["attention_mask"][:, 0]  # [R, S, S] query x key
+    assert batch.tokens.shape[1] == longest
+    assert int((batch.segment_ids >= 0).sum()) == sum(len(s) - 1 for g in groups for s in g["tokens"])
+    seg = batch.segment_ids
+    sees = ~batch.attention_mask[:, 0]  # [R, S, S] query x key
     assert not (sees & (seg >= 0)[:, :, None] & (seg < 0)[:, None, :]).any()  # no real token sees padding
     assert not (sees & (seg[:, :, None] != seg[:, None, :])).any()  # nor another sequence
     with pytest.raises(ValueError, match="more than the row length"):
@@ -130,10 +158,10 @@ def test_builder_uses_the_rows_the_planner_charged(ds, backend):
         gids = plan.microbatch(m).tolist()
         batch = build_micro_batch([ds[g] for g in gids], "packed", seq_length=S)
         lens = seq_lens_GS[gids].ravel().tolist()
-        assert batch["seq_lengths"].tolist() == lens
+        assert list(batch.seq_lengths) == lens
         rows = pack_rows(lens, S)
         R, W = packed_shape(lens, S)
-        assert tuple(batch["tokens"].shape) == (len(rows), W) == (R, max(sum(lens[n] for n in r) for r in rows))
-        assert budget >= R * W and W <= S and batch["attention_mask"].shape == (R, 1, W, W)
+        assert tuple(batch.tokens.shape) == (len(rows), W) == (R, max(sum(lens[n] for n in r) for r in rows))
+        assert budget >= R * W and W <= S and batch.attention_mask.shape == (R, 1, W, W)
         for r, members in enumerate(rows):
-            assert [int(x) for x in batch["seq_row"][members]] == [r] * len(members)
+            assert batch.segment_ids[r].unique_consecutive().tolist()[: len(members)] == members

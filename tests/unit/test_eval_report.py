@@ -16,9 +16,9 @@ from megatron_amopo.training.step import make_report
 PAIRS = ["general", "helpfulness", "verbosity"]
 
 
-def _stats(a_BPS: torch.Tensor, n_BPS: torch.Tensor) -> SequenceStats:
-    p = torch.exp(a_BPS)
-    return SequenceStats(a_BPS * n_BPS, n_BPS, p * n_BPS, p * p * n_BPS)
+def _stats(a_BP2: torch.Tensor, n_BP2: torch.Tensor) -> SequenceStats:
+    p = torch.exp(a_BP2)
+    return SequenceStats(a_BP2 * n_BP2, n_BP2, p * n_BP2, p * p * n_BP2)
 
 
 def _reports(seed: int, sizes=(3, 2)) -> tuple[list[dict], list[dict]]:

@@ -1,21 +1,22 @@
-"""THD bookkeeping (training/packed.py): packed rows [R, S] -> one stream [1, T] + PackedSeqParams.
+"""Packed micro-batches as one THD stream (the builder's ``thd=True``) against the same micro-batch
+as packed rows with the block-diagonal mask.
 
-Checked against the builder's own layout: every sequence keeps its tokens, labels, loss mask
-and positions; cu_seqlens are the sequence lengths in row-major order; per-sequence
-statistics and the AMoPO loss are identical to the block-diagonal rows; the tiny model fed
-THD (Megatron's THD RoPE + SDPAttention's THD path) gives the rows' logits and gradients.
+Per-sequence statistics and the AMoPO loss are identical; ``PackedSeqParams`` carries the builder's
+cu_seqlens; the tiny model fed THD (Megatron's THD RoPE + SDPAttention's THD path) gives the rows'
+logits and gradients; the step refuses packed rows where the attention would drop their mask.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 
 from megatron_amopo.config import AmopoConfig, ParallelConfig
-from megatron_amopo.data.batch import build_micro_batch
+from megatron_amopo.data.batch import MicroBatch, build_micro_batch
 from megatron_amopo.runtime.comm import free_port
-from megatron_amopo.training.packed import cu_seqlens_from_segments, packed_seq_params_from_batch, to_thd
-from megatron_amopo.training.step import loss_func
+from megatron_amopo.training.step import loss_func, packed_seq_params
 
 VOCAB, SEQ = 512, 40
 
@@ -41,47 +42,27 @@ def _groups(num_groups=3, seed=0) -> list[dict]:
 @pytest.fixture(scope="module")
 def rows():
     batch = build_micro_batch(_groups(), "packed", seq_length=SEQ)
-    assert int(batch["num_segments"].max()) > 1  # really packed
+    assert batch.tokens.shape[0] < batch.num_seqs  # really packed
     return batch
 
 
-def test_stream_keeps_every_sequence(rows):
-    thd = to_thd(rows)
-    T = int((rows["segment_ids"] >= 0).sum())
-    for k in ("tokens", "labels", "loss_mask", "position_ids", "segment_ids"):
-        assert thd[k].shape == (1, T), k
-    assert thd["attention_mask"] is None
-    for n in range(int(rows["num_seqs"])):
-        sel_rows, sel_thd = rows["segment_ids"] == n, thd["segment_ids"] == n
-        for k in ("tokens", "labels", "loss_mask", "position_ids"):
-            assert torch.equal(rows[k][sel_rows], thd[k][sel_thd]), (k, n)
-    # cu_seqlens: sequences in row-major order, each its builder length
-    order = [
-        n
-        for r in range(rows["tokens"].shape[0])
-        for n in rows["segment_ids"][r].unique_consecutive().tolist()
-        if n >= 0
-    ]
-    lengths = rows["seq_lengths"][order]
-    assert thd["cu_seqlens"].dtype == torch.int32
-    assert thd["cu_seqlens"].tolist() == [0] + torch.cumsum(lengths, 0).tolist()
-    assert thd["max_seqlen"] == int(rows["seq_lengths"].max())
-    assert torch.equal(thd["group_ids"], rows["group_ids"]) and thd["num_seqs"] == rows["num_seqs"]
+@pytest.fixture(scope="module")
+def thd():
+    return build_micro_batch(_groups(), "packed", seq_length=SEQ, thd=True)
 
 
-def test_cu_seqlens_from_segments_runs():
-    seg = torch.tensor([4, 4, 4, 0, 0, 7, -1, -1])
-    assert cu_seqlens_from_segments(seg).tolist() == [0, 3, 5, 6, 8]
-    with pytest.raises(ValueError, match="one stream"):
-        cu_seqlens_from_segments(seg[None])
+def _rows_to_stream(rows: MicroBatch, x_RS: torch.Tensor) -> torch.Tensor:
+    """Values at the rows' positions [R, S, ...] -> the THD stream's order [1, T, ...] (sequence by sequence)."""
+    return torch.cat([x_RS[rows.segment_ids == n] for n in range(rows.num_seqs)])[None]
 
 
-def test_loss_and_statistics_identical_to_rows(rows):
+def test_loss_and_statistics_identical_to_rows(rows, thd):
     """loss_func on the stream equals loss_func on the rows (same logits per token)."""
     gen = torch.Generator().manual_seed(1)
-    logits_RSV = torch.randn(*rows["tokens"].shape, VOCAB, generator=gen, dtype=torch.float64)
-    thd = to_thd(rows)
-    logits_1TV = logits_RSV[rows["segment_ids"] >= 0][None]
+    logits_RSV = torch.randn(*rows.tokens.shape, VOCAB, generator=gen, dtype=torch.float64)
+    logits_1TV = _rows_to_stream(rows, logits_RSV)
+    for k in ("tokens", "labels", "loss_mask", "position_ids", "segment_ids"):
+        assert torch.equal(_rows_to_stream(rows, getattr(rows, k)), getattr(thd, k)), k
     cfg = AmopoConfig()
     loss_r, count_r, rep_r = loss_func(rows, cfg, logits_RSV.clone().requires_grad_())
     loss_t, count_t, rep_t = loss_func(thd, cfg, logits_1TV.clone().requires_grad_())
@@ -90,45 +71,38 @@ def test_loss_and_statistics_identical_to_rows(rows):
     for k in ("pair_sums", "pair_counts", "weights"):
         torch.testing.assert_close(rep_t[k], rep_r[k], rtol=1e-12, atol=1e-12)
     # padding the stream (sequence parallelism) changes nothing but T and cu_seqlens
-    padded = to_thd(rows, pad_to_multiple=7)
-    T = thd["tokens"].shape[1]
-    assert padded["tokens"].shape[1] % 7 == 0 and padded["tokens"].shape[1] >= T
-    if padded["tokens"].shape[1] > T:
-        assert padded["cu_seqlens"].tolist() == thd["cu_seqlens"].tolist() + [padded["tokens"].shape[1]]
-        assert (padded["segment_ids"][0, T:] == -1).all() and padded["loss_mask"][0, T:].sum() == 0
-    logits_pad = torch.cat([logits_1TV, torch.randn(1, padded["tokens"].shape[1] - T, VOCAB, dtype=torch.float64)], 1)
+    padded = build_micro_batch(_groups(), "packed", seq_length=SEQ, thd=True, pad_to_multiple=7)
+    T, T_pad = thd.tokens.shape[1], padded.tokens.shape[1]
+    assert T_pad % 7 == 0 and T_pad >= T
+    logits_pad = torch.cat([logits_1TV, torch.randn(1, T_pad - T, VOCAB, dtype=torch.float64)], 1)
     loss_p, _, _ = loss_func(padded, cfg, logits_pad)
     torch.testing.assert_close(loss_p.detach(), loss_r.detach(), rtol=1e-12, atol=1e-12)
 
 
-def test_packed_seq_params(rows):
-    thd = to_thd(rows)
-    p = packed_seq_params_from_batch(thd)
+def test_packed_seq_params(rows, thd):
+    p = packed_seq_params(thd)
     assert p.qkv_format == "thd" and p.cu_seqlens_q.dtype == torch.int32
-    assert torch.equal(p.cu_seqlens_q, thd["cu_seqlens"]) and torch.equal(p.cu_seqlens_kv, p.cu_seqlens_q)
-    assert p.max_seqlen_q == p.max_seqlen_kv == thd["max_seqlen"]
-    with pytest.raises(ValueError, match="flatten them with to_thd"):
-        packed_seq_params_from_batch(rows)
+    assert torch.equal(p.cu_seqlens_q, thd.cu_seqlens) and torch.equal(p.cu_seqlens_kv, p.cu_seqlens_q)
+    assert p.max_seqlen_q == p.max_seqlen_kv == thd.max_seqlen == max(thd.seq_lengths)
+    assert isinstance(p.max_seqlen_q, int)  # a host value: no device sync in the attention
+    assert packed_seq_params(rows) is None  # rows: the mask path
 
 
-def test_bad_rows_are_refused(rows):
-    bad = dict(rows)
-    seg = rows["segment_ids"].clone()
-    seg[0, 0] = -1  # padding before real tokens
-    bad["segment_ids"] = seg
-    with pytest.raises(ValueError, match="padded at the end only"):
-        to_thd(bad)
-    seg = rows["segment_ids"].clone()
-    first = seg[0, 0].item()
-    real_len = int((seg[1] >= 0).sum())
-    seg[1, real_len - 1] = first  # a sequence in two runs
-    bad["segment_ids"] = seg
-    with pytest.raises(ValueError, match="more than one run"):
-        to_thd(bad)
+def test_step_refuses_what_the_model_would_get_wrong(rows, monkeypatch):
+    from megatron_amopo.training import step
+    from megatron_amopo.training.step import forward_step, get_batch
+
+    with pytest.raises(TypeError, match="build_micro_batch"):
+        get_batch(iter([{"tokens": torch.zeros(1, 4)}]))
+    model = torch.nn.Module()  # never called: the step refuses first
+    with pytest.raises(ValueError, match="thd=True"):  # TE's attention drops the rows' mask
+        forward_step(iter([rows]), model, objective_cfg=AmopoConfig(), use_te=True)
+    odd = build_micro_batch(_groups(), "packed", seq_length=SEQ, thd=True)
+    if odd.tokens.shape[1] % 2 == 0:
+        odd = dataclasses.replace(odd, tokens=odd.tokens[:, 1:])
+    monkeypatch.setattr(step.dist, "get_world_size", lambda group: 2)  # a TP group of 2, without one
     with pytest.raises(ValueError, match="pad_to_multiple"):
-        to_thd(rows, pad_to_multiple=0)
-    with pytest.raises(KeyError, match="build_micro_batch"):
-        to_thd({"tokens": rows["tokens"]})
+        packed_seq_params(odd, object(), sequence_parallel=True)
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +116,7 @@ def one_rank():
     destroy_distributed()
 
 
-def test_model_on_thd_equals_block_diagonal_rows(one_rank, rows):
+def test_model_on_thd_equals_block_diagonal_rows(one_rank, rows, thd):
     """Megatron's THD path (RoPE per sequence, SDPAttention per sequence) == rows with the mask."""
     from megatron_amopo.model.provider import model_provider, transformer_config
     from megatron_amopo.testing.tiny import fill_deterministic, tiny_arch
@@ -153,18 +127,19 @@ def test_model_on_thd_equals_block_diagonal_rows(one_rank, rows):
     fill_deterministic(model, 3, 0, 1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    on_device = {k: v.to(device) if torch.is_tensor(v) else v for k, v in rows.items()}
-    thd = to_thd(on_device)
+    rows, thd = rows.to(device), thd.to(device)
     results = []
-    for batch, params in ((on_device, None), (thd, packed_seq_params_from_batch(thd))):
+    for batch in (rows, thd):
         model.zero_grad(set_to_none=True)
-        logits = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], packed_seq_params=params)
+        logits = model(
+            batch.tokens, batch.position_ids, batch.attention_mask, packed_seq_params=packed_seq_params(batch)
+        )
         loss, _, _ = loss_func(batch, AmopoConfig(), logits)
         loss.backward()
         results.append((logits.detach(), loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     (logits_r, loss_r, grads_r), (logits_t, loss_t, grads_t) = results
-    assert logits_t.shape == (1, thd["tokens"].shape[1], VOCAB)
-    torch.testing.assert_close(logits_t[0], logits_r[on_device["segment_ids"] >= 0], rtol=1e-4, atol=1e-5)
+    assert logits_t.shape == (1, thd.tokens.shape[1], VOCAB)
+    torch.testing.assert_close(logits_t, _rows_to_stream(rows, logits_r), rtol=1e-4, atol=1e-5)
     assert loss_t == pytest.approx(loss_r, rel=1e-5)
     for n, g in grads_r.items():
         assert g.abs().max() > 0, n
