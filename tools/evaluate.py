@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     from megatron_amopo.training import data as tdata
     from megatron_amopo.training.loop import evaluate_split, format_eval, log0, run_transformer_config
     from megatron_amopo.training.preflight import InsufficientMemory, check_memory
-    from megatron_amopo.training.step import forward_step, packed_thd_default, thd_pad_multiple
+    from megatron_amopo.training.step import forward_step, packed_thd_default, seq_pad_multiple
 
     initialize_distributed(cfg.parallel)
     set_seed(cfg.training.seed)
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
             pair_names,
             per_group=per_group,
             thd=thd,
-            pad_to_multiple=thd_pad_multiple(config),
+            pad_to_multiple=seq_pad_multiple(config),
         )
         values["iteration"] = iteration
         log0(format_eval(values, pair_names, f"eval {cfg.checkpoint.load} @ iter {iteration}"))

@@ -89,8 +89,8 @@ def build_micro_batch(
     ``seq_length`` caps the positions of a sequence (default: the longest; required for packed).
     padded: one sequence per row, R = N rows of the longest sequence's positions. packed, rows:
     the ROW RULE's R rows of W <= ``seq_length`` (``packing.pack_rows``, what the planner charged).
-    packed with ``thd``: sequences end to end in one stream, T rounded up to ``pad_to_multiple``
-    (the TP size under sequence parallelism) with one padding segment.
+    packed with ``thd``: sequences end to end in one stream (T positions, one padding segment last).
+    The row width (or T) is rounded up to ``pad_to_multiple``: the TP size under sequence parallelism.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -115,8 +115,7 @@ def build_micro_batch(
     else:
         rows = pack_rows(lengths, cap)
     width = cap if layout == "padded" else max(sum(lengths[n] for n in r) for r in rows)
-    if layout == "packed" and thd:
-        width += -width % pad_to_multiple
+    width += -width % pad_to_multiple  # sequence parallelism splits every row (or the stream) over TP ranks
     seqs = _fill(rows, width, inputs, labels, masks, pad_id)
     batch = MicroBatch(
         **seqs,

@@ -35,7 +35,7 @@ from megatron_amopo.training import data as tdata
 from megatron_amopo.training.metrics import MetricsWriter, format_line, reduce_reports, summarize
 from megatron_amopo.training.optimizer import build_optimizer, build_scheduler
 from megatron_amopo.training.preflight import check_memory
-from megatron_amopo.training.step import packed_thd_default, thd_pad_multiple
+from megatron_amopo.training.step import packed_thd_default, seq_pad_multiple
 from megatron_amopo.training.throughput import device_peak_tflops, mfu, peak_memory_bytes, training_flops
 
 
@@ -215,7 +215,7 @@ class Trainer:
         self.config = run_transformer_config(self.arch, cfg)
         # Packed micro-batches as THD streams or as masked rows: the plan charges what the step feeds.
         self.thd = packed_thd_default(self.config)
-        self.pad_to_multiple = thd_pad_multiple(self.config)
+        self.pad_to_multiple = seq_pad_multiple(self.config)
         self._open_data()
         check_memory(self.arch, cfg, self.train_split, self.plan)  # refuses a run that will not fit
         self.model = build_model(self.arch, self.config, use_distributed_optimizer=tc.use_distributed_optimizer)

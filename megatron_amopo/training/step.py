@@ -171,7 +171,7 @@ def packed_seq_params(batch: MicroBatch, tp_group=None, sequence_parallel: bool 
     """Megatron ``PackedSeqParams`` (qkv_format "thd") of a THD micro-batch; None for rows.
 
     Checks on the host what the attention takes on trust: under sequence parallelism T must split
-    evenly over the TP ranks (the builder's ``pad_to_multiple``, ``thd_pad_multiple``)."""
+    evenly over the TP ranks (the builder's ``pad_to_multiple``, ``seq_pad_multiple``)."""
     if not batch.thd:
         return None
     from megatron.core.packed_seq_params import PackedSeqParams
@@ -180,7 +180,7 @@ def packed_seq_params(batch: MicroBatch, tp_group=None, sequence_parallel: bool 
     if sequence_parallel and batch.tokens.shape[1] % tp:
         raise ValueError(
             f"sequence parallelism splits the THD stream over {tp} TP ranks, but it has {batch.tokens.shape[1]} "
-            "tokens: build it with build_micro_batch(..., pad_to_multiple=thd_pad_multiple(config))"
+            "tokens: build it with build_micro_batch(..., pad_to_multiple=seq_pad_multiple(config))"
         )
     return PackedSeqParams(
         qkv_format="thd",
@@ -191,8 +191,8 @@ def packed_seq_params(batch: MicroBatch, tp_group=None, sequence_parallel: bool 
     )
 
 
-def thd_pad_multiple(config) -> int:
-    """What a THD stream's length must divide by: the TP size under sequence parallelism, else 1."""
+def seq_pad_multiple(config) -> int:
+    """What a row's width or a THD stream's length must divide by: the TP size under sequence parallelism."""
     if getattr(config, "sequence_parallel", False):
         return int(config.tensor_model_parallel_size)
     return 1

@@ -90,6 +90,23 @@ def test_thd_stream_padded_to_a_multiple(ds):
         build_micro_batch(groups, "packed", seq_length=512, thd=True, pad_to_multiple=0)
 
 
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_rows_padded_to_a_multiple(ds, layout):
+    """Sequence parallelism on the mask path: every row's width rounded up, the extra positions padding."""
+    groups = [ds[g] for g in range(min(2, len(ds)))]
+    plain = build_micro_batch(groups, layout, seq_length=512)
+    W = plain.tokens.shape[1]
+    multiple = next(m for m in (2, 3, 7, 11) if W % m)
+    padded = build_micro_batch(groups, layout, seq_length=512, pad_to_multiple=multiple)
+    W_pad = padded.tokens.shape[1]
+    assert W_pad % multiple == 0 and W < W_pad < W + multiple and padded.tokens.shape[0] == plain.tokens.shape[0]
+    for k in ("tokens", "labels", "loss_mask", "position_ids", "segment_ids"):
+        assert torch.equal(getattr(padded, k)[:, :W], getattr(plain, k)), k
+    assert (padded.segment_ids[:, W:] < 0).all() and padded.loss_mask[:, W:].sum() == 0
+    assert torch.equal(padded.attention_mask[:, :, :W, :W], plain.attention_mask)
+    assert padded.attention_mask[:, :, W:, :W].all()  # padding sees no real token
+
+
 def test_to_device_moves_every_tensor_and_keeps_host_fields(ds):
     batch = build_micro_batch([ds[0]], "packed", seq_length=512, thd=True, epoch=3)
     moved = batch.to("meta")
