@@ -5,9 +5,8 @@ A table row maps one parameter of a TP1/PP1 ``GPTModel`` (local layer spec names
 transform. Every HF tensor carries its shape in symbols resolved from the
 ``ModelArch`` so that a checkpoint can be validated from its header alone.
 
-Shape legend: V vocab, H hidden, F ffn hidden, Q = heads * head_dim,
-K = query groups * head_dim, d head_dim, G query groups, h heads per group (weight-shape
-symbols of the tables, apart from the package's tensor legend in docs/DESIGN.md).
+Weight-shape symbols (the package legend, docs/DESIGN.md): V vocabulary, H hidden, F FFN hidden, Ad = query
+heads x head size, Qd = query groups x head size.
 """
 
 from __future__ import annotations
@@ -59,7 +58,9 @@ class Entry:
 
 def shape_symbols(arch: ModelArch) -> dict[str, int]:
     d, g = arch.kv_channels, arch.num_query_groups
-    return dict(V=arch.vocab_size, H=arch.hidden_size, F=arch.ffn_hidden_size, Q=arch.num_attention_heads * d, K=g * d)
+    return dict(
+        V=arch.vocab_size, H=arch.hidden_size, F=arch.ffn_hidden_size, Ad=arch.num_attention_heads * d, Qd=g * d
+    )
 
 
 def expand(table: Sequence[Row], arch: ModelArch) -> list[Entry]:
@@ -92,16 +93,17 @@ def expand(table: Sequence[Row], arch: ModelArch) -> list[Entry]:
 
 
 def _qkv_interleave(tensors: Sequence[torch.Tensor], arch: ModelArch) -> torch.Tensor:
-    """[q; k; v] (HF, heads stacked) -> rows grouped per query group: [q_g (h*d); k_g (d); v_g (d)] for g in G.
+    """[q; k; v] (HF, heads stacked) -> rows grouped per query group: [q_g (A/Q heads x d); k_g (d); v_g (d)]
+    for each of the Q groups.
 
     This is Megatron-Core's fused QKV layout (SelfAttention.get_query_key_value_tensors
-    splits each group's block into h query heads, one key, one value)."""
+    splits each group's block into A/Q query heads, one key, one value)."""
     q, k, v = tensors
     g, d = arch.num_query_groups, arch.kv_channels
     tail = q.shape[1:]
-    q_G = q.reshape(g, -1, *tail)
-    k_G, v_G = k.reshape(g, d, *tail), v.reshape(g, d, *tail)
-    return torch.cat([q_G, k_G, v_G], dim=1).reshape(-1, *tail)
+    q_Q = q.reshape(g, -1, *tail)
+    k_Q, v_Q = k.reshape(g, d, *tail), v.reshape(g, d, *tail)
+    return torch.cat([q_Q, k_Q, v_Q], dim=1).reshape(-1, *tail)
 
 
 def _qkv_split(qkv: torch.Tensor, arch: ModelArch) -> tuple[torch.Tensor, ...]:

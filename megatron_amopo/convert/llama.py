@@ -11,13 +11,13 @@ TABLE = (
     Row(
         _M + "self_attention.linear_qkv.weight",
         (
-            (_L + "self_attn.q_proj.weight", ("Q", "H")),
-            (_L + "self_attn.k_proj.weight", ("K", "H")),
-            (_L + "self_attn.v_proj.weight", ("K", "H")),
+            (_L + "self_attn.q_proj.weight", ("Ad", "H")),
+            (_L + "self_attn.k_proj.weight", ("Qd", "H")),
+            (_L + "self_attn.v_proj.weight", ("Qd", "H")),
         ),
         "qkv",
     ),
-    Row(_M + "self_attention.linear_proj.weight", ((_L + "self_attn.o_proj.weight", ("H", "Q")),)),
+    Row(_M + "self_attention.linear_proj.weight", ((_L + "self_attn.o_proj.weight", ("H", "Ad")),)),
     Row(_M + "pre_mlp_layernorm.weight", ((_L + "post_attention_layernorm.weight", ("H",)),)),
     Row(
         _M + "mlp.linear_fc1.weight",

@@ -13,9 +13,9 @@ _M = "decoder.layers.{i}."
 _QKV_BIAS = Row(
     _M + "self_attention.linear_qkv.bias",
     (
-        (_L + "self_attn.q_proj.bias", ("Q",)),
-        (_L + "self_attn.k_proj.bias", ("K",)),
-        (_L + "self_attn.v_proj.bias", ("K",)),
+        (_L + "self_attn.q_proj.bias", ("Ad",)),
+        (_L + "self_attn.k_proj.bias", ("Qd",)),
+        (_L + "self_attn.v_proj.bias", ("Qd",)),
     ),
     "qkv",
 )

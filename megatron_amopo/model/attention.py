@@ -4,10 +4,9 @@ A drop-in for Megatron-Core's ``DotProductAttention`` where TE is absent: no sto
 Megatron's mask convention (bool, True = masked), and packed THD input attended per sequence
 (variable-length flash attention on CUDA). See docs/DESIGN.md, "Attention without TE".
 
-Shape legend: sq/sk query/key positions, b rows, np query heads and ng query groups on this
-tensor-parallel rank, hn head size, hp = np * hn, t packed tokens.
-Tensor suffixes here use Megatron's attention letters, not the package legend (docs/DESIGN.md):
-B rows, S positions, T packed tokens, N query heads, G query groups, H head size.
+Megatron's argument names: sq/sk query/key positions, b rows, np query heads and ng query groups on
+this tensor-parallel rank, hn head size, t packed tokens. Tensor suffixes follow the package legend
+(docs/DESIGN.md): R rows, S positions, T tokens of a THD stream, A query heads, Q query groups, d head size.
 """
 
 from __future__ import annotations
@@ -78,79 +77,79 @@ class SDPAttention(MegatronModule):
             )
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         sq, b, np_, hn = query.shape
-        q_BNSH, k_BGSH, v_BGSH = (x.permute(1, 2, 0, 3) for x in (query, key, value))
+        q_RASd, k_RQSd, v_RQSd = (x.permute(1, 2, 0, 3) for x in (query, key, value))
         if attention_mask is not None:
             # The memory-efficient kernel takes an explicit mask but not GQA: expand the groups
             # (what the unfused path does too). SDPA's bool mask is True = attend.
-            k_BNSH, v_BNSH = self._expand_groups(k_BGSH, v_BGSH, np_)
-            out_BNSH = F.scaled_dot_product_attention(
-                q_BNSH, k_BNSH, v_BNSH, attn_mask=~attention_mask, scale=self.softmax_scale
+            k_RASd, v_RASd = self._expand_groups(k_RQSd, v_RQSd, np_)
+            out_RASd = F.scaled_dot_product_attention(
+                q_RASd, k_RASd, v_RASd, attn_mask=~attention_mask, scale=self.softmax_scale
             )
         else:
             causal = mask_type == AttnMaskType.causal and sq > 1
-            out_BNSH = F.scaled_dot_product_attention(
-                q_BNSH,
-                k_BGSH,
-                v_BGSH,
+            out_RASd = F.scaled_dot_product_attention(
+                q_RASd,
+                k_RQSd,
+                v_RQSd,
                 is_causal=causal,
                 scale=self.softmax_scale,
-                enable_gqa=k_BGSH.shape[1] != np_,
+                enable_gqa=k_RQSd.shape[1] != np_,
             )
-        return out_BNSH.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
+        return out_RASd.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
 
     @staticmethod
-    def _expand_groups(k_BGSH: torch.Tensor, v_BGSH: torch.Tensor, heads: int):
-        groups = k_BGSH.shape[1]
+    def _expand_groups(k_RQSd: torch.Tensor, v_RQSd: torch.Tensor, heads: int):
+        groups = k_RQSd.shape[1]
         if heads % groups:
             raise ValueError(f"{heads} query heads are not a multiple of {groups} key/value groups")
         if groups == heads:
-            return k_BGSH, v_BGSH
+            return k_RQSd, v_RQSd
         rep = heads // groups  # head h uses group h // rep (Megatron's repeat_interleave order)
-        return k_BGSH.repeat_interleave(rep, dim=1), v_BGSH.repeat_interleave(rep, dim=1)
+        return k_RQSd.repeat_interleave(rep, dim=1), v_RQSd.repeat_interleave(rep, dim=1)
 
     def _forward_thd(self, query, key, value, params) -> torch.Tensor:
         """Causal attention within each packed sequence; q [t, np, hn] (or [t, 1, np, hn])."""
-        q_TNH, k_TGH, v_TGH = (x.reshape(x.shape[0], x.shape[-2], x.shape[-1]) for x in (query, key, value))
+        q_TAd, k_TQd, v_TQd = (x.reshape(x.shape[0], x.shape[-2], x.shape[-1]) for x in (query, key, value))
         cu_q, cu_kv = params.cu_seqlens_q, params.cu_seqlens_kv
         if cu_kv is not None and cu_kv is not cu_q and not torch.equal(cu_q, cu_kv):
             raise ValueError("SDPAttention THD: self-attention needs cu_seqlens_kv == cu_seqlens_q")
-        varlen = varlen_causal_attention() if _flash_eligible(q_TNH) else None
+        varlen = varlen_causal_attention() if _flash_eligible(q_TAd) else None
         if varlen is not None and params.max_seqlen_q is not None:
             # cu_seqlens were checked where they were built (data/batch.py): no host sync here.
-            out_TNH = varlen(q_TNH, k_TGH, v_TGH, cu_q.to(torch.int32), int(params.max_seqlen_q), self.softmax_scale)
-            return out_TNH.reshape(q_TNH.shape[0], -1)
-        return self._thd_per_sequence(q_TNH, k_TGH, v_TGH, cu_q)
+            out_TAd = varlen(q_TAd, k_TQd, v_TQd, cu_q.to(torch.int32), int(params.max_seqlen_q), self.softmax_scale)
+            return out_TAd.reshape(q_TAd.shape[0], -1)
+        return self._thd_per_sequence(q_TAd, k_TQd, v_TQd, cu_q)
 
-    def _thd_per_sequence(self, q_TNH, k_TGH, v_TGH, cu_q) -> torch.Tensor:
+    def _thd_per_sequence(self, q_TAd, k_TQd, v_TQd, cu_q) -> torch.Tensor:
         """One causal SDPA call per packed sequence (any device)."""
         bounds = cu_q.tolist()
-        if bounds[0] != 0 or bounds[-1] != q_TNH.shape[0]:
+        if bounds[0] != 0 or bounds[-1] != q_TAd.shape[0]:
             raise ValueError(
-                f"SDPAttention THD: cu_seqlens_q must run from 0 to the {q_TNH.shape[0]} packed "
+                f"SDPAttention THD: cu_seqlens_q must run from 0 to the {q_TAd.shape[0]} packed "
                 f"tokens, got {bounds[0]}..{bounds[-1]}"
             )
-        heads = q_TNH.shape[1]
+        heads = q_TAd.shape[1]
         pieces = []
         for a, e in zip(bounds[:-1], bounds[1:]):
             if e < a:
                 raise ValueError(f"SDPAttention THD: cu_seqlens_q must not decrease, got {bounds}")
             if e == a:
                 continue
-            q, k, v = (x[a:e].transpose(0, 1)[None] for x in (q_TNH, k_TGH, v_TGH))
+            q, k, v = (x[a:e].transpose(0, 1)[None] for x in (q_TAd, k_TQd, v_TQd))
             o = F.scaled_dot_product_attention(
                 q, k, v, is_causal=e - a > 1, scale=self.softmax_scale, enable_gqa=k.shape[1] != heads
             )
             pieces.append(o[0].transpose(0, 1))
-        return torch.cat(pieces).reshape(q_TNH.shape[0], -1)
+        return torch.cat(pieces).reshape(q_TAd.shape[0], -1)
 
 
 def flash_head_size_ok(hn: int) -> bool:
     return hn > 0 and hn % 8 == 0 and hn <= 256
 
 
-def _flash_eligible(q_TNH: torch.Tensor) -> bool:
+def _flash_eligible(q_TAd: torch.Tensor) -> bool:
     """Flash attention's limits: CUDA, fp16/bf16, head size a multiple of 8 up to 256."""
-    return q_TNH.is_cuda and q_TNH.dtype in (torch.float16, torch.bfloat16) and flash_head_size_ok(q_TNH.shape[-1])
+    return q_TAd.is_cuda and q_TAd.dtype in (torch.float16, torch.bfloat16) and flash_head_size_ok(q_TAd.shape[-1])
 
 
 @functools.lru_cache(maxsize=1)
@@ -177,19 +176,19 @@ def varlen_causal_attention():
         return None
     has_scale, has_gqa = "scale" in params, "enable_gqa" in params
 
-    def attend(q_TNH, k_TGH, v_TGH, cu_K, max_seqlen: int, scale: float):
-        heads, groups = q_TNH.shape[1], k_TGH.shape[1]
+    def attend(q_TAd, k_TQd, v_TQd, cu_K, max_seqlen: int, scale: float):
+        heads, groups = q_TAd.shape[1], k_TQd.shape[1]
         kwargs = dict(causal)
         if groups != heads:
             if has_gqa:
                 kwargs["enable_gqa"] = True
             else:  # Megatron's order: head h uses group h // (heads // groups)
-                k_TGH = k_TGH.repeat_interleave(heads // groups, dim=1)
-                v_TGH = v_TGH.repeat_interleave(heads // groups, dim=1)
+                k_TQd = k_TQd.repeat_interleave(heads // groups, dim=1)
+                v_TQd = v_TQd.repeat_interleave(heads // groups, dim=1)
         if has_scale:
             kwargs["scale"] = scale
         else:
-            q_TNH = q_TNH * (scale * math.sqrt(q_TNH.shape[-1]))
-        return varlen_attn(q_TNH, k_TGH, v_TGH, cu_K, cu_K, max_seqlen, max_seqlen, **kwargs)
+            q_TAd = q_TAd * (scale * math.sqrt(q_TAd.shape[-1]))
+        return varlen_attn(q_TAd, k_TQd, v_TQd, cu_K, cu_K, max_seqlen, max_seqlen, **kwargs)
 
     return attend
