@@ -9,6 +9,8 @@ removed shows the test catches its absence.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -89,7 +91,8 @@ def _run_layout(tp, pp, sp, tied, fused, wired=True):
             hidden = model(batch["tokens"], pos, None)
 
         def loss_func(hidden):
-            every = dict(labels=batch["labels"], loss_mask=torch.ones_like(batch["mask"]))
+            # output_logprobs reads a MicroBatch's labels and loss mask: every position here
+            every = SimpleNamespace(labels=batch["labels"], loss_mask=torch.ones_like(batch["mask"]))
             logp = step.output_logprobs(
                 every, hidden, tp_group=ps.get_tensor_model_parallel_group(), output_weight=weight, sequence_parallel=sp
             )
