@@ -14,8 +14,8 @@ TORCHRUN=${TORCHRUN:-"env OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} $PYTHON -m torch
 OUT=${OUT:-runs/demo}
 NPROC=${NPROC:-2}
 SEED=${SEED:-1234}
-TRAIN_PROMPTS=${TRAIN_PROMPTS:-20}     # the shortest prompts of each split: the budget is tokens
-HELDOUT_PROMPTS=${HELDOUT_PROMPTS:-16}
+TRAIN_PROMPTS=${TRAIN_PROMPTS:-16}     # the shortest usable prompts of each split: the budget is tokens
+HELDOUT_PROMPTS=${HELDOUT_PROMPTS:-12}
 SEQ_LENGTH=${SEQ_LENGTH:-256}
 EPOCHS=${EPOCHS:-3}
 GLOBAL_BATCH=${GLOBAL_BATCH:-4}

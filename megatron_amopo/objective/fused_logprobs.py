@@ -30,79 +30,90 @@ from megatron_amopo.objective.logprobs import (
     _grad_scales,
     _group_rank,
     _group_size,
-    _local_lse,
     _owned_labels,
     _scatter_selected,
     _selection,
-    _softmax_grad_rows,
     _split,
     compute_dtype,
 )
 
-# Budget of one chunk's [C, V] logits. Larger than ``token_logprobs``' buffer: each chunk reads the
-# whole weight, so C must be large enough for the GEMM to be compute-bound (see docs/DESIGN.md).
+# Budget of one [C, Vb] tile of logits, and the most loss tokens a tile takes. Tiles run over the vocabulary
+# inside a token chunk, so each chunk reads the weight once per pass and its weight gradient is written once
+# per chunk: with chunks of thousands of tokens that traffic is small next to the GEMMs (docs/DESIGN.md).
 DEFAULT_CHUNK_BYTES = {"cpu": 64 * 2**20, "cuda": 1 * 2**30}
+DEFAULT_CHUNK_TOKENS = {"cpu": 4096, "cuda": 16384}
 
 
 def default_chunk_tokens(vocab_local: int, device: torch.device) -> int:
+    return DEFAULT_CHUNK_TOKENS.get(device.type, DEFAULT_CHUNK_TOKENS["cuda"])
+
+
+def default_vocab_block(chunk_tokens: int, vocab_local: int, device: torch.device) -> int:
     budget = DEFAULT_CHUNK_BYTES.get(device.type, DEFAULT_CHUNK_BYTES["cuda"])
-    return max(1, budget // (4 * max(vocab_local, 1)))
+    return max(1, min(vocab_local, budget // (4 * max(chunk_tokens, 1))))
 
 
 class _FusedLinearLogprobs(torch.autograd.Function):
     """log p(label) of the selected tokens from hidden states [T, H] and this rank's weight [V, H]."""
 
     @staticmethod
-    def forward(ctx, hidden_TH, weight_VH, labels_T, idx_T, group, chunk_tokens):
+    def forward(ctx, hidden_TH, weight_VH, labels_T, idx_T, group, chunk_tokens, vocab_block):
         vocab_local = weight_VH.shape[0]
         label_T, owned_T = _owned_labels(labels_T[idx_T], _group_rank(group) * vocab_local, vocab_local)
         dtype = compute_dtype(hidden_TH.dtype)
-        target_T = hidden_TH.new_empty(idx_T.numel(), dtype=torch.float64)
+        target_T = hidden_TH.new_zeros(idx_T.numel(), dtype=torch.float64)
         lse_T = torch.empty_like(target_T)
-        buf_CV = hidden_TH.new_empty(min(chunk_tokens, idx_T.numel()), vocab_local)
         for sl in _chunks(idx_T.numel(), chunk_tokens):
-            n = sl.stop - sl.start
-            x_CV = torch.mm(hidden_TH[idx_T[sl]], weight_VH.t(), out=buf_CV[:n])
-            target_T[sl] = x_CV.gather(1, label_T[sl, None]).squeeze(1)
-            # The chunk is not read again: the CPU path exponentiates it in place.
-            work = x_CV if x_CV.dtype == dtype else None
-            lse_T[sl] = _local_lse(x_CV, target_T[sl], [(0, n, 0)], n, dtype, work_CV=work)
-        del buf_CV
+            h_CH = hidden_TH[idx_T[sl]]
+            max_C = torch.full((h_CH.shape[0],), -torch.inf, dtype=torch.float64, device=h_CH.device)
+            sum_C = torch.zeros_like(max_C)
+            for vb in _chunks(vocab_local, vocab_block):
+                x_CV = torch.mm(h_CH, weight_VH[vb].t()).to(dtype)  # the output layer's GEMM, then fp32
+                inside = owned_T[sl] & (label_T[sl] >= vb.start) & (label_T[sl] < vb.stop)
+                rows = inside.nonzero().squeeze(1)
+                target_T[sl][rows] = x_CV[rows, label_T[sl][rows] - vb.start].double()
+                # online log-sum-exp over the vocabulary blocks: sum exp(x - m) rescaled when m grows
+                new_C = torch.maximum(max_C, torch.amax(x_CV, dim=1).double())
+                block_C = torch.sum(x_CV.sub_(new_C[:, None].to(dtype)).exp_(), dim=1).double()
+                sum_C = sum_C * torch.exp(max_C - new_C) + block_C
+                max_C = new_C
+            lse_T[sl] = max_C + sum_C.log()
         if _group_size(group) > 1 and idx_T.numel():
             lse_T, target_T = _combine_lse(lse_T, torch.where(owned_T, target_T, 0.0), group)
         lse_hi_T, lse_lo_T = _split(lse_T, dtype)
         ctx.save_for_backward(hidden_TH, weight_VH, idx_T, label_T, owned_T, lse_hi_T, lse_lo_T)
-        ctx.chunk_tokens = chunk_tokens
+        ctx.tiles = (chunk_tokens, vocab_block)
         return (target_T - lse_T).to(dtype)
 
     @staticmethod
     def backward(ctx, grad_T):
         hidden_TH, weight_VH, idx_T, label_T, owned_T, lse_hi_T, lse_lo_T = ctx.saved_tensors
-        scales = _grad_scales(grad_T, lse_lo_T, owned_T)
-        direct = hidden_TH.dtype == lse_hi_T.dtype
+        chunk_tokens, vocab_block = ctx.tiles
+        scale_T, onehot_T = _grad_scales(grad_T, lse_lo_T, owned_T)
+        dtype = lse_hi_T.dtype
         grad_h_TH = torch.zeros_like(hidden_TH)  # tokens outside the loss get no gradient
-        grad_w_VH = torch.zeros_like(weight_VH, dtype=lse_hi_T.dtype)  # fp32 accumulation over chunks
-        buf_CV = hidden_TH.new_empty(min(ctx.chunk_tokens, label_T.numel()), weight_VH.shape[0])
-        part_VH = None if direct else torch.empty_like(weight_VH)
-        for sl in _chunks(label_T.numel(), ctx.chunk_tokens):
-            rows_C, n = idx_T[sl], sl.stop - sl.start
+        grad_w_VH = torch.zeros_like(weight_VH, dtype=dtype)  # fp32: written once per token chunk
+        for sl in _chunks(label_T.numel(), chunk_tokens):
+            rows_C = idx_T[sl]
             h_CH = hidden_TH[rows_C]
-            x_CV = torch.mm(h_CH, weight_VH.t(), out=buf_CV[:n])
-            rows_CV = _softmax_grad_rows(x_CV, sl, lse_hi_T, label_T, scales, out=x_CV if direct else None)
-            g_CV = rows_CV if direct else rows_CV.to(hidden_TH.dtype)  # the output layer's GEMM dtype
-            grad_h_TH.index_copy_(0, rows_C, torch.mm(g_CV, weight_VH))
-            if direct:
-                grad_w_VH.addmm_(g_CV.t(), h_CH)
-            else:
-                grad_w_VH.add_(torch.mm(g_CV.t(), h_CH, out=part_VH))
-            del rows_CV, g_CV
-        return grad_h_TH, grad_w_VH.to(weight_VH.dtype), None, None, None, None
+            grad_h_CH = torch.zeros_like(h_CH, dtype=dtype)
+            for vb in _chunks(weight_VH.shape[0], vocab_block):
+                w_VH = weight_VH[vb]
+                # g * (onehot - softmax) of the tile, softmax = exp(x - hi) * exp(-lo) from the saved lse
+                g_CV = torch.mm(h_CH, w_VH.t()).to(dtype).sub_(lse_hi_T[sl, None]).exp_().mul_(scale_T[sl, None])
+                inside = (label_T[sl] >= vb.start) & (label_T[sl] < vb.stop)
+                rows = inside.nonzero().squeeze(1)
+                g_CV[rows, label_T[sl][rows] - vb.start] += onehot_T[sl][rows]
+                g_CV = g_CV.to(hidden_TH.dtype)  # the output layer's GEMM dtype
+                grad_h_CH.add_(torch.mm(g_CV, w_VH))
+                grad_w_VH[vb].add_(torch.mm(g_CV.t(), h_CH))
+            grad_h_TH.index_copy_(0, rows_C, grad_h_CH.to(hidden_TH.dtype))
+        return grad_h_TH, grad_w_VH.to(weight_VH.dtype), None, None, None, None, None
 
 
-def _chunks(num_tokens: int, chunk_tokens: int) -> list[slice]:
-    """Consecutive slices of the selected tokens, ``chunk_tokens`` each: every GEMM but the last is
-    full-sized however the loss tokens lie (their hidden states are gathered, [C, H] per chunk)."""
-    return [slice(a, min(a + chunk_tokens, num_tokens)) for a in range(0, num_tokens, chunk_tokens)]
+def _chunks(num: int, size: int) -> list[slice]:
+    """Consecutive slices of ``num`` items, ``size`` each (the last may be shorter)."""
+    return [slice(a, min(a + size, num)) for a in range(0, num, size)]
 
 
 def fused_token_logprobs(
@@ -113,6 +124,7 @@ def fused_token_logprobs(
     mask: Optional[torch.Tensor] = None,
     chunk_tokens: Optional[int] = None,
     sequence_parallel: bool = False,
+    vocab_block: Optional[int] = None,
 ) -> torch.Tensor:
     """log p(labels) (fp32; fp64 for fp64 inputs) for the logits ``hidden @ weight.T``, never formed.
 
@@ -146,6 +158,9 @@ def fused_token_logprobs(
     vocab_local = weight.shape[0]
     labels_T, idx_T = _selection(labels, mask, vocab_local, tp_group, who)
     chunk = _chunk(chunk_tokens, default_chunk_tokens(vocab_local, hidden.device), who)
+    block = vocab_block if vocab_block is not None else default_vocab_block(chunk, vocab_local, hidden.device)
+    if block < 1:
+        raise ValueError(f"{who}: vocab_block must be >= 1, got {block}")
     hidden_TH = hidden.reshape(-1, hidden.shape[-1])
-    logp_sel_T = _FusedLinearLogprobs.apply(hidden_TH, weight, labels_T, idx_T, tp_group, chunk)
+    logp_sel_T = _FusedLinearLogprobs.apply(hidden_TH, weight, labels_T, idx_T, tp_group, chunk, block)
     return _scatter_selected(logp_sel_T, idx_T, labels.shape)

@@ -24,13 +24,13 @@ def _inputs(dtype=torch.float32, shape=(3, 11), hidden=16, vocab=53, seed=0):
     return h, w, labels, mask
 
 
-def _both(h, w, labels, mask, chunk=4):
+def _both(h, w, labels, mask, chunk=4, block=None):
     g = torch.randn(labels.shape, generator=torch.Generator().manual_seed(1))
     out = []
     for fused in (True, False):
         h_, w_ = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
         if fused:
-            logp = fused_token_logprobs(h_, w_, labels, None, mask=mask, chunk_tokens=chunk)
+            logp = fused_token_logprobs(h_, w_, labels, None, mask=mask, chunk_tokens=chunk, vocab_block=block)
         else:
             logp = token_logprobs(h_ @ w_.t(), labels, None, mask=mask, chunk_tokens=chunk)
         (logp * g).sum().backward()
@@ -42,9 +42,10 @@ def _rel(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
+@pytest.mark.parametrize("block", [None, 7], ids=["one-block", "vocab-blocks"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float64, 1e-13), (torch.bfloat16, 2e-2)])
-def test_equals_the_logits_path(dtype, tol):
-    (logp, gh, gw), (logp_ref, gh_ref, gw_ref) = _both(*_inputs(dtype))
+def test_equals_the_logits_path(dtype, tol, block):
+    (logp, gh, gw), (logp_ref, gh_ref, gw_ref) = _both(*_inputs(dtype), block=block)
     assert logp.dtype == logp_ref.dtype and gh.dtype == gw.dtype == dtype
     assert (logp - logp_ref).abs().max().item() <= tol * max(1.0, logp_ref.abs().max().item())
     assert _rel(gh, gh_ref) <= 10 * tol and _rel(gw, gw_ref) <= 10 * tol
@@ -57,13 +58,13 @@ def test_gradcheck_float64():
     h.requires_grad_(True)
     w.requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda a, b: fused_token_logprobs(a, b, labels, None, mask=mask, chunk_tokens=3), (h, w)
+        lambda a, b: fused_token_logprobs(a, b, labels, None, mask=mask, chunk_tokens=3, vocab_block=4), (h, w)
     )
 
 
 def test_chunk_size_does_not_change_results():
     h, w, labels, mask = _inputs(torch.float64)
-    runs = [_both(h, w, labels, mask, chunk=c)[0] for c in (1, 5, 1000)]
+    runs = [_both(h, w, labels, mask, chunk=c, block=b)[0] for c, b in ((1, None), (5, 3), (1000, 1), (1000, None))]
     for logp, gh, gw in runs[1:]:
         assert _rel(logp, runs[0][0]) <= 1e-14 and _rel(gh, runs[0][1]) <= 1e-14 and _rel(gw, runs[0][2]) <= 1e-13
 
@@ -92,3 +93,5 @@ def test_bad_inputs_are_refused():
         fused_token_logprobs(h, w, labels + 53, None)
     with pytest.raises(ValueError, match="chunk_tokens"):
         fused_token_logprobs(h, w, labels, None, chunk_tokens=0)
+    with pytest.raises(ValueError, match="vocab_block"):
+        fused_token_logprobs(h, w, labels, None, vocab_block=0)
