@@ -33,6 +33,7 @@ from megatron_amopo.objective.logprobs import (
     _owned_labels,
     _scatter_selected,
     _selection,
+    _softmax_grad_rows,
     _split,
     compute_dtype,
 )
@@ -44,7 +45,7 @@ DEFAULT_CHUNK_BYTES = {"cpu": 64 * 2**20, "cuda": 1 * 2**30}
 DEFAULT_CHUNK_TOKENS = {"cpu": 4096, "cuda": 16384}
 
 
-def default_chunk_tokens(vocab_local: int, device: torch.device) -> int:
+def default_chunk_tokens(device: torch.device) -> int:
     return DEFAULT_CHUNK_TOKENS.get(device.type, DEFAULT_CHUNK_TOKENS["cuda"])
 
 
@@ -69,9 +70,9 @@ class _FusedLinearLogprobs(torch.autograd.Function):
             sum_C = torch.zeros_like(max_C)
             for vb in _chunks(vocab_local, vocab_block):
                 x_CV = torch.mm(h_CH, weight_VH[vb].t()).to(dtype)  # the output layer's GEMM, then fp32
-                inside = owned_T[sl] & (label_T[sl] >= vb.start) & (label_T[sl] < vb.stop)
-                rows = inside.nonzero().squeeze(1)
-                target_T[sl][rows] = x_CV[rows, label_T[sl][rows] - vb.start].double()
+                local_C, inside_C = _block_labels(label_T[sl], owned_T[sl], vb)
+                label_C = x_CV.gather(1, local_C[:, None]).squeeze(1).double()
+                target_T[sl] = torch.where(inside_C, label_C, target_T[sl])
                 # online log-sum-exp over the vocabulary blocks: sum exp(x - m) rescaled when m grows
                 new_C = torch.maximum(max_C, torch.amax(x_CV, dim=1).double())
                 block_C = torch.sum(x_CV.sub_(new_C[:, None].to(dtype)).exp_(), dim=1).double()
@@ -99,16 +100,30 @@ class _FusedLinearLogprobs(torch.autograd.Function):
             grad_h_CH = torch.zeros_like(h_CH, dtype=dtype)
             for vb in _chunks(weight_VH.shape[0], vocab_block):
                 w_VH = weight_VH[vb]
-                # g * (onehot - softmax) of the tile, softmax = exp(x - hi) * exp(-lo) from the saved lse
-                g_CV = torch.mm(h_CH, w_VH.t()).to(dtype).sub_(lse_hi_T[sl, None]).exp_().mul_(scale_T[sl, None])
-                inside = (label_T[sl] >= vb.start) & (label_T[sl] < vb.stop)
-                rows = inside.nonzero().squeeze(1)
-                g_CV[rows, label_T[sl][rows] - vb.start] += onehot_T[sl][rows]
-                g_CV = g_CV.to(hidden_TH.dtype)  # the output layer's GEMM dtype
+                x_CV = torch.mm(h_CH, w_VH.t())
+                local_C, inside_C = _block_labels(label_T[sl], owned_T[sl], vb)
+                onehot_C = torch.where(inside_C, onehot_T[sl], 0.0)
+                # g * (onehot - softmax) of the tile, the softmax from the saved global log-sum-exp
+                rows_CV = _softmax_grad_rows(
+                    x_CV,
+                    slice(None),
+                    lse_hi_T[sl],
+                    local_C,
+                    (scale_T[sl], onehot_C),
+                    out=x_CV if x_CV.dtype == dtype else None,
+                )
+                g_CV = rows_CV.to(hidden_TH.dtype)  # the output layer's GEMM dtype
                 grad_h_CH.add_(torch.mm(g_CV, w_VH))
                 grad_w_VH[vb].add_(torch.mm(g_CV.t(), h_CH))
             grad_h_TH.index_copy_(0, rows_C, grad_h_CH.to(hidden_TH.dtype))
         return grad_h_TH, grad_w_VH.to(weight_VH.dtype), None, None, None, None, None
+
+
+def _block_labels(label_C: torch.Tensor, owned_C: torch.Tensor, vb: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """(label index within vocabulary block ``vb``, clamped to be valid; whether the block holds it): on the
+    device, no host sync per tile."""
+    inside_C = owned_C & (label_C >= vb.start) & (label_C < vb.stop)
+    return torch.where(inside_C, label_C - vb.start, torch.zeros_like(label_C)), inside_C
 
 
 def _chunks(num: int, size: int) -> list[slice]:
@@ -157,7 +172,7 @@ def fused_token_logprobs(
         )
     vocab_local = weight.shape[0]
     labels_T, idx_T = _selection(labels, mask, vocab_local, tp_group, who)
-    chunk = _chunk(chunk_tokens, default_chunk_tokens(vocab_local, hidden.device), who)
+    chunk = _chunk(chunk_tokens, default_chunk_tokens(hidden.device), who)
     block = vocab_block if vocab_block is not None else default_vocab_block(chunk, vocab_local, hidden.device)
     if block < 1:
         raise ValueError(f"{who}: vocab_block must be >= 1, got {block}")

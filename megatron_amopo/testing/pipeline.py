@@ -21,6 +21,15 @@ def run_tool(args: list[str], timeout: int = 400, check: bool = True, **kw) -> s
     return proc
 
 
+def torchrun_args(script: str, *flags: str, nproc: int = 2) -> list[str]:
+    """The command line of ``script`` (an entry point or a tool) under torchrun with ``nproc`` local ranks."""
+    return [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", script, *flags]
+
+
+def run_torchrun(script: str, *flags: str, nproc: int = 2, **kw) -> subprocess.CompletedProcess:
+    return run_tool(torchrun_args(script, *flags, nproc=nproc), **kw)
+
+
 def tiny_qwen2_setup(root: Path, rows: Path, seq_length: int, dimensions: Optional[list[str]] = None) -> None:
     """A 2-layer Qwen2 with the real Qwen2 tokenizer -> ``root/hf`` -> ``root/init`` (Megatron), and ``rows``
     preprocessed into ``root/data`` with that tokenizer."""

@@ -64,3 +64,18 @@ def hand_groups(num_groups: int, num_pairs: int, vocab: int, seed: int) -> list[
             )
         )
     return groups
+
+
+def logprob_inputs(seed=0, shape=(3, 11), vocab=53, dtype=torch.float32):
+    """Random logits [*shape, vocab], labels and a loss mask (about 70% ones) for log-prob tests."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = (3 * torch.randn(*shape, vocab, generator=gen)).to(dtype)
+    labels = torch.randint(0, vocab, shape, generator=gen)
+    mask = (torch.rand(shape, generator=gen) > 0.3).float()
+    return logits, labels, mask
+
+
+def reference_logprobs(logits, labels, mask):
+    """log p(label) from ``log_softmax`` over the full vocabulary, 0 outside the mask: the naive reference."""
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels[..., None]).squeeze(-1)
+    return logp * (mask > 0)

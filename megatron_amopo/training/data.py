@@ -111,17 +111,14 @@ def make_eval_plan(
     whole = make_plan(split, train_cfg, num_epochs=1, seed=seed, dp_rank=0, dp_size=1, thd=thd)
     left = np.setdiff1d(split.group_ids, whole.group_ids)
     k = train_cfg.micro_batch_size or 1
-    sizes = np.concatenate([np.diff(whole.offsets), np.full(len(left) // k, k), [len(left) % k] * bool(len(left) % k)])
+    tail = [len(left) % k] if len(left) % k else []
+    sizes = np.array([*np.diff(whole.offsets), *[k] * (len(left) // k), *tail], dtype=np.int64)
     ids = np.concatenate([whole.group_ids, left]).astype(np.int64)
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     mine = np.arange(dp_rank, len(sizes), dp_size)
-    group_ids = [ids[offsets[m] : offsets[m + 1]] for m in mine]
-    return MicrobatchPlan(
-        np.concatenate([[0], np.cumsum([len(g) for g in group_ids])]).astype(np.int64),
-        np.concatenate(group_ids).astype(np.int64) if group_ids else np.zeros(0, np.int64),
-        np.zeros(len(mine), np.int64),
-        0,
-    )
+    group_ids = np.concatenate([ids[offsets[m] : offsets[m + 1]] for m in mine] + [np.zeros(0, np.int64)])
+    offsets_mine = np.concatenate([[0], np.cumsum(sizes[mine])]).astype(np.int64)
+    return MicrobatchPlan(offsets_mine, group_ids, np.zeros(len(mine), np.int64), 0)
 
 
 def microbatches(

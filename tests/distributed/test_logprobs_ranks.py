@@ -10,29 +10,16 @@ import torch
 
 from megatron_amopo.objective.logprobs import sequence_stats, token_logprobs
 from megatron_amopo.testing import run_multirank
-from megatron_amopo.testing.tiny import hand_groups
-
-
-def _reference_logprobs(logits, labels, mask):
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels[..., None]).squeeze(-1)
-    return logp * (mask > 0)
-
-
-def _inputs(seed=0, shape=(3, 11), vocab=53, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(seed)
-    logits = (3 * torch.randn(*shape, vocab, generator=gen)).to(dtype)
-    labels = torch.randint(0, vocab, shape, generator=gen)
-    mask = (torch.rand(shape, generator=gen) > 0.3).float()
-    return logits, labels, mask
+from megatron_amopo.testing.tiny import hand_groups, logprob_inputs, reference_logprobs
 
 
 def _tp2_full_vocab():
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    logits, labels, mask = _inputs(shape=(3, 9), vocab=40)
+    logits, labels, mask = logprob_inputs(shape=(3, 9), vocab=40)
     x_ref = logits.clone().requires_grad_(True)
-    ref = _reference_logprobs(x_ref, labels, mask)
+    ref = reference_logprobs(x_ref, labels, mask)
     g = torch.randn(labels.shape, generator=torch.Generator().manual_seed(5))
     (grad_ref,) = torch.autograd.grad((ref * g).sum(), x_ref)
     x = logits.chunk(world, dim=-1)[rank].clone().requires_grad_(True)
@@ -55,7 +42,7 @@ def _cp2_reduction():
     import torch.distributed as dist
 
     rank = dist.get_rank()
-    logits, labels, mask = _inputs(shape=(2, 8), vocab=17)
+    logits, labels, mask = logprob_inputs(shape=(2, 8), vocab=17)
     segments = torch.tensor([[0] * 3 + [1] * 5, [2] * 8])
     whole = sequence_stats(token_logprobs(logits, labels, None, mask=mask), segments, mask, 3)
     cols = slice(4 * rank, 4 * rank + 4)

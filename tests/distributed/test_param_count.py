@@ -6,22 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megatron_amopo.convert.tiny_hf import QWEN25_05B
 from megatron_amopo.testing import run_multirank
 
 # Values from the published config.json files of these models.
 _QWEN = dict(model_type="qwen2", hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1000000.0)
 PUBLISHED = {
-    "Qwen2.5-0.5B": dict(
-        _QWEN,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        vocab_size=151936,
-        max_position_embeddings=32768,
-        tie_word_embeddings=True,
-    ),
+    "Qwen2.5-0.5B": dict(_QWEN, **QWEN25_05B, tie_word_embeddings=True),
     "Qwen2.5-7B": dict(
         _QWEN,
         hidden_size=3584,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from megatron_amopo.evaluation.control import spearman
-from megatron_amopo.testing.pipeline import PY, run_tool, tiny_qwen2_setup
+from megatron_amopo.testing.pipeline import PY, run_tool, run_torchrun, tiny_qwen2_setup
 
 SEQ = 256
 PAIRS = ["general", "helpfulness", "verbosity"]
@@ -41,29 +41,22 @@ def setup(tmp_path_factory):
 
 def test_evaluate_per_group_and_compare(setup):
     out, groups = setup / "eval.json", setup / "groups.jsonl"
-    run_tool(
-        [
-            PY,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node=2",
-            "tools/evaluate.py",
-            "--load",
-            str(setup / "init"),
-            "--data-path",
-            str(setup / "data"),
-            "--micro-batch-size",
-            "1",
-            "--seq-length",
-            str(SEQ),
-            "--output",
-            str(out),
-            "--per-group-output",
-            str(groups),
-            "--bootstrap-resamples",
-            "500",
-        ]
+    run_torchrun(
+        "tools/evaluate.py",
+        "--load",
+        str(setup / "init"),
+        "--data-path",
+        str(setup / "data"),
+        "--micro-batch-size",
+        "1",
+        "--seq-length",
+        str(SEQ),
+        "--output",
+        str(out),
+        "--per-group-output",
+        str(groups),
+        "--bootstrap-resamples",
+        "500",
     )
     values = json.loads(out.read_text())
     records = [json.loads(line) for line in groups.read_text().splitlines()]

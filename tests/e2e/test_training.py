@@ -19,17 +19,14 @@ import time
 import pytest
 import torch
 
-from megatron_amopo.testing.pipeline import PY, REPO, run_tool, tiny_qwen2_setup
+from megatron_amopo.testing.pipeline import REPO, run_torchrun, tiny_qwen2_setup, torchrun_args
 
 SEQ = 256
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 
 def torchrun(*flags: str, nproc: int = 2, **kw) -> subprocess.CompletedProcess:
-    return run_tool(
-        [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "pretrain_amopo.py", *flags],
-        **kw,
-    )
+    return run_torchrun("pretrain_amopo.py", *flags, nproc=nproc, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -178,15 +175,9 @@ def test_corrupt_newest_checkpoint_falls_back(setup):
 def test_preemption_signal_saves_and_exits_cleanly(setup):
     save = setup / "preempt"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    args = [
-        PY,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
-        "pretrain_amopo.py",
-        *common(setup, save, "--train-iters", "200", "--tensor-model-parallel-size", "2"),
-    ]
+    args = torchrun_args(
+        "pretrain_amopo.py", *common(setup, save, "--train-iters", "200", "--tensor-model-parallel-size", "2")
+    )
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     deadline = time.time() + 300
@@ -237,29 +228,22 @@ def test_evaluate_tool(setup):
     runs = {}
     for output_layer in ("logits", "fused"):  # the fused output layer evaluates the same (tied embedding, TP2)
         out = setup / f"eval_{output_layer}.json"
-        run_tool(
-            [
-                PY,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                "--nproc-per-node=2",
-                "tools/evaluate.py",
-                "--load",
-                str(setup / "init"),
-                "--data-path",
-                str(setup / "data"),
-                "--tensor-model-parallel-size",
-                "2",
-                "--micro-batch-size",
-                "1",
-                "--seq-length",
-                str(SEQ),
-                "--amopo-output-layer",
-                output_layer,
-                "--output",
-                str(out),
-            ]
+        run_torchrun(
+            "tools/evaluate.py",
+            "--load",
+            str(setup / "init"),
+            "--data-path",
+            str(setup / "data"),
+            "--tensor-model-parallel-size",
+            "2",
+            "--micro-batch-size",
+            "1",
+            "--seq-length",
+            str(SEQ),
+            "--amopo-output-layer",
+            output_layer,
+            "--output",
+            str(out),
         )
         runs[output_layer] = json.loads(out.read_text())
     values = runs["logits"]

@@ -13,30 +13,18 @@ import torch
 
 from megatron_amopo.objective.amopo import SequenceStats
 from megatron_amopo.objective.logprobs import sequence_stats, token_logprobs
-
-
-def _reference_logprobs(logits, labels, mask):
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels[..., None]).squeeze(-1)
-    return logp * (mask > 0)
-
-
-def _inputs(seed=0, shape=(3, 11), vocab=53, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(seed)
-    logits = (3 * torch.randn(*shape, vocab, generator=gen)).to(dtype)
-    labels = torch.randint(0, vocab, shape, generator=gen)
-    mask = (torch.rand(shape, generator=gen) > 0.3).float()
-    return logits, labels, mask
+from megatron_amopo.testing.tiny import logprob_inputs, reference_logprobs
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_values_and_gradients_match_full_log_softmax(dtype):
-    logits, labels, mask = _inputs(dtype=dtype)
+    logits, labels, mask = logprob_inputs(dtype=dtype)
     before = logits.clone()
     x = logits.clone().requires_grad_(True)
     logp = token_logprobs(x, labels, None, mask=mask, chunk_tokens=5)
     assert logp.dtype == torch.float32 and logp.shape == labels.shape
     x_ref = logits.clone().requires_grad_(True)
-    ref = _reference_logprobs(x_ref, labels, mask)
+    ref = reference_logprobs(x_ref, labels, mask)
     torch.testing.assert_close(logp, ref, rtol=1e-6, atol=1e-5)
     assert (logp[mask == 0] == 0).all()
     g = torch.randn(labels.shape, generator=torch.Generator().manual_seed(1))
@@ -50,13 +38,13 @@ def test_values_and_gradients_match_full_log_softmax(dtype):
 
 
 def test_gradcheck_float64():
-    logits, labels, mask = _inputs(shape=(2, 5), vocab=13, dtype=torch.float64)
+    logits, labels, mask = logprob_inputs(shape=(2, 5), vocab=13, dtype=torch.float64)
     x = logits.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda t: token_logprobs(t, labels, None, mask=mask, chunk_tokens=3), (x,))
 
 
 def test_chunk_size_does_not_change_results():
-    logits, labels, mask = _inputs(shape=(4, 25), vocab=97)
+    logits, labels, mask = logprob_inputs(shape=(4, 25), vocab=97)
     g = torch.randn(labels.shape, generator=torch.Generator().manual_seed(2))
     results = []
     for chunk in (1, 3, 7, 64, None):
@@ -83,7 +71,7 @@ def _grads(logits, labels, mask, g, inplace, dtype=None, chunk=4):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_inplace_backward_equals_out_of_place(dtype):
-    logits, labels, mask = _inputs(shape=(4, 13), vocab=61, dtype=dtype)
+    logits, labels, mask = logprob_inputs(shape=(4, 13), vocab=61, dtype=dtype)
     g = torch.randn(labels.shape, generator=torch.Generator().manual_seed(4))
     logp, grad, after = _grads(logits, labels, mask, g, inplace=False)
     logp_in, grad_in, after_in = _grads(logits, labels, mask, g, inplace=True)
@@ -94,7 +82,7 @@ def test_inplace_backward_equals_out_of_place(dtype):
 
 
 def test_inplace_backward_refuses_unsafe_uses():
-    logits, labels, mask = _inputs()
+    logits, labels, mask = logprob_inputs()
     with pytest.raises(ValueError, match="would overwrite a leaf tensor"):
         token_logprobs(logits.clone().requires_grad_(True), labels, None, mask=mask, inplace_backward=True)
     with pytest.raises(ValueError, match="or a view of one"):
@@ -116,7 +104,7 @@ def test_inplace_backward_refuses_unsafe_uses():
 def test_inplace_backward_with_a_consumer_that_runs_first_stays_exact():
     """A consumer recorded after the log-probs runs its backward first (autograd's order), so it
     still reads the logits; the summed gradient equals the out-of-place one."""
-    logits, labels, mask = _inputs(shape=(3, 7), vocab=29)
+    logits, labels, mask = logprob_inputs(shape=(3, 7), vocab=29)
     grads = []
     for inplace in (False, True):
         leaf = logits.clone().requires_grad_(True)
@@ -146,7 +134,7 @@ def test_sequence_stats_match_a_per_sequence_loop():
 def test_context_parallel_parts_sum_to_the_whole():
     """Megatron's CP split (chunks r and 2 CP - 1 - r of each row on rank r): the
     partial statistics of the CP ranks sum to the statistics of the whole rows."""
-    logits, labels, mask = _inputs(shape=(2, 16), vocab=31)
+    logits, labels, mask = logprob_inputs(shape=(2, 16), vocab=31)
     segments = torch.tensor([[0] * 6 + [1] * 10, [2] * 9 + [3] * 7])
     whole = sequence_stats(token_logprobs(logits, labels, None, mask=mask), segments, mask, 4)
     cp = 2
@@ -176,7 +164,7 @@ def test_stats_pairs_layout():
 
 
 def test_bad_inputs_are_refused():
-    logits, labels, mask = _inputs()
+    logits, labels, mask = logprob_inputs()
     with pytest.raises(ValueError, match="do not match logits"):
         token_logprobs(logits, labels[:, :-1], None)
     with pytest.raises(ValueError, match=r"label ids must lie in \[0, 53\)"):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_amopo.convert.tiny_hf import QWEN25_05B
 from megatron_amopo.model import memory
 from megatron_amopo.model.architectures import arch_from_hf_config, load_hf_config
 
@@ -42,17 +43,7 @@ def test_unique_parameters_are_the_published_total_at_every_layout(name):
 
 
 def test_tied_embedding_is_copied_to_the_last_stage_but_counted_once():
-    qwen05 = dict(
-        model_type="qwen2",
-        hidden_act="silu",
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-    )
+    qwen05 = dict(QWEN25_05B, model_type="qwen2", hidden_act="silu", tie_word_embeddings=True)
     a = arch_from_hf_config(qwen05)
     assert memory.model_parameter_count(a) == memory.model_parameter_count(a, 2, 4) == 494_032_768
     assert "output_layer.weight" not in memory.rank_parameter_shapes(a, 1, 1, 0)
