@@ -15,6 +15,7 @@ from megatron_amopo.config import _f
 
 FORMATS = ("amopo", "helpsteer2", "pairs")
 PLACEMENTS = ("system", "user_prefix")
+CUT_ENDS = ("even", "keep", "drop")
 HELPSTEER2_ATTRS = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
 
 # Per-format defaults: dimensions and the dataset's real score range (HelpSteer2 0-4;
@@ -85,6 +86,12 @@ class DataConfig:
         "the user content is cut first",
     )
     max_user_loss: float = _f(0.5, "drop a group that would lose more than this fraction of its user-content tokens")
+    cut_ends: str = _f(
+        "even",
+        "when one response of a group is cut by --seq-length and the other is whole: even (score neither "
+        "end-of-turn token, so the pair loss does not teach the model to skip the stop after a finished "
+        "answer), keep (the whole response keeps its end-of-turn token), or drop (skip the group)",
+    )
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -122,6 +129,8 @@ class DataConfig:
             raise ValueError(f"--response-share must be in (0, 1), got {self.response_share}")
         if not 0.0 <= self.max_user_loss <= 1.0:
             raise ValueError(f"--max-user-loss must be in [0, 1], got {self.max_user_loss}")
+        if self.cut_ends not in CUT_ENDS:
+            raise ValueError(f"--cut-ends must be one of {CUT_ENDS}, got {self.cut_ends!r}")
 
     @property
     def num_pairs(self) -> int:

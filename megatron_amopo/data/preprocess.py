@@ -105,6 +105,7 @@ class _Writer:
         self.builder = IndexedDatasetBuilder(self.prefix + ".bin", dtype=self.dtype)
         self.response_start, self.chosen, self.rejected, self.row_ids = [], [], [], []
         self.tokens = self.truncated = self.user_lost = 0
+        self.cut = [0, 0, 0]  # groups with 0, 1 or 2 responses cut
 
     def add(self, g: EncodedGroup) -> None:
         import torch
@@ -119,6 +120,7 @@ class _Writer:
         self.row_ids.append(g.row_id)
         self.truncated += g.user_tokens_lost > 0
         self.user_lost += g.user_tokens_lost
+        self.cut[g.responses_cut] += 1
 
     def finalize(self, tmp: Path, dims: int) -> None:
         self.builder.finalize(self.prefix + ".idx")
@@ -163,7 +165,11 @@ def _metadata(fp, data_cfg, prompt_cfg, builder: PromptBuilder, tally: _Tally, w
         },
         "seq_length": data_cfg.seq_length,
         "max_tokens_per_sequence": data_cfg.seq_length + 1,
-        "truncation": {"response_share": data_cfg.response_share, "max_user_loss": data_cfg.max_user_loss},
+        "truncation": {
+            "response_share": data_cfg.response_share,
+            "max_user_loss": data_cfg.max_user_loss,
+            "cut_ends": data_cfg.cut_ends,
+        },
         "counts": {
             "rows_read": tally.rows,
             "groups_written": groups,
@@ -171,6 +177,7 @@ def _metadata(fp, data_cfg, prompt_cfg, builder: PromptBuilder, tally: _Tally, w
             "tokens": w.tokens,
             "groups_truncated": w.truncated,
             "user_tokens_lost": w.user_lost,
+            "groups_by_responses_cut": {"none": w.cut[0], "one": w.cut[1], "both": w.cut[2]},
         },
         "skipped": dict(tally.skipped),
         "seconds": round(seconds, 3),

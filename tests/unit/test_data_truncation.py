@@ -30,7 +30,7 @@ def test_all_helpsteer2_rows_at_512(tok):
     enc, cfg = _encoder(tok, seq_length=512)
     assert enc.piecewise  # the fast path must agree with whole-text encoding (checked at init)
     recs = [r for r in records(iter_rows(HS2), cfg) if isinstance(r, PreferenceRecord)]
-    kept = truncated = dropped = cut = 0
+    kept = truncated = dropped = cut = uneven = 0
     for rec in recs:
         group = enc.encode(rec)
         if isinstance(group, Skip):
@@ -52,13 +52,56 @@ def test_all_helpsteer2_rows_at_512(tok):
             response = tok.decode(seq[start:])
             whole = (rec.chosen, rec.rejected)[i % 2]
             if response.endswith("<|im_end|>"):  # the whole response and its end-of-turn token
-                assert whole.startswith(response[: -len("<|im_end|>")])
-            else:  # cut: a strict prefix of the response, no end-of-turn token anywhere
-                assert "<|im_end|>" not in response and whole.startswith(response) and len(response) < len(whole)
-                cut += 1
+                assert group.responses_cut == 0 and response[: -len("<|im_end|>")].strip() == whole.strip()
+            else:  # cut (or, under "even", whole beside a cut one): a prefix, no end-of-turn token anywhere
+                assert group.responses_cut > 0
+                assert "<|im_end|>" not in response and whole.startswith(response.rstrip())
+                cut += len(response.strip()) < len(whole.strip())
             users.add(text[len(head) : text.rindex("<|im_start|>assistant")])
         assert len(users) == 1  # the same (possibly cut) conversation in all 2P sequences
-    assert kept + dropped == len(recs) and truncated > 50 and kept > 300 and cut > 100
+        uneven += group.responses_cut == 1
+    assert kept + dropped == len(recs) and truncated > 50 and kept > 300 and cut > 100 and uneven > 20
+
+
+def _ends(tok, group) -> list[tuple[bool, bool]]:
+    """Per pair: does (chosen, rejected) end with the end-of-turn token?"""
+    last = [int(seq[-1]) == tok.eos_token_id for seq in group.sequences]
+    return list(zip(last[0::2], last[1::2]))
+
+
+@pytest.mark.parametrize("cut_ends", ["even", "keep", "drop"])
+def test_one_cut_response(tok, cut_ends):
+    """A pair never compares a stop against no stop unless cut_ends=keep asks for it."""
+    enc, cfg = _encoder(tok, seq_length=384, cut_ends=cut_ends)
+    counts = {0: 0, 1: 0, 2: 0}
+    skipped = 0
+    for rec in records(iter_rows(HS2, limit=300), cfg):
+        if not isinstance(rec, PreferenceRecord):
+            continue
+        group = enc.encode(rec)
+        if isinstance(group, Skip):
+            skipped += group.reason == "cut_response"
+            if group.reason == "cut_response":
+                assert cut_ends == "drop" and "response is cut, the other is whole" in group.detail
+            continue
+        counts[group.responses_cut] += 1
+        ends = _ends(tok, group)
+        if group.responses_cut == 0:
+            assert ends == [(True, True)] * len(ends)
+        elif group.responses_cut == 2 or cut_ends == "even":
+            assert ends == [(False, False)] * len(ends)
+        else:
+            assert cut_ends == "keep" and len(set(ends)) == 1 and ends[0] in ((True, False), (False, True))
+    assert counts[0] > 10 and counts[2] > 10
+    if cut_ends == "drop":
+        assert counts[1] == 0 and skipped > 20
+    else:
+        assert counts[1] > 20 and skipped == 0
+
+
+def test_cut_ends_is_checked():
+    with pytest.raises(ValueError, match="--cut-ends must be one of"):
+        DataConfig(format="helpsteer2", cut_ends="strip")
 
 
 def test_oldest_turns_go_first(tok):
