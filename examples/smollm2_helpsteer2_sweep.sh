@@ -11,7 +11,7 @@
 set -euo pipefail
 
 OUT=${OUT:-runs/smollm2_helpsteer2}
-CONFIGS=${CONFIGS:-"2e-4:0 2e-4:1 5e-4:1"}
+CONFIGS=${CONFIGS:-"2e-4:0 2e-4:1"}
 VALID_PROMPTS=${VALID_PROMPTS:-0}   # 0: every usable validation prompt
 GUARD=${GUARD:-0.3}
 # shellcheck source=examples/lib/smollm2_helpsteer2.sh

@@ -13,7 +13,7 @@ GLOBAL_BATCH=${GLOBAL_BATCH:-4}
 SEED=${SEED:-1234}
 HS2_ROWS=${HS2_ROWS:-data/helpsteer2/train_rows.jsonl}
 SPLIT=${SPLIT:-70,10,20}                       # train,valid,heldout percentages of the prompts
-TRAIN_PROMPTS=${TRAIN_PROMPTS:-64}             # the shortest usable training prompts; one epoch
+TRAIN_PROMPTS=${TRAIN_PROMPTS:-96}             # the shortest usable training prompts; one epoch
 STEPS=$(( TRAIN_PROMPTS / GLOBAL_BATCH ))
 # micro-batch 1 with full recompute: micro-batch 2 without recompute needs ~12 GiB per rank
 TRAIN_FLAGS=(--micro-batch-size 1 --recompute-granularity full --seq-length "$SEQ_LENGTH" --seed "$SEED")
