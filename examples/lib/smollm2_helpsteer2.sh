@@ -13,8 +13,7 @@ GLOBAL_BATCH=${GLOBAL_BATCH:-4}
 SEED=${SEED:-1234}
 HS2_ROWS=${HS2_ROWS:-data/helpsteer2/train_rows.jsonl}
 SPLIT=${SPLIT:-70,10,20}                       # train,valid,heldout percentages of the prompts
-TRAIN_PROMPTS=${TRAIN_PROMPTS:-96}             # the shortest usable training prompts; one epoch
-STEPS=$(( TRAIN_PROMPTS / GLOBAL_BATCH ))
+TRAIN_PROMPTS=${TRAIN_PROMPTS:-96}             # the shortest usable training prompts (one epoch of what fits)
 # micro-batch 1 with full recompute: micro-batch 2 without recompute needs ~12 GiB per rank
 TRAIN_FLAGS=(--micro-batch-size 1 --recompute-granularity full --seq-length "$SEQ_LENGTH" --seed "$SEED")
 
@@ -59,16 +58,18 @@ preprocess() {
 }
 
 # train NAME LOAD DATA [extra flags...]: DP2 AMoPO run into $OUT/NAME, wall seconds in $OUT/NAME/wall_s.
-# Every run of the experiment: STEPS steps of GLOBAL_BATCH groups (one epoch), warm-up 10%, clipping 1.0.
+# Every run of the experiment: one epoch of DATA's groups (steps of GLOBAL_BATCH groups), warm-up 10%, clipping 1.0.
 # (No --use-distributed-optimizer: its checkpoint save gathers the Adam state on one rank, +2 GiB there.)
 train() {
   local name=$1 load=$2 data=$3
   shift 3
-  local t0
+  local t0 steps
   t0=$(date +%s)
+  steps=$($PYTHON -c "import json, sys; print(json.load(open(sys.argv[1]))['counts']['groups_written'] // $GLOBAL_BATCH)" \
+    "$data/metadata.json")
   xlog "train $name: $*"
   $TORCHRUN --nproc-per-node "$NPROC" pretrain_amopo.py --load "$load" --save "$OUT/$name" --data-path "$data" \
-    "${TRAIN_FLAGS[@]}" --global-batch-size "$GLOBAL_BATCH" --log-interval 1 --train-iters "$STEPS" \
+    "${TRAIN_FLAGS[@]}" --global-batch-size "$GLOBAL_BATCH" --log-interval 1 --train-iters "$steps" \
     --lr-warmup-fraction 0.1 --clip-grad 1.0 "$@"
   echo $(( $(date +%s) - t0 )) > "$OUT/$name/wall_s"
 }
