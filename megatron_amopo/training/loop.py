@@ -54,6 +54,13 @@ class StopRequested:
     def _handle(self, signum, frame) -> None:
         self.flag = True
 
+    def agreed(self) -> bool:
+        """Whether any rank has the flag: one small all-reduce (CPU tensor, like ``reduce_step``'s)."""
+        flag = torch.tensor([float(self.flag)], dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(flag)
+        return flag.item() > 0
+
 
 def log0(msg: str) -> None:
     if is_rank0():
@@ -363,6 +370,7 @@ class Trainer:
     def evaluate(self) -> Optional[dict[str, float]]:
         if self.valid_plan is None:
             return None
+        log0(f"evaluating {len(self.valid_split)} validation groups at iter {self.state.iteration}")
         values = evaluate_split(
             self.model,
             self.forward_step,
@@ -423,17 +431,22 @@ class Trainer:
             self.writer.write(it, values)
             if it % tc.log_interval == 0 or it == self.train_iters:
                 log0(format_line(it, self.train_iters, values, self.pair_names))
+            paused = False  # an evaluation or a save ran after the step's all-reduce
             if tc.eval_interval and it % tc.eval_interval == 0 and it != self.train_iters:
                 history["valid"].append(self.evaluate())
+                paused = True
             if ck.save_interval and it % ck.save_interval == 0:
                 self.save()
                 last_saved = it
+                paused = True
             if tc.exit_interval and it % tc.exit_interval == 0 and it != self.train_iters:
                 log0(f"--exit-interval {tc.exit_interval}: saving at iteration {it} and exiting")
                 if last_saved != it:
                     self.save()
                 return history
-            if reduced["stop"] > 0:  # some rank got SIGTERM / SIGUSR1 before the step's all-reduce
+            # Some rank got SIGTERM / SIGUSR1 before the step's all-reduce, or during the evaluation or
+            # save after it (asked again then, so a signal then does not wait for another whole step).
+            if reduced["stop"] > 0 or (paused and self.stop.agreed()):
                 log0(f"stop signal received: saving at iteration {it} and exiting")
                 if last_saved != it:
                     self.save()

@@ -173,17 +173,19 @@ def test_corrupt_newest_checkpoint_falls_back(setup):
 
 
 def test_preemption_signal_saves_and_exits_cleanly(setup):
+    """The signal arrives during the evaluation after step 1: the run saves step 1 and exits then,
+    without running step 2 first."""
     save = setup / "preempt"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    args = torchrun_args(
-        "pretrain_amopo.py", *common(setup, save, "--train-iters", "200", "--tensor-model-parallel-size", "2")
-    )
+    flags = common(setup, save, "--train-iters", "200", "--tensor-model-parallel-size", "2")
+    flags += ["--eval-interval", "1", "--valid-data-path", str(setup / "data")]
+    args = torchrun_args("pretrain_amopo.py", *flags)
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     deadline = time.time() + 300
     for line in proc.stdout:
         lines.append(line)
-        if line.startswith("iter 1/200") or time.time() > deadline:
+        if (line.startswith("evaluating ") and line.endswith(" at iter 1\n")) or time.time() > deadline:
             break
     # SLURM's --signal=USR1@T reaches the training processes; signal the workers
     # themselves (torchrun, signalled, would exit non-zero by design).
@@ -201,7 +203,8 @@ def test_preemption_signal_saves_and_exits_cleanly(setup):
     assert "stop signal received" in text
     with open(save / "latest_checkpointed_iteration.txt") as fh:
         it = int(fh.read())
-    assert 1 <= it < 200 and os.path.isfile(save / f"iter_{it:07d}" / "amopo_complete.json")
+    assert it == 1 and os.path.isfile(save / f"iter_{it:07d}" / "amopo_complete.json")
+    assert "iter 2/200" not in text and "stop signal received: saving at iteration 1" in text
 
 
 def test_bad_inputs_fail_early(setup):
