@@ -226,6 +226,19 @@ def stage_memory(arch: ModelArch, work: Workload, layout: Layout, pp_rank: int, 
     return StageMemory(pp_rank, n, int(n * w), int(n * g), int(n * o), act, logit, notes)
 
 
+def save_gather_bytes(arch: ModelArch, layout: Layout) -> int:
+    """Host bytes one rank adds while it saves a checkpoint with the distributed optimizer.
+
+    The checkpoint's optimizer format (``fully_reshardable``, training/checkpoint.py) makes every DP
+    rank build its model shard's whole optimizer state in host memory, as fp32 main parameters,
+    exp_avg and exp_avg_sq, after copying its own 1/DP share of each into a staging buffer:
+    12 (1 + 1/DP) bytes per parameter of the largest stage. Zero without the distributed optimizer."""
+    if not layout.distributed_optimizer:
+        return 0
+    n = max(rank_parameter_count(arch, layout.tp, layout.pp, i).total for i in range(layout.pp))
+    return int(12 * n * (1 + 1 / layout.dp))
+
+
 def peak_memory(arch: ModelArch, work: Workload, layout: Layout, training: bool = True) -> StageMemory:
     """The stage with the largest footprint (stage 0 holds the most activations, the last the logits)."""
     return max((stage_memory(arch, work, layout, i, training) for i in range(layout.pp)), key=lambda m: m.total)

@@ -38,10 +38,19 @@ class InsufficientMemory(RuntimeError):
 class Estimate:
     peak: memory.StageMemory
     process: int  # resident memory not in the model (CPU: interpreter, libraries, data)
+    save_host: int = 0  # host bytes a checkpoint save adds (memory.save_gather_bytes)
+    device: str = "cpu"
+
+    @property
+    def at_save(self) -> int:
+        """This device's bytes during a checkpoint save: the step's activations and logits are
+        freed by then; on CPU the save's host buffers take their place."""
+        p = self.peak
+        return p.weights + p.grads + p.optimizer + self.process + (self.save_host if self.device == "cpu" else 0)
 
     @property
     def total(self) -> int:
-        return self.peak.total + self.process
+        return max(self.peak.total + self.process, self.at_save)
 
     def describe(self) -> str:
         p = self.peak
@@ -53,7 +62,14 @@ class Estimate:
             ("logits", p.logits),
             ("process", self.process),
         ]
-        return f"{self.total / GiB:.2f} GiB (" + ", ".join(f"{k} {v / GiB:.2f}" for k, v in parts if v) + ")"
+        out = f"{self.total / GiB:.2f} GiB (" + ", ".join(f"{k} {v / GiB:.2f}" for k, v in parts if v) + ")"
+        if self.save_host:
+            where = "" if self.device == "cpu" else " of host memory"
+            out += (
+                f"; a checkpoint save gathers {self.save_host / GiB:.2f} GiB{where} of distributed-optimizer state"
+                + (f" ({self.at_save / GiB:.2f} GiB then)" if self.device == "cpu" else "")
+            )
+        return out
 
 
 def workload_and_layout(
@@ -119,10 +135,11 @@ def estimate(
 ) -> Estimate:
     work, layout = workload_and_layout(cfg, world_size, num_dimensions, rows, width, device)
     peak = memory.peak_memory(arch, work, layout, training=training)
+    save_host = memory.save_gather_bytes(arch, layout) if training and cfg.checkpoint.save else 0
     if device == "cpu":  # the rank's resident memory so far (interpreter, libraries, data) stays
         peak = replace(peak, activations=int(peak.activations * CPU_ACTIVATION_FACTOR))
-        return Estimate(peak, _own_rss())
-    return Estimate(peak, 0)
+        return Estimate(peak, _own_rss(), save_host, device)
+    return Estimate(peak, 0, save_host, device)
 
 
 def _meminfo_available() -> Optional[int]:
@@ -163,6 +180,11 @@ def rank_limit(device: str) -> tuple[Optional[int], str]:
     if device == "cuda":
         free, total = torch.cuda.mem_get_info()
         return free, f"free memory of GPU {torch.cuda.current_device()} ({total / GiB:.1f} GiB in all)"
+    return host_limit()
+
+
+def host_limit() -> tuple[Optional[int], str]:
+    """Host memory bytes this rank may use: its share of the cgroup limit or of the available RAM."""
     ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     # Memory the node's ranks already hold is theirs to use: add it back to what is available.
     avail = _meminfo_available()
@@ -196,6 +218,13 @@ def _fixes(
         return estimate(arch, new_cfg, new_world, num_dimensions, training=training, rows=r, width=width, device=device)
 
     out = []
+    if training and tc.use_distributed_optimizer and cfg.checkpoint.save:
+        e = est(replace(cfg, training=replace(tc, use_distributed_optimizer=False)), world_size)
+        if e.total <= limit:
+            out.append(
+                f"no --use-distributed-optimizer: its checkpoint save gathers the optimizer state "
+                f"(estimate {e.total / GiB:.2f} GiB)"
+            )
     if training and layout.recompute != "full":
         e = est(replace(cfg, training=replace(tc, recompute_granularity="full")), world_size)
         if e.total <= limit:
@@ -273,6 +302,8 @@ def check_memory(
     if total <= limit:
         if rank0:
             print(summary, flush=True)
+        if device == "cuda" and est.save_host:
+            _check_host_save(est, cfg)
         return est
     fixes = _fixes(arch, cfg, world_size, num_dimensions, limit, training, rows, width, device)
     advice = (
@@ -290,3 +321,21 @@ def check_memory(
             flush=True,
         )
     return est
+
+
+def _check_host_save(est: Estimate, cfg: RunConfig) -> None:
+    """On GPU the distributed optimizer's checkpoint save gathers its state in host memory."""
+    limit, source = host_limit()
+    need, limit = _worst_over_ranks(est.save_host, limit, "cuda")
+    if limit is None or need <= limit:
+        return
+    message = (
+        f"memory pre-flight: a checkpoint save with --use-distributed-optimizer gathers {need / GiB:.2f} GiB of "
+        f"optimizer state in host memory on every rank; this rank may use {limit / GiB:.2f} GiB ({source}): "
+        "it will not fit. Fixes: more tensor or pipeline parallelism (smaller model shards per rank), or no "
+        "--use-distributed-optimizer. Pass --no-memory-check to start anyway."
+    )
+    if cfg.training.memory_check:
+        raise InsufficientMemory(message)
+    if is_rank0():
+        print("warning: " + message.replace("Pass --no-memory-check to start anyway.", "Starting anyway."), flush=True)

@@ -131,3 +131,49 @@ def test_gpu_limit_is_the_free_memory_of_this_rank_s_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     limit, source = preflight.rank_limit("cuda")
     assert limit == 10 * memory.GiB and "GPU 3 (80.0 GiB in all)" in source
+
+
+def test_distributed_optimizer_save_gather_is_counted(arch, monkeypatch, tmp_path):
+    """Saving the distributed optimizer builds the whole optimizer state in host memory (measured on
+    SmolLM2-135M DP2: +~2 GiB per rank): a run whose steps fit but whose first save would not is refused."""
+    flags = ("--micro-batch-size", "1", "--global-batch-size", "2", "--recompute-granularity", "full")
+    dist_opt = (*flags, "--use-distributed-optimizer")
+    n = memory.model_parameter_count(arch)
+    for world in (1, 2):
+        est = preflight.estimate(arch, _cfg(*dist_opt, "--save", str(tmp_path)), world, 3, training=True, device="cpu")
+        assert est.save_host == int(12 * n * (1 + 1 / world))
+        assert est.total == est.at_save > est.peak.total + est.process
+        assert "a checkpoint save gathers" in est.describe()
+    no_save = preflight.estimate(arch, _cfg(*dist_opt), 1, 3, training=True, device="cpu")
+    plain = preflight.estimate(arch, _cfg(*flags, "--save", str(tmp_path)), 1, 3, training=True, device="cpu")
+    evaluate = preflight.estimate(arch, _cfg(*dist_opt, "--save", str(tmp_path)), 1, 3, training=False, device="cpu")
+    assert no_save.save_host == plain.save_host == evaluate.save_host == 0
+    saving = preflight.estimate(arch, _cfg(*dist_opt, "--save", str(tmp_path)), 1, 3, training=True, device="cpu")
+    limit = f"{(max(no_save.total, plain.total) + saving.total) / 2 / memory.GiB:.2f}"
+    monkeypatch.setenv(preflight.LIMIT_ENV, limit)
+    preflight.check_memory(arch, _cfg(*dist_opt), training=True)  # no save: fits
+    with pytest.raises(preflight.InsufficientMemory) as err:
+        preflight.check_memory(arch, _cfg(*dist_opt, "--save", str(tmp_path)), training=True)
+    msg = str(err.value)
+    assert "a checkpoint save gathers" in msg and "Fixes that would fit: no --use-distributed-optimizer" in msg
+
+
+def test_gpu_run_checks_the_host_memory_of_its_save(arch, monkeypatch, tmp_path):
+    import torch
+
+    monkeypatch.delenv(preflight.LIMIT_ENV, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (80 * memory.GiB, 80 * memory.GiB))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    cfg = _cfg("--micro-batch-size", "1", "--global-batch-size", "1", "--use-distributed-optimizer")
+    saving = _cfg(
+        "--micro-batch-size", "1", "--global-batch-size", "1", "--use-distributed-optimizer", "--save", str(tmp_path)
+    )
+    monkeypatch.setattr(preflight, "host_limit", lambda: (memory.GiB, "test host"))
+    est = preflight.check_memory(arch, cfg, training=True)
+    assert est is not None and est.save_host == 0
+    with pytest.raises(preflight.InsufficientMemory, match=r"gathers 3\.\d\d GiB of optimizer state in host memory"):
+        preflight.check_memory(arch, saving, training=True)
+    monkeypatch.setattr(preflight, "host_limit", lambda: (8 * memory.GiB, "test host"))
+    est = preflight.check_memory(arch, saving, training=True)
+    assert est is not None and est.total == est.peak.total  # the GPU holds no part of the gather
