@@ -368,7 +368,7 @@ class Trainer:
         return reduced
 
     def evaluate(self) -> Optional[dict[str, float]]:
-        if self.valid_plan is None:
+        if self.valid_plan is None or self.valid_split is None:
             return None
         log0(f"evaluating {len(self.valid_split)} validation groups at iter {self.state.iteration}")
         values = evaluate_split(
