@@ -77,12 +77,17 @@ for arm, path in (r.split("=", 1) for r in runs):
     print(f"| {arm} | {lr} | {sft} | {len(train)} | {int(train[-1]['consumed_samples'])} "
           f"| {int(sum(r['tokens'] for r in train)):,} | {wall} | {seed} "
           f"| {v['logp_chosen/all']:.3f} / {v['logp_rejected/all']:.3f} |")
-print("\n| model | replies | mean length at verbosity 0 / 2 / 4 (tokens) | capped (0 / 2 / 4) | Spearman |"
-      "\n|---|---|---|---|---|")
+print("\n| model | replies | mean length at verbosity 0 / 2 / 4 (tokens) | capped (0 / 2 / 4) "
+      "| prompts with the same reply at every level | Spearman |\n|---|---|---|---|---|---|")
 for name in ("untrained", "gaussian"):
     c = json.load(open(f"{out}/control_{name}.json"))
     lens = " / ".join(f"{v['mean_length']:.1f}" for v in c["per_score"].values())
     capped = " / ".join(str(v["at_max_new_tokens"]) for v in c["per_score"].values())
+    texts = {}
+    for r in c["replies"]:
+        texts.setdefault(r["prompt_index"], set()).add(r["text"])
+    same = f"{sum(len(t) == 1 for t in texts.values())} of {len(texts)}"
     rho = c["spearman_score_length"]
-    print(f"| {name} | {len(c['replies'])} | {lens} | {capped} | {'undefined' if rho is None or rho != rho else f'{rho:.3f}'} |")
+    rho = "undefined" if rho is None or rho != rho else f"{rho:.3f}"
+    print(f"| {name} | {len(c['replies'])} | {lens} | {capped} | {same} | {rho} |")
 PY

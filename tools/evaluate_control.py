@@ -125,7 +125,8 @@ def main(argv=None) -> int:
         )
     print(
         f"Spearman(requested {args.dimension}, length) = {summary['spearman_score_length']:.3f} "
-        f"over {summary['num_replies']} replies"
+        f"over {summary['num_replies']} replies; {summary['prompts_same_reply_at_every_score']} of "
+        f"{summary['prompts']} prompts got the same reply at every requested score"
     )
     if args.output:
         result = {

@@ -47,7 +47,9 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 
 
 def summarize_control(replies: Sequence[dict], scores: Sequence[float]) -> dict:
-    """Mean reply length per requested score, Spearman(score, length) and the reply count."""
+    """Mean reply length per requested score, Spearman(score, length), the reply count and, when the
+    replies carry ``prompt_index`` and ``text``, how many prompts got the same reply at every score
+    (the dimension prompt changed nothing)."""
     per_level = {}
     for s in scores:
         lengths = [r["length"] for r in replies if r["score"] == s]
@@ -57,7 +59,14 @@ def summarize_control(replies: Sequence[dict], scores: Sequence[float]) -> dict:
             "at_max_new_tokens": sum(bool(r["truncated"]) for r in replies if r["score"] == s),
         }
     rho = spearman([r["score"] for r in replies], [r["length"] for r in replies])
-    return {"per_score": per_level, "spearman_score_length": rho, "num_replies": len(replies)}
+    out = {"per_score": per_level, "spearman_score_length": rho, "num_replies": len(replies)}
+    if replies and all("prompt_index" in r and "text" in r for r in replies):
+        texts: dict[int, set[str]] = {}
+        for r in replies:
+            texts.setdefault(r["prompt_index"], set()).add(r["text"])
+        out["prompts"] = len(texts)
+        out["prompts_same_reply_at_every_score"] = sum(len(t) == 1 for t in texts.values())
+    return out
 
 
 def reply_length(generated: Sequence[int], stop_ids: set[int]) -> tuple[int, bool]:

@@ -49,3 +49,14 @@ def test_summarize_control():
     # ranks: scores [1.5, 1.5, 3.5, 3.5, 5.5, 5.5], lengths [1, 2.5, 4, 2.5, 6, 5]
     assert math.isclose(s["spearman_score_length"], spearman([0, 0, 2, 2, 4, 4], [10, 20, 30, 20, 64, 40]))
     assert 0.8 < s["spearman_score_length"] < 1.0
+
+
+def test_prompts_whose_reply_ignores_the_requested_score():
+    replies = [
+        {"prompt_index": i, "score": sc, "length": len(t), "truncated": False, "text": t}
+        for i, texts in enumerate([("a", "a", "a"), ("a", "bb", "a"), ("ccc", "ccc", "ccc")])
+        for sc, t in zip((0.0, 2.0, 4.0), texts)
+    ]
+    s = summarize_control(replies, [0.0, 2.0, 4.0])
+    assert s["prompts"] == 3 and s["prompts_same_reply_at_every_score"] == 2
+    assert "prompts" not in summarize_control([{k: v for k, v in r.items() if k != "text"} for r in replies], [0.0])
