@@ -64,6 +64,7 @@ runs=()
 for arm in $ARMS; do runs+=("$arm=$(run_dir "$arm")"); done
 $PYTHON - "$OUT" "$SEED" "$LR" "$SFT" "${runs[@]}" <<'PY' | tee "$OUT/runs.md"
 import json, sys
+from megatron_amopo.evaluation.control import summarize_control
 out, seed, lr, sft, runs = *sys.argv[1:5], sys.argv[5:]
 ev = lambda n: json.load(open(f"{out}/eval_{n}.json"))
 base = ev("untrained")
@@ -83,10 +84,8 @@ for name in ("untrained", "gaussian"):
     c = json.load(open(f"{out}/control_{name}.json"))
     lens = " / ".join(f"{v['mean_length']:.1f}" for v in c["per_score"].values())
     capped = " / ".join(str(v["at_max_new_tokens"]) for v in c["per_score"].values())
-    texts = {}
-    for r in c["replies"]:
-        texts.setdefault(r["prompt_index"], set()).add(r["text"])
-    same = f"{sum(len(t) == 1 for t in texts.values())} of {len(texts)}"
+    s = summarize_control(c["replies"], c["scores"])
+    same = f"{s['prompts_same_reply_at_every_score']} of {s['prompts']}"
     rho = c["spearman_score_length"]
     rho = "undefined" if rho is None or rho != rho else f"{rho:.3f}"
     print(f"| {name} | {len(c['replies'])} | {lens} | {capped} | {same} | {rho} |")
