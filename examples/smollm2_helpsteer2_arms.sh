@@ -82,11 +82,11 @@ print("\n| model | replies | mean length at verbosity 0 / 2 / 4 (tokens) | cappe
       "| prompts with the same reply at every level | Spearman |\n|---|---|---|---|---|---|")
 for name in ("untrained", "gaussian"):
     c = json.load(open(f"{out}/control_{name}.json"))
-    lens = " / ".join(f"{v['mean_length']:.1f}" for v in c["per_score"].values())
-    capped = " / ".join(str(v["at_max_new_tokens"]) for v in c["per_score"].values())
-    s = summarize_control(c["replies"], c["scores"])
+    s = summarize_control(c["replies"], c["scores"])  # also reads control files written before its newer fields
+    lens = " / ".join(f"{v['mean_length']:.1f}" for v in s["per_score"].values())
+    capped = " / ".join(str(v["at_max_new_tokens"]) for v in s["per_score"].values())
     same = f"{s['prompts_same_reply_at_every_score']} of {s['prompts']}"
-    rho = c["spearman_score_length"]
-    rho = "undefined" if rho is None or rho != rho else f"{rho:.3f}"
-    print(f"| {name} | {len(c['replies'])} | {lens} | {capped} | {same} | {rho} |")
+    rho = s["spearman_score_length"]
+    rho = "undefined" if rho != rho else f"{rho:.3f}"
+    print(f"| {name} | {s['num_replies']} | {lens} | {capped} | {same} | {rho} |")
 PY
