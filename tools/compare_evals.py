@@ -3,9 +3,11 @@
     python tools/compare_evals.py --baseline before.jsonl --arm gaussian=after_g.jsonl \\
         --arm equal=after_e.jsonl [--pairs general helpfulness] [--output table.md]
 
-Per arm and pair: accuracy and mean margin with 95% bootstrap intervals over groups (prompts), and
-the gain over the baseline (the untrained model on the same groups) with a 95% paired-bootstrap
-interval; '*' marks a gain whose interval excludes zero.
+Per arm and pair (and ``all``: per group, the mean over its general and dimension pairs): accuracy
+and mean margin with 95% bootstrap intervals over groups (prompts), and the gain over the baseline
+(the untrained model on the same groups) with a 95% paired-bootstrap interval; '*' marks a gain
+whose interval excludes zero. Evaluations of data preprocessed with ``--dimension-pairs mirrored``
+add a second table: steerability and flip rate per dimension (evaluation/report.py).
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_amopo.evaluation.report import (  # noqa: E402
+    ALL,
     DEFAULT_RESAMPLES,
     comparison_table,
+    mirrored_dimensions,
     pair_names_of,
     read_records,
+    steerability_table,
 )
 
 
@@ -45,11 +50,15 @@ def main(argv=None) -> int:
     try:
         baseline = read_records(args.baseline)
         loaded = [(name, read_records(path)) for name, path in arms]
-        pairs = args.pairs or pair_names_of(baseline)
-        unknown = [x for x in pairs if x not in pair_names_of(baseline)]
+        known = pair_names_of(baseline) + [ALL]
+        pairs = args.pairs or known
+        unknown = [x for x in pairs if x not in known]
         if unknown:
-            p.error(f"--pairs {unknown} are not in {args.baseline} (it has {pair_names_of(baseline)})")
+            p.error(f"--pairs {unknown} are not in {args.baseline} (it has {known})")
         table = comparison_table(baseline, loaded, pairs, args.resamples, args.seed)
+        steer = mirrored_dimensions(baseline)
+        if steer:
+            table += "\n\n" + steerability_table(baseline, loaded, steer, args.resamples, args.seed)
     except ValueError as err:
         raise SystemExit(f"compare_evals: {err}") from None
     print(table)

@@ -88,7 +88,7 @@ def main(argv=None) -> int:
             tp_group=ps.get_tensor_model_parallel_group(),
             cp_group=ps.get_context_parallel_group(),
         )
-        pair_names = ["general"] + split.dataset.dimensions
+        pair_names = split.dataset.pair_names
         per_group = args.per_group_output is not None
         values = evaluate_split(
             model,

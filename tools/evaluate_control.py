@@ -7,7 +7,7 @@ Greedy replies to the first ``--num-prompts`` distinct prompts of ``--input`` (H
 a ``prompt`` field, multi-turn prompts in HelpSteer2's form) at each requested score, with the
 dimension prompt the training data used (same templates and placement as tools/preprocess_data.py).
 Prints the mean reply length (tokens) per requested score and Spearman's rank correlation between
-requested score and length; ``--output`` also keeps every reply.
+requested score and length with a 95% bootstrap interval over prompts; ``--output`` also keeps every reply.
 """
 
 from __future__ import annotations
@@ -123,9 +123,11 @@ def main(argv=None) -> int:
             f"{args.dimension} {s}: mean length {v['mean_length']:.1f} tokens over {v['replies']} replies "
             f"({v['at_max_new_tokens']} hit --max-new-tokens)"
         )
+    lo, hi = summary["spearman_ci95"]
     print(
         f"Spearman(requested {args.dimension}, length) = {summary['spearman_score_length']:.3f} "
-        f"over {summary['num_replies']} replies; {summary['prompts_same_reply_at_every_score']} of "
+        f"[{lo:.3f}, {hi:.3f}] (95% bootstrap over prompts) over {summary['num_replies']} replies; "
+        f"{summary['prompts_same_reply_at_every_score']} of "
         f"{summary['prompts']} prompts got the same reply at every requested score"
     )
     if args.output:

@@ -49,12 +49,14 @@ select_rows() {
     --take "$take" --skip "$skip" --dimensions $DIMENSIONS --exclude "$@"
 }
 
-# preprocess NAME: $OUT/NAME.jsonl -> $OUT/data_NAME
+# preprocess NAME [OUTPUT_NAME [extra flags...]]: $OUT/NAME.jsonl -> $OUT/data_OUTPUT_NAME (default: data_NAME)
 preprocess() {
+  local name=$1 dest=${2:-$1}
+  shift $(( $# > 1 ? 2 : 1 ))
   # shellcheck disable=SC2086
-  $PYTHON tools/preprocess_data.py --input "$OUT/$1.jsonl" --output "$OUT/data_$1" --overwrite \
+  $PYTHON tools/preprocess_data.py --input "$OUT/$name.jsonl" --output "$OUT/data_$dest" --overwrite \
     --tokenizer "$OUT/megatron_init/tokenizer" --format helpsteer2 --dimensions $DIMENSIONS \
-    --seq-length "$SEQ_LENGTH" --no-progress
+    --seq-length "$SEQ_LENGTH" --no-progress "$@"
 }
 
 # train NAME LOAD DATA [extra flags...]: DP2 AMoPO run into $OUT/NAME, wall seconds in $OUT/NAME/wall_s.

@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron_amopo.config import _f
+from megatron_amopo.objective.pairs import mirrored_name
 
 FORMATS = ("amopo", "helpsteer2", "pairs")
 PLACEMENTS = ("system", "user_prefix")
 CUT_ENDS = ("even", "keep", "drop")
+DIMENSION_PAIRS = ("paper", "mirrored")
 HELPSTEER2_ATTRS = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
 
 # Per-format defaults: dimensions and the dataset's real score range (HelpSteer2 0-4;
@@ -33,6 +35,14 @@ DEFAULT_FIELD_MAP = {
     "score_chosen": "metadata.score_chosen",
     "score_rejected": "metadata.score_rejected",
 }
+
+
+def pair_names(dimensions: list[str], dimension_pairs: str = "paper") -> list[str]:
+    """Names of a group's P pairs in layout order: general, the dimensions, then their mirrored pairs."""
+    names = ["general", *dimensions]
+    if dimension_pairs == "mirrored":
+        names += [mirrored_name(d) for d in dimensions]
+    return names
 
 
 def parse_field_map(text: str) -> dict[str, str]:
@@ -92,6 +102,12 @@ class DataConfig:
         "end-of-turn token, so the pair loss does not teach the model to skip the stop after a finished "
         "answer), keep (the whole response keeps its end-of-turn token), or drop (skip the group)",
     )
+    dimension_pairs: str = _f(
+        "paper",
+        "paper: one pair per dimension, its prompt stating the chosen response's score (the paper's construction); "
+        "mirrored: also, for every dimension on which the two responses' scores differ, a pair whose prompt states "
+        "the rejected response's score and prefers the rejected response (P = 1 + 2D; docs/DESIGN.md)",
+    )
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -131,11 +147,17 @@ class DataConfig:
             raise ValueError(f"--max-user-loss must be in [0, 1], got {self.max_user_loss}")
         if self.cut_ends not in CUT_ENDS:
             raise ValueError(f"--cut-ends must be one of {CUT_ENDS}, got {self.cut_ends!r}")
+        if self.dimension_pairs not in DIMENSION_PAIRS:
+            raise ValueError(f"--dimension-pairs must be one of {DIMENSION_PAIRS}, got {self.dimension_pairs!r}")
 
     @property
     def num_pairs(self) -> int:
-        """P = D + 1: the general pair plus one pair per dimension."""
-        return len(self.dimensions) + 1
+        """P: the general pair, one pair per dimension and, when mirrored, one mirrored pair per dimension."""
+        return len(self.pair_names)
+
+    @property
+    def pair_names(self) -> list[str]:
+        return pair_names(self.dimensions, self.dimension_pairs)
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Output directory (``FORMAT_VERSION`` 1):
   data.bin / data.idx     megatron.core IndexedDataset; one document per group, 2P items
-                          (sequence index 2*k + side, see tokenization.py)
+                          (sequence index 2*k + side, see tokenization.py; P from ``pair_names``)
   response_start.npy      [N] int32, first response token of each sequence (N = G * 2P)
   chosen_scores.npy       [G, D] float32, per-dimension scores of the chosen response
   rejected_scores.npy     [G, D] float32
@@ -106,6 +106,7 @@ class _Writer:
         self.response_start, self.chosen, self.rejected, self.row_ids = [], [], [], []
         self.tokens = self.truncated = self.user_lost = 0
         self.cut = [0, 0, 0]  # groups with 0, 1 or 2 responses cut
+        self.mirrored: Counter = Counter()  # dimension index -> groups with its mirrored pair
 
     def add(self, g: EncodedGroup) -> None:
         import torch
@@ -121,6 +122,7 @@ class _Writer:
         self.truncated += g.user_tokens_lost > 0
         self.user_lost += g.user_tokens_lost
         self.cut[g.responses_cut] += 1
+        self.mirrored.update(k for k, m in enumerate(g.mirrored or []) if m)
 
     def finalize(self, tmp: Path, dims: int) -> None:
         self.builder.finalize(self.prefix + ".idx")
@@ -154,6 +156,8 @@ def _metadata(fp, data_cfg, prompt_cfg, builder: PromptBuilder, tally: _Tally, w
         "tokenizer": fp,
         "token_dtype": np.dtype(w.dtype).name,
         "dimensions": list(data_cfg.dimensions),
+        "dimension_pairs": data_cfg.dimension_pairs,
+        "pair_names": data_cfg.pair_names,
         "num_pairs": data_cfg.num_pairs,
         "sequences_per_group": 2 * data_cfg.num_pairs,
         "score_range": [data_cfg.score_min, data_cfg.score_max],
@@ -178,6 +182,11 @@ def _metadata(fp, data_cfg, prompt_cfg, builder: PromptBuilder, tally: _Tally, w
             "groups_truncated": w.truncated,
             "user_tokens_lost": w.user_lost,
             "groups_by_responses_cut": {"none": w.cut[0], "one": w.cut[1], "both": w.cut[2]},
+            **(
+                {"mirrored_pairs": {d: w.mirrored[k] for k, d in enumerate(data_cfg.dimensions)}}
+                if data_cfg.dimension_pairs == "mirrored"
+                else {}
+            ),
         },
         "skipped": dict(tally.skipped),
         "seconds": round(seconds, 3),
@@ -211,6 +220,7 @@ def preprocess(data_cfg: DataConfig, prompt_cfg: PromptConfig, pre: PreprocessCo
                 w.add(res)
             if progress is not None:
                 progress.update(tally.rows - progress.n)  # the bar counts input rows
+        _check_mirrored(w, data_cfg, pre.input)
         w.finalize(tmp, len(data_cfg.dimensions))
         meta = _metadata(fp, data_cfg, prompt_cfg, builder, tally, w, time.perf_counter() - start, pre)
         (tmp / "metadata.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
@@ -220,6 +230,19 @@ def preprocess(data_cfg: DataConfig, prompt_cfg: PromptConfig, pre: PreprocessCo
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return meta
+
+
+def _check_mirrored(w: _Writer, data_cfg: DataConfig, path: str) -> None:
+    """With mirrored pairs, every dimension must differ between the responses of at least one group."""
+    if data_cfg.dimension_pairs != "mirrored" or not w.row_ids:
+        return
+    never = [d for k, d in enumerate(data_cfg.dimensions) if w.mirrored[k] == 0]
+    if never:
+        raise DataError(
+            f"{path}: --dimension-pairs mirrored: the two responses' scores never differ on {never} in the "
+            f"{len(w.row_ids)} groups written, so these dimensions get no mirrored pair; drop them from "
+            "--dimensions or use --dimension-pairs paper (nothing was written)"
+        )
 
 
 def _replace(tmp: Path, out: Path) -> None:

@@ -15,6 +15,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from megatron_amopo.data.config import pair_names
 from megatron_amopo.data.preprocess import DATA_PREFIX, FORMAT_VERSION
 
 
@@ -68,6 +69,10 @@ class PreferenceGroupDataset(torch.utils.data.Dataset):
         self.meta = json.loads(meta_path.read_text())
         check_compatible(self.meta, str(path), vocab_hash=vocab_hash, dimensions=dimensions, seq_length=seq_length)
         self.num_pairs = int(self.meta["num_pairs"])
+        if len(self.pair_names) != self.num_pairs:
+            raise ValueError(
+                f"{path}: metadata.json names {len(self.pair_names)} pairs but has num_pairs {self.num_pairs}"
+            )
         n = 2 * self.num_pairs
         self.indexed = IndexedDataset(str(self.path / DATA_PREFIX))
         docs = np.asarray(self.indexed.document_indices)
@@ -90,6 +95,15 @@ class PreferenceGroupDataset(torch.utils.data.Dataset):
     @property
     def dimensions(self) -> list[str]:
         return list(self.meta["dimensions"])
+
+    @property
+    def pair_names(self) -> list[str]:
+        """The P pair names in layout order (``data.config.pair_names``); older datasets have paper pairs."""
+        return list(self.meta.get("pair_names") or pair_names(self.dimensions))
+
+    @property
+    def dimension_pairs(self) -> str:
+        return str(self.meta.get("dimension_pairs", "paper"))
 
     def __getitem__(self, g: int) -> dict:
         """Group ``g``: ``tokens`` (list of 2P int64 tensors, index 2*k + side), ``response_start`` [2P],

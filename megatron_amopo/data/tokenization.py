@@ -1,7 +1,10 @@
 """Records -> tokenised groups of 2P sequences, with truncation that keeps what matters.
 
-Sequence index within a group = 2*k + side (k: pair, side 0 chosen / 1 rejected); pair 0 is the
-general prompt, pair k >= 1 is dimension k-1 of ``DataConfig.dimensions``.
+Sequence index within a group = 2*k + side (k: pair, side 0 preferred / 1 other); pair 0 is the
+general prompt, pair k in 1..D is dimension k-1 of ``DataConfig.dimensions`` (prompt states the chosen
+response's score, chosen preferred). With ``dimension_pairs="mirrored"`` pair D+k is dimension k-1's
+mirrored pair: its prompt states the rejected response's score and the rejected response is side 0; a
+dimension on which the scores tie gets a masked pair (no response tokens, left out of loss and metrics).
 
 Each sequence is the model's own chat template applied to
   [system: pair prompt] + user/assistant history + final user turn + [assistant: response]
@@ -32,7 +35,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 
@@ -55,6 +58,7 @@ class EncodedGroup:
     user_tokens: int  # user-content tokens before truncation
     user_tokens_lost: int
     responses_cut: int = 0  # 0, 1 or 2: responses cut by the budget (before ``cut_ends`` evened them)
+    mirrored: Optional[list[bool]] = None  # [D] with --dimension-pairs mirrored: dimension k has a mirrored pair
 
 
 def load_tokenizer(path: str):
@@ -199,10 +203,43 @@ class GroupEncoder:
 
     def encode(self, rec: PreferenceRecord) -> Union[EncodedGroup, Skip]:
         prompts = self.builder.build_pair_prompts(rec.chosen_scores)
+        mirrored = self._mirrored_dimensions(rec)
+        # A mirrored pair's prompt states the REJECTED response's score; rendered (chosen, rejected) like
+        # the others so truncation treats every sequence alike, its sides are swapped in _mirror.
+        prompts += [self.builder.dimension(k, rec.rejected_scores[k]) for k in mirrored]
         seqs = self._render(prompts, rec.turns, (rec.chosen, rec.rejected))
         if max(len(t) for t, _ in seqs) <= self.budget:
-            return self._group(rec, seqs, user_tokens=0, lost=0)
-        return self._truncate(rec, prompts, seqs)
+            group = self._group(rec, seqs, user_tokens=0, lost=0)
+        else:
+            group = self._truncate(rec, prompts, seqs)
+        if isinstance(group, Skip) or self.cfg.dimension_pairs != "mirrored":
+            return group
+        return self._mirror(group, mirrored)
+
+    def _mirrored_dimensions(self, rec: PreferenceRecord) -> list[int]:
+        """Dimensions that get a mirrored pair: those on which the two responses' scores differ."""
+        if self.cfg.dimension_pairs != "mirrored":
+            return []
+        return [k for k, (c, r) in enumerate(zip(rec.chosen_scores, rec.rejected_scores)) if c != r]
+
+    def _mirror(self, group: EncodedGroup, mirrored: list[int]) -> EncodedGroup:
+        """Lay the rendered mirrored pairs out as pairs 1 + D + k, preferred (rejected) response first; a
+        dimension whose scores tie gets a masked pair (two 2-token sequences without response tokens)."""
+        D = len(self.cfg.dimensions)
+        base = 2 * (D + 1)
+        seqs, starts = list(group.sequences[:base]), list(group.response_start[:base])
+        placeholder = np.full(2, self.eos if self.eos is not None else 0, dtype=np.int32)
+        for k in range(D):
+            if k in mirrored:
+                n = base + 2 * mirrored.index(k)
+                seqs += [group.sequences[n + 1], group.sequences[n]]
+                starts += [group.response_start[n + 1], group.response_start[n]]
+            else:
+                seqs += [placeholder, placeholder]
+                starts += [len(placeholder), len(placeholder)]
+        group.sequences, group.response_start = seqs, np.asarray(starts, dtype=np.int32)
+        group.mirrored = [k in mirrored for k in range(D)]
+        return group
 
     def _group(self, rec, seqs, user_tokens: int, lost: int, responses_cut: int = 0) -> EncodedGroup:
         return EncodedGroup(

@@ -46,10 +46,10 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return float((rx * ry).sum() / denom) if denom > 0 else float("nan")
 
 
-def summarize_control(replies: Sequence[dict], scores: Sequence[float]) -> dict:
+def summarize_control(replies: Sequence[dict], scores: Sequence[float], resamples: int = 10000, seed: int = 0) -> dict:
     """Mean reply length per requested score, Spearman(score, length), the reply count and, when the
-    replies carry ``prompt_index`` and ``text``, how many prompts got the same reply at every score
-    (the dimension prompt changed nothing)."""
+    replies carry ``prompt_index``, Spearman's 95% bootstrap interval over prompts (``spearman_ci``) and
+    (with ``text``) how many prompts got the same reply at every score (the dimension prompt changed nothing)."""
     per_level = {}
     for s in scores:
         lengths = [r["length"] for r in replies if r["score"] == s]
@@ -60,6 +60,8 @@ def summarize_control(replies: Sequence[dict], scores: Sequence[float]) -> dict:
         }
     rho = spearman([r["score"] for r in replies], [r["length"] for r in replies])
     out = {"per_score": per_level, "spearman_score_length": rho, "num_replies": len(replies)}
+    if replies and all("prompt_index" in r for r in replies):
+        out["spearman_ci95"] = list(spearman_ci(replies, resamples, seed))
     if replies and all("prompt_index" in r and "text" in r for r in replies):
         texts: dict[int, set[str]] = {}
         for r in replies:
@@ -67,6 +69,29 @@ def summarize_control(replies: Sequence[dict], scores: Sequence[float]) -> dict:
         out["prompts"] = len(texts)
         out["prompts_same_reply_at_every_score"] = sum(len(t) == 1 for t in texts.values())
     return out
+
+
+def spearman_ci(
+    replies: Sequence[dict], resamples: int = 10000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile-bootstrap interval of Spearman(score, length) over prompts: each resample draws prompts
+    with replacement and keeps all their replies (a prompt's replies are not independent). Resamples in
+    which score or length is constant (rho undefined) count as 0, the value of no association."""
+    by_prompt: dict[int, list[tuple[float, float]]] = {}
+    for r in replies:
+        by_prompt.setdefault(int(r["prompt_index"]), []).append((float(r["score"]), float(r["length"])))
+    groups = list(by_prompt.values())
+    if len(groups) < 2:
+        raise ValueError(f"a bootstrap over prompts needs at least 2 prompts, got {len(groups)}")
+    rng = np.random.default_rng(seed)
+    rhos = np.empty(resamples)
+    for i in range(resamples):
+        picked = [pt for j in rng.integers(0, len(groups), size=len(groups)) for pt in groups[j]]
+        rho = spearman([p[0] for p in picked], [p[1] for p in picked])
+        rhos[i] = 0.0 if math.isnan(rho) else rho
+    tail = 100 * (1 - level) / 2
+    lo, hi = np.percentile(rhos, [tail, 100 - tail])
+    return float(lo), float(hi)
 
 
 def reply_length(generated: Sequence[int], stop_ids: set[int]) -> tuple[int, bool]:

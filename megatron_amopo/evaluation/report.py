@@ -16,7 +16,11 @@ from typing import Optional
 
 import numpy as np
 
+from megatron_amopo.objective.pairs import is_mirrored, mirrored_dimension, mirrored_name
+
 METRICS = ("accuracy", "margin")
+STEER_METRICS = ("steerability", "flip_rate")
+ALL = "all"  # pseudo-pair: per group, the mean over its general and dimension pairs (mirrored ones left out)
 DEFAULT_RESAMPLES = 10000
 
 
@@ -60,16 +64,50 @@ def pair_names_of(records: Sequence[dict]) -> list[str]:
     return [k.split("/", 1)[1] for k in records[0] if k.startswith("margin/")]
 
 
+def mirrored_dimensions(records: Sequence[dict]) -> list[str]:
+    """Dimensions whose mirrored pair is in the records (``--dimension-pairs mirrored``), in order."""
+    return [mirrored_dimension(p) for p in pair_names_of(records) if is_mirrored(p)]
+
+
 def values(records: Sequence[dict], pair: str, metric: str) -> dict[int, float]:
-    """group_id -> the group's accuracy (0/1) or margin on ``pair``; pairs without a value are left out."""
+    """group_id -> the group's value of ``metric`` on ``pair``; groups without one are left out.
+
+    accuracy (0/1) and margin of a pair, or of ``ALL`` (mean over the group's general and dimension
+    pairs). For a dimension with mirrored pairs: steerability = margin of pair k + margin of its mirrored
+    pair k' (how far stating a response's own score instead of the other's moves the preference toward
+    it; 0 for a model that ignores the dimension prompt) and flip_rate = 1[both margins > 0] (each of the
+    two prompts makes the model prefer the response whose score it states).
+    """
+    if metric in STEER_METRICS:
+        return _steer_values(records, pair, metric)
     if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        raise ValueError(f"metric must be one of {METRICS + STEER_METRICS}, got {metric!r}")
+    value = (lambda m: float(m > 0)) if metric == "accuracy" else float
     out = {}
     for r in records:
-        m = r.get(f"margin/{pair}")
-        if m is None:
+        if pair == ALL:
+            ms = [m for k, m in r.items() if k.startswith("margin/") and m is not None and not is_mirrored(k)]
+            if ms:
+                out[int(r["group_id"])] = sum(value(m) for m in ms) / len(ms)
             continue
-        out[int(r["group_id"])] = float(m > 0) if metric == "accuracy" else float(m)
+        m = r.get(f"margin/{pair}")
+        if m is not None:
+            out[int(r["group_id"])] = value(m)
+    return out
+
+
+def _steer_values(records: Sequence[dict], dimension: str, metric: str) -> dict[int, float]:
+    if records and f"margin/{mirrored_name(dimension)}" not in records[0]:
+        raise ValueError(
+            f"{metric} of {dimension!r} needs its mirrored pair: evaluate data preprocessed with "
+            "--dimension-pairs mirrored"
+        )
+    out = {}
+    for r in records:
+        m, m_mirror = r.get(f"margin/{dimension}"), r.get(f"margin/{mirrored_name(dimension)}")
+        if m is None or m_mirror is None:
+            continue  # the two responses tie on this dimension: no mirrored pair
+        out[int(r["group_id"])] = float(m + m_mirror) if metric == "steerability" else float(m > 0 and m_mirror > 0)
     return out
 
 
@@ -104,16 +142,22 @@ def summarize_groups(
     resamples: int = DEFAULT_RESAMPLES,
     seed: int = 0,
 ) -> dict:
-    """``{"<metric>/<pair>": mean, "<metric>_ci95/<pair>": [low, high], "groups/<pair>": n}``."""
+    """``{"<metric>/<pair>": mean, "<metric>_ci95/<pair>": [low, high], "groups/<pair>": n}`` for every pair
+    and ``ALL``, plus ``steerability`` and ``flip_rate`` (``"groups_steer/<dimension>"``) of every dimension with
+    mirrored pairs."""
     out: dict = {}
-    for pair in pair_names or pair_names_of(records):
-        for metric in METRICS:
+    pairs = list(pair_names or pair_names_of(records)) + [ALL]
+    steer = mirrored_dimensions(records)
+    for pair, metrics, count in [(p, METRICS, "groups") for p in pairs] + [
+        (d, STEER_METRICS, "groups_steer") for d in steer
+    ]:
+        for metric in metrics:
             v = values(records, pair, metric)
             if not v:
                 continue
             mean, lo, hi = mean_ci(list(v.values()), resamples, seed)
             out[f"{metric}/{pair}"], out[f"{metric}_ci95/{pair}"] = mean, [lo, hi]
-            out[f"groups/{pair}"] = len(v)
+            out[f"{count}/{pair}"] = len(v)
     return out
 
 
@@ -198,12 +242,51 @@ def comparison_table(
 
 
 def format_intervals(summary: dict, pair_names: Sequence[str]) -> str:
-    """One console line per pair: accuracy and margin with their 95% intervals."""
+    """One console line per pair (and ``ALL``): accuracy and margin with their 95% intervals; one per
+    dimension with mirrored pairs: steerability and flip rate."""
     lines = []
-    for pair in pair_names:
+    for pair in [*pair_names, ALL]:
         if f"accuracy/{pair}" not in summary:
             continue
         acc = fmt_ci(summary[f"accuracy/{pair}"], *summary[f"accuracy_ci95/{pair}"])
         margin = fmt_ci(summary[f"margin/{pair}"], *summary[f"margin_ci95/{pair}"])
         lines.append(f"  {pair}: accuracy {acc} | margin {margin} | {summary[f'groups/{pair}']} groups (95% bootstrap)")
+    for key in summary:
+        if key.startswith("steerability/"):
+            dim = key.split("/", 1)[1]
+            steer = fmt_ci(summary[key], *summary[f"steerability_ci95/{dim}"])
+            flip = fmt_ci(summary[f"flip_rate/{dim}"], *summary[f"flip_rate_ci95/{dim}"])
+            lines.append(
+                f"  {dim} steerability {steer} | flip rate {flip} | {summary[f'groups_steer/{dim}']} groups "
+                "whose responses differ on it (95% bootstrap)"
+            )
+    return "\n".join(lines)
+
+
+def steerability_table(
+    baseline: Sequence[dict],
+    arms: Sequence[tuple[str, Sequence[dict]]],
+    dimensions: Sequence[str],
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> str:
+    """Markdown table: per model and dimension, steerability and flip rate with 95% intervals and the paired
+    gain over ``baseline`` ('*': the gain's interval excludes zero)."""
+    lines = [
+        "| model | dimension | n | steerability [95% CI] | steerability gain [95% CI] | flip rate [95% CI] "
+        "| flip rate gain [95% CI] |\n|---|---|---|---|---|---|---|"
+    ]
+    for name, recs in [("untrained", baseline), *arms]:
+        for dim in dimensions:
+            cells, n = [], 0
+            for metric in STEER_METRICS:
+                v = values(recs, dim, metric)
+                n = len(v)
+                cells.append(fmt_ci(*mean_ci(list(v.values()), resamples, seed)) if v else "")
+                if recs is baseline:
+                    cells.append("")
+                    continue
+                gain, lo, hi, _ = paired_gain(baseline, recs, dim, metric, resamples, seed)
+                cells.append(fmt_ci(gain, lo, hi, signed=True) + ("*" if lo > 0 or hi < 0 else ""))
+            lines.append(f"| {name} | {dim} | {n} | {' | '.join(cells)} |")
     return "\n".join(lines)

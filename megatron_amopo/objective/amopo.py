@@ -1,13 +1,14 @@
 """The AMoPO objective as pure tensor math (no communication, no device moves).
 
 AMoPO (arXiv 2506.07165) trains on groups of P = D + 1 preference pairs per sample:
-pair 0 uses the general prompt, pair k >= 1 the dimension-aware prompt of dimension k.
+pair 0 uses the general prompt, pair k >= 1 the dimension-aware prompt of dimension k
+(P = 1 + 2D with mirrored pairs, ``objective/pairs.py``; a masked pair has n = 0).
 Each pair's chosen and rejected response enter through per-sequence sufficient
 statistics over their response tokens; this module turns them into per-pair
 reference-free losses (SimPO or ORPO), adaptive pair weights (paper Sec. 3, Gaussian
 weights), per-sample losses and reducible metrics. See docs/OBJECTIVE.md.
 
-Shapes (legend in docs/DESIGN.md): B samples in the micro-batch, P = D + 1 pairs per sample
+Shapes (legend in docs/DESIGN.md): B samples in the micro-batch, P pairs per sample
 (general pair first), 2 sides (0 chosen, 1 rejected), E rows of ``pair_sums`` (``PAIR_METRIC_NAMES``).
 """
 
@@ -19,6 +20,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from megatron_amopo.objective.pairs import is_mirrored
 from megatron_amopo.objective.rng import counter_normals
 
 # ORPO's log(1 - exp(a)) is -inf at a = 0 (every response token has probability 1,
@@ -135,7 +137,7 @@ def _fixed_weights(cfg, valid_BP: torch.Tensor, dtype: torch.dtype) -> torch.Ten
         got = None if cfg.fixed_weights is None else len(cfg.fixed_weights)
         raise ValueError(
             f"amopo_loss: weighting 'fixed' needs cfg.fixed_weights with one value per pair "
-            f"(P = {num_pairs}: general pair + {num_pairs - 1} dimensions), got {got} values"
+            f"(P = {num_pairs}, in the order of the dataset's pair names), got {got} values"
         )
     fixed_P = torch.tensor(cfg.fixed_weights, dtype=dtype, device=valid_BP.device)
     raw_BP = fixed_P * valid_BP
@@ -285,7 +287,8 @@ def summarize_metrics(
 
     ``weight_std`` and ``weight_mean_mode_std`` are population standard deviations over
     the batch, from sums of squares. Pairs with no valid sample are left out; "<metric>/all"
-    pools every valid (sample, pair).
+    pools every valid (sample, pair) of the general and dimension pairs, "<metric>/mirrored" those of the
+    mirrored pairs (``objective/pairs.py``).
     """
     sums_EP = pair_sums.detach().to(device="cpu", dtype=torch.float64)
     counts_P = pair_counts.detach().to(device="cpu", dtype=torch.float64)
@@ -305,8 +308,10 @@ def summarize_metrics(
             out[f"{row}/{name}"] = mean[row]
         for row in ("weight", "weight_mean_mode"):
             out[f"{row}_std/{name}"] = math.sqrt(max(mean[f"{row}_sq"] - mean[row] ** 2, 0.0))
-    total = float(counts_P.sum())
-    if total > 0:
-        for row in ("loss", "margin", "accuracy", "logp_chosen", "logp_rejected"):
-            out[f"{row}/all"] = float(sums_EP[_ROW[row]].sum()) / total
+    mirrored_P = torch.tensor([is_mirrored(name) for name in pair_names], dtype=torch.bool)
+    for pool, keep_P in (("all", ~mirrored_P), ("mirrored", mirrored_P)):
+        total = float(counts_P[keep_P].sum())
+        if total > 0:
+            for row in ("loss", "margin", "accuracy", "logp_chosen", "logp_rejected"):
+                out[f"{row}/{pool}"] = float(sums_EP[_ROW[row]][keep_P].sum()) / total
     return out

@@ -118,8 +118,10 @@ def save_checkpoint(
     state: TrainState,
     run_config: dict,
     keep_last: Optional[int] = None,
+    pair_names: Optional[list[str]] = None,
 ) -> str:
-    """Save everything a resume needs; returns the final directory."""
+    """Save everything a resume needs; returns the final directory. ``pair_names`` (the data's pairs, mirrored
+    ones included) go into the completion marker, so a reader can tell what the model was trained on."""
     model_sd = unwrap(model_chunks[0]).sharded_state_dict()
     sharded = {
         "model": model_sd,
@@ -131,7 +133,12 @@ def save_checkpoint(
         "rng_state": _rng_object(load=False),
     }
     final = atomic_save(
-        sharded, root, state.iteration, "train", {"layout": _layout()}, content_metadata=SHARDING_METADATA
+        sharded,
+        root,
+        state.iteration,
+        "train",
+        {"layout": _layout(), **({"pair_names": list(pair_names)} if pair_names else {})},
+        content_metadata=SHARDING_METADATA,
     )
     if keep_last and is_rank0():
         _prune(root, keep_last)

@@ -43,9 +43,10 @@ def open_splits(
     train = open_dataset(cfg.data_path)
     if cfg.valid_data_path:
         valid = open_dataset(cfg.valid_data_path)
-        if valid.dimensions != train.dimensions:
+        if valid.pair_names != train.pair_names:
             raise ValueError(
-                f"--valid-data-path dimensions {valid.dimensions} differ from --data-path's {train.dimensions}"
+                f"--valid-data-path pairs {valid.pair_names} differ from --data-path's {train.pair_names}; "
+                "preprocess both with the same --dimensions and --dimension-pairs"
             )
         return Split(train, np.arange(len(train))), Split(valid, np.arange(len(valid)))
     ids = np.arange(len(train))

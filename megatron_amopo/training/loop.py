@@ -272,7 +272,7 @@ class Trainer:
         tc = self.cfg.training
         vocab_hash = self._tokenizer_vocab_hash()
         self.train_split, self.valid_split = tdata.open_splits(self.cfg.data, tc.seed, vocab_hash, tc.seq_length)
-        self.pair_names = ["general"] + self.train_split.dataset.dimensions
+        self.pair_names = self.train_split.dataset.pair_names
         one_epoch = tdata.make_plan(
             self.train_split, tc, num_epochs=1, seed=tc.seed, dp_rank=self.dp_rank, dp_size=self.dp_size, thd=self.thd
         )
@@ -397,6 +397,7 @@ class Trainer:
             self.state,
             self.cfg.to_dict(),
             keep_last=self.cfg.checkpoint.keep_last,
+            pair_names=self.pair_names,
         )
         log0(f"saved checkpoint {path}")
         return path
