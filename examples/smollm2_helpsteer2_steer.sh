@@ -20,13 +20,15 @@
 #            verbosity 0, 2, 4, Spearman(requested, reply length) with a 95% bootstrap interval over prompts
 #   goals    (issue 21; reported as met or not) mirrored arm's steerability interval above 0 and a Spearman interval
 #            excluding 0; an 'all' accuracy gain >= +0.05 whose interval excludes 0 for at least one arm
+#   budget   the whole script within 2 hours on the 2-core machine (about 500k training tokens for both arms)
 # Run from the repository root after `make install`: OUT=runs/steer bash examples/smollm2_helpsteer2_steer.sh
 set -euo pipefail
 
 OUT=${OUT:-runs/smollm2_helpsteer2_steer}
 DIMENSIONS=${DIMENSIONS:-verbosity}
 SEQ_LENGTH=${SEQ_LENGTH:-512}
-TRAIN_PROMPTS=${TRAIN_PROMPTS:-128}
+TRAIN_PROMPTS=${TRAIN_PROMPTS:-160}
+RECOMPUTE=${RECOMPUTE:-none}            # no activation recomputation: the pre-flight says it fits, same losses
 HELDOUT_PROMPTS=${HELDOUT_PROMPTS:-0}   # 0: every usable held-out prompt
 VALID_PROMPTS=${VALID_PROMPTS:-0}
 CONTROL_PROMPTS=${CONTROL_PROMPTS:-24}

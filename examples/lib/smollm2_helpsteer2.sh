@@ -14,8 +14,11 @@ SEED=${SEED:-1234}
 HS2_ROWS=${HS2_ROWS:-data/helpsteer2/train_rows.jsonl}
 SPLIT=${SPLIT:-70,10,20}                       # train,valid,heldout percentages of the prompts
 TRAIN_PROMPTS=${TRAIN_PROMPTS:-96}             # the shortest usable training prompts (one epoch of what fits)
-# micro-batch 1 with full recompute: micro-batch 2 without recompute needs ~12 GiB per rank
-TRAIN_FLAGS=(--micro-batch-size 1 --recompute-granularity full --seq-length "$SEQ_LENGTH" --seed "$SEED")
+# micro-batch 1 with full recompute: micro-batch 2 without recompute needs ~12 GiB per rank.
+# RECOMPUTE=none trains ~1.2x faster (same losses) where the memory pre-flight says it fits.
+RECOMPUTE=${RECOMPUTE:-full}
+TRAIN_FLAGS=(--micro-batch-size 1 --seq-length "$SEQ_LENGTH" --seed "$SEED")
+[[ $RECOMPUTE == none ]] || TRAIN_FLAGS+=(--recompute-granularity "$RECOMPUTE")
 
 xlog() { echo "[$(date '+%T')] $*"; }
 
