@@ -6,8 +6,8 @@ with gaussian pair weights (the latter also with the fused output layer), at TP1
 TP2/PP1 (DP2), TP1/PP2 (DP2) and TP2/PP2 (DP1), the 4-sample global batch split as 1 x 4,
 2 x 2 and 4 x 1 micro-batches. The same spawn runs a deliberately wrong variant (per-rank
 ``torch.randn`` draws instead of the counter-based ones), which the check catches,
-and SimPO with identical chosen and rejected responses, whose loss is
--log sigmoid(-gamma) whatever the weights.
+SimPO with identical chosen and rejected responses, whose loss is
+-log sigmoid(-gamma) whatever the weights, and groups with different numbers of masked pairs.
 """
 
 from __future__ import annotations
@@ -33,7 +33,12 @@ CONFIGS = {
 }
 
 
-def _groups(identical_sides: bool = False) -> list[dict]:
+# Masked pairs, as --dimension-pairs mirrored writes them where the scores tie (two 2-token sequences, no
+# response token): group -> masked pair indices, a different number per group.
+MASKED = {1: (2,), 3: (1, 2)}
+
+
+def _groups(identical_sides: bool = False, masked: bool = False) -> list[dict]:
     """The global batch: groups in the reader's format, random tokens and lengths."""
     gen = torch.Generator().manual_seed(123)
     groups = []
@@ -46,10 +51,14 @@ def _groups(identical_sides: bool = False) -> list[dict]:
                 continue
             length = prompt_len + int(torch.randint(2, 8, (1,), generator=gen))
             seqs.append(torch.randint(1, 512, (length,), generator=gen))
+        starts = torch.full((2 * NUM_PAIRS,), prompt_len)
+        for k in MASKED.get(g, ()) if masked else ():
+            seqs[2 * k] = seqs[2 * k + 1] = torch.tensor([7, 7])
+            starts[2 * k] = starts[2 * k + 1] = 2
         groups.append(
             dict(
                 tokens=seqs,
-                response_start=torch.full((2 * NUM_PAIRS,), prompt_len),
+                response_start=starts,
                 chosen_scores=torch.ones(NUM_PAIRS - 1),
                 rejected_scores=torch.zeros(NUM_PAIRS - 1),
                 row_id=g,
@@ -99,7 +108,7 @@ def _build(tp, pp):
     return model
 
 
-def _run(model, mbs, cfg, *, wrong=False, identical_sides=False):
+def _run(model, mbs, cfg, *, wrong=False, identical_sides=False, masked=False):
     """One global batch through Megatron's schedule at the current layout."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -109,7 +118,7 @@ def _run(model, mbs, cfg, *, wrong=False, identical_sides=False):
 
     dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     per_dp = NUM_GROUPS // dp
-    mine = _groups(identical_sides)[dp_rank * per_dp : (dp_rank + 1) * per_dp]
+    mine = _groups(identical_sides, masked)[dp_rank * per_dp : (dp_rank + 1) * per_dp]
     micro = [build_micro_batch(mine[i : i + mbs], "padded", seq_length=ROW_LEN) for i in range(0, per_dp, mbs)]
     tp_group = ps.get_tensor_model_parallel_group()
     if wrong:
@@ -171,6 +180,7 @@ def _body():
         for mbs in [m for t, p, m in LAYOUTS if (t, p) == (tp, pp)]:
             for kind, cfg in cfgs.items():
                 out[kind, (tp, pp, mbs)] = _run(model, mbs, cfg)
+            out["masked", (tp, pp, mbs)] = _run(model, mbs, cfgs["gaussian"], masked=True)
             if (tp, pp, mbs) in WRONG_LAYOUTS:
                 out["wrong", (tp, pp, mbs)] = _run(model, mbs, cfgs["gaussian"], wrong=True)
             if (tp, pp, mbs) == SANITY_LAYOUT:
@@ -212,6 +222,19 @@ def test_objective_is_layout_invariant(results, kind):
         _check_same(results[kind, layout], ref, (kind, layout))
     if kind == "gaussian-fused":  # and equal to the logits path
         _check_same(ref, results["gaussian", LAYOUTS[0]], (kind, "vs logits"))
+
+
+@pytest.mark.distributed
+def test_masked_pairs_are_layout_invariant(results):
+    """Groups with different numbers of masked pairs: weight 0 there, the same loss, weights and gradients at
+    every layout, and a loss that differs from the unmasked batch's (the masks are really applied)."""
+    ref = results["masked", LAYOUTS[0]]
+    for g, pairs in MASKED.items():
+        assert (ref["weights"][g, list(pairs)] == 0).all()
+    assert torch.allclose(ref["weights"].sum(-1), torch.ones(NUM_GROUPS))
+    for layout in LAYOUTS[1:]:
+        _check_same(results["masked", layout], ref, ("masked", layout))
+    assert abs(ref["loss"] - results["gaussian", LAYOUTS[0]]["loss"]) > 1e-3
 
 
 @pytest.mark.distributed

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from megatron_amopo.evaluation.control import average_ranks, reply_length, spearman, summarize_control
+from megatron_amopo.evaluation.control import average_ranks, reply_length, spearman, spearman_ci, summarize_control
 
 
 def test_average_ranks_share_ties():
@@ -60,3 +60,28 @@ def test_prompts_whose_reply_ignores_the_requested_score():
     s = summarize_control(replies, [0.0, 2.0, 4.0])
     assert s["prompts"] == 3 and s["prompts_same_reply_at_every_score"] == 2
     assert "prompts" not in summarize_control([{k: v for k, v in r.items() if k != "text"} for r in replies], [0.0])
+
+
+def _replies(lengths_by_prompt):
+    return [
+        {"prompt_index": i, "score": sc, "length": n, "truncated": False}
+        for i, lengths in enumerate(lengths_by_prompt)
+        for sc, n in zip((0.0, 2.0, 4.0), lengths)
+    ]
+
+
+def test_spearman_interval_over_prompts():
+    gen = np.random.default_rng(0)
+    steered = _replies([(10 + x, 40 + x, 90 + x) for x in gen.integers(0, 20, 24)])
+    s = summarize_control(steered, [0.0, 2.0, 4.0], resamples=2000)
+    lo, hi = s["spearman_ci95"]
+    assert 0 < lo <= s["spearman_score_length"] <= hi <= 1
+    noise = _replies([tuple(gen.integers(5, 200, 3)) for _ in range(24)])
+    lo, hi = spearman_ci(noise, resamples=2000)
+    assert lo < 0 < hi  # no association: the interval straddles zero
+    # Resampling is over prompts: one prompt's three replies always travel together, so an interval from
+    # a single prompt is refused rather than computed from 3 dependent replies.
+    with pytest.raises(ValueError, match="at least 2 prompts"):
+        spearman_ci(_replies([(1, 2, 3)]))
+    flat = _replies([(7, 7, 7)] * 5)  # rho undefined in every resample: counted as no association
+    assert spearman_ci(flat, resamples=200) == (0.0, 0.0)
