@@ -50,15 +50,18 @@ for split in train heldout; do  # prompts whose two responses differ in mean sco
   $PYTHON examples/lib/select_helpsteer2.py --input "$OUT/split/$split.jsonl" --output "$OUT/${split}_rows.jsonl" \
       --take "${!take}" --dimensions "${DIMS[@]}"
 done
+# Training uses the paper's pairs; the held-out groups add mirrored pairs (prompt stating the rejected response's
+# score), which leave the paper pairs' numbers unchanged and measure steerability (docs/RESULTS.md).
 for split in train heldout; do
+  pairs=paper && [[ $split == heldout ]] && pairs=mirrored
   $PYTHON tools/preprocess_data.py --input "$OUT/${split}_rows.jsonl" --output "$OUT/data_$split" \
       --tokenizer "$OUT/megatron_init/tokenizer" --format helpsteer2 --dimensions "${DIMS[@]}" \
-      --seq-length "$SEQ_LENGTH" --no-progress
+      --seq-length "$SEQ_LENGTH" --dimension-pairs "$pairs" --no-progress
 done
 
 stage "4/9 held-out evaluation before training"
 $TORCHRUN --nproc-per-node "$NPROC" tools/evaluate.py --load "$OUT/megatron_init" --data-path "$OUT/data_heldout" \
-    "${LAYOUT[@]}" --output "$OUT/heldout_before.json"
+    "${LAYOUT[@]}" --output "$OUT/heldout_before.json" --per-group-output "$OUT/heldout_before_groups.jsonl"
 
 stage "5/9 AMoPO training, DP=$NPROC (evaluated on its training groups before and after)"
 $TORCHRUN --nproc-per-node "$NPROC" pretrain_amopo.py \
@@ -68,7 +71,7 @@ $TORCHRUN --nproc-per-node "$NPROC" pretrain_amopo.py \
 
 stage "6/9 held-out evaluation after training"
 $TORCHRUN --nproc-per-node "$NPROC" tools/evaluate.py --load "$OUT/run" --data-path "$OUT/data_heldout" \
-    "${LAYOUT[@]}" --output "$OUT/heldout_after.json"
+    "${LAYOUT[@]}" --output "$OUT/heldout_after.json" --per-group-output "$OUT/heldout_after_groups.jsonl"
 
 stage "7/9 Megatron -> Hugging Face"
 $PYTHON tools/convert_megatron_to_hf.py --load "$OUT/run" --save "$OUT/hf_aligned"

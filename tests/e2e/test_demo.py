@@ -78,6 +78,9 @@ def test_demo_trains_a_real_model_and_exports(tmp_path):
         values = json.load(open(out / name))
         for pair in PAIRS:
             assert 0.0 <= values[f"accuracy/{pair}"] <= 1.0 and abs(values[f"margin/{pair}"]) < 50, (name, pair)
+        steer = values["bootstrap"]["steerability/verbosity"]
+        assert abs(steer) < 50 and values["bootstrap"]["groups_steer/verbosity"] > 0, name
+    assert re.search(r"held-out verbosity steerability [-+]\d\.\d{3} -> [-+]\d\.\d{3}, flip rate", stdout)
     assert any(p.suffix == ".safetensors" for p in (out / "hf_aligned").iterdir())
     for score in (0, 4):
         words = re.findall(r"[A-Za-z]+", _reply(out / f"reply_verbosity{score}.txt"))
