@@ -18,6 +18,7 @@ from typing import Any, Literal, Optional
 LOSS_TYPES = ("simpo", "orpo")
 WEIGHTINGS = ("gaussian", "gaussian-inverse", "mean", "equal", "fixed")
 OutputLayer = Literal["logits", "fused"]
+PairReduction = Literal["sum", "mean"]
 
 
 def _f(default: Any, help: str, flag: Optional[str] = None, **kw) -> Any:
@@ -46,6 +47,11 @@ class AmopoConfig:
         None, "per-pair weights for --amopo-weighting fixed (P values, general pair first); normalised"
     )
     sft_weight: float = _f(0.0, "weight lambda_sft of the mean length-normalised NLL of chosen responses")
+    pair_reduction: PairReduction = _f(
+        "sum",
+        "sum: a sample's loss is sum_k w_k L_k (paper formula); mean: divided by its number of valid pairs, "
+        "the published code's scale at per-device batch 1 (P times smaller; docs/OBJECTIVE.md)",
+    )
     seed: int = _f(1234, "seed of the counter-based Gaussian draws (independent of the parallel layout)")
     output_layer: OutputLayer = _f(
         "logits",
@@ -57,6 +63,10 @@ class AmopoConfig:
         if self.output_layer not in typing.get_args(OutputLayer):
             raise ValueError(
                 f"--amopo-output-layer must be one of {typing.get_args(OutputLayer)}, got {self.output_layer!r}"
+            )
+        if self.pair_reduction not in typing.get_args(PairReduction):
+            raise ValueError(
+                f"--amopo-pair-reduction must be one of {typing.get_args(PairReduction)}, got {self.pair_reduction!r}"
             )
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"--amopo-loss must be one of {LOSS_TYPES}, got {self.loss_type!r}")

@@ -5,7 +5,8 @@
 #
 # Required: REPO HF_MODEL RUN_ROOT MODEL_NAME DATA_INPUT DATA_FORMAT TP PP MBS
 # Optional: PYTHON (python) SEQ_LENGTH (1024) GLOBAL_BATCH (128) EPOCHS (3) LR (3e-7)
-#           BETA (0.8) GAMMA (2.0) CLIP_GRAD (3.0) WARMUP (0.1) SAVE_INTERVAL (100) KEEP_LAST (2)
+#           BETA (0.8) GAMMA (2.0) CLIP_GRAD (3.0) WARMUP (0.1) PAIR_REDUCTION (mean)
+#           SAVE_INTERVAL (100) KEEP_LAST (2)
 #           SPLIT (98,2) EVAL_INTERVAL (100) PREPROCESS_WORKERS (8) EXTRA_TRAIN_ARGS (array)
 #           RUN_ON_ONE_NODE (array: a command prefix for CPU stages, e.g. "srun --nodes=1 --ntasks=1")
 
@@ -14,9 +15,14 @@ amopo_defaults() {
   : "${RUN_ROOT:?set RUN_ROOT}" "${MODEL_NAME:?}" "${DATA_INPUT:?set DATA_INPUT to the preference data file}"
   : "${DATA_FORMAT:?}" "${TP:?}" "${PP:?}" "${MBS:?}"
   PYTHON=${PYTHON:-python}
-  # The AMoPO paper's hyperparameters (SimPO pair loss).
+  # The published run script's settings (run_amopo/run_bash_accelerate.sh): SimPO, beta 0.8, gamma 2.0,
+  # lr 3e-7, 3 epochs, cosine, warm-up 0.1, max_grad_norm 3.0, cutoff 1024. PAIR_REDUCTION mean puts the loss
+  # on their scale (their per-device batch is 1), so CLIP_GRAD 3.0 and LR mean what theirs mean; with sum
+  # (the paper's formula) the loss and gradients are P = D+1 times larger: clip at 3.0 x P for the same
+  # clipping. GLOBAL_BATCH 128 is ours (theirs: total batch 2), see docs/SCALING.md.
   SEQ_LENGTH=${SEQ_LENGTH:-1024} GLOBAL_BATCH=${GLOBAL_BATCH:-128} EPOCHS=${EPOCHS:-3} LR=${LR:-3e-7}
   BETA=${BETA:-0.8} GAMMA=${GAMMA:-2.0} CLIP_GRAD=${CLIP_GRAD:-3.0} WARMUP=${WARMUP:-0.1}
+  PAIR_REDUCTION=${PAIR_REDUCTION:-mean}
   SAVE_INTERVAL=${SAVE_INTERVAL:-100} KEEP_LAST=${KEEP_LAST:-2} SPLIT=${SPLIT:-98,2}
   EVAL_INTERVAL=${EVAL_INTERVAL:-100} PREPROCESS_WORKERS=${PREPROCESS_WORKERS:-8}
   CONVERTED=${CONVERTED:-$RUN_ROOT/$MODEL_NAME-mcore}
@@ -73,7 +79,7 @@ amopo_train_args() {
     --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
     --micro-batch-size "$MBS" --global-batch-size "$GLOBAL_BATCH" --train-epochs "$EPOCHS"
     --seq-length "$SEQ_LENGTH" --batch-layout padded --bf16
-    --amopo-loss simpo --amopo-beta "$BETA" --amopo-gamma "$GAMMA"
+    --amopo-loss simpo --amopo-beta "$BETA" --amopo-gamma "$GAMMA" --amopo-pair-reduction "$PAIR_REDUCTION"
     --lr "$LR" --min-lr 0 --lr-decay-style cosine --lr-warmup-fraction "$WARMUP" --clip-grad "$CLIP_GRAD"
   )
   if ((TP > 1)); then TRAIN_ARGS+=(--sequence-parallel); fi

@@ -78,7 +78,8 @@ class DataConfig:
     pair_rule: str = _f(
         "mean",
         "which response is chosen: mean (higher mean of the selected dimensions), pareto (at least as good "
-        "on every dimension and better on one), or one dimension name; ties are dropped and counted",
+        "on every dimension and better on one), or one dimension name; ties are dropped and counted. "
+        "as-given (amopo, pairs): the file's chosen/rejected, ties included, as the published AMoPO code trains",
     )
     field_map: str = _f(
         "",
@@ -129,12 +130,18 @@ class DataConfig:
         self.score_max = hi if self.score_max is None else float(self.score_max)
         if not self.score_min < self.score_max:
             raise ValueError(f"--score-min ({self.score_min}) must be below --score-max ({self.score_max})")
-        known = ("mean", "pareto") + tuple(self.dimensions)
+        if self.pair_rule == "as-given" and self.format == "helpsteer2":
+            raise ValueError(
+                "--pair-rule as-given keeps a file's chosen/rejected, but helpsteer2 rows are single rated "
+                "responses; use mean, pareto or an attribute name, or --format amopo / pairs"
+            )
+        known = ("mean", "pareto", "as-given") + tuple(self.dimensions)
         if self.format == "helpsteer2":
             known += HELPSTEER2_ATTRS
         if self.pair_rule not in known:
             raise ValueError(
-                f"--pair-rule must be mean, pareto or a dimension name {self.dimensions}, got {self.pair_rule!r}"
+                f"--pair-rule must be mean, pareto, as-given or a dimension name {self.dimensions}, "
+                f"got {self.pair_rule!r}"
             )
         if self.field_map and self.format != "pairs":
             raise ValueError("--field-map is only used with --format pairs")

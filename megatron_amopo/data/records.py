@@ -1,7 +1,8 @@
 """Input rows -> preference records (chat turns, chosen/rejected responses, per-dimension scores).
 
 Three formats (``DataConfig.format``):
-  amopo       {"prompt": str, "chosen": {"content": str, <dim>: score, ...}, "rejected": {...}}
+  amopo       {"prompt": str, "chosen": {"content": str, <dim>: score, ...}, "rejected": {...}}; the
+              published AMoPO files name the text "response" and may hold scores as numeric strings
   helpsteer2  HelpSteer2 rows (prompt, response, helpfulness, ..., verbosity), two rows per prompt,
               consecutive; multi-turn prompts use "<extra_id_1>User" / "<extra_id_1>Assistant" markers.
   pairs       generic chosen/rejected rows; ``DataConfig.field_paths`` names the fields; one score each.
@@ -13,6 +14,7 @@ not report the line of a malformed JSON line; JSON and Parquet go through ``data
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -125,6 +127,9 @@ def _get(row: dict, path: str) -> Any:
 
 
 def _score(value: Any, name: str, cfg: DataConfig) -> float:
+    if isinstance(value, str):  # "4" or " 3.5" as in the published AMoPO files
+        with contextlib.suppress(ValueError):  # a non-numeric string stays a string: bad_score below
+            value = float(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise BadRow("bad_score", f"score {name!r} must be a finite number, got {value!r}")
     if not cfg.score_min <= value <= cfg.score_max:
@@ -237,8 +242,15 @@ def records(
 def _finish(rec: PreferenceRecord, cfg: DataConfig) -> Union[PreferenceRecord, Skip]:
     if rec.chosen == rec.rejected:
         return Skip("identical_responses", rec.line, "chosen and rejected responses are identical")
-    if order_pair(rec.chosen_scores, rec.rejected_scores, cfg) == 0:
+    if cfg.pair_rule == "as-given":
+        return rec
+    sign = order_pair(rec.chosen_scores, rec.rejected_scores, cfg)
+    if sign == 0:
         return Skip("tie", rec.line, f"scores tie under --pair-rule {cfg.pair_rule}")
+    if sign < 0:  # the rule prefers the file's "rejected" response
+        return PreferenceRecord(
+            rec.turns, rec.rejected, rec.chosen, rec.rejected_scores, rec.chosen_scores, rec.row_id, rec.line
+        )
     return rec
 
 
@@ -249,7 +261,10 @@ def _amopo_row(row: dict, cfg: DataConfig, index: int, line: int) -> PreferenceR
         obj = _get(row, side)
         if not isinstance(obj, dict):
             raise BadRow("missing_field", f"{side} must be an object with content and scores")
-        content = _response(_get(obj, "content"), f"{side}.content")
+        key = "content" if "content" in obj else "response"  # ours, then the published code's name
+        if key not in obj:
+            raise BadRow("missing_field", f"{side} needs the response text under 'content' or 'response'")
+        content = _response(_get(obj, key), f"{side}.{key}")
         scores = [_score(_get(obj, d), f"{side}.{d}", cfg) for d in cfg.dimensions]
         sides.append((content, scores))
     (c, cs), (r, rs) = sides

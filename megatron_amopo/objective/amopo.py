@@ -207,7 +207,8 @@ def amopo_loss(
     """Per-sample AMoPO loss [B] and a metrics dict.
 
     loss_b = sum_k w_bk L_bk + sft_weight * mean_{valid k} (-a_c,bk), 0 for a sample with no
-    valid pair. A pair is valid when both of its responses have n > 0 tokens.
+    valid pair; with ``cfg.pair_reduction == "mean"`` the first term is divided by the number of
+    valid pairs. A pair is valid when both of its responses have n > 0 tokens.
     ``normals`` z_BP2 overrides the counter-based draws (then ``sample_ids`` is not needed).
     """
     stats = _checked_stats(stats)
@@ -226,7 +227,13 @@ def amopo_loss(
     sample_valid_B = valid_BP.any(dim=-1)
     num_valid_B = valid_BP.sum(dim=-1).clamp(min=1).to(dtype)
     nll_B = torch.where(valid_BP, -a_BP2[..., 0], zero_BP).sum(dim=-1) / num_valid_B
-    loss_B = (w_BP * loss_BP).sum(dim=-1) + cfg.sft_weight * nll_B
+    pairs_B = (w_BP * loss_BP).sum(dim=-1)
+    if cfg.pair_reduction == "mean":
+        # The published code's scale: it averages the P weighted pair losses (at batch 1).
+        pairs_B = pairs_B / num_valid_B
+    elif cfg.pair_reduction != "sum":
+        raise ValueError(f"amopo_loss: unknown cfg.pair_reduction {cfg.pair_reduction!r}; expected 'sum' or 'mean'")
+    loss_B = pairs_B + cfg.sft_weight * nll_B
     loss_B = torch.where(sample_valid_B, loss_B, torch.zeros_like(loss_B))
 
     pair_sums_EP, pair_counts_P = _pair_sums(a_BP2, loss_BP, w_BP, w_mean_mode_BP, valid_BP, cfg)

@@ -154,6 +154,8 @@ def training_flags(load: str, save: str, data: str, tp: int, pp: int, mbs: int) 
         "0.8",
         "--amopo-gamma",
         "2.0",
+        "--amopo-pair-reduction",
+        "mean",
         "--lr",
         "3e-7",
         "--min-lr",
