@@ -53,8 +53,23 @@ def greedy(model, messages: list[dict]) -> str:
 
 def test_mt_bench_two_turns_with_the_dimension_prompt(model, tmp_path):
     out = tmp_path / "mt.jsonl"
-    generate(model, "--input", f"{BENCH}/mt_bench_question.jsonl", "--output", str(out), "--format", "mt_bench",
-             "--dimension", "correctness", "--score", "3", "--batch-size", "2", "--model-id", "tiny")  # fmt: skip
+    generate(
+        model,
+        "--input",
+        f"{BENCH}/mt_bench_question.jsonl",
+        "--output",
+        str(out),
+        "--format",
+        "mt_bench",
+        "--dimension",
+        "correctness",
+        "--score",
+        "3",
+        "--batch-size",
+        "2",
+        "--model-id",
+        "tiny",
+    )
     answers = read_jsonl(out)
     assert [a["question_id"] for a in answers] == [81, 101]
     for a in answers:
@@ -92,9 +107,13 @@ def test_alpaca_eval_arena_hard_and_jsonl_answer_files(model, tmp_path):
     assert [a["question_id"] for a in answers] == [
         q["question_id"] for q in read_jsonl(f"{BENCH}/arena_hard_question.jsonl")
     ]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
     for a in answers:
         (turn,) = a["choices"][0]["turns"]
-        assert set(turn) == {"content", "token_len"} and 0 < turn["token_len"] <= int(TOKENS) + 2
+        assert set(turn) == {"content", "token_len"} and turn["content"].strip()
+        assert turn["token_len"] == len(tok(turn["content"], add_special_tokens=False)["input_ids"])
 
     batched, single = tmp_path / "b.jsonl", tmp_path / "s.jsonl"
     generate(
@@ -134,8 +153,12 @@ def test_an_interrupted_run_resumes_without_writing_anything_twice(model, tmp_pa
     alpaca = tmp_path / "model_outputs.json"
     partial = tmp_path / "model_outputs.json.partial.jsonl"
     shutil.copy(f"{BENCH}/alpaca_eval.json", tmp_path / "eval.json")
-    kept = {"instruction": "What are the names of some famous actors that started their careers on Broadway?",
-            "output": "kept from the first run", "generator": "tiny-qwen2", "dataset": "helpful_base"}  # fmt: skip
+    kept = {
+        "instruction": "What are the names of some famous actors that started their careers on Broadway?",
+        "output": "kept from the first run",
+        "generator": "tiny-qwen2",
+        "dataset": "helpful_base",
+    }
     partial.write_text(json.dumps({"key": "0", "answer": kept}) + "\n")
     proc = generate(model, "--input", str(tmp_path / "eval.json"), "--output", str(alpaca), "--format", "alpaca_eval")
     assert "3 questions, 1 already answered" in proc.stdout

@@ -86,8 +86,27 @@ def test_bad_flags_are_refused_before_any_work(argv, match):
 
 def test_logging_and_profile_flags_reach_their_fields():
     cfg = parse(
-        "--micro-batch-size 1 --train-iters 2 --wandb-project p --wandb-exp-name n --wandb-save-dir d "
-        "--profile --profile-step-start 3 --profile-step-end 5 --profile-ranks 0 3 --profile-record-shapes".split()
+        [
+            "--micro-batch-size",
+            "1",
+            "--train-iters",
+            "2",
+            "--wandb-project",
+            "p",
+            "--wandb-exp-name",
+            "n",
+            "--wandb-save-dir",
+            "d",
+            "--profile",
+            "--profile-step-start",
+            "3",
+            "--profile-step-end",
+            "5",
+            "--profile-ranks",
+            "0",
+            "3",
+            "--profile-record-shapes",
+        ]
     )
     assert (cfg.logging.wandb_project, cfg.logging.wandb_exp_name, cfg.logging.wandb_save_dir) == ("p", "n", "d")
     p = cfg.profile
