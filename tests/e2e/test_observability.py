@@ -94,8 +94,9 @@ def read_offline_run(path: str) -> tuple[str, str, str, dict, dict[int, dict]]:
         elif kind == "config":
             config.update({i.key: json.loads(i.value_json) for i in rec.config.update})
         elif kind == "history":
-            row = {i.key: json.loads(i.value_json) for i in rec.history.item}
-            history[int(row["_step"])].update({k: v for k, v in row.items() if not k.startswith("_")})
+            row = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
+            step = rec.history.step.num if rec.history.HasField("step") else row["_step"]
+            history[int(step)].update({k: v for k, v in row.items() if not k.startswith("_")})
     return run_id, project, name, config, dict(history)
 
 
@@ -118,7 +119,7 @@ def test_wandb_offline_logs_the_tensorboard_scalars_and_a_resume_continues_the_r
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     train(setup, *flags, "--exit-interval", "2")  # stops after step 2 ...
-    train(setup, *flags)  # ... and resumes from its checkpoint to step 3
+    train(setup, *flags, "--load", str(save))  # ... and resumes from its checkpoint to step 3
     files = sorted(glob.glob(str(save / "wandb" / "offline-run-*" / "run-*.wandb")))
     assert len(files) == 2, files
     first, second = (read_offline_run(f) for f in files)
