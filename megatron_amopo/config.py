@@ -344,6 +344,55 @@ class TrainDataConfig:
         return parts[0] / total, parts[1] / total
 
 
+@dataclass
+class LoggingConfig:
+    """Weights & Biases logging beside TensorBoard and metrics.jsonl (Megatron-LM's flag names)."""
+
+    wandb_project: Optional[str] = _f(
+        None, "also log to this W&B project (rank 0; pip install -e '.[wandb]'; WANDB_MODE=offline works)"
+    )
+    wandb_exp_name: Optional[str] = _f(None, "W&B run name (default: the run directory's name)")
+    wandb_save_dir: Optional[str] = _f(None, "directory for W&B's local files (default: the run directory)")
+
+    def __post_init__(self) -> None:
+        if self.wandb_project is None:
+            given = [n for n in ("wandb_exp_name", "wandb_save_dir") if getattr(self, n) is not None]
+            if given:
+                raise ValueError(f"--{given[0].replace('_', '-')} needs --wandb-project (the W&B project to log to)")
+            return
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ValueError(
+                "--wandb-project needs the wandb package, which is not installed: "
+                "pip install -e '.[wandb]' (or drop --wandb-project)"
+            )
+
+
+@dataclass
+class ProfileConfig:
+    """Profiling chosen steps: torch profiler traces, and nsys capture ranges on GPU (Megatron-LM's names)."""
+
+    profile: bool = _f(
+        False,
+        "profile steps --profile-step-start..--profile-step-end on --profile-ranks: a torch profiler "
+        "trace under RUN_DIR/profile; on GPU also cudaProfilerStart/Stop and NVTX step ranges for nsys",
+    )
+    profile_step_start: int = _f(10, "first profiled step (1-based, as in the log lines)")
+    profile_step_end: int = _f(12, "last profiled step (inclusive)")
+    profile_ranks: list[int] = _f([0], "global ranks to profile")
+    profile_record_shapes: bool = _f(False, "record operator input shapes in the torch profiler trace")
+
+    def __post_init__(self) -> None:
+        if self.profile_step_start < 1 or self.profile_step_end < self.profile_step_start:
+            raise ValueError(
+                f"need 1 <= --profile-step-start <= --profile-step-end, got {self.profile_step_start} and "
+                f"{self.profile_step_end}"
+            )
+        if not self.profile_ranks or min(self.profile_ranks) < 0:
+            raise ValueError(f"--profile-ranks must list global ranks >= 0, got {self.profile_ranks}")
+
+
 # ---------------------------------------------------------------------------
 # The whole run
 
@@ -354,6 +403,8 @@ RUN_SECTIONS = {  # section name -> (dataclass, flag prefix)
     "checkpoint": (CheckpointConfig, None),
     "data": (TrainDataConfig, None),
     "amopo": (AmopoConfig, "amopo"),
+    "logging": (LoggingConfig, None),
+    "profile": (ProfileConfig, None),
 }
 
 
@@ -367,6 +418,8 @@ class RunConfig:
     checkpoint: CheckpointConfig
     data: TrainDataConfig
     amopo: AmopoConfig
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

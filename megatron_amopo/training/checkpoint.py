@@ -42,6 +42,7 @@ class TrainState:
     iteration: int = 0
     consumed_samples: int = 0
     consumed_microbatches: int = 0  # per DP rank: position in the micro-batch plan
+    wandb_run_id: str = ""  # the W&B run a resume continues ("" before any W&B logging)
 
 
 def find_loadable_iteration(root: str) -> int:

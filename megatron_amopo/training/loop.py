@@ -32,9 +32,10 @@ from megatron_amopo.runtime.comm import is_rank0
 from megatron_amopo.runtime.progress import progress
 from megatron_amopo.training import checkpoint as ckpt
 from megatron_amopo.training import data as tdata
-from megatron_amopo.training.metrics import MetricsWriter, format_line, reduce_reports, summarize
+from megatron_amopo.training.metrics import MetricsWriter, format_line, open_wandb, reduce_reports, summarize
 from megatron_amopo.training.optimizer import build_optimizer, build_scheduler
 from megatron_amopo.training.preflight import check_memory
+from megatron_amopo.training.profiling import StepProfiler
 from megatron_amopo.training.step import packed_thd_default, seq_pad_multiple
 from megatron_amopo.training.throughput import device_peak_tflops, mfu, peak_memory_bytes, training_flops
 
@@ -218,6 +219,8 @@ class Trainer:
                 f"--seq-length <= {self.arch.sliding_window}"
             )
         tc = cfg.training
+        self.run_dir = cfg.data.run_dir or cfg.checkpoint.save or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+        self.profiler = StepProfiler(cfg.profile, self.run_dir, dist.get_rank(), dist.get_world_size())
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.config = run_transformer_config(self.arch, cfg)
         # Packed micro-batches as THD streams or as masked rows: the plan charges what the step feeds.
@@ -240,9 +243,24 @@ class Trainer:
             tp_group=ps.get_tensor_model_parallel_group(),
             cp_group=ps.get_context_parallel_group(),
         )
-        self.run_dir = cfg.data.run_dir or cfg.checkpoint.save or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-        self.writer = MetricsWriter(self.run_dir, enabled=is_rank0())
+        self.writer = MetricsWriter(self.run_dir, enabled=is_rank0(), wandb_run=self._open_wandb())
         self.stop = StopRequested()
+
+    def _open_wandb(self):
+        """Rank 0's W&B run (None without --wandb-project). Its id lives in the training state, so a
+        resume from a checkpoint continues the same W&B run; a fresh run draws a new id on rank 0."""
+        lc = self.cfg.logging
+        if lc.wandb_project is None:
+            return None
+        if not self.state.wandb_run_id:
+            ids = [os.urandom(8).hex() if is_rank0() else ""]
+            dist.broadcast_object_list(ids, src=0)  # every rank's checkpoint state holds the same id
+            self.state.wandb_run_id = ids[0]
+        if not is_rank0():
+            return None
+        name = lc.wandb_exp_name or os.path.basename(os.path.abspath(self.run_dir))
+        save_dir = lc.wandb_save_dir or self.run_dir
+        return open_wandb(lc.wandb_project, name, save_dir, self.state.wandb_run_id, self.resolved_config())
 
     def _prepare_save_dir(self, root: str) -> None:
         """--save holds amopo_model.json and the tokenizer, so it can be resumed from and exported."""
@@ -403,12 +421,20 @@ class Trainer:
         return path
 
     def train(self) -> dict:
-        tc, ck = self.cfg.training, self.cfg.checkpoint
+        tc = self.cfg.training
         log0(
             f"training {self.train_iters} steps x {self.num_microbatches} micro-batches x DP {self.dp_size} "
             f"({len(self.train_split)} groups, P={len(self.pair_names)} pairs, layout {tc.batch_layout}); "
             f"starting at step {self.state.iteration}"
         )
+        try:
+            return self._train_loop()
+        finally:
+            self.profiler.close()
+            self.writer.close()
+
+    def _train_loop(self) -> dict:
+        tc, ck = self.cfg.training, self.cfg.checkpoint
         history: dict = {"train": [], "valid": []}
         if tc.eval_interval and self.state.iteration == 0:
             history["valid"].append(self.evaluate())
@@ -417,7 +443,8 @@ class Trainer:
         last_saved = self.state.iteration
         while self.state.iteration < self.train_iters:
             tick = time.time()
-            reduced = self.train_step()
+            with self.profiler.step(self.state.iteration + 1):
+                reduced = self.train_step()
             it = self.state.iteration
             values = summarize(reduced, self.pair_names)
             values.update(
@@ -456,7 +483,6 @@ class Trainer:
             history["valid"].append(self.evaluate())
         if last_saved != self.state.iteration:
             self.save()
-        self.writer.close()
         return history
 
     def resolved_config(self) -> dict:

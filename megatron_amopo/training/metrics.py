@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import IO, Optional
+from typing import IO, Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -55,13 +55,25 @@ def summarize(reduced: dict, pair_names: list[str], prefix: str = "") -> dict[st
     return out
 
 
-class MetricsWriter:
-    """Rank-0 writer of ``metrics.jsonl`` and TensorBoard events in the run directory."""
+def open_wandb(project: str, name: str, save_dir: str, run_id: str, config: dict) -> Any:
+    """Start the W&B run ``run_id``, or continue it when a resumed run logged to it before.
 
-    def __init__(self, run_dir: Optional[str], enabled: bool) -> None:
+    Online or offline (``WANDB_MODE=offline``) is W&B's own environment setting."""
+    import wandb
+
+    os.makedirs(save_dir, exist_ok=True)
+    return wandb.init(project=project, name=name, dir=save_dir, id=run_id, resume="allow", config=config)
+
+
+class MetricsWriter:
+    """Rank-0 writer of ``metrics.jsonl`` and TensorBoard events in the run directory, and of the
+    same scalars (``train/loss``, ``valid/accuracy/general``, ...) to a W&B run when one is given."""
+
+    def __init__(self, run_dir: Optional[str], enabled: bool, wandb_run: Any = None) -> None:
         self.enabled = enabled and run_dir is not None
         self._jsonl: Optional[IO[str]] = None
         self._tb = None
+        self._wandb = wandb_run if self.enabled else None
         if run_dir is None or not self.enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
@@ -78,17 +90,22 @@ class MetricsWriter:
             return
         self._jsonl.write(json.dumps({"kind": kind, "iteration": iteration, "time": time.time(), **values}) + "\n")
         self._jsonl.flush()
+        scalars = {f"{kind}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}
         if self._tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)):
-                    self._tb.add_scalar(f"{kind}/{k}", v, iteration)
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, iteration)
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=iteration)
 
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        self._jsonl = self._tb = self._wandb = None
 
 
 def format_line(it: int, total: int, values: dict[str, float], pair_names: list[str]) -> str:

@@ -74,8 +74,41 @@ def test_yaml_unknown_key_is_named(tmp_path):
         ("--micro-batch-size 1 --train-iters 2 --lr-decay-style exp", "--lr-decay-style must be"),
         ("--micro-batch-size 1 --train-iters 2 --split 95", "--split must be two non-negative numbers"),
         ("--micro-batch-size 1 --train-iters 2 --sequence-parallel", "--sequence-parallel needs"),
+        ("--micro-batch-size 1 --train-iters 2 --wandb-exp-name x", "--wandb-exp-name needs --wandb-project"),
+        ("--micro-batch-size 1 --train-iters 2 --profile-step-start 5 --profile-step-end 4", "--profile-step-start <="),
+        ("--micro-batch-size 1 --train-iters 2 --profile-step-start 0", "1 <= --profile-step-start"),
     ],
 )
 def test_bad_flags_are_refused_before_any_work(argv, match):
     with pytest.raises(ValueError, match=match):
         parse(argv.split())
+
+
+def test_logging_and_profile_flags_reach_their_fields():
+    cfg = parse(
+        [
+            "--micro-batch-size",
+            "1",
+            "--train-iters",
+            "2",
+            "--wandb-project",
+            "p",
+            "--wandb-exp-name",
+            "n",
+            "--wandb-save-dir",
+            "d",
+            "--profile",
+            "--profile-step-start",
+            "3",
+            "--profile-step-end",
+            "5",
+            "--profile-ranks",
+            "0",
+            "3",
+            "--profile-record-shapes",
+        ]
+    )
+    assert (cfg.logging.wandb_project, cfg.logging.wandb_exp_name, cfg.logging.wandb_save_dir) == ("p", "n", "d")
+    p = cfg.profile
+    assert p.profile and (p.profile_step_start, p.profile_step_end, p.profile_ranks) == (3, 5, [0, 3])
+    assert p.profile_record_shapes
