@@ -146,8 +146,15 @@ def load_yaml(path: str) -> dict:
     """Read a YAML run file: a flat mapping whose keys are flag names without dashes."""
     import yaml
 
+    from megatron_amopo.runtime.errors import InputError
+
     with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
+        try:
+            data = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as err:
+            raise InputError(
+                f"--config {path} is not valid YAML ({' '.join(str(err).split())})", "fix the file"
+            ) from err
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a run file must be a mapping of flag names to values, got {type(data).__name__}")
     return data
@@ -363,7 +370,9 @@ class RunConfig:
 
 
 def run_arg_parser(description: str = "") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
+    from megatron_amopo.runtime.errors import ArgumentParser
+
+    parser = ArgumentParser(description=description)
     parser.add_argument(
         "--config",
         default=None,

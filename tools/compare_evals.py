@@ -10,7 +10,6 @@ interval; '*' marks a gain whose interval excludes zero.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -22,10 +21,12 @@ from megatron_amopo.evaluation.report import (  # noqa: E402
     pair_names_of,
     read_records,
 )
+from megatron_amopo.runtime.errors import ArgumentParser, UsageError, entry_point  # noqa: E402
 
 
+@entry_point
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--baseline", required=True, help="per-group file of the untrained model")
     p.add_argument("--arm", action="append", required=True, metavar="NAME=FILE", help="per-group file of an arm")
     p.add_argument("--pairs", nargs="+", default=None, help="pairs to show (default: all in --baseline)")
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
             p.error(f"--pairs {unknown} are not in {args.baseline} (it has {pair_names_of(baseline)})")
         table = comparison_table(baseline, loaded, pairs, args.resamples, args.seed)
     except ValueError as err:
-        raise SystemExit(f"compare_evals: {err}") from None
+        raise UsageError(f"compare_evals: {err}", "check the --baseline and --arm files") from err
     print(table)
     if args.output:
         with open(args.output, "w") as fh:

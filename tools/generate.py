@@ -9,19 +9,20 @@ steered per dimension.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_amopo.runtime import quiet  # noqa: E402
+from megatron_amopo.runtime.errors import ArgumentParser, entry_point  # noqa: E402
 
 quiet.install()  # before anything imports Megatron-Core
 
 
+@entry_point
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="Hugging Face model directory (e.g. an exported checkpoint)")
     parser.add_argument("--prompt", required=True, help="the user message")
     parser.add_argument("--dimension", default=None, help="dimension to steer (default: the general prompt)")

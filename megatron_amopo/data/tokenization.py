@@ -200,9 +200,13 @@ class GroupEncoder:
     def encode(self, rec: PreferenceRecord) -> Union[EncodedGroup, Skip]:
         prompts = self.builder.build_pair_prompts(rec.chosen_scores)
         seqs = self._render(prompts, rec.turns, (rec.chosen, rec.rejected))
-        if max(len(t) for t, _ in seqs) <= self.budget:
+        longest = max(len(t) for t, _ in seqs)
+        if longest <= self.budget:
             return self._group(rec, seqs, user_tokens=0, lost=0)
-        return self._truncate(rec, prompts, seqs)
+        res = self._truncate(rec, prompts, seqs)
+        if isinstance(res, Skip):
+            res.tokens = longest  # what the group would need uncut: the empty-output message reports the least
+        return res
 
     def _group(self, rec, seqs, user_tokens: int, lost: int, responses_cut: int = 0) -> EncodedGroup:
         return EncodedGroup(
