@@ -7,8 +7,6 @@ import json
 import os
 import random
 
-import pytest
-
 from megatron_amopo.data.config import DataConfig, SplitConfig
 from megatron_amopo.data.split import assign_prompts, split_rows
 
