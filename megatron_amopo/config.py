@@ -304,6 +304,11 @@ class CheckpointConfig:
     save_interval: Optional[int] = _f(None, "save every N steps (also at the end and on SIGTERM/SIGUSR1)")
     keep_last: Optional[int] = _f(None, "keep only the newest K training checkpoints under --save")
     finetune: bool = _f(False, "take only the weights from --load (start at step 0 with fresh optimizer)")
+    disk_check: bool = _f(
+        True,
+        "refuse to start when --save has less free space than two checkpoints (one and the staging copy of "
+        "the next); --no-disk-check warns and starts anyway",
+    )
 
     def __post_init__(self) -> None:
         if self.save_interval is not None and self.save_interval < 1:

@@ -99,6 +99,9 @@ def main(argv=None) -> int:
     from megatron_amopo.evaluation.control import generate_at_scores, summarize_control
 
     torch.manual_seed(0)
+    from megatron_amopo.convert.hf_io import HFWeights
+
+    HFWeights(args.model)  # a missing, truncated or corrupt weight file is named before transformers loads it
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     print(

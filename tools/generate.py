@@ -47,6 +47,9 @@ def main(argv=None) -> int:
     else:
         score = args.score if args.score is not None else args.score_max
         system = builder.dimension(args.dimensions.index(args.dimension), score)
+    from megatron_amopo.convert.hf_io import HFWeights
+
+    HFWeights(args.model)  # a missing, truncated or corrupt weight file is named before transformers loads it
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     messages = [{"role": "system", "content": system}, {"role": "user", "content": args.prompt}]

@@ -204,14 +204,19 @@ def atomic_save(
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     barrier()
-    dist_checkpointing.save(sharded_state_dict, tmp, content_metadata=content_metadata)
-    barrier()
-    if is_rank0():
-        write_completion_marker(tmp, kind, {"iteration": iteration, **(extra or {})})
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        write_latest_iteration(root, iteration)
+    try:
+        dist_checkpointing.save(sharded_state_dict, tmp, content_metadata=content_metadata)
+        barrier()
+        if is_rank0():
+            write_completion_marker(tmp, kind, {"iteration": iteration, **(extra or {})})
+            if os.path.isdir(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            write_latest_iteration(root, iteration)
+    except BaseException:
+        if is_rank0():  # a partial staging copy would keep a full disk full
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     barrier()
     return final
 
