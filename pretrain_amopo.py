@@ -20,8 +20,10 @@ from megatron_amopo.runtime import quiet
 quiet.install()  # before anything imports Megatron-Core
 
 from megatron_amopo.config import add_dry_run_args, run_arg_parser, run_config_from_args  # noqa: E402
+from megatron_amopo.runtime.errors import entry_point  # noqa: E402
 
 
+@entry_point  # a user error: one line on rank 0 and its exit code (runtime/errors.py)
 def main(argv=None) -> int:
     if "--dry-run" in (sys.argv[1:] if argv is None else argv):  # one rank's shard on the meta device, no GPUs
         from megatron_amopo.training import dry_run
@@ -37,18 +39,12 @@ def main(argv=None) -> int:
 
     from megatron_amopo.runtime.distributed import destroy_distributed, initialize_distributed, set_seed
     from megatron_amopo.training.loop import Trainer, log0
-    from megatron_amopo.training.preflight import InsufficientMemory
     from megatron_amopo.training.step import forward_step
 
     initialize_distributed(cfg.parallel)
     set_seed(cfg.training.seed)
     try:
-        try:
-            trainer = Trainer(cfg, forward_step)
-        except InsufficientMemory as err:  # every rank refuses; rank 0 says why
-            if int(os.environ.get("RANK", "0")) == 0:
-                print(f"error: {err}", file=sys.stderr, flush=True)
-            return 2
+        trainer = Trainer(cfg, forward_step)  # every rank refuses a run that will not fit; rank 0 says why
         resolved = trainer.resolved_config()
         log0("resolved configuration:\n" + _yaml(resolved))
         if trainer.writer.enabled:

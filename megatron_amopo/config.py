@@ -156,8 +156,15 @@ def load_yaml(path: str) -> dict:
     """Read a YAML run file: a flat mapping whose keys are flag names without dashes."""
     import yaml
 
+    from megatron_amopo.runtime.errors import InputError
+
     with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
+        try:
+            data = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as err:
+            raise InputError(
+                f"--config {path} is not valid YAML ({' '.join(str(err).split())})", "fix the file"
+            ) from err
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a run file must be a mapping of flag names to values, got {type(data).__name__}")
     return data
@@ -307,6 +314,11 @@ class CheckpointConfig:
     save_interval: Optional[int] = _f(None, "save every N steps (also at the end and on SIGTERM/SIGUSR1)")
     keep_last: Optional[int] = _f(None, "keep only the newest K training checkpoints under --save")
     finetune: bool = _f(False, "take only the weights from --load (start at step 0 with fresh optimizer)")
+    disk_check: bool = _f(
+        True,
+        "refuse to start when --save has less free space than two checkpoints (one and the staging copy of "
+        "the next); --no-disk-check warns and starts anyway",
+    )
 
     def __post_init__(self) -> None:
         if self.save_interval is not None and self.save_interval < 1:
@@ -426,7 +438,9 @@ class RunConfig:
 
 
 def run_arg_parser(description: str = "") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
+    from megatron_amopo.runtime.errors import ArgumentParser
+
+    parser = ArgumentParser(description=description)
     parser.add_argument(
         "--config",
         default=None,

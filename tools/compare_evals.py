@@ -12,7 +12,6 @@ add a second table: steerability and flip rate per dimension (evaluation/report.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -27,10 +26,12 @@ from megatron_amopo.evaluation.report import (  # noqa: E402
     read_records,
     steerability_table,
 )
+from megatron_amopo.runtime.errors import ArgumentParser, UsageError, entry_point  # noqa: E402
 
 
+@entry_point
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--baseline", required=True, help="per-group file of the untrained model")
     p.add_argument("--arm", action="append", required=True, metavar="NAME=FILE", help="per-group file of an arm")
     p.add_argument("--pairs", nargs="+", default=None, help="pairs to show (default: all in --baseline)")
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
         if steer:
             table += "\n\n" + steerability_table(baseline, loaded, steer, args.resamples, args.seed)
     except ValueError as err:
-        raise SystemExit(f"compare_evals: {err}") from None
+        raise UsageError(f"compare_evals: {err}", "check the --baseline and --arm files") from err
     print(table)
     if args.output:
         with open(args.output, "w") as fh:

@@ -20,12 +20,13 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_amopo.runtime import quiet  # noqa: E402
+from megatron_amopo.runtime.errors import ArgumentParser, entry_point  # noqa: E402
 
 quiet.install()  # before anything imports Megatron-Core
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
     )
     p.add_argument("--load", required=True, help="checkpoint root (amopo_model.json + iter_NNNNNNN/)")
@@ -59,10 +60,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+@entry_point
 def main(argv=None) -> int:
-    from megatron_amopo.convert.runtime import run_cli
-
-    return run_cli(run, parse_args(argv))
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":

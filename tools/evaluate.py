@@ -25,8 +25,10 @@ from megatron_amopo.runtime import quiet  # noqa: E402
 quiet.install()  # before anything imports Megatron-Core
 
 from megatron_amopo.config import run_arg_parser, run_config_from_args, schedule_unused  # noqa: E402
+from megatron_amopo.runtime.errors import entry_point  # noqa: E402
 
 
+@entry_point
 def main(argv=None) -> int:
     parser = run_arg_parser(__doc__.splitlines()[0])
     parser.add_argument("--output", default=None, help="write the metrics as JSON here")
@@ -58,7 +60,7 @@ def main(argv=None) -> int:
     from megatron_amopo.runtime.distributed import destroy_distributed, initialize_distributed, set_seed
     from megatron_amopo.training import data as tdata
     from megatron_amopo.training.loop import evaluate_split, format_eval, log0, run_transformer_config
-    from megatron_amopo.training.preflight import InsufficientMemory, check_memory
+    from megatron_amopo.training.preflight import check_memory
     from megatron_amopo.training.step import forward_step, packed_thd_default, seq_pad_multiple
 
     initialize_distributed(cfg.parallel)
@@ -113,10 +115,6 @@ def main(argv=None) -> int:
         if args.output and is_rank0():
             with open(args.output, "w") as fh:
                 json.dump(values, fh, indent=1)
-    except InsufficientMemory as err:
-        if is_rank0():
-            print(f"error: {err}", file=sys.stderr)
-        return 2
     finally:
         destroy_distributed()
     return 0

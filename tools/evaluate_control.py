@@ -12,7 +12,6 @@ requested score and length with a 95% bootstrap interval over prompts; ``--outpu
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -20,6 +19,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_amopo.data.config import DEFAULT_SCORE_RANGE, PLACEMENTS  # noqa: E402
+from megatron_amopo.runtime.errors import ArgumentParser, InputError, UsageError, entry_point  # noqa: E402
 
 
 def read_prompts(path: str, limit: int) -> list[list[dict]]:
@@ -49,7 +49,7 @@ def read_prompts(path: str, limit: int) -> list[list[dict]]:
 
 def parse_args(argv):
     lo, hi = DEFAULT_SCORE_RANGE["helpsteer2"]
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="Hugging Face model directory (e.g. tools/convert_megatron_to_hf.py)")
     p.add_argument("--input", required=True, help="JSONL rows with a 'prompt' field (e.g. the held-out split)")
     p.add_argument("--dimension", required=True, help="dimension whose score is requested, e.g. verbosity")
@@ -80,6 +80,7 @@ def parse_args(argv):
     return args
 
 
+@entry_point
 def main(argv=None) -> int:
     args = parse_args(argv)
     from megatron_amopo.data.prompts import PromptBuilder, load_templates
@@ -87,10 +88,10 @@ def main(argv=None) -> int:
     try:
         builder = PromptBuilder(load_templates(args.prompt_templates), [args.dimension], args.score_min, args.score_max)
     except ValueError as err:
-        raise SystemExit(f"--dimension {args.dimension}: {err}") from None
+        raise UsageError(f"--dimension {args.dimension}: {err}", "see --prompt-templates and --dimension") from err
     prompts = read_prompts(args.input, args.num_prompts)
     if len(prompts) < 2:
-        raise SystemExit(f"--input {args.input} has {len(prompts)} distinct prompts; at least 2 are needed")
+        raise InputError(f"--input {args.input} has {len(prompts)} distinct prompts", "give at least 2")
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -98,6 +99,9 @@ def main(argv=None) -> int:
     from megatron_amopo.evaluation.control import generate_at_scores, summarize_control
 
     torch.manual_seed(0)
+    from megatron_amopo.convert.hf_io import HFWeights
+
+    HFWeights(args.model)  # a missing, truncated or corrupt weight file is named before transformers loads it
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     print(

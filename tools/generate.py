@@ -25,10 +25,11 @@ quiet.install()  # before anything imports Megatron-Core
 from megatron_amopo.data.config import PLACEMENTS  # noqa: E402
 from megatron_amopo.evaluation.benchmarks import FORMATS  # noqa: E402
 from megatron_amopo.evaluation.generation import BACKENDS  # noqa: E402
+from megatron_amopo.runtime.errors import ArgumentParser, UsageError, entry_point  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
     )
     p.add_argument("--model", required=True, help="Hugging Face model directory (e.g. an exported checkpoint)")
@@ -76,13 +77,16 @@ def system_prompt(args) -> str:
     return builder.dimension(args.dimensions.index(args.dimension), score)
 
 
+@entry_point
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from megatron_amopo.convert.hf_io import HFWeights
     from megatron_amopo.evaluation.generation import Sampling, choose_backend
 
     system = system_prompt(args)
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     if args.prompt is not None:
+        HFWeights(args.model)  # a missing, truncated or corrupt weight file is named before transformers loads it
         return single(args, system, sampling)
     from megatron_amopo.evaluation.benchmarks import AnswerStore, read_questions
     from megatron_amopo.evaluation.generation import answer_all, load_generator
@@ -93,11 +97,11 @@ def main(argv=None) -> int:
         store = AnswerStore(args.output, args.format, questions, model_id)
         backend = choose_backend(args.backend)
     except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise UsageError(str(err), "give --format the question file's format and an --output of this model") from err
     todo = len(store.pending())
     print(f"{len(questions)} questions, {len(questions) - todo} already answered in {args.output}; backend {backend}")
     if todo:
+        HFWeights(args.model)
         gen = load_generator(backend, args.model, args.seed)
         answer_all(store, gen, sampling, system, args.prompt_placement, model_id, args.batch_size)
     else:

@@ -18,9 +18,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_amopo.runtime.errors import ArgumentParser, entry_point  # noqa: E402
+
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
     )
     p.add_argument("--gguf", required=True, help="GGUF file to import")
@@ -49,10 +51,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+@entry_point
 def main(argv=None) -> int:
-    from megatron_amopo.convert.runtime import run_cli
-
-    return run_cli(run, parse_args(argv))
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":

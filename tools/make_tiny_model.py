@@ -18,12 +18,13 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_amopo.runtime import quiet  # noqa: E402
+from megatron_amopo.runtime.errors import ArgumentParser, UsageError, entry_point  # noqa: E402
 
 quiet.install()  # before anything imports Megatron-Core
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
     )
     p.add_argument("--arch", required=True, choices=["qwen2", "llama", "mistral"])
@@ -45,6 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@entry_point
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -52,11 +54,9 @@ def main(argv=None) -> int:
     from megatron_amopo.convert.tiny_hf import LLAMA3_ROPE, make_tiny_hf_model
 
     if os.path.isdir(args.out) and os.listdir(args.out):
-        print(f"error: {args.out} exists and is not empty", file=sys.stderr)
-        return 2
+        raise UsageError(f"{args.out} exists and is not empty", "choose another --out or empty it")
     if args.llama3_rope and args.arch != "llama":
-        print("error: --llama3-rope applies to --arch llama only", file=sys.stderr)
-        return 2
+        raise UsageError("--llama3-rope applies to --arch llama only", "drop it or pass --arch llama")
     overrides = dict(
         vocab_size=args.vocab_size,
         hidden_size=args.hidden_size,
@@ -69,20 +69,16 @@ def main(argv=None) -> int:
     )
     if args.llama3_rope:
         overrides["rope_scaling"] = dict(LLAMA3_ROPE)
-    try:
-        cfg = make_tiny_hf_model(
-            args.out,
-            args.arch,
-            tied=args.tied,
-            tokenizer=args.tokenizer,
-            seed=args.seed,
-            dtype=getattr(torch, args.dtype),
-            max_shard_size=args.max_shard_size,
-            **overrides,
-        )
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = make_tiny_hf_model(
+        args.out,
+        args.arch,
+        tied=args.tied,
+        tokenizer=args.tokenizer,
+        seed=args.seed,
+        dtype=getattr(torch, args.dtype),
+        max_shard_size=args.max_shard_size,
+        **overrides,
+    )
     print(
         f"wrote {args.out}: {cfg['model_type']} with {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, "
         f"vocab {cfg['vocab_size']}, tied={cfg['tie_word_embeddings']}"

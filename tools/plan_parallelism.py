@@ -20,6 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_amopo.runtime import quiet  # noqa: E402
+from megatron_amopo.runtime.errors import ArgumentParser, entry_point  # noqa: E402
 
 quiet.install()  # before anything imports Megatron-Core
 
@@ -27,7 +28,7 @@ from megatron_amopo.model import memory  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
     )
     p.add_argument("--model", required=True, help="HF config.json / model directory, or a converted checkpoint root")
@@ -76,13 +77,10 @@ def layout_flags(layout: memory.Layout) -> str:
     return " ".join(flags)
 
 
+@entry_point
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        arch = load_arch(args.model)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    arch = load_arch(args.model)
     work = memory.default_workload(
         args.seq_length,
         args.num_dimensions,

@@ -6,7 +6,6 @@ batch spread and the deterministic mean-mode weights), reward margins and accura
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -14,6 +13,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_amopo.runtime import quiet  # noqa: E402
+from megatron_amopo.runtime.errors import ArgumentParser, entry_point  # noqa: E402
 
 quiet.install()  # before anything imports Megatron-Core
 
@@ -87,8 +87,9 @@ def plot(run_dir: str, out_dir: str) -> list[str]:
     return written
 
 
+@entry_point
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir")
     parser.add_argument("--out", default=None, help="output folder (default RUN_DIR/plots)")
     args = parser.parse_args(argv)

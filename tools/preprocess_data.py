@@ -17,6 +17,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_amopo.runtime import quiet  # noqa: E402
+from megatron_amopo.runtime.errors import ArgumentParser, entry_point  # noqa: E402
 
 quiet.install()  # before anything imports Megatron-Core
 
@@ -25,34 +26,29 @@ from megatron_amopo.data.config import DataConfig, PreprocessConfig, PromptConfi
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
     )
     for cls in (PreprocessConfig, DataConfig, PromptConfig):
         add_dataclass_args(parser, cls)
     args = parser.parse_args(argv)
-    try:
-        return tuple(dataclass_from_args(cls, args) for cls in (DataConfig, PromptConfig, PreprocessConfig))
-    except ValueError as err:
-        parser.error(str(err))
+    return tuple(dataclass_from_args(cls, args) for cls in (DataConfig, PromptConfig, PreprocessConfig))
 
 
+@entry_point
 def main(argv=None) -> int:
     data_cfg, prompt_cfg, pre = parse_args(argv)
     if pre.workers > 1:
         # Workers are forked; tokenizers' own thread pool must not be live across the fork.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from megatron_amopo.data.preprocess import DataError, preprocess, summary_line
+    from megatron_amopo.data.preprocess import preprocess, summary_line
     from megatron_amopo.runtime.progress import progress
 
     bar = progress(desc="rows", unit=" rows", enabled=pre.progress)
     try:
         meta = preprocess(data_cfg, prompt_cfg, pre, progress=bar)
-    except (DataError, FileExistsError, ValueError) as err:
+    finally:
         bar.close()
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    bar.close()
     print(summary_line(meta))
     return 0
 

@@ -18,10 +18,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_amopo.config import add_dataclass_args, dataclass_from_args  # noqa: E402
 from megatron_amopo.data.config import DataConfig, SplitConfig  # noqa: E402
+from megatron_amopo.runtime.errors import ArgumentParser, entry_point  # noqa: E402
 
 
 def parse_args(argv=None) -> tuple[SplitConfig, DataConfig]:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
     )
     add_dataclass_args(parser, SplitConfig)
@@ -34,15 +35,12 @@ def parse_args(argv=None) -> tuple[SplitConfig, DataConfig]:
         parser.error(str(err))
 
 
+@entry_point
 def main(argv=None) -> int:
     cfg, data_cfg = parse_args(argv)
     from megatron_amopo.data.split import split_rows
 
-    try:
-        summary = split_rows(cfg, data_cfg)
-    except (FileExistsError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    summary = split_rows(cfg, data_cfg)
     parts = " | ".join(f"{name} {c['prompts']} prompts {c['rows']} rows" for name, c in summary["counts"].items())
     print(f"{parts} | seed {cfg.seed} -> {cfg.output}")
     return 0

@@ -18,6 +18,7 @@ import torch
 from megatron_amopo.model.architectures import ModelArch, arch_from_hf_config
 from megatron_amopo.model.sharding import unwrap
 from megatron_amopo.runtime.comm import any_rank, barrier, is_rank0
+from megatron_amopo.runtime.errors import CorruptFile
 
 FORMAT_VERSION = 1
 METADATA_FILE = "amopo_model.json"
@@ -203,14 +204,19 @@ def atomic_save(
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     barrier()
-    dist_checkpointing.save(sharded_state_dict, tmp, content_metadata=content_metadata)
-    barrier()
-    if is_rank0():
-        write_completion_marker(tmp, kind, {"iteration": iteration, **(extra or {})})
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        write_latest_iteration(root, iteration)
+    try:
+        dist_checkpointing.save(sharded_state_dict, tmp, content_metadata=content_metadata)
+        barrier()
+        if is_rank0():
+            write_completion_marker(tmp, kind, {"iteration": iteration, **(extra or {})})
+            if os.path.isdir(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            write_latest_iteration(root, iteration)
+    except BaseException:
+        if is_rank0():  # a partial staging copy would keep a full disk full
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     barrier()
     return final
 
@@ -274,14 +280,14 @@ def load_model_state(
     path = iteration_dir(root, iteration)
     problem = checkpoint_problem(path)
     if problem is not None:
-        raise RuntimeError(f"corrupt or partial checkpoint {path}: {problem}")
+        raise CorruptFile(f"corrupt or partial checkpoint {path}: {problem}")
     try:
         loaded, _, not_in_ckpt = dist_checkpointing.load(
             {"model": unwrap(model_chunk).sharded_state_dict()}, path, strict="return_all"
         )
     except Exception as e:  # torch DCP / Megatron raise many types for damaged files
-        raise RuntimeError(f"corrupt or partial checkpoint {path}: {type(e).__name__}: {e}") from e
+        raise CorruptFile(f"corrupt or partial checkpoint {path}: {type(e).__name__}: {e}") from e
     if strict and any_rank(bool(not_in_ckpt)):
-        raise RuntimeError(f"checkpoint {path} lacks tensors the model needs: {sorted(not_in_ckpt)[:8]}")
+        raise CorruptFile(f"checkpoint {path} lacks tensors the model needs: {sorted(not_in_ckpt)[:8]}")
     unwrap(model_chunk).load_state_dict(loaded["model"], strict=strict)
     return iteration

@@ -22,6 +22,7 @@ import torch
 from megatron_amopo.convert.hf_io import PlannedTensor, parse_size, write_sharded_safetensors
 from megatron_amopo.convert.runtime import check_output_dir, publish, staging_dir, start_staging
 from megatron_amopo.model.architectures import arch_from_hf_config
+from megatron_amopo.runtime.errors import CorruptFile
 
 DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 # GGUF general.architecture -> HF model_type; llama.cpp stores Mistral models as "llama".
@@ -128,6 +129,28 @@ def _hf_config(reader, arch: str, model_type: str, vocab_size: int, tied: bool, 
     return cfg
 
 
+def _open_gguf(path: str):
+    """A ``GGUFReader`` on ``path``; a truncated or damaged file is named, not a numpy reshape error."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OSError) as e:
+        raise _corrupt_gguf(path, f"{type(e).__name__}: {e}") from e
+    size = os.path.getsize(path)
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    if end > size:
+        raise _corrupt_gguf(path, f"its tensors end at byte {end}, the file has {size}")
+    return reader
+
+
+def _corrupt_gguf(path: str, what: str) -> CorruptFile:
+    return CorruptFile(
+        f"{path} is truncated or corrupt ({what}); nothing was written",
+        "download the GGUF file again (compare its size with the source)",
+    )
+
+
 def plan_gguf_import(path: str, dtype: Literal["bfloat16", "float32"] = "bfloat16") -> GGUFPlan:
     """Read and check the GGUF header (no tensor is dequantised); errors name the problem and the fix."""
     if dtype not in DTYPES:
@@ -137,9 +160,7 @@ def plan_gguf_import(path: str, dtype: Literal["bfloat16", "float32"] = "bfloat1
     with open(path, "rb") as fh:
         if fh.read(4) != b"GGUF":
             raise ValueError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
-    from gguf import GGUFReader
-
-    reader = GGUFReader(path)
+    reader = _open_gguf(path)
     arch = _field(reader, "general.architecture")
     if arch not in ARCHITECTURES:
         raise ValueError(

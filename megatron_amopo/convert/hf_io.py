@@ -21,6 +21,8 @@ from typing import Optional
 
 import torch
 
+from megatron_amopo.runtime.errors import CorruptFile
+
 ST_INDEX = "model.safetensors.index.json"
 ST_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -67,12 +69,16 @@ class HFWeights:
         if self.kind == "safetensors":
             from safetensors import safe_open
 
-            with safe_open(full, framework="pt") as f:
-                for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                    sl = f.get_slice(name)
-                    self.shapes[name] = tuple(sl.get_shape())
-                    self.dtypes[name] = _ST_DTYPES.get(sl.get_dtype())
-                    self.weight_map.setdefault(name, file)
+            check_safetensors(full)
+            try:
+                with safe_open(full, framework="pt") as f:
+                    for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                        sl = f.get_slice(name)
+                        self.shapes[name] = tuple(sl.get_shape())
+                        self.dtypes[name] = _ST_DTYPES.get(sl.get_dtype())
+                        self.weight_map.setdefault(name, file)
+            except Exception as e:  # safetensors raises its own SafetensorError for damaged files
+                raise _corrupt(full, f"{type(e).__name__}: {e}") from e
         else:
             for name, t in self._load_bin(file).items():
                 self.shapes[name], self.dtypes[name] = tuple(t.shape), t.dtype
@@ -83,7 +89,11 @@ class HFWeights:
         # Memory-mapped and weights_only: nothing is executed, pages are read on use.
         if self._bin_cache[0] != file:
             self._bin_cache = (None, {})
-            state = torch.load(os.path.join(self.path, file), map_location="cpu", weights_only=True, mmap=True)
+            full = os.path.join(self.path, file)
+            try:
+                state = torch.load(full, map_location="cpu", weights_only=True, mmap=True)
+            except (RuntimeError, EOFError, ValueError, OSError) as e:  # a truncated zip or pickle
+                raise _corrupt(full, f"{type(e).__name__}: {e}") from e
             self._bin_cache = (file, state)
         return self._bin_cache[1]
 
@@ -98,6 +108,32 @@ class HFWeights:
 
         with safe_open(os.path.join(self.path, file), framework="pt") as f:
             return f.get_tensor(name)
+
+
+def _corrupt(path: str, what: str) -> CorruptFile:
+    return CorruptFile(
+        f"{path} is truncated or corrupt ({what}); nothing was written",
+        "download or export the model again (compare the file's size with the source)",
+    )
+
+
+def check_safetensors(path: str) -> None:
+    """The safetensors header parses and its tensors end exactly at the end of the file."""
+    size = os.path.getsize(path)
+    if size < 8:
+        raise _corrupt(path, f"{size} bytes, shorter than the 8-byte header length")
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        if n > size - 8:
+            raise _corrupt(path, f"header length {n} exceeds the file's {size} bytes")
+        try:
+            header = json.loads(fh.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise _corrupt(path, f"the header is not valid JSON: {e}") from e
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    expected = 8 + n + max(ends, default=0)
+    if expected != size:
+        raise _corrupt(path, f"the header describes {expected} bytes, the file has {size}")
 
 
 # ---------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from megatron_amopo.convert.registry import table_for
 from megatron_amopo.convert.runtime import build_full_model, check_output_dir, publish, start_staging
 from megatron_amopo.model.architectures import ModelArch, arch_from_hf_config, load_hf_config
 from megatron_amopo.runtime.comm import is_rank0
+from megatron_amopo.runtime.errors import MissingTensor
 from megatron_amopo.runtime.progress import progress
 
 # HF tensors that are not parameters (older checkpoints store RoPE buffers).
@@ -51,7 +52,7 @@ def plan_import(hf_path: str) -> ImportPlan:
         for name, shape in zip(e.hf_names, e.hf_shapes):
             wanted.add(name)
             if name not in weights.shapes:
-                raise KeyError(f"{hf_path}: tensor {name} is missing (needed for {e.megatron})")
+                raise MissingTensor(f"{hf_path}: tensor {name} is missing (needed for {e.megatron})")
             if weights.shapes[name] != shape:
                 raise ValueError(
                     f"{hf_path}: tensor {name} has shape {weights.shapes[name]}, but config.json implies {shape}"

@@ -21,6 +21,7 @@ from megatron_amopo.convert.registry import table_for
 from megatron_amopo.convert.runtime import build_full_model, check_output_dir, publish, start_staging
 from megatron_amopo.model.architectures import ModelArch
 from megatron_amopo.runtime.comm import is_rank0
+from megatron_amopo.runtime.errors import CorruptFile
 from megatron_amopo.runtime.progress import progress
 
 
@@ -32,7 +33,7 @@ def resolve_iteration(root: str, iteration: Optional[int]) -> int:
             raise FileNotFoundError(f"no checkpoint at {root}: {store.LATEST_FILE} is missing")
     problem = store.checkpoint_problem(store.iteration_dir(root, iteration))
     if problem is not None:
-        raise RuntimeError(f"corrupt or partial checkpoint {store.iteration_dir(root, iteration)}: {problem}")
+        raise CorruptFile(f"corrupt or partial checkpoint {store.iteration_dir(root, iteration)}: {problem}")
     return iteration
 
 

@@ -94,18 +94,3 @@ def publish(path: str) -> None:
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
     barrier()
-
-
-# Errors that are the user's input (named in the message), reported without a traceback.
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, RuntimeError)
-
-
-def run_cli(run, args) -> int:
-    """Run a converter's ``run(args)``; user errors print ``error: ...`` and exit 2."""
-    import sys
-
-    try:
-        return run(args)
-    except USER_ERRORS as e:
-        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
-        return 2

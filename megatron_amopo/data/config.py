@@ -200,6 +200,12 @@ class PreprocessConfig:
     limit: Optional[int] = _f(None, "read at most this many input rows", flag="--limit")
     chunk_size: int = _f(16, "groups per worker task", flag="--chunk-size")
     progress: bool = _f(True, "show a tqdm progress bar", flag="--progress")
+    max_skipped_fraction: float = _f(
+        1.0,
+        "fail (exit 4, nothing written) when more than this fraction of the groups is skipped; "
+        "no groups at all always fails",
+        flag="--max-skipped-fraction",
+    )
 
     def __post_init__(self) -> None:
         if not self.input:
@@ -214,6 +220,8 @@ class PreprocessConfig:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
         if self.chunk_size < 1:
             raise ValueError(f"--chunk-size must be >= 1, got {self.chunk_size}")
+        if not 0.0 <= self.max_skipped_fraction <= 1.0:
+            raise ValueError(f"--max-skipped-fraction must be in [0, 1], got {self.max_skipped_fraction}")
 
 
 SPLIT_NAMES = ("train", "valid", "heldout")

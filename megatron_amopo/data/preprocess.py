@@ -33,13 +33,14 @@ from megatron_amopo.data.config import DataConfig, PreprocessConfig, PromptConfi
 from megatron_amopo.data.prompts import PromptBuilder, load_templates
 from megatron_amopo.data.records import ERROR_REASONS, PreferenceRecord, Skip, iter_rows, records
 from megatron_amopo.data.tokenization import EncodedGroup, GroupEncoder, load_tokenizer, tokenizer_fingerprint
+from megatron_amopo.runtime.errors import EmptyOutput, InputError
 
 FORMAT_VERSION = 1
 DATA_PREFIX = "data"
 REPORT_FIRST = 5  # line numbers kept per skip reason in skipped.json
 
 
-class DataError(ValueError):
+class DataError(InputError, ValueError):
     """A bad input row under --strict; the message names the file, the line and the reason."""
 
 
@@ -77,16 +78,22 @@ class _Tally:
         self.rows = 0
         self.skipped: Counter = Counter()
         self.examples: dict[str, list] = defaultdict(list)
+        self.first_row: Optional[dict] = None  # for the empty-output message: the fields the rows have
+        self.least_tokens = 0  # the shortest group dropped for length, uncut
 
     def count_rows(self, rows):
         for item in rows:
             self.rows += 1
+            if self.first_row is None and isinstance(item[2], dict):
+                self.first_row = item[2]
             yield item
 
     def skip(self, s: Skip) -> None:
         if self.strict and s.reason in ERROR_REASONS:
             raise DataError(f"{self.path} {self.where} {s.line}: {s.reason}: {s.detail} (--strict)")
         self.skipped[s.reason] += 1
+        if s.tokens:
+            self.least_tokens = min(self.least_tokens or s.tokens, s.tokens)
         if len(self.examples[s.reason]) < REPORT_FIRST:
             self.examples[s.reason].append({self.where: s.line, "detail": s.detail})
 
@@ -199,6 +206,10 @@ def preprocess(data_cfg: DataConfig, prompt_cfg: PromptConfig, pre: PreprocessCo
     out = Path(pre.output)
     if out.exists() and not pre.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    if not os.path.isfile(pre.input):
+        raise InputError(f"--input {pre.input} does not exist", "check the path (a .jsonl, .json or .parquet file)")
+    if not os.path.isdir(pre.tokenizer):
+        raise InputError(f"--tokenizer {pre.tokenizer} is not a directory", "give a local Hugging Face tokenizer")
     tok = load_tokenizer(pre.tokenizer)
     fp = tokenizer_fingerprint(tok, pre.tokenizer)
     builder = PromptBuilder(
@@ -220,6 +231,7 @@ def preprocess(data_cfg: DataConfig, prompt_cfg: PromptConfig, pre: PreprocessCo
                 w.add(res)
             if progress is not None:
                 progress.update(tally.rows - progress.n)  # the bar counts input rows
+        check_usable(tally, len(w.row_ids), data_cfg, pre)
         _check_mirrored(w, data_cfg, pre.input)
         w.finalize(tmp, len(data_cfg.dimensions))
         meta = _metadata(fp, data_cfg, prompt_cfg, builder, tally, w, time.perf_counter() - start, pre)
@@ -232,16 +244,71 @@ def preprocess(data_cfg: DataConfig, prompt_cfg: PromptConfig, pre: PreprocessCo
     return meta
 
 
+def _guess_format(row: dict) -> Optional[str]:
+    """The input format a row looks like (the fields records.py reads), or None."""
+    if {"prompt", "response", "helpfulness"} <= set(row):
+        return "helpsteer2"
+    if isinstance(row.get("chosen"), dict) and "content" in row["chosen"]:
+        return "amopo"
+    if {"chosen", "rejected"} <= set(row):
+        return "pairs"
+    return None
+
+
+def check_usable(tally: _Tally, groups: int, data_cfg: DataConfig, pre: PreprocessConfig) -> None:
+    """Refuse an output with no groups, or more skipped rows than --max-skipped-fraction allows."""
+    skipped = sum(tally.skipped.values())
+    fraction = skipped / max(1, skipped + groups)
+    if groups and fraction <= pre.max_skipped_fraction:
+        return
+    if tally.rows == 0:
+        raise EmptyOutput(
+            f"{pre.input} holds no rows; nothing was written", "check the file (JSON lines, one object each)"
+        )
+    top = tally.skipped.most_common(3)
+    reasons = ", ".join(
+        f"{r}={n} ({tally.where} {tally.examples[r][0][tally.where]}: {tally.examples[r][0]['detail']})" for r, n in top
+    )
+    what = (
+        f"{pre.input}: no groups written from {tally.rows} rows"
+        if not groups
+        else f"{pre.input}: {skipped} of {skipped + groups} groups skipped ({fraction:.0%} > --max-skipped-fraction "
+        f"{pre.max_skipped_fraction})"
+    )
+    raise EmptyOutput(f"{what}; skipped {reasons}; nothing was written", _likely_fix(tally, data_cfg, top[0][0]))
+
+
+def _likely_fix(tally: _Tally, data_cfg: DataConfig, reason: str) -> str:
+    if reason in ("missing_field", "bad_score", "unpaired"):
+        row = tally.first_row or {}
+        fields, guess = list(row), _guess_format(row)
+        shown = ", ".join(fields[:8]) + (", ..." if len(fields) > 8 else "")
+        if guess and guess != data_cfg.format:
+            return f"the rows have fields {shown}, which match --format {guess}, not --format {data_cfg.format}"
+        return f"the rows have fields {shown}; choose the --format (and --field-map or --dimensions) they match"
+    if reason in ("too_long", "truncation_limit", "cut_response") and tally.least_tokens:
+        return (
+            f"the shortest dropped group has {tally.least_tokens} tokens per sequence uncut, --seq-length "
+            f"{data_cfg.seq_length} allows {data_cfg.seq_length + 1}: raise --seq-length ({tally.least_tokens - 1} "
+            "keeps it whole) or --max-user-loss"
+        )
+    if reason == "malformed_json":
+        return "the input must be JSON lines: one JSON object per line"
+    if reason == "tie":
+        return "every pair ties under --pair-rule; choose another --pair-rule or --dimensions"
+    return "see the reasons above; --strict stops at the first bad row with its line number"
+
+
 def _check_mirrored(w: _Writer, data_cfg: DataConfig, path: str) -> None:
     """With mirrored pairs, every dimension must differ between the responses of at least one group."""
     if data_cfg.dimension_pairs != "mirrored" or not w.row_ids:
         return
     never = [d for k, d in enumerate(data_cfg.dimensions) if w.mirrored[k] == 0]
     if never:
-        raise DataError(
+        raise EmptyOutput(
             f"{path}: --dimension-pairs mirrored: the two responses' scores never differ on {never} in the "
-            f"{len(w.row_ids)} groups written, so these dimensions get no mirrored pair; drop them from "
-            "--dimensions or use --dimension-pairs paper (nothing was written)"
+            f"{len(w.row_ids)} groups written, so these dimensions get no mirrored pair; nothing was written",
+            "drop them from --dimensions or use --dimension-pairs paper",
         )
 
 

@@ -46,6 +46,7 @@ class Skip:
     reason: str
     line: int  # 1-based line of a JSONL file, else 1-based row number
     detail: str = ""
+    tokens: int = 0  # a group dropped for length: its longest sequence uncut (tokens), else 0
 
 
 @dataclass

@@ -208,11 +208,15 @@ class GroupEncoder:
         # the others so truncation treats every sequence alike, its sides are swapped in _mirror.
         prompts += [self.builder.dimension(k, rec.rejected_scores[k]) for k in mirrored]
         seqs = self._render(prompts, rec.turns, (rec.chosen, rec.rejected))
-        if max(len(t) for t, _ in seqs) <= self.budget:
+        longest = max(len(t) for t, _ in seqs)
+        if longest <= self.budget:
             group = self._group(rec, seqs, user_tokens=0, lost=0)
         else:
             group = self._truncate(rec, prompts, seqs)
-        if isinstance(group, Skip) or self.cfg.dimension_pairs != "mirrored":
+        if isinstance(group, Skip):
+            group.tokens = longest  # what the group would need uncut: the empty-output message reports the least
+            return group
+        if self.cfg.dimension_pairs != "mirrored":
             return group
         return self._mirror(group, mirrored)
 

@@ -32,6 +32,7 @@ from megatron_amopo.runtime.comm import is_rank0
 from megatron_amopo.runtime.progress import progress
 from megatron_amopo.training import checkpoint as ckpt
 from megatron_amopo.training import data as tdata
+from megatron_amopo.training import disk
 from megatron_amopo.training.metrics import MetricsWriter, format_line, open_wandb, reduce_reports, summarize
 from megatron_amopo.training.optimizer import build_optimizer, build_scheduler
 from megatron_amopo.training.preflight import check_memory
@@ -228,6 +229,9 @@ class Trainer:
         self.pad_to_multiple = seq_pad_multiple(self.config)
         self._open_data()
         check_memory(self.arch, cfg, self.train_split, self.plan)  # refuses a run that will not fit
+        if cfg.checkpoint.save:
+            disk.clean_stale_staging(cfg.checkpoint.save)  # before the check: what they held is free again
+            disk.check_disk(self.arch, cfg.checkpoint.save, tc.bf16, refuse=cfg.checkpoint.disk_check)
         self.model = build_model(self.arch, self.config, use_distributed_optimizer=tc.use_distributed_optimizer)
         check_wiring(self.config)
         self.optimizer = build_optimizer(self.model, cfg.optimizer, tc)
@@ -407,16 +411,25 @@ class Trainer:
     def save(self) -> Optional[str]:
         if not self.cfg.checkpoint.save:
             return None
-        path = ckpt.save_checkpoint(
-            self.cfg.checkpoint.save,
-            self.model,
-            self.optimizer,
-            self.scheduler,
-            self.state,
-            self.cfg.to_dict(),
-            keep_last=self.cfg.checkpoint.keep_last,
-            pair_names=self.pair_names,
-        )
+        root = self.cfg.checkpoint.save
+        try:
+            path = ckpt.save_checkpoint(
+                root,
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                self.state,
+                self.cfg.to_dict(),
+                keep_last=self.cfg.checkpoint.keep_last,
+                pair_names=self.pair_names,
+            )
+        except BaseException as exc:  # torch's CheckpointException is a BaseException
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            failure = disk.save_failure(exc, self.arch, root, self.state.iteration, self.cfg.training.bf16)
+            if failure is None:
+                raise
+            raise failure from exc
         log0(f"saved checkpoint {path}")
         return path
 

@@ -22,6 +22,7 @@ from megatron_amopo.config import RunConfig
 from megatron_amopo.model import memory
 from megatron_amopo.model.architectures import ModelArch, validate_layout
 from megatron_amopo.runtime.comm import is_rank0
+from megatron_amopo.runtime.errors import Refused
 
 GiB = memory.GiB
 LIMIT_ENV = "AMOPO_MEMORY_LIMIT_GIB"
@@ -30,7 +31,7 @@ LIMIT_ENV = "AMOPO_MEMORY_LIMIT_GIB"
 CPU_ACTIVATION_FACTOR = 1.45
 
 
-class InsufficientMemory(RuntimeError):
+class InsufficientMemory(Refused, RuntimeError):
     """The run's estimated peak does not fit in the memory this rank may use."""
 
 

@@ -74,7 +74,7 @@ def _train(setup, save: str, *flags: str, **env) -> subprocess.CompletedProcess:
 
 def test_preflight_refuses_before_the_model_and_a_fitting_run_trains(setup):
     refused = _train(setup, "refused", AMOPO_MEMORY_LIMIT_GIB="0.05")
-    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.returncode == 5, refused.stderr[-3000:]  # ExitCode.REFUSED
     assert "will not fit" in refused.stderr and "AMOPO_MEMORY_LIMIT_GIB=0.05" in refused.stderr
     assert "--no-memory-check" in refused.stderr
     assert not (setup / "refused").exists()  # refused before the model, the checkpoint or the save directory

@@ -17,6 +17,7 @@ import torch
 from megatron_amopo.checkpoint import store
 from megatron_amopo.convert.hf_to_megatron import plan_import
 from megatron_amopo.convert.tiny_hf import make_tiny_hf_model
+from megatron_amopo.runtime.errors import ExitCode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -64,7 +65,7 @@ def test_missing_shard_is_named(hf_sharded, tmp_path, capsys):
     victim = sorted(f for f in os.listdir(d) if f.endswith(".safetensors"))[1]
     (d / victim).unlink()
     rc, err = _run(capsys, "convert_hf_to_megatron", "--hf-path", d, "--save", tmp_path / "out")
-    assert rc == 2
+    assert rc == ExitCode.INPUT
     assert f"shard(s) named in model.safetensors.index.json are missing: {victim}" in err
 
 
@@ -86,7 +87,7 @@ def test_non_empty_output_needs_overwrite(hf_sharded, tmp_path, capsys):
     assert rc == 2 and "exists and is not empty; pass --overwrite" in err
     assert (out / "keep.txt").read_text() == "x"
     rc, err = _run(capsys, "convert_megatron_to_hf", "--load", tmp_path / "nowhere", "--save", out)
-    assert rc == 2 and "no checkpoint at" in err and "directory does not exist" in err
+    assert rc == ExitCode.INPUT and "no checkpoint at" in err and "directory does not exist" in err
 
 
 @pytest.mark.parametrize(
@@ -100,6 +101,39 @@ def test_non_empty_output_needs_overwrite(hf_sharded, tmp_path, capsys):
 def test_layout_the_model_cannot_take(hf_sharded, tmp_path, capsys, flag, value, message):
     rc, err = _run(capsys, "convert_hf_to_megatron", "--hf-path", hf_sharded, "--save", tmp_path / "o", flag, value)
     assert rc == 2 and message in err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header"])
+def test_damaged_safetensors_is_named_and_nothing_written(hf_sharded, tmp_path, capsys, damage):
+    d = _copy(hf_sharded, tmp_path)
+    victim = d / sorted(f for f in os.listdir(d) if f.endswith(".safetensors"))[0]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) - 100] if damage == "truncated" else data[:4])
+    rc, err = _run(capsys, "convert_hf_to_megatron", "--hf-path", d, "--save", tmp_path / "out")
+    assert rc == ExitCode.INPUT
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {victim} is truncated or corrupt (")
+    assert "nothing was written — download or export the model again" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_bin_is_named(hf_sharded, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    d = tmp_path / "bin"
+    d.mkdir()
+    shutil.copy(hf_sharded / "config.json", d / "config.json")
+    state = {}
+    for f in sorted(os.listdir(hf_sharded)):
+        if f.endswith(".safetensors"):
+            state.update(load_file(hf_sharded / f))
+    torch.save(state, d / "pytorch_model.bin")
+    data = (d / "pytorch_model.bin").read_bytes()
+    (d / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    rc, err = _run(capsys, "convert_hf_to_megatron", "--hf-path", d, "--save", tmp_path / "out")
+    assert rc == ExitCode.INPUT and len(err.strip().splitlines()) == 1
+    assert f"error: {d / 'pytorch_model.bin'} is truncated or corrupt (" in err and "nothing was written" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_bin_weights_are_read_and_extra_tensors_refused(hf_sharded, tmp_path):
@@ -156,18 +190,18 @@ def test_metadata_roundtrip_and_corruption(fake_root):
 def test_export_refuses_missing_and_partial_checkpoints(fake_root, tmp_path, capsys):
     out = tmp_path / "hf-out"
     rc, err = _run(capsys, "convert_megatron_to_hf", "--load", fake_root, "--save", out)
-    assert rc == 2 and "latest_checkpointed_iteration.txt is missing" in err
+    assert rc == ExitCode.INPUT and "latest_checkpointed_iteration.txt is missing" in err
     store.write_latest_iteration(str(fake_root), 0)
     rc, err = _run(capsys, "convert_megatron_to_hf", "--load", fake_root, "--save", out)
-    assert rc == 2 and "corrupt or partial checkpoint" in err and "no amopo_complete.json" in err
+    assert rc == ExitCode.INPUT and "corrupt or partial checkpoint" in err and "no amopo_complete.json" in err
     it = fake_root / "iter_0000000"
     store.write_completion_marker(str(it), "model")
     assert store.checkpoint_problem(str(it)) is None
     (it / "__0_0.distcp").write_bytes(b"012")  # truncated after the save finished
     rc, err = _run(capsys, "convert_megatron_to_hf", "--load", fake_root, "--save", out)
-    assert rc == 2 and "file __0_0.distcp has 3 bytes, expected 10" in err
+    assert rc == ExitCode.INPUT and "file __0_0.distcp has 3 bytes, expected 10" in err
     rc, err = _run(capsys, "convert_megatron_to_hf", "--load", fake_root, "--save", out, "--iteration", 5)
-    assert rc == 2 and "iter_0000005: directory missing" in err
+    assert rc == ExitCode.INPUT and "iter_0000005: directory missing" in err
     (fake_root / "latest_checkpointed_iteration.txt").write_text("abc")
     rc, err = _run(capsys, "convert_megatron_to_hf", "--load", fake_root, "--save", out)
     assert rc == 2 and "not an iteration number" in err

@@ -159,3 +159,53 @@ def test_cli_end_to_end(tmp_path):
     assert f"tie={n_ties}" in line and meta["dimensions"] == ["overall"] and meta["num_pairs"] == 2
     bad = subprocess.run(cmd[:-1] + ["--seq-length", "4"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--seq-length must be >= 8" in bad.stderr
+
+
+def _preprocess_tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("preprocess_data", ROOT / "tools" / "preprocess_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "case, code, message",
+    [
+        (
+            "other_format",
+            4,
+            "no groups written from 200 rows; skipped missing_field=200 (line 1: field 'response' "
+            "is missing); nothing was written — the rows have fields prompt, chosen, rejected, source_index, metadata, "
+            "which match --format pairs, not --format helpsteer2",
+        ),
+        ("empty", 4, "holds no rows; nothing was written — check the file"),
+        ("too_long", 4, "no groups written from 8 rows; skipped too_long=4 (line 1: "),
+        ("skipped_fraction", 4, "2 of 3 groups skipped (67% > --max-skipped-fraction 0.5)"),
+        ("missing_input", 3, "--input {tmp}/none.jsonl does not exist — check the path"),
+    ],
+)
+def test_cli_nothing_usable_fails_with_one_line(tmp_path, capsys, case, code, message):
+    """Nothing usable is no success: a distinct exit code, one line naming the reasons and the fix, no output."""
+    lines = open(HS2).readlines()
+    inp, extra = tmp_path / "rows.jsonl", []
+    if case == "other_format":
+        inp = Path(UF)
+    elif case == "empty":
+        inp.write_text("")
+    elif case == "too_long":
+        inp.write_text("".join(lines[:8]))
+        extra = ["--seq-length", "64"]
+    elif case == "skipped_fraction":
+        inp.write_text("".join(lines[:2]) + '{"prompt": "x"}\n{"prompt": "y"}\n')
+        extra = ["--max-skipped-fraction", "0.5"]
+    else:
+        inp = tmp_path / "none.jsonl"
+    argv = ["--input", str(inp), "--output", str(tmp_path / "ds"), "--tokenizer", TOK, "--no-progress", *extra]
+    assert _preprocess_tool().main(argv) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message.format(tmp=tmp_path) in err[0], err
+    if case == "too_long":
+        assert "the shortest dropped group has" in err[0] and "tokens per sequence uncut, --seq-length 64" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({inp.name} & {"rows.jsonl"})  # nothing left

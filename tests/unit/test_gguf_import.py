@@ -151,8 +151,8 @@ def _tool():
     return module
 
 
-def _refused(capsys, *argv) -> str:
-    assert _tool().main(list(argv)) == 2
+def _refused(capsys, *argv, code: int = 2) -> str:
+    assert _tool().main(list(argv)) == code
     return capsys.readouterr().err
 
 
@@ -165,7 +165,7 @@ def good_gguf(tmp_path_factory):
 
 def test_refusals_before_work(tmp_path, capsys, good_gguf):
     out = str(tmp_path / "out")
-    assert "no GGUF file at" in _refused(capsys, "--gguf", str(tmp_path / "none.gguf"), "--save", out)
+    assert "no GGUF file at" in _refused(capsys, "--gguf", str(tmp_path / "none.gguf"), "--save", out, code=3)
     (tmp_path / "x.gguf").write_bytes(b"not a gguf file")
     assert "is not a GGUF file" in _refused(capsys, "--gguf", str(tmp_path / "x.gguf"), "--save", out)
     (tmp_path / "full").mkdir()
@@ -189,6 +189,17 @@ def test_unsupported_architecture_tensor_type_and_tensor(tmp_path, capsys):
     err = _refused(capsys, "--gguf", str(tmp_path / "rope.gguf"), "--save", str(tmp_path / "o"))
     assert "'rope_freqs.weight' has no Hugging Face counterpart" in err
     assert not os.path.exists(tmp_path / "o")
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.9999])
+def test_truncated_gguf_is_named_and_nothing_written(tmp_path, capsys, good_gguf, keep):
+    data = good_gguf.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: int(len(data) * keep)])
+    err = _refused(capsys, "--gguf", str(cut), "--save", str(tmp_path / "out"), code=3)
+    assert err.startswith(f"error: {cut} is truncated or corrupt (") and err.count("\n") == 1
+    assert "nothing was written — download the GGUF file again" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_failure_leaves_no_output(tmp_path, good_gguf, monkeypatch):

@@ -16,11 +16,12 @@ import torch
 
 from megatron_amopo.config import AmopoConfig
 from megatron_amopo.data.config import DataConfig, PreprocessConfig, PromptConfig
-from megatron_amopo.data.preprocess import DataError, preprocess
+from megatron_amopo.data.preprocess import preprocess
 from megatron_amopo.data.reader import PreferenceGroupDataset
 from megatron_amopo.evaluation import report
 from megatron_amopo.objective.amopo import SequenceStats, amopo_loss, reduce_for_schedule, summarize_metrics
 from megatron_amopo.objective.pairs import mirrored_name
+from megatron_amopo.runtime.errors import EmptyOutput
 from megatron_amopo.training.step import make_report
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -193,7 +194,7 @@ def test_dimension_that_never_differs_is_refused(tmp_path):
             r["correctness"] = 3
             dst.write(json.dumps(r) + "\n")
     out = tmp_path / "ds"
-    with pytest.raises(DataError, match=r"never differ on \['correctness'\].*nothing was written"):
+    with pytest.raises(EmptyOutput, match=r"never differ on \[.correctness.\].*nothing was written"):
         _preprocess(out, "mirrored", dims=["helpfulness", "correctness"], inp=str(rows))
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".ds")]
     _preprocess(out, "paper", dims=["helpfulness", "correctness"], inp=str(rows))  # the paper's pairs are fine
