@@ -29,7 +29,7 @@ from megatron_amopo.testing.pipeline import PY, REPO, run_tool, run_torchrun, ti
 
 SEQ, STEPS, GBS, VOCAB, PROMPTS = 256, 10, 4, 1024, 32
 LR, MIN_LR, WARMUP, WD, CLIP, BETA, GAMMA = 1e-3, 1e-4, 0.25, 0.1, 5.0, 2.0, 0.5
-pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 @pytest.fixture(scope="module")
