@@ -5,6 +5,8 @@ Examples:
   python tools/make_tiny_model.py --arch qwen2 --out runs/tiny-qwen2 --tied \\
       --tokenizer data/tokenizer-qwen2 --vocab-size 151680
   python tools/make_tiny_model.py --arch llama --out runs/tiny-llama --llama3-rope
+  python tools/make_tiny_model.py --arch qwen2 --out runs/tiny-qwen2-512 --tied \\
+      --tokenizer data/tokenizer-qwen2 --tokenizer-size 512 --vocab-size 512
 
 Without --tokenizer the vocabulary stays tiny (512) and no tokenizer is written.
 """
@@ -31,6 +33,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="directory to write (must be empty or absent)")
     p.add_argument("--tied", action="store_true", help="tie input and output embeddings")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory to copy (vocab size must cover it)")
+    p.add_argument(
+        "--tokenizer-size",
+        type=int,
+        default=None,
+        help="keep only this many tokens of --tokenizer (a byte-level BPE: its bytes, first merges and special "
+        "tokens): the real tokenizer with a vocabulary small enough for fast CPU tests",
+    )
     p.add_argument("--vocab-size", type=int, default=512)
     p.add_argument("--hidden-size", type=int, default=64)
     p.add_argument("--ffn-hidden-size", type=int, default=128)
@@ -74,6 +83,7 @@ def main(argv=None) -> int:
         args.arch,
         tied=args.tied,
         tokenizer=args.tokenizer,
+        tokenizer_size=args.tokenizer_size,
         seed=args.seed,
         dtype=getattr(torch, args.dtype),
         max_shard_size=args.max_shard_size,

@@ -77,20 +77,73 @@ def tokenizer_length(tokenizer_dir: str) -> int:
     return len(AutoTokenizer.from_pretrained(tokenizer_dir))
 
 
+def shrink_bpe_tokenizer(src: str, out: str, size: int) -> None:
+    """Write to ``out`` the first ``size`` tokens of the byte-level BPE tokenizer in ``src``: its 256
+    byte tokens, its first ``size - 256 - A`` merges and its A added tokens renumbered after them.
+
+    Still the real tokenizer (class, chat template, special tokens, pre-tokenizer); text just splits
+    into more pieces, and every id is below ``size``: a vocabulary small enough that CPU tests spend
+    their time in the layers, not in a 150k-way softmax. GPT-2-style files only (vocab.json,
+    merges.txt, tokenizer_config.json), where merge i makes token 256 + i.
+    """
+    import json
+
+    with open(os.path.join(src, "tokenizer_config.json")) as fh:
+        config = json.load(fh)
+    added = sorted(config.get("added_tokens_decoder", {}).items(), key=lambda kv: int(kv[0]))
+    keep = size - len(added)
+    if not all(os.path.isfile(os.path.join(src, f)) for f in ("vocab.json", "merges.txt")) or keep <= 256:
+        raise ValueError(
+            f"cannot shrink the tokenizer in {src} to {size} tokens: it needs vocab.json and merges.txt (a "
+            f"byte-level BPE) and a size above 256 + {len(added)} added tokens"
+        )
+    with open(os.path.join(src, "vocab.json")) as fh:
+        vocab = {t: i for t, i in json.load(fh).items() if i < keep}
+    with open(os.path.join(src, "merges.txt")) as fh:
+        lines = fh.read().splitlines()
+    header = [line for line in lines[:1] if line.startswith("#")]
+    merges = lines[len(header) :][: keep - 256]
+    for i, merge in enumerate(merges):
+        if vocab.get(merge.replace(" ", "")) != 256 + i:
+            raise ValueError(
+                f"cannot shrink the tokenizer in {src}: merge {i} ({merge!r}) does not make token {256 + i}"
+            )
+    ids = {entry["content"]: keep + j for j, (_, entry) in enumerate(added)}
+    config["added_tokens_decoder"] = {str(keep + j): entry for j, (_, entry) in enumerate(added)}
+    os.makedirs(out, exist_ok=True)
+    for name, obj in (("vocab.json", vocab), ("added_tokens.json", ids), ("tokenizer_config.json", config)):
+        with open(os.path.join(out, name), "w") as fh:
+            json.dump(obj, fh, ensure_ascii=False, indent=1)
+    with open(os.path.join(out, "merges.txt"), "w") as fh:
+        fh.write("\n".join(header + merges) + "\n")
+    for f in ("special_tokens_map.json", "chat_template.jinja"):
+        if os.path.isfile(os.path.join(src, f)):
+            shutil.copy2(os.path.join(src, f), os.path.join(out, f))
+
+
 def make_tiny_hf_model(
     out: str,
     model_type: str = "qwen2",
     *,
     tied: bool = False,
     tokenizer: Optional[str] = None,
+    tokenizer_size: Optional[int] = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     max_shard_size: str = "5GB",
     **overrides,
 ) -> dict:
     """Write a random ``model_type`` model (safetensors, config, generation config, tokenizer) to ``out``;
-    returns its config dict. ``overrides`` are config.json fields."""
+    returns its config dict. ``overrides`` are config.json fields. ``tokenizer_size``: keep only that many
+    tokens of ``tokenizer`` (``shrink_bpe_tokenizer``)."""
     import transformers
+
+    if tokenizer_size is not None:
+        if tokenizer is None:
+            raise ValueError("a tokenizer size needs a tokenizer to shrink")
+        os.makedirs(out, exist_ok=True)
+        shrink_bpe_tokenizer(tokenizer, out, tokenizer_size)
+        tokenizer = out
 
     cfg = tiny_hf_config(model_type, tie_word_embeddings=tied, **overrides)
     cfg["torch_dtype"] = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
@@ -107,6 +160,6 @@ def make_tiny_hf_model(
     model = model.to(dtype)
     os.makedirs(out, exist_ok=True)
     model.save_pretrained(out, max_shard_size=max_shard_size)
-    for f in tokenizer_files(tokenizer):
+    for f in tokenizer_files(tokenizer) if tokenizer != out else []:
         shutil.copy2(f, os.path.join(out, os.path.basename(f)))
     return model.config.to_dict()

@@ -30,12 +30,16 @@ def run_torchrun(script: str, *flags: str, nproc: int = 2, **kw) -> subprocess.C
     return run_tool(torchrun_args(script, *flags, nproc=nproc), **kw)
 
 
-def tiny_qwen2_setup(root: Path, rows: Path, seq_length: int, dimensions: Optional[list[str]] = None) -> None:
+def tiny_qwen2_setup(
+    root: Path, rows: Path, seq_length: int, dimensions: Optional[list[str]] = None, vocab: Optional[int] = None
+) -> None:
     """A 2-layer Qwen2 with the real Qwen2 tokenizer -> ``root/hf`` -> ``root/init`` (Megatron), and ``rows``
-    preprocessed into ``root/data`` with that tokenizer."""
+    preprocessed into ``root/data`` with that tokenizer. ``vocab``: shrink the tokenizer (and the model's
+    vocabulary) to that many tokens (``make_tiny_model.py --tokenizer-size``)."""
+    size = ["--tokenizer-size", str(vocab), "--vocab-size", str(vocab)] if vocab else ["--vocab-size", "151680"]
     run_tool(
-        [PY, "tools/make_tiny_model.py", "--arch", "qwen2", "--tied", "--tokenizer", "data/tokenizer-qwen2"]
-        + ["--vocab-size", "151680", "--hidden-size", "32", "--ffn-hidden-size", "64", "--num-layers", "2"]
+        [PY, "tools/make_tiny_model.py", "--arch", "qwen2", "--tied", "--tokenizer", "data/tokenizer-qwen2", *size]
+        + ["--hidden-size", "32", "--ffn-hidden-size", "64", "--num-layers", "2"]
         + ["--out", str(root / "hf")]
     )
     run_tool([PY, "tools/convert_hf_to_megatron.py", "--hf-path", str(root / "hf"), "--save", str(root / "init")])
