@@ -80,6 +80,7 @@ done
 table=()
 for arm in $ARMS; do table+=(--arm "$arm=$OUT/groups_$arm.jsonl"); done
 $PYTHON tools/compare_evals.py --baseline "$OUT/groups_untrained.jsonl" "${table[@]}" --output "$OUT/table.md"
+# shellcheck disable=SC2086
 $PYTHON - "$OUT" "$GUARD" "$SEED" "$LR" "$SFT" $ARMS <<'PY' | tee "$OUT/runs.md"
 import json, sys
 from megatron_amopo.evaluation.control import summarize_control

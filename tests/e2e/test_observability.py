@@ -142,13 +142,14 @@ def test_wandb_offline_logs_the_tensorboard_scalars_and_a_resume_continues_the_r
     assert logged[3]["train/loss"] == train_rows(save)[3]["loss"]
 
 
-def test_wandb_without_the_package_is_refused_before_training(monkeypatch):
-    """The entry point refuses --wandb-project when wandb cannot be imported, naming the extra."""
+def test_wandb_without_the_package_is_refused_before_training(monkeypatch, capsys):
+    """The entry point refuses --wandb-project when wandb cannot be imported: one line naming the extra, exit 2."""
     sys.path.insert(0, REPO)
     import pretrain_amopo
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # importlib finds no wandb
-    with pytest.raises(ValueError, match=r"pip install -e '\.\[wandb\]'"):
-        pretrain_amopo.main(
-            ["--load", "nowhere", "--train-iters", "1", "--micro-batch-size", "1", "--wandb-project", "p"]
-        )
+    code = pretrain_amopo.main(
+        ["--load", "nowhere", "--train-iters", "1", "--micro-batch-size", "1", "--wandb-project", "p"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "pip install -e '.[wandb]'" in err and len(err.strip().splitlines()) == 1, err
