@@ -38,13 +38,14 @@ def main(argv=None) -> int:
     cfg = run_config_from_args(args)  # all flag validation happens here, before any process group
 
     from megatron_amopo.runtime.distributed import destroy_distributed, initialize_distributed, set_seed
-    from megatron_amopo.training.loop import Trainer, log0
-    from megatron_amopo.training.step import forward_step
+    from megatron_amopo.training.loop import StopRequested, Trainer, log0
+    from megatron_amopo.training.run import setup_run
 
     initialize_distributed(cfg.parallel)
     set_seed(cfg.training.seed)
     try:
-        trainer = Trainer(cfg, forward_step)  # every rank refuses a run that will not fit; rank 0 says why
+        run = setup_run(cfg, training=True)  # every rank refuses a run that will not fit; rank 0 says why
+        trainer = Trainer(run, StopRequested.install())
         resolved = trainer.resolved_config()
         log0("resolved configuration:\n" + _yaml(resolved))
         if trainer.writer.enabled:

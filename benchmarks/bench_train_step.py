@@ -7,7 +7,7 @@ the given shape with random weights:
   ours      megatron_amopo: ``build_model`` (Megatron GPTModel + DDP; TE spec with TE, else
             the local spec with SDPA attention), ``build_optimizer`` (Megatron mixed
             precision: bf16 weights, fp32 main weights and Adam state), ``step.forward_step``
-            / ``loss_func`` under ``get_forward_backward_func``; packed rows.
+            / ``loss_func`` through ``training.engine.Engine`` (the trainer's step); packed rows.
   baseline  transformers ``AutoModelForCausalLM`` (SDPA attention, fp32 weights, bf16
             autocast on GPU: HF Trainer's bf16 mode), the 2(D+1) sequences of each sample
             padded to the longest of the micro-batch, the published loss math (full-vocabulary
@@ -151,11 +151,6 @@ def _timed(step, steps: int, warmup: int) -> tuple[list[float], list[float]]:
 
 # --------------------------------------------------------------------------- ours
 def run_ours(args, cfg: dict, chunks: list[list[dict]]) -> dict:
-    import functools
-
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     from megatron_amopo.config import AmopoConfig, OptimizerConfig, ParallelConfig, TrainingConfig
     from megatron_amopo.data.batch import build_micro_batch
     from megatron_amopo.model.architectures import arch_from_hf_config
@@ -163,8 +158,9 @@ def run_ours(args, cfg: dict, chunks: list[list[dict]]) -> dict:
     from megatron_amopo.model.provider import transformer_config, transformer_engine_available
     from megatron_amopo.runtime.comm import free_port
     from megatron_amopo.runtime.distributed import DistEnv, initialize_distributed, set_seed
+    from megatron_amopo.training.engine import Engine
     from megatron_amopo.training.optimizer import build_optimizer
-    from megatron_amopo.training.step import forward_step, packed_thd_default
+    from megatron_amopo.training.step import bind_forward_step, packed_thd_default
 
     parallel = ParallelConfig()
     initialize_distributed(parallel, DistEnv(0, 1, 0, "127.0.0.1", free_port()))
@@ -188,13 +184,8 @@ def run_ours(args, cfg: dict, chunks: list[list[dict]]) -> dict:
     if "fused-adam" in disabled:  # diagnostic: torch's default multi-tensor AdamW, as megatron-core builds it
         for group in optimizer.optimizer.param_groups:
             group["fused"], group["foreach"] = False, None
-    step_fn = functools.partial(
-        forward_step,
-        objective_cfg=AmopoConfig(output_layer=args.output_layer),
-        tp_group=ps.get_tensor_model_parallel_group(),
-        cp_group=ps.get_context_parallel_group(),
-        chunk_tokens=args.chunk_tokens,
-    )
+    step_fn = bind_forward_step(AmopoConfig(output_layer=args.output_layer), chunk_tokens=args.chunk_tokens)
+    engine = Engine(model, step_fn, optimizer)  # the trainer's step: the same engine, no scheduler
     if args.layout.startswith("packed"):
         thd = {"packed-thd": True, "packed-mask": False}.get(args.layout, packed_thd_default(model[0].config))
         batches = [build_micro_batch(c, "packed", seq_length=args.seq_length, thd=thd) for c in chunks]
@@ -204,20 +195,9 @@ def run_ours(args, cfg: dict, chunks: list[list[dict]]) -> dict:
             batches = [dataclasses.replace(b, attention_mask=None) for b in batches]
 
     def step() -> float:
-        for chunk in model:
-            chunk.zero_grad_buffer()
-        optimizer.zero_grad()
-        reports = get_forward_backward_func()(
-            forward_step_func=step_fn,
-            data_iterator=iter(batches),
-            model=model,
-            num_microbatches=len(batches),
-            seq_length=args.seq_length,
-            micro_batch_size=max(b.tokens.shape[0] for b in batches),
-            forward_only=False,
-        )
-        optimizer.step()
-        return float(sum(r["loss_sum"] for r in reports) / sum(r["count"] for r in reports))
+        reports = engine.forward_backward(batches)
+        engine.step(increment=0)
+        return float(sum(r.loss_sum for r in reports) / sum(r.count for r in reports))
 
     losses, times = _timed(step, args.steps, args.warmup)
     if args.profile:

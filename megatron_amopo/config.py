@@ -251,8 +251,15 @@ class TrainingConfig:
         "refuse to start when the memory pre-flight estimates that a rank will not fit "
         "(--no-memory-check starts anyway)",
     )
+    num_workers: int = _f(
+        1,
+        "DataLoader worker processes per rank that build micro-batches ahead of the step (into pinned "
+        "memory on a GPU); 0 builds them on the main thread",
+    )
 
     def __post_init__(self) -> None:
+        if self.num_workers < 0:
+            raise ValueError(f"--num-workers must be >= 0, got {self.num_workers}")
         if (self.micro_batch_size is None) == (self.micro_batch_tokens is None):
             raise ValueError("give exactly one of --micro-batch-size (groups) or --micro-batch-tokens")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:

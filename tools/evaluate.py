@@ -13,7 +13,6 @@ turns such files into a before/after table.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
@@ -49,60 +48,19 @@ def main(argv=None) -> int:
     if not cfg.checkpoint.load or not cfg.data.data_path:
         parser.error("--load and --data-path are required")
 
-    from megatron.core import parallel_state as ps
-
-    from megatron_amopo.checkpoint.store import load_model_state, read_model_metadata
-    from megatron_amopo.data.tokenization import load_tokenizer, tokenizer_fingerprint
     from megatron_amopo.evaluation.report import format_intervals, summarize_groups, write_records
-    from megatron_amopo.model.build import build_model
-    from megatron_amopo.model.sharding import unwrap
     from megatron_amopo.runtime.comm import is_rank0
     from megatron_amopo.runtime.distributed import destroy_distributed, initialize_distributed, set_seed
-    from megatron_amopo.training import data as tdata
-    from megatron_amopo.training.loop import evaluate_split, format_eval, log0, run_transformer_config
-    from megatron_amopo.training.preflight import check_memory
-    from megatron_amopo.training.step import forward_step, packed_thd_default, seq_pad_multiple
+    from megatron_amopo.training.loop import evaluate_split, format_eval, log0
+    from megatron_amopo.training.run import setup_run
 
     initialize_distributed(cfg.parallel)
     set_seed(cfg.training.seed)
     try:
-        meta = read_model_metadata(cfg.checkpoint.load)
-        vocab_hash = None
-        if meta.tokenizer_dir:
-            vocab_hash = tokenizer_fingerprint(load_tokenizer(meta.tokenizer_dir), meta.tokenizer_dir)["vocab_hash"]
-        split, _ = tdata.open_splits(cfg.data, cfg.training.seed, vocab_hash, cfg.training.seq_length)
-        config = run_transformer_config(meta.arch, cfg)
-        thd = packed_thd_default(config)  # the plan charges what the step feeds
-        plan = tdata.make_eval_plan(
-            split,
-            cfg.training,
-            seed=cfg.training.seed,
-            dp_rank=ps.get_data_parallel_rank(),
-            dp_size=ps.get_data_parallel_world_size(),
-            thd=thd,
-        )
-        check_memory(meta.arch, cfg, split, plan, training=False)  # refuses before the model is built
-        model = build_model(meta.arch, config)
-        iteration = load_model_state(unwrap(model[0]), cfg.checkpoint.load)
-        step = functools.partial(
-            forward_step,
-            objective_cfg=cfg.amopo,
-            tp_group=ps.get_tensor_model_parallel_group(),
-            cp_group=ps.get_context_parallel_group(),
-        )
-        pair_names = split.dataset.pair_names
+        run = setup_run(cfg, training=False)  # refuses a run that will not fit before the model is built
+        iteration, pair_names = run.iteration, run.pair_names
         per_group = args.per_group_output is not None
-        values = evaluate_split(
-            model,
-            step,
-            split,
-            plan,
-            cfg.training,
-            pair_names,
-            per_group=per_group,
-            thd=thd,
-            pad_to_multiple=seq_pad_multiple(config),
-        )
+        values = evaluate_split(run, run.split, run.plan, per_group=per_group)
         values["iteration"] = iteration
         log0(format_eval(values, pair_names, f"eval {cfg.checkpoint.load} @ iter {iteration}"))
         if per_group:

@@ -57,32 +57,27 @@ def megatron_logits(model_chunk, seqs: list[list[int]]) -> list[torch.Tensor]:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megatron_amopo.training.engine import Engine
+
+    captured: list[torch.Tensor] = []
+
+    def forward_step(data_iterator, model):
+        tokens = next(data_iterator)  # [1, S]
+        output = model(tokens, torch.arange(tokens.shape[1]).unsqueeze(0), None)
+
+        def loss_func(logits):
+            full = tensor_parallel.gather_from_tensor_model_parallel_region(logits)[0]
+            captured.append(full.float().clone())
+            return logits.sum() * 0.0, {}
+
+        return output, loss_func
+
+    engine = Engine([model_chunk], forward_step)
     out: list[torch.Tensor] = []
     for s in seqs:
-        tokens = torch.tensor([s])
-        captured = []
-
-        def forward_step(data_iterator, model):
-            output = model(tokens, torch.arange(len(s)).unsqueeze(0), None)  # noqa: B023 (called in this iteration)
-
-            def loss_func(logits):
-                full = tensor_parallel.gather_from_tensor_model_parallel_region(logits)[0]
-                captured.append(full.float().clone())  # noqa: B023 (called in this iteration)
-                return logits.sum() * 0.0, {}
-
-            return output, loss_func
-
-        get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iter([None]),
-            model=[model_chunk],
-            num_microbatches=1,
-            seq_length=len(s),
-            micro_batch_size=1,
-            forward_only=True,
-        )
+        captured.clear()
+        engine.forward_backward([torch.tensor([s])], forward_only=True)
         holder = [captured[0] if captured else None]
         if ps.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast_object_list(

@@ -9,6 +9,7 @@ the 2(D+1) sequences"; shape letters: its "Shape letters".
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
@@ -52,13 +53,17 @@ class MicroBatch:
         """Whether the sequence tensors are one THD stream (then ``cu_seqlens`` says where each starts)."""
         return self.cu_seqlens is not None
 
+    def pin_memory(self) -> MicroBatch:
+        """A copy with every tensor in pinned host memory (DataLoader's ``pin_memory`` calls this), so
+        that ``to`` copies it to the GPU asynchronously."""
+        return self._map(lambda t: t.pin_memory())
+
     def to(self, device: Union[torch.device, str], non_blocking: bool = True) -> MicroBatch:
         """A copy with every tensor on ``device`` (asynchronous from pinned memory)."""
-        moved = {
-            f.name: v.to(device, non_blocking=non_blocking)
-            for f in dataclasses.fields(self)
-            if torch.is_tensor(v := getattr(self, f.name))
-        }
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> MicroBatch:
+        moved = {f.name: fn(v) for f in dataclasses.fields(self) if torch.is_tensor(v := getattr(self, f.name))}
         return dataclasses.replace(self, **moved)
 
 

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
 from megatron_amopo.objective.pairs import is_mirrored, mirrored_dimension, mirrored_name
+
+if TYPE_CHECKING:  # the reports' type only: this module stays numpy apart from gather_per_group
+    from megatron_amopo.training.step import StepReport
 
 METRICS = ("accuracy", "margin")
 STEER_METRICS = ("steerability", "flip_rate")
@@ -24,7 +27,7 @@ ALL = "all"  # pseudo-pair: per group, the mean over its general and dimension p
 DEFAULT_RESAMPLES = 10000
 
 
-def group_records(reports: Sequence[dict], row_ids: np.ndarray, pair_names: Sequence[str]) -> list[dict]:
+def group_records(reports: Sequence[StepReport], row_ids: np.ndarray, pair_names: Sequence[str]) -> list[dict]:
     """One record per evaluated group from this rank's schedule reports.
 
     A record is ``{"group_id", "row_id", "margin/<pair>": float or None}``; None marks a pair
@@ -32,10 +35,10 @@ def group_records(reports: Sequence[dict], row_ids: np.ndarray, pair_names: Sequ
     """
     out = []
     for rep in reports:
-        margins_BP, valid_BP = rep["pair_margins"].double().cpu(), rep["pair_valid"].cpu()
+        margins_BP, valid_BP = rep.pair_margins.double().cpu(), rep.pair_valid.cpu()
         if margins_BP.shape[1] != len(pair_names):
             raise ValueError(f"reports have {margins_BP.shape[1]} pairs but pair_names has {len(pair_names)}")
-        for b, g in enumerate(rep["sample_ids"].tolist()):
+        for b, g in enumerate(rep.sample_ids.tolist()):
             rec = {"group_id": int(g), "row_id": int(row_ids[int(g)])}
             for k, name in enumerate(pair_names):
                 rec[f"margin/{name}"] = float(margins_BP[b, k]) if bool(valid_BP[b, k]) else None
@@ -44,7 +47,7 @@ def group_records(reports: Sequence[dict], row_ids: np.ndarray, pair_names: Sequ
 
 
 def gather_per_group(
-    reports: Sequence[dict], row_ids: np.ndarray, pair_names: Sequence[str], reporting: bool
+    reports: Sequence[StepReport], row_ids: np.ndarray, pair_names: Sequence[str], reporting: bool
 ) -> list[dict]:
     """Every rank's group records (reporting ranks contribute theirs), sorted by group id."""
     import torch.distributed as dist

@@ -7,7 +7,7 @@ docs/DESIGN.md, "The CPU compatibility layer", has the list.
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import threading
 from typing import Any
 
@@ -84,7 +84,11 @@ def _patch_torch_norm() -> None:
     def new(cls, config, *args, **kwargs):
         if not config.sequence_parallel:
             return original_new(cls, config, *args, **kwargs)
-        norm = original_new(cls, dataclasses.replace(config, sequence_parallel=False), *args, **kwargs)
+        # A shallow copy, not dataclasses.replace: re-running TransformerConfig's validation would reject
+        # flags set after construction (variable_seq_lengths under PP, training/run.py).
+        plain = copy.copy(config)
+        plain.sequence_parallel = False
+        norm = original_new(cls, plain, *args, **kwargs)
         for p in norm.parameters():
             p.sequence_parallel = True
         return norm

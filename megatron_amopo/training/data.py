@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 import numpy as np
+import torch
+import torch.utils.data
 
 from megatron_amopo.config import TrainDataConfig, TrainingConfig
 from megatron_amopo.data.batch import MicroBatch, build_micro_batch
@@ -122,6 +124,44 @@ def make_eval_plan(
     return MicrobatchPlan(offsets_mine, group_ids, np.zeros(len(mine), np.int64), 0)
 
 
+class PlannedMicroBatches(torch.utils.data.Dataset):
+    """Micro-batches ``start .. stop-1`` of a plan as a map-style dataset: item i is micro-batch
+    ``start + i`` in the form the step feeds, packed ones as THD streams (T a multiple of
+    ``pad_to_multiple``) when ``thd`` (``training.step.packed_thd_default``)."""
+
+    def __init__(
+        self,
+        split: Split,
+        plan: MicrobatchPlan,
+        train_cfg: TrainingConfig,
+        start: int = 0,
+        stop: Optional[int] = None,
+        *,
+        thd: bool = False,
+        pad_to_multiple: int = 1,
+    ) -> None:
+        self.split, self.plan, self.train_cfg = split, plan, train_cfg
+        self.start = start
+        self.stop = plan.num_microbatches if stop is None else min(stop, plan.num_microbatches)
+        self.thd, self.pad_to_multiple = thd, pad_to_multiple
+
+    def __len__(self) -> int:
+        return max(self.stop - self.start, 0)
+
+    def __getitem__(self, i: int) -> MicroBatch:
+        m = self.start + i
+        groups = [self.split.dataset[int(g)] for g in self.plan.microbatch(m)]
+        layout = self.train_cfg.batch_layout
+        return build_micro_batch(
+            groups,
+            layout=layout,
+            seq_length=self.train_cfg.seq_length if layout == "packed" else None,
+            thd=self.thd,
+            pad_to_multiple=self.pad_to_multiple,
+            epoch=int(self.plan.epochs[m]),
+        )
+
+
 def microbatches(
     split: Split,
     plan: MicrobatchPlan,
@@ -131,21 +171,25 @@ def microbatches(
     *,
     thd: bool = False,
     pad_to_multiple: int = 1,
+    num_workers: int = 0,
 ) -> Iterator[MicroBatch]:
-    """Plan micro-batches ``start .. stop-1`` in the form the step feeds: packed ones as THD streams
-    (T a multiple of ``pad_to_multiple``) when ``thd`` (``training.step.packed_thd_default``)."""
-    stop = plan.num_microbatches if stop is None else min(stop, plan.num_microbatches)
-    for m in range(start, stop):
-        groups = [split.dataset[int(g)] for g in plan.microbatch(m)]
-        seq_length = train_cfg.seq_length if train_cfg.batch_layout == "packed" else None
-        yield build_micro_batch(
-            groups,
-            layout=train_cfg.batch_layout,
-            seq_length=seq_length,
-            thd=thd,
-            pad_to_multiple=pad_to_multiple,
-            epoch=int(plan.epochs[m]),
-        )
+    """Plan micro-batches ``start .. stop-1`` in order (``PlannedMicroBatches``).
+
+    ``num_workers`` > 0: built ahead of the step by that many DataLoader worker processes (forked:
+    the memory-mapped dataset is shared, nothing is pickled), into pinned memory when a GPU takes
+    them (``MicroBatch.to`` then copies asynchronously). 0: built on this thread when asked for."""
+    items = PlannedMicroBatches(split, plan, train_cfg, start, stop, thd=thd, pad_to_multiple=pad_to_multiple)
+    if num_workers == 0 or len(items) == 0:
+        return (items[i] for i in range(len(items)))
+    loader = torch.utils.data.DataLoader(
+        items,
+        batch_size=None,  # items are whole micro-batches: no collation
+        shuffle=False,
+        num_workers=min(num_workers, len(items)),
+        pin_memory=torch.cuda.is_available(),
+        multiprocessing_context="fork",
+    )
+    return iter(loader)
 
 
 def mean_groups_per_microbatch(plan: MicrobatchPlan) -> float:

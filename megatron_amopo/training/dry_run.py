@@ -129,16 +129,10 @@ def teardown() -> None:
 
 def build_meta_stage(arch: ModelArch, cfg: RunConfig) -> torch.nn.Module:
     """This rank's GPTModel stage on the meta device (call after ``init_fake_rank``)."""
-    from megatron_amopo.model.provider import build_model_stage, transformer_config
+    from megatron_amopo.model.provider import build_model_stage
+    from megatron_amopo.training.run import model_config
 
-    config = transformer_config(
-        arch,
-        cfg.parallel,
-        params_dtype=torch.bfloat16 if cfg.training.bf16 else torch.float32,
-        recompute_granularity=cfg.training.recompute_granularity,
-        perform_initialization=False,
-        use_cpu_initialization=True,
-    )
+    config = model_config(arch, cfg, perform_initialization=False, use_cpu_initialization=True)  # the run's
     with torch.device("meta"):
         return build_model_stage(arch, config, use_te=False)
 

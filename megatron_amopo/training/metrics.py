@@ -5,52 +5,86 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
+from dataclasses import asdict, astuple, dataclass
 from typing import IO, Any, Optional
 
 import torch
 import torch.distributed as dist
 
 from megatron_amopo.objective.amopo import summarize_metrics
-from megatron_amopo.training.step import REDUCIBLE_KEYS
+from megatron_amopo.training.step import StepReport
+
+
+@dataclass
+class StepTotals:
+    """A step's (or an evaluation's) reports summed over micro-batches and ranks (``reduce_reports``)."""
+
+    loss_sum: float
+    count: float  # valid samples
+    pair_sums: torch.Tensor  # float64 [E, P]
+    pair_counts: torch.Tensor  # float64 [P]
+    groups: float = 0.0  # groups (samples) processed, valid or not
+    tokens: float = 0.0  # real positions processed
+    flops: float = 0.0  # model FLOPs of those positions (training)
+    stop: float = 0.0  # > 0 when some rank asked to stop (SIGTERM / SIGUSR1)
+    grad_norm: float = float("nan")  # set after the optimizer step
+
+    @property
+    def loss(self) -> float:
+        """Mean loss over the valid samples."""
+        return self.loss_sum / max(self.count, 1.0)
+
+
+@dataclass
+class HostCounts:
+    """This rank's host-side values of a step, summed over all ranks by ``reduce_reports``."""
+
+    groups: float = 0.0
+    tokens: float = 0.0
+    flops: float = 0.0
+    stop: float = 0.0
 
 
 def reduce_reports(
-    reports: list[dict], is_reporting_rank: bool, num_pairs: int, num_rows: int, host: Optional[dict[str, float]] = None
-) -> dict:
+    reports: Sequence[StepReport],
+    is_reporting_rank: bool,
+    num_pairs: int,
+    num_rows: int,
+    host: Optional[HostCounts] = None,
+) -> StepTotals:
     """Sum the schedule's per-micro-batch reports over micro-batches and all ranks, together
-    with this rank's ``host`` values (counts, flags), in one all-reduce.
+    with this rank's ``host`` counts, in one all-reduce.
 
     Only last-stage ranks have reports, and all TP ranks of a stage hold the same
     values; ``is_reporting_rank`` (last stage, TP rank 0, CP rank 0) picks one copy per
     DP replica, everyone else contributes zeros. The reports are summed on their device
     in float64, in order, and copied to the host once (one device sync per call); the
     all-reduce then runs on CPU tensors (gloo, or the gloo side of ``cpu:gloo,cuda:nccl``).
-    ``host`` values are summed over all ranks as given and returned under their keys.
     """
-    host = host or {}
+    host_values = astuple(host or HostCounts())
     n = 2 + num_rows * num_pairs + num_pairs
-    flat = torch.zeros(n + len(host), dtype=torch.float64)
+    flat = torch.zeros(n + len(host_values), dtype=torch.float64)
     if is_reporting_rank and reports:
-        total = sum(torch.cat([r[k].detach().reshape(-1).double() for k in REDUCIBLE_KEYS]) for r in reports)
+        total = sum(r.sums() for r in reports)
         assert isinstance(total, torch.Tensor)
         flat[:n] = total.cpu()
-    flat[n:] = torch.tensor(list(host.values()), dtype=torch.float64)
+    flat[n:] = torch.tensor(host_values, dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(flat)
     loss_sum, count = flat[:2].tolist()
-    return {
-        "loss_sum": loss_sum,
-        "count": count,
-        "loss": loss_sum / max(count, 1.0),
-        "pair_sums": flat[2 : 2 + num_rows * num_pairs].view(num_rows, num_pairs),
-        "pair_counts": flat[2 + num_rows * num_pairs : n],
-        **dict(zip(host, flat[n:].tolist())),
-    }
+    return StepTotals(
+        loss_sum,
+        count,
+        pair_sums=flat[2 : 2 + num_rows * num_pairs].view(num_rows, num_pairs),
+        pair_counts=flat[2 + num_rows * num_pairs : n],
+        **dict(zip(asdict(HostCounts()), flat[n:].tolist())),
+    )
 
 
-def summarize(reduced: dict, pair_names: list[str], prefix: str = "") -> dict[str, float]:
-    out = {f"{prefix}loss": reduced["loss"], f"{prefix}samples": reduced["count"]}
-    for k, v in summarize_metrics(reduced["pair_sums"], reduced["pair_counts"], pair_names).items():
+def summarize(totals: StepTotals, pair_names: list[str], prefix: str = "") -> dict[str, float]:
+    out = {f"{prefix}loss": totals.loss, f"{prefix}samples": totals.count}
+    for k, v in summarize_metrics(totals.pair_sums, totals.pair_counts, pair_names).items():
         out[prefix + k] = float(v)
     return out
 

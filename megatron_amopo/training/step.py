@@ -1,13 +1,12 @@
 """One micro-batch through the model and the AMoPO loss, in the shape of Megatron's
 ``pretrain_gpt.py``: ``get_batch``, ``forward_step``, ``loss_func``.
 
-Everything a run chooses is bound with ``functools.partial`` (no globals)::
+Everything a run chooses is bound with ``functools.partial`` (no globals), and ``training.engine.Engine``
+is the one place that runs Megatron's schedule over it::
 
-    step = functools.partial(forward_step, objective_cfg=cfg,
-                             tp_group=ps.get_tensor_model_parallel_group(),
-                             cp_group=ps.get_context_parallel_group())
-    get_forward_backward_func()(forward_step_func=step, data_iterator=..., model=[model],
-                                num_microbatches=M, seq_length=S, micro_batch_size=R, ...)
+    step = bind_forward_step(cfg.amopo)          # the run's process groups from parallel_state
+    engine = Engine(model_chunks, step, optimizer, scheduler)
+    reports = engine.forward_backward(micro_batches)  # list[StepReport] on the last stage
 
 The data iterator yields ``data.batch.MicroBatch``es, built in the form the model takes (rows
 with a mask, or one THD stream). ``micro_batch_size`` is the number of rows R of a micro-batch,
@@ -31,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
 import torch
@@ -45,8 +44,42 @@ from megatron_amopo.objective.logprobs import sequence_stats, token_logprobs
 
 # MicroBatch fields laid out along the sequence (split over CP ranks); the rest are per sample/sequence.
 SEQUENCE_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "segment_ids", "attention_mask")
-# Report entries that are plain sums: the training loop all-reduces them over DP for logging.
-REDUCIBLE_KEYS = ("loss_sum", "count", "pair_sums", "pair_counts")
+
+
+@dataclasses.dataclass
+class StepReport:
+    """What ``loss_func`` reports for one micro-batch (detached clones: the schedule may divide the
+    returned loss in place). ``loss_sum``, ``count``, ``pair_sums`` and ``pair_counts`` are sums the
+    engine all-reduces over ranks (``sums``); the rest are this micro-batch's own, per sample."""
+
+    loss_sum: torch.Tensor  # [] sum of the valid samples' losses
+    count: torch.Tensor  # [] valid samples, in loss_sum's dtype
+    pair_sums: torch.Tensor  # [E, P] sums of the pair metrics (objective.amopo.PAIR_METRIC_NAMES)
+    pair_counts: torch.Tensor  # [P] valid (sample, pair)s
+    weights: torch.Tensor  # [B, P] AMoPO pair weights
+    pair_margins: torch.Tensor  # [B, P] beta * (a_chosen - a_rejected)
+    pair_valid: torch.Tensor  # bool [B, P] pairs with a response token on both sides
+    sample_ids: torch.Tensor  # int64 [B] global sample (group) ids
+
+    @classmethod
+    def of(cls, loss_sum: torch.Tensor, count: torch.Tensor, metrics: dict, ids_B: torch.Tensor) -> StepReport:
+        """The report of ``amopo_loss``'s metrics and ``reduce_for_schedule``'s (loss_sum, count)."""
+        keep = lambda t: t.detach().clone()  # noqa: E731
+        return cls(
+            loss_sum=keep(loss_sum),
+            count=keep(count).to(loss_sum.dtype),
+            pair_sums=keep(metrics["pair_sums"]),
+            pair_counts=keep(metrics["pair_counts"]),
+            weights=keep(metrics["weights"]),
+            pair_margins=keep(metrics["pair_margins"]),
+            pair_valid=keep(metrics["pair_valid"]),
+            sample_ids=keep(ids_B),
+        )
+
+    def sums(self) -> torch.Tensor:
+        """float64 [2 + E*P + P]: loss_sum, count, pair_sums, pair_counts, flat, on their device."""
+        parts = (self.loss_sum, self.count, self.pair_sums, self.pair_counts)
+        return torch.cat([t.detach().reshape(-1).double() for t in parts])
 
 
 def _device() -> torch.device:
@@ -86,7 +119,7 @@ def loss_func(
     chunk_tokens: Optional[int] = None,
     output_weight: Optional[torch.Tensor] = None,
     sequence_parallel: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+) -> tuple[torch.Tensor, torch.Tensor, StepReport]:
     """logits [R, S, V] -> token log-probs -> stats [B, P, 2] -> AMoPO -> (loss_sum, count, report).
 
     With ``output_weight`` (this rank's output-layer weight [V, H]), ``output`` is instead the final
@@ -112,7 +145,7 @@ def loss_func(
     stats_BP2 = stats_N.pairs(num_seqs // (2 * num_samples))
     loss_B, metrics = amopo_loss(stats_BP2, cfg, sample_ids=ids_B, epoch=batch.epoch)
     loss_sum, count = reduce_for_schedule(loss_B, metrics)
-    return loss_sum, count, make_report(loss_sum, count, metrics, ids_B)
+    return loss_sum, count, StepReport.of(loss_sum, count, metrics, ids_B)
 
 
 def output_logprobs(
@@ -147,24 +180,6 @@ def output_logprobs(
         chunk_tokens=chunk_tokens,
         inplace_backward=output.grad_fn is not None,
     )
-
-
-def make_report(loss_sum: torch.Tensor, count: torch.Tensor, metrics: dict, ids_B: torch.Tensor) -> dict:
-    """Detached clones for logging (the schedule may divide the returned loss in place).
-
-    ``REDUCIBLE_KEYS`` are sums to all-reduce over DP; ``weights``, ``pair_margins``,
-    ``pair_valid`` [B, P] and ``sample_ids`` [B] are this micro-batch's own.
-    """
-    return {
-        "loss_sum": loss_sum.detach().clone(),
-        "count": count.detach().clone().to(loss_sum.dtype),
-        "pair_sums": metrics["pair_sums"].detach().clone(),
-        "pair_counts": metrics["pair_counts"].detach().clone(),
-        "weights": metrics["weights"].detach().clone(),
-        "pair_margins": metrics["pair_margins"].detach().clone(),
-        "pair_valid": metrics["pair_valid"].detach().clone(),
-        "sample_ids": ids_B.detach().clone(),
-    }
 
 
 def packed_seq_params(batch: MicroBatch, tp_group=None, sequence_parallel: bool = False):
@@ -261,6 +276,20 @@ def forward_step(
         sequence_parallel=sequence_parallel,
     )
     return output, loss
+
+
+def bind_forward_step(objective_cfg, **kw: Any) -> Callable[..., tuple[torch.Tensor, Any]]:
+    """``forward_step`` bound to the objective and this rank's TP and CP groups (``parallel_state``);
+    ``kw``: the other keyword arguments of ``forward_step`` (``chunk_tokens``, ``use_te``)."""
+    from megatron.core import parallel_state as ps
+
+    return functools.partial(
+        forward_step,
+        objective_cfg=objective_cfg,
+        tp_group=ps.get_tensor_model_parallel_group(),
+        cp_group=ps.get_context_parallel_group(),
+        **kw,
+    )
 
 
 def _te_spec(use_te: Optional[bool]) -> bool:

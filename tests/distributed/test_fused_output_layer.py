@@ -49,7 +49,8 @@ def _recording_step(records: list, wrong_weight: bool, data_iterator, model, **k
 
 def _run(model, micro, cfg, wrong_weight=False):
     from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_amopo.training.engine import Engine
 
     records = []
     step = functools.partial(
@@ -62,17 +63,8 @@ def _run(model, micro, cfg, wrong_weight=False):
         use_te=False,
         chunk_tokens=7,
     )
-    model.zero_grad_buffer()
-    reports = get_forward_backward_func()(
-        forward_step_func=step,
-        data_iterator=iter(micro),
-        model=[model],
-        num_microbatches=len(micro),
-        seq_length=micro[0].tokens.shape[1],
-        micro_batch_size=micro[0].tokens.shape[0],
-        forward_only=False,
-    )
-    loss = torch.stack([r["loss_sum"] for r in reports]).sum() if reports else None
+    reports = Engine([model], step).forward_backward(micro)
+    loss = torch.stack([r.loss_sum for r in reports]).sum() if reports else None
     grads = {n: p.main_grad.clone() for n, p in model.named_parameters()}
     return dict(loss=loss, grads=grads, logp=[r["logp"] for r in records], width=[r["width"] for r in records])
 

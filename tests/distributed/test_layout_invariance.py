@@ -32,7 +32,6 @@ def _global_batch(vocab: int):
 def _run_layout(tp, pp, sp, tied, fused, wired=True):
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_amopo.config import ParallelConfig
     from megatron_amopo.model.build import build_model
@@ -41,6 +40,7 @@ def _run_layout(tp, pp, sp, tied, fused, wired=True):
     from megatron_amopo.runtime.distributed import initialize_distributed, set_seed
     from megatron_amopo.testing.tiny import fill_deterministic, tiny_arch
     from megatron_amopo.training import step
+    from megatron_amopo.training.engine import Engine
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp)
     initialize_distributed(parallel)
@@ -103,16 +103,7 @@ def _run_layout(tp, pp, sp, tied, fused, wired=True):
 
         return hidden, loss_func
 
-    model.zero_grad_buffer()
-    reports = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iter(micro),
-        model=[model],
-        num_microbatches=len(micro),
-        seq_length=SEQ,
-        micro_batch_size=MBS,
-        forward_only=False,
-    )
+    reports = Engine([model], forward_step).forward_backward(micro)
     is_last = ps.is_pipeline_last_stage()
     loss_pair = torch.stack([r["loss"] for r in reports]).sum(0) if is_last else torch.zeros(2)
     torch.distributed.all_reduce(loss_pair)  # over everyone; divide out the duplicates below

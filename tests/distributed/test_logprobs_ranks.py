@@ -87,8 +87,8 @@ def _padded_vs_packed_on_tiny_model():
             rows=batch.tokens.shape[0],
             loss=loss_sum.item(),
             count=int(count),
-            weights=report["weights"],
-            pair_sums=report["pair_sums"],
+            weights=report.weights,
+            pair_sums=report.pair_sums,
             grads={n: p.grad.clone() for n, p in model.named_parameters()},
         )
     # The in-place gradient through the real output layer (ColumnParallelLinear + the transpose of

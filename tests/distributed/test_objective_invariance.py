@@ -72,13 +72,13 @@ def _wrong_loss_func(batch, cfg, logits, *, tp_group):
     """Per-rank stateful draws: what the counter-based normals exist to avoid."""
     from megatron_amopo.objective.amopo import amopo_loss, reduce_for_schedule
     from megatron_amopo.objective.logprobs import sequence_stats, token_logprobs
-    from megatron_amopo.training.step import make_report
+    from megatron_amopo.training.step import StepReport
 
     logp = token_logprobs(logits, batch.labels, tp_group, mask=batch.loss_mask)
     stats_BP2 = sequence_stats(logp, batch.segment_ids, batch.loss_mask, batch.num_seqs).pairs(NUM_PAIRS)
     loss_B, metrics = amopo_loss(stats_BP2, cfg, normals=torch.randn(stats_BP2.n.shape))
     loss_sum, count = reduce_for_schedule(loss_B, metrics)
-    return loss_sum, count, make_report(loss_sum, count, metrics, batch.sample_ids)
+    return loss_sum, count, StepReport.of(loss_sum, count, metrics, batch.sample_ids)
 
 
 def _wrong_forward_step(data_iterator, model, *, objective_cfg, tp_group):
@@ -111,32 +111,21 @@ def _build(tp, pp):
 def _run(model, mbs, cfg, *, wrong=False, identical_sides=False, masked=False):
     """One global batch through Megatron's schedule at the current layout."""
     from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_amopo.data.batch import build_micro_batch
-    from megatron_amopo.training.step import forward_step
+    from megatron_amopo.training.engine import Engine
+    from megatron_amopo.training.step import bind_forward_step
 
     dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     per_dp = NUM_GROUPS // dp
     mine = _groups(identical_sides, masked)[dp_rank * per_dp : (dp_rank + 1) * per_dp]
     micro = [build_micro_batch(mine[i : i + mbs], "padded", seq_length=ROW_LEN) for i in range(0, per_dp, mbs)]
-    tp_group = ps.get_tensor_model_parallel_group()
     if wrong:
+        tp_group = ps.get_tensor_model_parallel_group()
         step = functools.partial(_wrong_forward_step, objective_cfg=cfg, tp_group=tp_group)
     else:
-        step = functools.partial(
-            forward_step, objective_cfg=cfg, tp_group=tp_group, cp_group=ps.get_context_parallel_group(), use_te=False
-        )
-    model.zero_grad_buffer()
-    reports = get_forward_backward_func()(
-        forward_step_func=step,
-        data_iterator=iter(micro),
-        model=[model],
-        num_microbatches=len(micro),
-        seq_length=ROW_LEN,
-        micro_batch_size=mbs * 2 * NUM_PAIRS,
-        forward_only=False,
-    )
+        step = bind_forward_step(cfg, use_te=False)
+    reports = Engine([model], step).forward_backward(micro)
     return _collect(model, reports)
 
 
@@ -150,10 +139,10 @@ def _collect(model, reports):
     is_last, tp_rank = ps.is_pipeline_last_stage(), ps.get_tensor_model_parallel_rank()
     sums = torch.zeros(2)
     if is_last:
-        sums = torch.stack([torch.stack([r["loss_sum"], r["count"]]) for r in reports]).sum(0)
+        sums = torch.stack([torch.stack([r.loss_sum, r.count]) for r in reports]).sum(0)
     dist.all_reduce(sums)
     sums /= ps.get_tensor_model_parallel_world_size()  # every TP rank of the last stage reports
-    weights = [(r["sample_ids"], r["weights"]) for r in reports] if is_last and tp_rank == 0 else []
+    weights = [(r.sample_ids, r.weights) for r in reports] if is_last and tp_rank == 0 else []
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, weights)
     by_id = {int(i): w for part in everyone for ids, ws in part for i, w in zip(ids, ws)}

@@ -43,16 +43,19 @@ def _setup(fix_init_state: bool):
 
 
 def _step(model, optimizer, seed: int):
-    from megatron.core.distributed import finalize_model_grads
+    """One optimizer step on a squared-output loss, through the trainer's engine."""
+    from megatron_amopo.training.engine import Engine
 
     gen = torch.Generator().manual_seed(seed + torch.distributed.get_rank())
     tokens = torch.randint(0, 512, (2, 8), generator=gen)
-    model.zero_grad_buffer()
-    optimizer.zero_grad()
-    out = model(tokens, torch.arange(8).expand(2, 8), None)
-    out.float().pow(2).mean().backward()
-    finalize_model_grads([model])
-    optimizer.step()
+
+    def forward_step(data_iterator, model):
+        out = model(next(data_iterator), torch.arange(8).expand(2, 8), None)
+        return out, lambda out: (out.float().pow(2).mean(), {})
+
+    engine = Engine([model], forward_step, optimizer)
+    engine.forward_backward([tokens])
+    engine.step(increment=0)
 
 
 def _params(model) -> dict:

@@ -2,11 +2,13 @@
 numbers as the former three (report sums, counts, MAX of the stop flag), picks one report copy
 per DP replica, and stops every rank when one got the signal.
 
-Reports come from the real objective (``amopo_loss`` -> ``reduce_for_schedule`` -> ``make_report``)
+Reports come from the real objective (``amopo_loss`` -> ``reduce_for_schedule`` -> ``StepReport.of``)
 and batches from the real micro-batch builder.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -17,11 +19,11 @@ pytestmark = pytest.mark.distributed
 NUM_PAIRS, MICROBATCHES = 3, 3
 
 
-def _batches_and_reports(dp_rank: int, tp_rank: int) -> tuple[list[dict], list[dict]]:
+def _batches_and_reports(dp_rank: int, tp_rank: int) -> tuple[list, list]:
     from megatron_amopo.config import AmopoConfig
     from megatron_amopo.data.batch import build_micro_batch
     from megatron_amopo.objective.amopo import SequenceStats, amopo_loss, reduce_for_schedule
-    from megatron_amopo.training.step import make_report
+    from megatron_amopo.training.step import StepReport
 
     gen = torch.Generator().manual_seed(100 + dp_rank)
     batches, reports = [], []
@@ -50,9 +52,14 @@ def _batches_and_reports(dp_rank: int, tp_rank: int) -> tuple[list[dict], list[d
         stats = SequenceStats(sum_logp, n, p * n, p * p * n)
         loss_B, metrics = amopo_loss(stats, AmopoConfig(weighting="mean"), sample_ids=batch.sample_ids)
         loss_sum, count = reduce_for_schedule(loss_B, metrics)
-        report = make_report(loss_sum, count, metrics, batch.sample_ids)
+        report = StepReport.of(loss_sum, count, metrics, batch.sample_ids)
         if tp_rank == 1:  # a non-reporting copy must not count: make it differ
-            report = {k: v + 1000 if k != "sample_ids" else v for k, v in report.items()}
+            report = dataclasses.replace(
+                report,
+                **{
+                    f.name: getattr(report, f.name) + 1000 for f in dataclasses.fields(report) if f.name != "sample_ids"
+                },
+            )
         batches.append(batch)
         reports.append(report)
     return batches, reports
@@ -64,10 +71,10 @@ def _former_reduction(reports, batches, reporting: bool, num_rows: int, stop: bo
 
     flat = torch.zeros(2 + num_rows * NUM_PAIRS + NUM_PAIRS, dtype=torch.float64)
     if reporting and reports:
-        flat[0] = sum(float(r["loss_sum"]) for r in reports)
-        flat[1] = sum(float(r["count"]) for r in reports)
-        flat[2 : 2 + num_rows * NUM_PAIRS] = sum(r["pair_sums"].double().cpu() for r in reports).flatten()
-        flat[2 + num_rows * NUM_PAIRS :] = sum(r["pair_counts"].double().cpu() for r in reports)
+        flat[0] = sum(float(r.loss_sum) for r in reports)
+        flat[1] = sum(float(r.count) for r in reports)
+        flat[2 : 2 + num_rows * NUM_PAIRS] = sum(r.pair_sums.double().cpu() for r in reports).flatten()
+        flat[2 + num_rows * NUM_PAIRS :] = sum(r.pair_counts.double().cpu() for r in reports)
     dist.all_reduce(flat)
     counts = torch.zeros(2, dtype=torch.float64)
     if reporting:
@@ -95,7 +102,7 @@ def _check_on_rank() -> dict:
     from megatron_amopo.objective.amopo import PAIR_METRIC_NAMES
     from megatron_amopo.runtime.distributed import initialize_distributed
     from megatron_amopo.testing.tiny import tiny_arch
-    from megatron_amopo.training.loop import is_reporting_rank, reduce_step
+    from megatron_amopo.training.engine import Engine, is_reporting_rank
     from megatron_amopo.training.throughput import training_flops
 
     initialize_distributed(ParallelConfig(tensor_model_parallel_size=2))
@@ -112,23 +119,23 @@ def _check_on_rank() -> dict:
 
         dist.all_reduce = counting
         try:
-            new = reduce_step(reports, batches, NUM_PAIRS, stop=stop, arch=arch)
+            new = Engine([], forward_step=lambda *_: None).reduce(reports, batches, NUM_PAIRS, stop=stop, arch=arch)
         finally:
             dist.all_reduce = real_all_reduce
         old = _former_reduction(reports, batches, is_reporting_rank(), num_rows, stop)
         for key in ("loss_sum", "count", "groups", "tokens"):
-            assert new[key] == old[key], (key, new[key], old[key])  # bit-identical
-        assert torch.equal(new["pair_sums"].flatten(), old["pair_sums"])
-        assert torch.equal(new["pair_counts"], old["pair_counts"])
-        assert (new["stop"] > 0) == old["stop"]
-        out[f"stop_{step}"] = new["stop"] > 0
+            assert getattr(new, key) == old[key], (key, getattr(new, key), old[key])  # bit-identical
+        assert torch.equal(new.pair_sums.flatten(), old["pair_sums"])
+        assert torch.equal(new.pair_counts, old["pair_counts"])
+        assert (new.stop > 0) == old["stop"]
+        out[f"stop_{step}"] = new.stop > 0
         out["all_reduces"] = calls
     # FLOPs: the sum over the two DP replicas of the training FLOPs of their sequences
     mine = training_flops(arch, [n for b in batches for n in b.seq_lengths])
     both = torch.tensor([mine if is_reporting_rank() else 0.0], dtype=torch.float64)
     dist.all_reduce(both)
-    assert new["flops"] == both.item() > 0
-    out["loss"] = new["loss"]
+    assert new.flops == both.item() > 0
+    out["loss"] = new.loss
     return out
 
 

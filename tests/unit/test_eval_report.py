@@ -11,7 +11,7 @@ import torch
 from megatron_amopo.config import AmopoConfig
 from megatron_amopo.evaluation import report
 from megatron_amopo.objective.amopo import SequenceStats, amopo_loss, reduce_for_schedule, summarize_metrics
-from megatron_amopo.training.step import make_report
+from megatron_amopo.training.step import StepReport
 
 PAIRS = ["general", "helpfulness", "verbosity"]
 
@@ -34,7 +34,7 @@ def _reports(seed: int, sizes=(3, 2)) -> tuple[list[dict], list[dict]]:
         ids = torch.arange(start, start + b)
         loss_B, metrics = amopo_loss(_stats(a, n), cfg, sample_ids=ids)
         loss_sum, count = reduce_for_schedule(loss_B, metrics)
-        reports.append(make_report(loss_sum, count, metrics, ids))
+        reports.append(StepReport.of(loss_sum, count, metrics, ids))
         metrics_all.append(metrics)
         start += b
     return reports, metrics_all

@@ -22,7 +22,7 @@ from megatron_amopo.evaluation import report
 from megatron_amopo.objective.amopo import SequenceStats, amopo_loss, reduce_for_schedule, summarize_metrics
 from megatron_amopo.objective.pairs import mirrored_name
 from megatron_amopo.runtime.errors import EmptyOutput
-from megatron_amopo.training.step import make_report
+from megatron_amopo.training.step import StepReport
 
 ROOT = Path(__file__).resolve().parents[2]
 HS2 = str(ROOT / "data" / "helpsteer2" / "train_rows.jsonl")
@@ -142,7 +142,7 @@ def _scored_records(ds, follow: float) -> list[dict]:
         n_BP2 = torch.tensor(ns, dtype=torch.float64).view(1, 5, 2)
         stats = SequenceStats(s, n_BP2, torch.zeros_like(s), torch.zeros_like(s))
         loss_B, metrics = amopo_loss(stats, cfg, sample_ids=torch.tensor([g]))
-        reports.append(make_report(*reduce_for_schedule(loss_B, metrics), metrics, torch.tensor([g])))
+        reports.append(StepReport.of(*reduce_for_schedule(loss_B, metrics), metrics, torch.tensor([g])))
     return report.group_records(reports, ds.row_ids_G, ds.pair_names)
 
 
@@ -231,7 +231,7 @@ def test_masked_pairs_through_every_batch_layout(mirrored, layout):
     def margins(batch):
         logits = table[batch.tokens].clone().requires_grad_()  # depends on the token only: layout-free
         _, count, rep = loss_func(batch, AmopoConfig(weighting="gaussian"), logits)
-        return count, rep["pair_margins"], rep["pair_valid"], rep["weights"]
+        return count, rep.pair_margins, rep.pair_valid, rep.weights
 
     ref = margins(build_micro_batch(groups, "padded"))
     thd = layout == "packed-thd"

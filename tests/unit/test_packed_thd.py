@@ -69,7 +69,7 @@ def test_loss_and_statistics_identical_to_rows(rows, thd):
     assert count_r == count_t == len(_groups())
     torch.testing.assert_close(loss_t, loss_r, rtol=1e-12, atol=1e-12)
     for k in ("pair_sums", "pair_counts", "weights"):
-        torch.testing.assert_close(rep_t[k], rep_r[k], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(getattr(rep_t, k), getattr(rep_r, k), rtol=1e-12, atol=1e-12)
     # padding the stream (sequence parallelism) changes nothing but T and cu_seqlens
     padded = build_micro_batch(_groups(), "packed", seq_length=SEQ, thd=True, pad_to_multiple=7)
     T, T_pad = thd.tokens.shape[1], padded.tokens.shape[1]

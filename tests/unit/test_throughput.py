@@ -8,8 +8,12 @@ import torch
 from megatron_amopo.testing.tiny import tiny_arch, tiny_hf_config
 from megatron_amopo.training import throughput
 from megatron_amopo.training.loop import speed_values
-from megatron_amopo.training.metrics import format_line
+from megatron_amopo.training.metrics import StepTotals, format_line
 from megatron_amopo.training.throughput import device_peak_tflops, matmul_params, mfu, training_flops
+
+
+def _totals(**host: float) -> StepTotals:
+    return StepTotals(0.0, 0.0, torch.zeros(0), torch.zeros(0), **host)
 
 
 def test_flops_count_every_matmul_weight_of_the_hf_model():
@@ -50,7 +54,7 @@ def test_peak_by_card(monkeypatch, name, peak):
 def test_cpu_has_no_peak_and_reports_rss(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert device_peak_tflops() == ("cpu", None)
-    values = speed_values(dict(groups=4.0, tokens=1000.0, flops=2e12), 2.0, None)
+    values = speed_values(_totals(groups=4.0, tokens=1000.0, flops=2e12), 2.0, None)
     assert values["samples_per_s"] == 2.0 and values["tokens_per_s"] == 500.0
     assert values["tflops_per_rank"] == pytest.approx(1.0)
     assert "mfu" not in values and "max_allocated_gib" not in values
@@ -63,7 +67,7 @@ def test_cpu_has_no_peak_and_reports_rss(monkeypatch):
 def test_gpu_line_shows_mfu_and_max_allocated(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 53 * 2**30 + 2**29)
-    values = speed_values(dict(groups=4.0, tokens=32000.0, flops=302.6e12), 1.0, 989.0)
+    values = speed_values(_totals(groups=4.0, tokens=32000.0, flops=302.6e12), 1.0, 989.0)
     assert values["mfu"] == pytest.approx(302.6 / 989.0)
     assert values["max_allocated_gib"] == 53.5 and "peak_rss_gib" not in values
     line = format_line(3, 10, dict(loss=0.5, **values), ["general"])
