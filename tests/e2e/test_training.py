@@ -191,11 +191,12 @@ def test_preemption_signal_saves_and_exits_cleanly(setup):
     # themselves (torchrun, signalled, would exit non-zero by design).
     import psutil
 
-    workers = [
+    procs = [
         c for c in psutil.Process(proc.pid).children(recursive=True) if "pretrain_amopo.py" in " ".join(c.cmdline())
     ]
-    assert len(workers) == 2
-    for w in workers:
+    ranks = [c for c in procs if c.ppid() == proc.pid]  # torchrun's children; their DataLoader workers are theirs
+    assert len(ranks) == 2 and len(procs) > 2  # --num-workers 1
+    for w in procs:  # as SLURM does: every process of the step, data workers included
         w.send_signal(signal.SIGUSR1)
     out, _ = proc.communicate(timeout=300)
     text = "".join(lines) + out
