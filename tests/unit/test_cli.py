@@ -72,14 +72,17 @@ def test_every_command_answers_help_through_python_m():
 
 
 def test_tools_scripts_are_thin_wrappers_of_the_commands():
-    targets = {target.partition(":")[0] for target in _scripts().values()}
+    command_of = {target.partition(":")[0]: command for command, target in _scripts().items()}
+    readme = (REPO / "README.md").read_text()
     for path in sorted((REPO / "tools").glob("*.py")):
         if path.name in OWN_CODE:
             continue
         main = runpy.run_path(str(path), run_name="wrapper")["main"]
-        assert main.__module__ in targets, f"{path.name} runs {main.__module__}, which is no installed command"
+        assert main.__module__ in command_of, f"{path.name} runs {main.__module__}, which is no installed command"
         assert main is importlib.import_module(main.__module__).main
         assert len(path.read_text().splitlines()) <= 15, f"{path.name} should only import and call main"
+        row = f"| `{command_of[main.__module__]}` | `python tools/{path.name}` |"
+        assert row in readme, f"README's installed commands table lacks {row}"
 
 
 def test_wrapper_and_module_print_the_same_help():
