@@ -32,14 +32,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 from megatron_amopo.data.indexer import default_num_threads, padding_efficiency, plan_microbatches  # noqa: E402
 from megatron_amopo.data.packing import packed_shape  # noqa: E402

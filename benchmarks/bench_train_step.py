@@ -237,8 +237,7 @@ def _load_hf_weights(model, path: str) -> None:
 
 # ----------------------------------------------------------------------- baseline
 def run_baseline(args, cfg: dict, chunks: list[list[dict]]) -> dict:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from bench_loss_path import baseline_stats
+    from bench_loss_path import baseline_stats  # a sibling: benchmarks/ is sys.path[0] when this runs as a script
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from megatron_amopo.config import AmopoConfig

@@ -1,6 +1,6 @@
 """One error path for every entry point: a user error is one line on stderr and a distinct exit code.
 
-``@entry_point`` wraps ``main`` of pretrain_amopo.py and every tools/ script. A user error
+``@entry_point`` wraps ``main`` of every command (megatron_amopo/cli/, pretrain_amopo.py, tools/). A user error
 prints ``error: <what> — <the fix>`` once (rank 0 under torchrun; every rank also writes it to
 torchrun's error file, so torchrun's failure box names it as the root cause) and returns its
 ``ExitCode``. ``AMOPO_DEBUG=1`` adds the traceback. Anything else is a bug and keeps Python's

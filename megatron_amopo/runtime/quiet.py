@@ -1,6 +1,7 @@
 """A quiet console: the known, harmless third-party warnings our entry points would print.
 
-``install()`` is the first line of pretrain_amopo.py and every tools/ script. It
+``install()`` runs on import of megatron_amopo/cli/ (every installed command), before anything
+imports Megatron-Core, and first in pretrain_amopo.py and tools/evaluate.py. It
 filters exactly the entries of ``KNOWN`` (module, message, why it is harmless);
 ``AMOPO_SHOW_WARNINGS=1`` shows them all again. Our own and unknown warnings still
 print, prefixed with the rank when several ranks run (torchrun merges their output).

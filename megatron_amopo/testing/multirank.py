@@ -43,12 +43,11 @@ def _worker(fn, rank, world_size, port, out_q, args, kwargs, env) -> None:
         MASTER_PORT=str(port),
     )
     try:
-        import warnings
+        from megatron_amopo.runtime import quiet
 
         # Megatron-Core warns once per process about missing TE/Apex; on 4 ranks that
-        # buries the real failure.
-        warnings.filterwarnings("ignore", category=UserWarning)
-        warnings.filterwarnings("ignore", category=FutureWarning)
+        # buries the real failure. The entry points' filter: unknown warnings still print.
+        quiet.install()
         import torch
         import torch.distributed as dist
 

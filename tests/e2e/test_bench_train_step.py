@@ -7,6 +7,7 @@ baseline's first-step loss, which ties the two measurements to the same computat
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -18,9 +19,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks" / "bench_train_step.py"
-sys.path.insert(0, str(BENCH.parent))
-
-import bench_train_step as bench  # noqa: E402
+_SPEC = importlib.util.spec_from_file_location("bench_train_step", BENCH)
+bench = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(bench)
 
 
 def test_flops_formula_counts_every_matmul_weight():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import glob
+import importlib.util
 import json
 import os
 import sys
@@ -144,8 +145,9 @@ def test_wandb_offline_logs_the_tensorboard_scalars_and_a_resume_continues_the_r
 
 def test_wandb_without_the_package_is_refused_before_training(monkeypatch, capsys):
     """The entry point refuses --wandb-project when wandb cannot be imported: one line naming the extra, exit 2."""
-    sys.path.insert(0, REPO)
-    import pretrain_amopo
+    spec = importlib.util.spec_from_file_location("pretrain_amopo", os.path.join(REPO, "pretrain_amopo.py"))
+    pretrain_amopo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pretrain_amopo)
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # importlib finds no wandb
     code = pretrain_amopo.main(

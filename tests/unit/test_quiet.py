@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -61,3 +64,18 @@ def test_rank_prefix_on_every_line(fresh, monkeypatch):
     quiet.install()
     text = warnings.formatwarning("odd thing", UserWarning, "x.py", 3, "line")
     assert text.splitlines() and all(line.startswith("[rank 1] ") for line in text.splitlines())
+
+
+def _import_megatron_after_cli(**env: str) -> str:
+    """stderr of a process that imports the cli package (as every command does), then Megatron-Core's specs."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", quiet.SHOW_ENV)}
+    code = "import megatron_amopo.cli, megatron.core.models.gpt.gpt_layer_specs"
+    proc = subprocess.run([sys.executable, "-c", code], env={**environ, **env}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stderr
+
+
+def test_the_cli_package_filters_before_any_command_imports_megatron():
+    known = "Apex is not installed. Falling back to Torch Norm"
+    assert known in _import_megatron_after_cli(**{quiet.SHOW_ENV: "1"})  # the warning is there to hide
+    assert known not in _import_megatron_after_cli()
