@@ -1,4 +1,4 @@
-"""Planned micro-batch (groups from ``PreferenceGroupDataset``) -> ``MicroBatch``, the step's input.
+"""Planned micro-batch (``Group``s from ``PreferenceGroupDataset``) -> ``MicroBatch``, the step's input.
 
 Built once in the form the model takes: rows with an attention mask (padded, or packed rows on
 the mask path), or one THD stream with ``cu_seqlens`` (packed, where attention takes THD), so the
@@ -18,6 +18,21 @@ from megatron_amopo.data.packing import pack_rows
 
 LAYOUTS = ("padded", "packed")
 PAD_SEGMENT = -1
+
+
+@dataclass
+class Group:
+    """One preference group (a sample) as the reader yields it: its 2P sequences and scores.
+
+    Sequence 2k + side is pair k's chosen (side 0) or rejected (side 1) response after its prompt.
+    """
+
+    tokens: list[torch.Tensor]  # 2P int64 tensors [L]: prompt then response tokens of each sequence
+    response_start: torch.Tensor  # int64 [2P]: index of each sequence's first response token
+    chosen_scores: torch.Tensor  # [D]: scores of the chosen response
+    rejected_scores: torch.Tensor  # [D]: scores of the rejected response
+    row_id: int  # input row the group was built from
+    group_id: int  # index in the dataset: the sample id, key of the Gaussian draws
 
 
 @dataclass
@@ -62,10 +77,10 @@ class MicroBatch:
         return dataclasses.replace(self, **moved)
 
 
-def _shifted(groups: list[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+def _shifted(groups: list[Group]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     inputs, labels, masks = [], [], []
     for g in groups:
-        for seq, start in zip(g["tokens"], g["response_start"].tolist()):
+        for seq, start in zip(g.tokens, g.response_start.tolist()):
             x = seq.to(torch.int64)
             inputs.append(x[:-1])
             labels.append(x[1:])
@@ -75,7 +90,7 @@ def _shifted(groups: list[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor]
 
 
 def build_micro_batch(
-    groups: list[dict],
+    groups: list[Group],
     layout: str = "padded",
     seq_length: Optional[int] = None,
     pad_id: int = 0,
@@ -119,7 +134,7 @@ def build_micro_batch(
     seqs = _fill(rows, width, inputs, labels, masks, pad_id)
     batch = MicroBatch(
         **seqs,
-        sample_ids=torch.tensor([g["group_id"] for g in groups], dtype=torch.int64),
+        sample_ids=torch.tensor([g.group_id for g in groups], dtype=torch.int64),
         seq_lengths=tuple(lengths),
         layout="packed" if layout == "packed" else "padded",
         epoch=epoch,

@@ -103,7 +103,7 @@ def mean_response_logp(model, tokens: torch.Tensor, start: int) -> tuple[torch.T
 
 def group_loss(model, group: dict) -> tuple[torch.Tensor, bool]:
     """(SimPO averaged over the valid pairs, whether any pair is valid): equal weights 1/P_valid sum to one."""
-    out = [mean_response_logp(model, seq.long(), int(s)) for seq, s in zip(group["tokens"], group["response_start"])]
+    out = [mean_response_logp(model, seq.long(), int(s)) for seq, s in zip(group.tokens, group.response_start)]
     losses = []
     for k in range(len(out) // 2):
         (a_c, n_c), (a_r, n_r) = out[2 * k], out[2 * k + 1]
