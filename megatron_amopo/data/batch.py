@@ -9,14 +9,16 @@ the 2(D+1) sequences"; shape letters: its "Shape letters".
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
-from typing import Literal, Optional, Union
+from typing import Optional, Union
 
 import torch
 
+from megatron_amopo.config import BatchLayout
 from megatron_amopo.data.packing import pack_rows
 
-LAYOUTS = ("padded", "packed")
+LAYOUTS = typing.get_args(BatchLayout)
 PAD_SEGMENT = -1
 
 
@@ -51,7 +53,7 @@ class MicroBatch:
     segment_ids: torch.Tensor  # int64, as tokens: sequence index n, -1 on padding
     sample_ids: torch.Tensor  # int64 [B]: global sample ids, the key of the Gaussian draws
     seq_lengths: tuple[int, ...]  # host [N]: positions of each sequence (after the shift)
-    layout: Literal["padded", "packed"] = "padded"  # host: one sequence per row, or several
+    layout: BatchLayout = "padded"  # host: one sequence per row, or several
     epoch: int = 0  # host: epoch of the samples, part of the key of their Gaussian draws
     attention_mask: Optional[torch.Tensor] = None  # bool [R, 1, S, S], True = masked; rows only
     cu_seqlens: Optional[torch.Tensor] = None  # int32 [K + 1]: segment starts and T; THD only
@@ -91,7 +93,7 @@ def _shifted(groups: list[Group]) -> tuple[list[torch.Tensor], list[torch.Tensor
 
 def build_micro_batch(
     groups: list[Group],
-    layout: str = "padded",
+    layout: BatchLayout = "padded",
     seq_length: Optional[int] = None,
     pad_id: int = 0,
     *,
@@ -136,7 +138,7 @@ def build_micro_batch(
         **seqs,
         sample_ids=torch.tensor([g.group_id for g in groups], dtype=torch.int64),
         seq_lengths=tuple(lengths),
-        layout="packed" if layout == "packed" else "padded",
+        layout=layout,
         epoch=epoch,
     )
     if not (layout == "packed" and thd):

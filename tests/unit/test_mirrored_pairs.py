@@ -205,7 +205,10 @@ def test_dimension_that_never_differs_is_refused(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert cli.returncode != 0 and "--dimension-pairs must be one of ('paper', 'mirrored')" in cli.stderr
+    assert (
+        cli.returncode != 0
+        and "argument --dimension-pairs: invalid choice: 'sideways' (choose from 'paper', 'mirrored')" in cli.stderr
+    )
 
 
 def test_mirrored_name_is_distinct():
