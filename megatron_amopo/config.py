@@ -10,7 +10,9 @@ prefix ``amopo``); YAML files map onto the same field names (see ``load_yaml``).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import functools
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
@@ -31,7 +33,7 @@ def _f(default: Any, help: str, flag: Optional[str] = None, **kw) -> Any:
     if flag is not None:
         meta["flag"] = flag
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
+        return field(default_factory=functools.partial(copy.copy, default), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -71,7 +71,7 @@ class MicroBatch:
 
     def to(self, device: Union[torch.device, str], non_blocking: bool = True) -> MicroBatch:
         """A copy with every tensor on ``device`` (asynchronous from pinned memory)."""
-        moved = {
+        moved: dict[str, Any] = {  # field name -> tensor, as dataclasses.replace takes them
             f.name: v.to(device, non_blocking=non_blocking)
             for f in dataclasses.fields(self)
             if torch.is_tensor(v := getattr(self, f.name))
@@ -133,7 +133,7 @@ def build_micro_batch(
         rows = pack_rows(lengths, cap)
     width = cap if layout == "padded" else max(sum(lengths[n] for n in r) for r in rows)
     width += -width % pad_to_multiple  # sequence parallelism splits every row (or the stream) over TP ranks
-    seqs = _fill(rows, width, inputs, labels, masks, pad_id)
+    seqs: dict[str, Any] = _fill(rows, width, inputs, labels, masks, pad_id)
     batch = MicroBatch(
         **seqs,
         sample_ids=torch.tensor([g.group_id for g in groups], dtype=torch.int64),

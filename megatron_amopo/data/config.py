@@ -66,17 +66,14 @@ class DataConfig:
     """Preference records -> groups of 2(D+1) tokenised sequences."""
 
     format: Format = _f("helpsteer2", "input record format: amopo, helpsteer2 or pairs", flag="--format")
-    dimensions: Optional[list[str]] = _f(
+    # dimensions, score_min and score_max are typed as resolved: __post_init__ replaces None by the format's default
+    dimensions: list[str] = _f(
         None,
         "score dimensions D (default per format: helpsteer2 helpfulness correctness coherence; "
         "amopo helpfulness correctness instruction_following; pairs overall)",
     )
-    score_min: Optional[float] = _f(
-        None, "lowest score of the dataset's scale (default: helpsteer2 0, amopo 1, pairs 1)"
-    )
-    score_max: Optional[float] = _f(
-        None, "highest score of the dataset's scale (default: helpsteer2 4, amopo 5, pairs 10)"
-    )
+    score_min: float = _f(None, "lowest score of the dataset's scale (default: helpsteer2 0, amopo 1, pairs 1)")
+    score_max: float = _f(None, "highest score of the dataset's scale (default: helpsteer2 4, amopo 5, pairs 10)")
     pair_rule: str = _f(
         "mean",
         "which response is chosen: mean (higher mean of the selected dimensions), pareto (at least as good "
