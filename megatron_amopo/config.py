@@ -5,6 +5,8 @@ can be done without a model or process group lives in ``__post_init__`` and rais
 ``ValueError`` naming the flag and the fix. ``add_dataclass_args`` builds argparse
 flags from the fields (``beta`` -> ``--amopo-beta`` for ``AmopoConfig`` with the
 prefix ``amopo``); YAML files map onto the same field names (see ``load_yaml``).
+A choice is a ``Literal`` field: its values become the flag's ``choices``, and
+``check_choices`` refuses the others from YAML or code.
 """
 
 from __future__ import annotations
