@@ -41,6 +41,7 @@ import time
 
 import torch
 
+from megatron_amopo.data.batch import Group
 from megatron_amopo.training.throughput import device_peak_tflops, mfu, peak_memory_bytes
 
 # Shapes from the published config.json of Qwen/Qwen2.5-0.5B and Qwen/Qwen2.5-1.5B (HF Hub).
@@ -89,7 +90,7 @@ def hf_config(name: str) -> dict:
     return dict(MODELS[name])
 
 
-def dataset_groups(path: str, num_samples: int) -> list[dict]:
+def dataset_groups(path: str, num_samples: int) -> list[Group]:
     """The first ``num_samples`` groups of a dataset written by tools/preprocess_data.py."""
     from megatron_amopo.data.reader import PreferenceGroupDataset
 
@@ -99,7 +100,7 @@ def dataset_groups(path: str, num_samples: int) -> list[dict]:
     return [ds[g] for g in range(num_samples)]
 
 
-def make_groups(num_samples: int, dims: int, seq_length: int, vocab: int, seed: int) -> list[dict]:
+def make_groups(num_samples: int, dims: int, seq_length: int, vocab: int, seed: int) -> list[Group]:
     """Synthetic samples: prompt of 10-40 % of S, each response up to the rest (<= S positions)."""
     gen = torch.Generator().manual_seed(seed)
     S, groups = seq_length, []
@@ -112,7 +113,7 @@ def make_groups(num_samples: int, dims: int, seq_length: int, vocab: int, seed: 
             seqs.append(torch.cat([prompt, torch.randint(0, vocab, (r,), generator=gen)]))
             starts.append(p)
         groups.append(
-            dict(
+            Group(
                 tokens=seqs,
                 response_start=torch.tensor(starts),
                 group_id=g,
@@ -150,7 +151,7 @@ def _timed(step, steps: int, warmup: int) -> tuple[list[float], list[float]]:
 
 
 # --------------------------------------------------------------------------- ours
-def run_ours(args, cfg: dict, chunks: list[list[dict]]) -> dict:
+def run_ours(args, cfg: dict, chunks: list[list[Group]]) -> dict:
     from megatron_amopo.config import AmopoConfig, OptimizerConfig, ParallelConfig, TrainingConfig
     from megatron_amopo.data.batch import build_micro_batch
     from megatron_amopo.model.architectures import arch_from_hf_config
@@ -236,7 +237,7 @@ def _load_hf_weights(model, path: str) -> None:
 
 
 # ----------------------------------------------------------------------- baseline
-def run_baseline(args, cfg: dict, chunks: list[list[dict]]) -> dict:
+def run_baseline(args, cfg: dict, chunks: list[list[Group]]) -> dict:
     from bench_loss_path import baseline_stats  # a sibling: benchmarks/ is sys.path[0] when this runs as a script
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -299,7 +300,7 @@ def run_side(args) -> None:
     except torch.cuda.OutOfMemoryError as err:  # a result too: the baseline may not fit where ours does
         print(f"{args.side}: out of GPU memory: {str(err).splitlines()[0]}", file=sys.stderr)
         res = dict(oom=True, losses=[float("nan")], times=[float("inf")], rows=0, attention="-")
-    lengths = [len(s) - 1 for g in groups for s in g["tokens"]]
+    lengths = [len(s) - 1 for g in groups for s in g.tokens]
     res.update(
         peak_memory=peak_memory_bytes(), samples=len(groups), tokens=sum(lengths), flops=model_flops(cfg, lengths)
     )

@@ -5,20 +5,28 @@ can be done without a model or process group lives in ``__post_init__`` and rais
 ``ValueError`` naming the flag and the fix. ``add_dataclass_args`` builds argparse
 flags from the fields (``beta`` -> ``--amopo-beta`` for ``AmopoConfig`` with the
 prefix ``amopo``); YAML files map onto the same field names (see ``load_yaml``).
+A choice is a ``Literal`` field: its values become the flag's ``choices``, and
+``check_choices`` refuses the others from YAML or code.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import functools
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-LOSS_TYPES = ("simpo", "orpo")
-WEIGHTINGS = ("gaussian", "gaussian-inverse", "mean", "equal", "fixed")
+LossType = Literal["simpo", "orpo"]
+Weighting = Literal["gaussian", "gaussian-inverse", "mean", "equal", "fixed"]
 OutputLayer = Literal["logits", "fused"]
 PairReduction = Literal["sum", "mean"]
+BatchLayout = Literal["packed", "padded"]
+RecomputeGranularity = Literal["full", "selective"]
+LrDecayStyle = Literal["constant", "linear", "cosine"]
+DistributedBackend = Literal["nccl", "gloo"]
 
 
 def _f(default: Any, help: str, flag: Optional[str] = None, **kw) -> Any:
@@ -27,7 +35,7 @@ def _f(default: Any, help: str, flag: Optional[str] = None, **kw) -> Any:
     if flag is not None:
         meta["flag"] = flag
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
+        return field(default_factory=functools.partial(copy.copy, default), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
 
 
@@ -35,10 +43,10 @@ def _f(default: Any, help: str, flag: Optional[str] = None, **kw) -> Any:
 class AmopoConfig:
     """The AMoPO objective (paper Eq. for SimPO/ORPO pair losses and Gaussian weights)."""
 
-    loss_type: str = _f("simpo", "pair loss: simpo or orpo", flag="--amopo-loss")
+    loss_type: LossType = _f("simpo", "pair loss: simpo or orpo", flag="--amopo-loss")
     beta: float = _f(0.8, "SimPO reward scale beta (ORPO: weight of the odds-ratio term)")
     gamma: float = _f(2.0, "SimPO target reward margin gamma (unused by ORPO)")
-    weighting: str = _f(
+    weighting: Weighting = _f(
         "gaussian",
         "pair weighting: gaussian (softmax of sampled r_k, published code), gaussian-inverse "
         "(softmax of -r_k, paper text), mean (softmax of mu_c+mu_r), equal, fixed",
@@ -60,18 +68,7 @@ class AmopoConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.output_layer not in typing.get_args(OutputLayer):
-            raise ValueError(
-                f"--amopo-output-layer must be one of {typing.get_args(OutputLayer)}, got {self.output_layer!r}"
-            )
-        if self.pair_reduction not in typing.get_args(PairReduction):
-            raise ValueError(
-                f"--amopo-pair-reduction must be one of {typing.get_args(PairReduction)}, got {self.pair_reduction!r}"
-            )
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"--amopo-loss must be one of {LOSS_TYPES}, got {self.loss_type!r}")
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"--amopo-weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        check_choices(self, "amopo")
         if self.beta <= 0:
             raise ValueError(f"--amopo-beta must be > 0, got {self.beta}")
         if self.sft_weight < 0:
@@ -97,6 +94,22 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
         if len(args) == 1:
             return args[0], True
     return tp, False
+
+
+def check_choices(cfg: Any, prefix: Optional[str] = None) -> None:
+    """Refuse a ``Literal`` field's value outside its choices, naming the flag.
+
+    argparse refuses a bad flag value itself (``choices``); this covers YAML run files and
+    configs built in code. Called first in ``__post_init__``, before the value is used.
+    """
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        tp, optional = _unwrap_optional(hints[f.name])
+        value = getattr(cfg, f.name)
+        if typing.get_origin(tp) is not Literal or (optional and value is None):
+            continue
+        if value not in typing.get_args(tp):
+            raise ValueError(f"{flag_name(f, prefix)} must be one of {typing.get_args(tp)}, got {value!r}")
 
 
 def flag_name(f: dataclasses.Field, prefix: Optional[str]) -> str:
@@ -182,12 +195,13 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = _f(1, "pipeline-parallel size (at most the number of layers)")
     context_parallel_size: int = _f(1, "context-parallel size (needs Transformer Engine attention on GPU)")
     sequence_parallel: bool = _f(False, "Megatron sequence parallelism (needs tensor-parallel size > 1)")
-    distributed_backend: Optional[str] = _f(
+    distributed_backend: Optional[DistributedBackend] = _f(
         None, "torch.distributed backend: nccl (with gloo for CPU tensors; the default with CUDA) or gloo"
     )
     distributed_timeout_minutes: int = _f(10, "timeout of collective operations, in minutes")
 
     def __post_init__(self) -> None:
+        check_choices(self)
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -196,8 +210,6 @@ class ParallelConfig:
                 "--sequence-parallel needs --tensor-model-parallel-size > 1 (it splits the sequence over the "
                 "tensor-parallel group); drop --sequence-parallel or raise the TP size"
             )
-        if self.distributed_backend not in (None, "nccl", "gloo"):
-            raise ValueError(f"--distributed-backend must be nccl or gloo, got {self.distributed_backend!r}")
 
     @property
     def model_parallel_size(self) -> int:
@@ -229,13 +241,15 @@ class TrainingConfig:
     train_iters: Optional[int] = _f(None, "optimizer steps to train; or give --train-epochs")
     train_epochs: Optional[int] = _f(None, "epochs over the training groups (converted to steps)")
     seq_length: int = _f(1024, "row length S of a micro-batch (packed rows hold several sequences)")
-    batch_layout: str = _f(
+    batch_layout: BatchLayout = _f(
         "packed", "micro-batch layout: packed (block-diagonal rows) or padded (one sequence per row)"
     )
     plan_window: int = _f(512, "groups per length-grouping window of the micro-batch planner")
     seed: int = _f(1234, "seed of data order, initialisation and dropout")
     bf16: bool = _f(False, "bf16 parameters and compute (GPU); fp32 otherwise")
-    recompute_granularity: Optional[str] = _f(None, "activation recomputation: full or selective (GPU)")
+    recompute_granularity: Optional[RecomputeGranularity] = _f(
+        None, "activation recomputation: full or selective (GPU)"
+    )
     use_distributed_optimizer: bool = _f(False, "shard optimizer state over data-parallel ranks")
     eval_interval: Optional[int] = _f(None, "evaluate on the validation split every N steps (and at the end)")
     eval_batches: Optional[int] = _f(None, "micro-batches per evaluation per rank (default: the whole split)")
@@ -258,6 +272,7 @@ class TrainingConfig:
     )
 
     def __post_init__(self) -> None:
+        check_choices(self)
         if self.num_workers < 0:
             raise ValueError(f"--num-workers must be >= 0, got {self.num_workers}")
         if (self.micro_batch_size is None) == (self.micro_batch_tokens is None):
@@ -266,10 +281,6 @@ class TrainingConfig:
             raise ValueError(f"--micro-batch-size must be >= 1, got {self.micro_batch_size}")
         if (self.train_iters is None) == (self.train_epochs is None):
             raise ValueError("give exactly one of --train-iters or --train-epochs")
-        if self.batch_layout not in ("packed", "padded"):
-            raise ValueError(f"--batch-layout must be packed or padded, got {self.batch_layout!r}")
-        if self.recompute_granularity not in (None, "full", "selective"):
-            raise ValueError(f"--recompute-granularity must be full or selective, got {self.recompute_granularity!r}")
         for name in ("global_batch_size", "seq_length", "log_interval", "plan_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -293,7 +304,7 @@ class OptimizerConfig:
 
     lr: float = _f(3e-7, "peak learning rate (AMoPO paper: 3e-7 for 7B models)")
     min_lr: float = _f(0.0, "learning rate at the end of the decay")
-    lr_decay_style: str = _f("cosine", "constant, linear or cosine")
+    lr_decay_style: LrDecayStyle = _f("cosine", "constant, linear or cosine")
     lr_warmup_fraction: float = _f(0.1, "fraction of the steps spent in linear warm-up")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     adam_beta1: float = _f(0.9, "AdamW beta1")
@@ -302,10 +313,9 @@ class OptimizerConfig:
     clip_grad: float = _f(1.0, "clip the global gradient norm to this value (0 disables)")
 
     def __post_init__(self) -> None:
+        check_choices(self)
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"need 0 <= --min-lr <= --lr and --lr > 0, got lr={self.lr} min_lr={self.min_lr}")
-        if self.lr_decay_style not in ("constant", "linear", "cosine"):
-            raise ValueError(f"--lr-decay-style must be constant, linear or cosine, got {self.lr_decay_style!r}")
         if not 0.0 <= self.lr_warmup_fraction < 1.0:
             raise ValueError(f"--lr-warmup-fraction must be in [0, 1), got {self.lr_warmup_fraction}")
         if self.clip_grad < 0:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Mapping
+from typing import Any
 
 from megatron_amopo.data.config import PLACEMENTS
 from megatron_amopo.evaluation.benchmarks import FORMATS
@@ -114,7 +116,10 @@ def single(args, system: str, sampling) -> int:
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     messages = conversation(system, [], args.prompt, args.prompt_placement)
-    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    encoded = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    # return_dict=True gives a BatchEncoding; transformers types the result as every form it can take
+    assert isinstance(encoded, Mapping), type(encoded)
+    ids: Mapping[str, Any] = encoded
     torch.manual_seed(args.seed)
     sample = args.temperature > 0
     with progress(total=args.max_new_tokens, desc="generate", unit=" tokens") as bar:

@@ -9,7 +9,7 @@ Shape legend: S prompt length, V vocabulary.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -78,7 +78,7 @@ def megatron_logits(model_chunk, seqs: list[list[int]]) -> list[torch.Tensor]:
     for s in seqs:
         captured.clear()
         engine.forward_backward([torch.tensor([s])], forward_only=True)
-        holder = [captured[0] if captured else None]
+        holder: list[Any] = [captured[0] if captured else None]
         if ps.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast_object_list(
                 holder, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group()
@@ -117,7 +117,7 @@ def check_against_hf(hf_dir: str, root: str, iteration: Optional[int] = None) ->
     got = megatron_logits(model, seqs)
     del model
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    report = {"iteration": it, "prompts": len(seqs)}
+    report: dict[str, Any] = {"iteration": it, "prompts": len(seqs)}
     for key, padded in (("unpadded", False), ("left_padded", True)):
         report[key] = compare(hf_logits(hf, seqs, padded), got)
     report["max_abs"] = max(report["unpadded"]["max_abs"], report["left_padded"]["max_abs"])

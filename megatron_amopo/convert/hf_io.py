@@ -37,18 +37,19 @@ class HFWeights:
 
     def __init__(self, path: str):
         self.path = path
-        self.kind, self.weight_map = self._find_files(path)
+        self.kind, files, self.weight_map = self._find_files(path)
         self.shapes: dict[str, tuple[int, ...]] = {}
-        self.dtypes: dict[str, torch.dtype] = {}
+        self.dtypes: dict[str, Optional[torch.dtype]] = {}  # None: a safetensors dtype not in _ST_DTYPES
         self._bin_cache: tuple[Optional[str], dict] = (None, {})
-        for file in sorted(set(self.weight_map.values())):
+        for file in files:
             self._read_header(file)
         for name, file in self.weight_map.items():
             if name not in self.shapes:
                 raise ValueError(f"{self.path}: the index names tensor {name} in {file}, which does not hold it")
 
     @staticmethod
-    def _find_files(path: str) -> tuple[str, dict[str, str]]:
+    def _find_files(path: str) -> tuple[str, list[str], dict[str, str]]:
+        """(format, weight files, tensor name -> file from the index; empty for a single file)."""
         if not os.path.isdir(path):
             raise FileNotFoundError(f"no Hugging Face model directory at {path}")
         for index, kind in ((ST_INDEX, "safetensors"), (BIN_INDEX, "bin")):
@@ -58,10 +59,10 @@ class HFWeights:
                 missing = sorted({f for f in weight_map.values() if not os.path.isfile(os.path.join(path, f))})
                 if missing:
                     raise FileNotFoundError(f"{path}: shard(s) named in {index} are missing: {', '.join(missing)}")
-                return kind, dict(weight_map)
+                return kind, sorted(set(weight_map.values())), dict(weight_map)
         for single, kind in ((ST_SINGLE, "safetensors"), (BIN_SINGLE, "bin")):
             if os.path.isfile(os.path.join(path, single)):
-                return kind, {None: single}  # names filled in from the header
+                return kind, [single], {}  # names filled in from the header
         raise FileNotFoundError(f"no weights in {path}: expected {ST_SINGLE}, {ST_INDEX}, {BIN_SINGLE} or {BIN_INDEX}")
 
     def _read_header(self, file: str) -> None:
@@ -83,7 +84,6 @@ class HFWeights:
             for name, t in self._load_bin(file).items():
                 self.shapes[name], self.dtypes[name] = tuple(t.shape), t.dtype
                 self.weight_map.setdefault(name, file)
-        self.weight_map.pop(None, None)
 
     def _load_bin(self, file: str) -> dict:
         # Memory-mapped and weights_only: nothing is executed, pages are read on use.

@@ -68,9 +68,10 @@ def plan_import(hf_path: str) -> ImportPlan:
             f"(would be dropped): {unmapped[:5]}"
         )
     dtypes = {weights.dtypes[n] for n in wanted}
-    if len(dtypes) != 1 or None in dtypes:
+    dtype = next(iter(dtypes)) if len(dtypes) == 1 else None
+    if dtype is None:
         raise ValueError(f"{hf_path}: parameters must share one floating dtype, found {dtypes}")
-    return ImportPlan(hf_path, hf_config, arch, entries, weights, dtypes.pop())
+    return ImportPlan(hf_path, hf_config, arch, entries, weights, dtype)
 
 
 @torch.no_grad()

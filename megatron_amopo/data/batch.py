@@ -1,4 +1,4 @@
-"""Planned micro-batch (groups from ``PreferenceGroupDataset``) -> ``MicroBatch``, the step's input.
+"""Planned micro-batch (``Group``s from ``PreferenceGroupDataset``) -> ``MicroBatch``, the step's input.
 
 Built once in the form the model takes: rows with an attention mask (padded, or packed rows on
 the mask path), or one THD stream with ``cu_seqlens`` (packed, where attention takes THD), so the
@@ -9,16 +9,33 @@ the 2(D+1) sequences"; shape letters: its "Shape letters".
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
+from megatron_amopo.config import BatchLayout
 from megatron_amopo.data.packing import pack_rows
 
-LAYOUTS = ("padded", "packed")
+LAYOUTS = typing.get_args(BatchLayout)
 PAD_SEGMENT = -1
+
+
+@dataclass
+class Group:
+    """One preference group (a sample) as the reader yields it: its 2P sequences and scores.
+
+    Sequence 2k + side is pair k's chosen (side 0) or rejected (side 1) response after its prompt.
+    """
+
+    tokens: list[torch.Tensor]  # 2P int64 tensors [L]: prompt then response tokens of each sequence
+    response_start: torch.Tensor  # int64 [2P]: index of each sequence's first response token
+    chosen_scores: torch.Tensor  # [D]: scores of the chosen response
+    rejected_scores: torch.Tensor  # [D]: scores of the rejected response
+    row_id: int  # input row the group was built from
+    group_id: int  # index in the dataset: the sample id, key of the Gaussian draws
 
 
 @dataclass
@@ -37,7 +54,7 @@ class MicroBatch:
     segment_ids: torch.Tensor  # int64, as tokens: sequence index n, -1 on padding
     sample_ids: torch.Tensor  # int64 [B]: global sample ids, the key of the Gaussian draws
     seq_lengths: tuple[int, ...]  # host [N]: positions of each sequence (after the shift)
-    layout: Literal["padded", "packed"] = "padded"  # host: one sequence per row, or several
+    layout: BatchLayout = "padded"  # host: one sequence per row, or several
     epoch: int = 0  # host: epoch of the samples, part of the key of their Gaussian draws
     attention_mask: Optional[torch.Tensor] = None  # bool [R, 1, S, S], True = masked; rows only
     cu_seqlens: Optional[torch.Tensor] = None  # int32 [K + 1]: segment starts and T; THD only
@@ -63,14 +80,16 @@ class MicroBatch:
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> MicroBatch:
-        moved = {f.name: fn(v) for f in dataclasses.fields(self) if torch.is_tensor(v := getattr(self, f.name))}
+        moved: dict[str, Any] = {
+            f.name: fn(v) for f in dataclasses.fields(self) if torch.is_tensor(v := getattr(self, f.name))
+        }
         return dataclasses.replace(self, **moved)
 
 
-def _shifted(groups: list[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+def _shifted(groups: list[Group]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     inputs, labels, masks = [], [], []
     for g in groups:
-        for seq, start in zip(g["tokens"], g["response_start"].tolist()):
+        for seq, start in zip(g.tokens, g.response_start.tolist()):
             x = seq.to(torch.int64)
             inputs.append(x[:-1])
             labels.append(x[1:])
@@ -80,8 +99,8 @@ def _shifted(groups: list[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor]
 
 
 def build_micro_batch(
-    groups: list[dict],
-    layout: str = "padded",
+    groups: list[Group],
+    layout: BatchLayout = "padded",
     seq_length: Optional[int] = None,
     pad_id: int = 0,
     *,
@@ -121,12 +140,12 @@ def build_micro_batch(
         rows = pack_rows(lengths, cap)
     width = cap if layout == "padded" else max(sum(lengths[n] for n in r) for r in rows)
     width += -width % pad_to_multiple  # sequence parallelism splits every row (or the stream) over TP ranks
-    seqs = _fill(rows, width, inputs, labels, masks, pad_id)
+    seqs: dict[str, Any] = _fill(rows, width, inputs, labels, masks, pad_id)
     batch = MicroBatch(
         **seqs,
-        sample_ids=torch.tensor([g["group_id"] for g in groups], dtype=torch.int64),
+        sample_ids=torch.tensor([g.group_id for g in groups], dtype=torch.int64),
         seq_lengths=tuple(lengths),
-        layout="packed" if layout == "packed" else "padded",
+        layout=layout,
         epoch=epoch,
     )
     if not (layout == "packed" and thd):

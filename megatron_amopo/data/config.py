@@ -8,16 +8,18 @@ preprocessing tool keeps short flag names such as ``--seq-length``).
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
-from megatron_amopo.config import _f
+from megatron_amopo.config import _f, check_choices
 from megatron_amopo.objective.pairs import mirrored_name
 
-FORMATS = ("amopo", "helpsteer2", "pairs")
-PLACEMENTS = ("system", "user_prefix")
-CUT_ENDS = ("even", "keep", "drop")
-DIMENSION_PAIRS = ("paper", "mirrored")
+Format = Literal["amopo", "helpsteer2", "pairs"]
+Placement = Literal["system", "user_prefix"]
+CutEnds = Literal["even", "keep", "drop"]
+DimensionPairs = Literal["paper", "mirrored"]
+PLACEMENTS = typing.get_args(Placement)
 HELPSTEER2_ATTRS = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
 
 # Per-format defaults: dimensions and the dataset's real score range (HelpSteer2 0-4;
@@ -63,18 +65,15 @@ def parse_field_map(text: str) -> dict[str, str]:
 class DataConfig:
     """Preference records -> groups of 2(D+1) tokenised sequences."""
 
-    format: str = _f("helpsteer2", "input record format: amopo, helpsteer2 or pairs", flag="--format")
-    dimensions: Optional[list[str]] = _f(
+    format: Format = _f("helpsteer2", "input record format: amopo, helpsteer2 or pairs", flag="--format")
+    # dimensions, score_min and score_max are typed as resolved: __post_init__ replaces None by the format's default
+    dimensions: list[str] = _f(
         None,
         "score dimensions D (default per format: helpsteer2 helpfulness correctness coherence; "
         "amopo helpfulness correctness instruction_following; pairs overall)",
     )
-    score_min: Optional[float] = _f(
-        None, "lowest score of the dataset's scale (default: helpsteer2 0, amopo 1, pairs 1)"
-    )
-    score_max: Optional[float] = _f(
-        None, "highest score of the dataset's scale (default: helpsteer2 4, amopo 5, pairs 10)"
-    )
+    score_min: float = _f(None, "lowest score of the dataset's scale (default: helpsteer2 0, amopo 1, pairs 1)")
+    score_max: float = _f(None, "highest score of the dataset's scale (default: helpsteer2 4, amopo 5, pairs 10)")
     pair_rule: str = _f(
         "mean",
         "which response is chosen: mean (higher mean of the selected dimensions), pareto (at least as good "
@@ -97,13 +96,13 @@ class DataConfig:
         "the user content is cut first",
     )
     max_user_loss: float = _f(0.5, "drop a group that would lose more than this fraction of its user-content tokens")
-    cut_ends: str = _f(
+    cut_ends: CutEnds = _f(
         "even",
         "when one response of a group is cut by --seq-length and the other is whole: even (score neither "
         "end-of-turn token, so the pair loss does not teach the model to skip the stop after a finished "
         "answer), keep (the whole response keeps its end-of-turn token), or drop (skip the group)",
     )
-    dimension_pairs: str = _f(
+    dimension_pairs: DimensionPairs = _f(
         "paper",
         "paper: one pair per dimension, its prompt stating the chosen response's score (the paper's construction); "
         "mirrored: also, for every dimension on which the two responses' scores differ, a pair whose prompt states "
@@ -111,8 +110,7 @@ class DataConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise ValueError(f"--format must be one of {FORMATS}, got {self.format!r}")
+        check_choices(self)
         if self.dimensions is None:
             self.dimensions = list(DEFAULT_DIMENSIONS[self.format])
         # "--dimensions a,b" and "--dimensions a b" mean the same
@@ -152,10 +150,6 @@ class DataConfig:
             raise ValueError(f"--response-share must be in (0, 1), got {self.response_share}")
         if not 0.0 <= self.max_user_loss <= 1.0:
             raise ValueError(f"--max-user-loss must be in [0, 1], got {self.max_user_loss}")
-        if self.cut_ends not in CUT_ENDS:
-            raise ValueError(f"--cut-ends must be one of {CUT_ENDS}, got {self.cut_ends!r}")
-        if self.dimension_pairs not in DIMENSION_PAIRS:
-            raise ValueError(f"--dimension-pairs must be one of {DIMENSION_PAIRS}, got {self.dimension_pairs!r}")
 
     @property
     def num_pairs(self) -> int:
@@ -171,7 +165,7 @@ class DataConfig:
 class PromptConfig:
     """Dimension prompts: wording and where they go in the chat."""
 
-    placement: str = _f(
+    placement: Placement = _f(
         "system",
         "where the pair prompt goes: system (a system message) or user_prefix (prepended to the final user turn)",
         flag="--prompt-placement",
@@ -183,8 +177,7 @@ class PromptConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.placement not in PLACEMENTS:
-            raise ValueError(f"--prompt-placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        check_choices(self)
 
 
 @dataclass

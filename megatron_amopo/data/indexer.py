@@ -16,7 +16,7 @@ import operator
 import os
 from collections.abc import Callable
 from types import ModuleType
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import numpy as np
 
@@ -203,7 +203,7 @@ def _check_budget(
     seqs_per_group: int,
     budget: int,
     cost: str,
-    seq_length: Optional[int],
+    seq_length: int,
     backend: str,
 ) -> None:
     if cost == "packed":
@@ -260,15 +260,16 @@ def plan_microbatches(
     _check_scalars(**ints, k=k, budget=budget, threads=threads)
     packed_budget = cost == "packed" and budget is not None
     seq_lens_G2P = np.zeros((0, 0), np.int64)
+    row_length = 0  # seq_length S where packed micro-batches are charged by rows, else unused
     if packed_budget:
         if seq_lens is None or seq_length is None:
             raise ValueError(
                 "cost='packed' with token_budget needs seq_lens [G, 2P] and seq_length: "
                 "packed micro-batches are charged by rows of at most seq_length positions"
             )
-        seq_length = operator.index(seq_length)
-        if not 1 <= seq_length <= _MAX_LENGTH:
-            raise ValueError(f"seq_length must be in [1, 2^40], got {seq_length}")
+        row_length = operator.index(seq_length)
+        if not 1 <= row_length <= _MAX_LENGTH:
+            raise ValueError(f"seq_length must be in [1, 2^40], got {row_length}")
         seq_lens_G2P, max_len, total_len = _as_seq_lens(seq_lens, max_len, total_len, ints["seqs_per_group"])
     if max_len is None or total_len is None:
         raise ValueError(
@@ -279,7 +280,7 @@ def plan_microbatches(
         raise ValueError(f"seq_lens has {len(seq_lens_G2P)} groups, max_len {len(max_len_G)}")
     _check_lengths(max_len_G, total_len_G, seqs_per_group=ints["seqs_per_group"])
     if packed_budget:
-        _check_seq_lens(seq_lens_G2P, max_len_G, total_len_G, seq_length=seq_length)
+        _check_seq_lens(seq_lens_G2P, max_len_G, total_len_G, seq_length=row_length)
     if budget is not None:
         _check_budget(
             max_len_G,
@@ -288,16 +289,16 @@ def plan_microbatches(
             seqs_per_group=ints["seqs_per_group"],
             budget=budget,
             cost=cost,
-            seq_length=seq_length,
+            seq_length=row_length,
             backend=backend,
         )
-    args = dict(
+    args: dict[str, Any] = dict(  # int and bool arguments of both backends
         **ints,
         groups_per_microbatch=k or 0,
         token_budget=budget or 0,
         packed=cost == "packed",
         thd=cost == "thd",
-        seq_length=seq_length if packed_budget else 0,
+        seq_length=row_length,
     )
     if backend == "cpp":
         out = load_extension().plan_microbatches(

@@ -60,6 +60,7 @@ def _worker_init(tokenizer: str, data_cfg: DataConfig, prompt_cfg: PromptConfig)
 
 
 def _encode_chunk(items: list) -> list:
+    assert _WORKER is not None, "runs in a pool worker started by _worker_init"
     return [_WORKER.encode(it) if isinstance(it, PreferenceRecord) else it for it in items]
 
 
@@ -110,7 +111,10 @@ class _Writer:
         self.prefix = str(tmp / DATA_PREFIX)
         self.dtype = DType.optimal_dtype(vocab_size)
         self.builder = IndexedDatasetBuilder(self.prefix + ".bin", dtype=self.dtype)
-        self.response_start, self.chosen, self.rejected, self.row_ids = [], [], [], []
+        self.response_start: list[np.ndarray] = []  # [2P] per group
+        self.chosen: list[list[float]] = []  # [D] per group
+        self.rejected: list[list[float]] = []
+        self.row_ids: list[int] = []
         self.tokens = self.truncated = self.user_lost = 0
         self.cut = [0, 0, 0]  # groups with 0, 1 or 2 responses cut
         self.mirrored: Counter = Counter()  # dimension index -> groups with its mirrored pair

@@ -15,6 +15,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from megatron_amopo.data.batch import Group
 from megatron_amopo.data.config import pair_names
 from megatron_amopo.data.preprocess import DATA_PREFIX, FORMAT_VERSION
 
@@ -105,18 +106,17 @@ class PreferenceGroupDataset(torch.utils.data.Dataset):
     def dimension_pairs(self) -> str:
         return str(self.meta.get("dimension_pairs", "paper"))
 
-    def __getitem__(self, g: int) -> dict:
-        """Group ``g``: ``tokens`` (list of 2P int64 tensors, index 2*k + side), ``response_start`` [2P],
-        ``chosen_scores`` / ``rejected_scores`` [D], ``row_id`` and ``group_id``."""
+    def __getitem__(self, g: int) -> Group:
+        """Group ``g`` of the dataset (its ``group_id`` is ``g``)."""
         if not 0 <= g < len(self):
             raise IndexError(f"group {g} out of range for {len(self)} groups")
         n = 2 * self.num_pairs
         seqs = self.indexed[g * n : (g + 1) * n]
-        return {
-            "tokens": [torch.from_numpy(np.asarray(s, dtype=np.int64)) for s in seqs],
-            "response_start": torch.from_numpy(self.response_start_GN[g].copy()),
-            "chosen_scores": torch.from_numpy(self.chosen_scores_GD[g].copy()),
-            "rejected_scores": torch.from_numpy(self.rejected_scores_GD[g].copy()),
-            "row_id": int(self.row_ids_G[g]),
-            "group_id": int(g),
-        }
+        return Group(
+            tokens=[torch.from_numpy(np.asarray(s, dtype=np.int64)) for s in seqs],
+            response_start=torch.from_numpy(self.response_start_GN[g].copy()),
+            chosen_scores=torch.from_numpy(self.chosen_scores_GD[g].copy()),
+            rejected_scores=torch.from_numpy(self.rejected_scores_GD[g].copy()),
+            row_id=int(self.row_ids_G[g]),
+            group_id=int(g),
+        )

@@ -201,6 +201,8 @@ def rule_value(scores: list[float], cfg: DataConfig, extra: Optional[dict] = Non
         return sum(scores) / len(scores)
     if cfg.pair_rule in cfg.dimensions:
         return scores[cfg.dimensions.index(cfg.pair_rule)]
+    if extra is None:  # DataConfig allows other attributes only with helpsteer2, whose rows carry them
+        raise ValueError(f"--pair-rule {cfg.pair_rule!r} is not a dimension of this run")
     return float(extra[cfg.pair_rule])  # another HelpSteer2 attribute
 
 

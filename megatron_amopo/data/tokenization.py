@@ -140,7 +140,7 @@ class GroupEncoder:
 
     def _encode_pieces(self, text: str) -> list[int]:
         ids: list[int] = []
-        for piece in self._split.split(text):
+        for piece in self._split.split(text) if self._split is not None else [text]:
             if not piece:
                 continue
             if piece in self._special_ids:
@@ -209,6 +209,7 @@ class GroupEncoder:
         prompts += [self.builder.dimension(k, rec.rejected_scores[k]) for k in mirrored]
         seqs = self._render(prompts, rec.turns, (rec.chosen, rec.rejected))
         longest = max(len(t) for t, _ in seqs)
+        group: Union[EncodedGroup, Skip]
         if longest <= self.budget:
             group = self._group(rec, seqs, user_tokens=0, lost=0)
         else:
@@ -295,7 +296,8 @@ class GroupEncoder:
             resp_keep = [min(n_resp[s], min(free[i] - kept for i in range(s, len(free), 2))) for s in (0, 1)]
             if min(resp_keep) < 1:
                 return Skip("too_long", rec.line, f"no room for the response at --seq-length {cfg.seq_length}")
-            responses = tuple(_cut_end(r, o, k) for r, o, k in zip((rec.chosen, rec.rejected), resp_offs, resp_keep))
+            chosen, rejected = (_cut_end(r, o, k) for r, o, k in zip((rec.chosen, rec.rejected), resp_offs, resp_keep))
+            responses = (chosen, rejected)
             cut = (resp_keep[0] < n_resp[0], resp_keep[1] < n_resp[1])
             if any(c and not r.strip() for c, r in zip(cut, responses)):
                 return Skip("too_long", rec.line, f"no room for the response at --seq-length {cfg.seq_length}")

@@ -16,12 +16,13 @@ from collections.abc import Callable, Sequence
 from typing import Optional
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from megatron_amopo.data.prompts import PromptBuilder
 from megatron_amopo.data.tokenization import pair_messages
 
 
-def average_ranks(x: Sequence[float]) -> np.ndarray:
+def average_ranks(x: ArrayLike) -> np.ndarray:
     """Ranks 1..n of x; tied values share the mean of their ranks."""
     x = np.asarray(x, dtype=np.float64)
     order = np.argsort(x, kind="stable")

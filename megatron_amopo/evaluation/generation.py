@@ -54,7 +54,9 @@ class HFGenerator:
             self.tok.pad_token = self.tok.eos_token
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        # transformers 5 types PreTrainedModel.to through a wrapper that drops the bound self
+        self.model = model.to(self.device).eval()  # type: ignore[arg-type]
 
     def generate(self, conversations: list[list[dict]], sampling: Sampling) -> list[str]:
         import torch
@@ -72,7 +74,8 @@ class HFGenerator:
                 **extra,
             )
         new = out[:, batch["input_ids"].shape[1] :]
-        return [self.tok.decode(row, skip_special_tokens=True) for row in new]
+        # decode of one row gives a str; transformers 5 declares str | list[str] for every input
+        return [self.tok.decode(row, skip_special_tokens=True) for row in new]  # type: ignore[misc]
 
     def count_tokens(self, text: str) -> int:
         return len(self.tok(text, add_special_tokens=False)["input_ids"])

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Optional
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from megatron_amopo.objective.pairs import is_mirrored, mirrored_dimension, mirrored_name
 
@@ -39,7 +40,7 @@ def group_records(reports: Sequence[StepReport], row_ids: np.ndarray, pair_names
         if margins_BP.shape[1] != len(pair_names):
             raise ValueError(f"reports have {margins_BP.shape[1]} pairs but pair_names has {len(pair_names)}")
         for b, g in enumerate(rep.sample_ids.tolist()):
-            rec = {"group_id": int(g), "row_id": int(row_ids[int(g)])}
+            rec: dict[str, Optional[float]] = {"group_id": int(g), "row_id": int(row_ids[int(g)])}
             for k, name in enumerate(pair_names):
                 rec[f"margin/{name}"] = float(margins_BP[b, k]) if bool(valid_BP[b, k]) else None
             out.append(rec)
@@ -129,7 +130,7 @@ def bootstrap_means(x: np.ndarray, resamples: int, seed: int) -> np.ndarray:
 
 
 def mean_ci(
-    x: Sequence[float], resamples: int = DEFAULT_RESAMPLES, seed: int = 0, level: float = 0.95
+    x: ArrayLike, resamples: int = DEFAULT_RESAMPLES, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float, float]:
     """(mean, low, high): the mean and its percentile-bootstrap interval at ``level``."""
     x = np.asarray(x, dtype=np.float64)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -168,6 +168,7 @@ def varlen_causal_attention():
     except ImportError:
         return None
     params = inspect.signature(varlen_attn).parameters
+    causal: dict[str, Any]  # keywords of this torch release's varlen_attn, read from its signature
     if "window_size" in params:
         causal = {"window_size": (-1, 0)}
     elif "is_causal" in params:

@@ -23,9 +23,10 @@ _LAYER_RE = re.compile(r"^(.*?layers\.)(\d+)(\..*)$")
 
 def unwrap(module: torch.nn.Module) -> Any:
     """The Megatron module inside DDP / Float16Module wrappers (typed Any: its attributes are Megatron's)."""
-    while hasattr(module, "module"):
-        module = module.module
-    return module
+    inner: Any = module
+    while hasattr(inner, "module"):
+        inner = inner.module
+    return inner
 
 
 def layer_offset(model: torch.nn.Module) -> int:
@@ -46,7 +47,7 @@ def is_gated_fc1(name: str) -> bool:
 def tp_split_dim(param: torch.Tensor) -> int | None:
     """The dimension a parameter is split on across TP ranks, or None if replicated."""
     if getattr(param, "tensor_model_parallel", False):
-        return int(param.partition_dim)
+        return int(param.partition_dim)  # type: ignore[attr-defined]  # set by Megatron on TP-split parameters
     return None
 
 

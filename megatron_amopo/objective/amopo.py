@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple, Optional
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import torch
 
 from megatron_amopo.objective.pairs import is_mirrored
 from megatron_amopo.objective.rng import counter_normals
+
+if TYPE_CHECKING:  # annotations only: this module imports nothing but torch at run time
+    from megatron_amopo.config import AmopoConfig
 
 # ORPO's log(1 - exp(a)) is -inf at a = 0 (every response token has probability 1,
 # which float rounding can produce); a is clamped to at most this value inside the
@@ -88,7 +91,7 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(near_zero, torch.log(-torch.expm1(x_near)), torch.log1p(-torch.exp(x_far)))
 
 
-def pair_losses(a_BP2: torch.Tensor, cfg) -> torch.Tensor:
+def pair_losses(a_BP2: torch.Tensor, cfg: AmopoConfig) -> torch.Tensor:
     """Per-pair loss L_BP from length-normalised log-probs a = sum_logp / n.
 
     SimPO (Meng et al. 2024, Eq. 6): -log sigmoid(beta (a_c - a_r) - gamma).
@@ -130,7 +133,7 @@ def gaussian_moments(stats: SequenceStats, valid_BP2: torch.Tensor) -> tuple[tor
     return mu_BP2, sigma_BP2
 
 
-def _fixed_weights(cfg, valid_BP: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _fixed_weights(cfg: AmopoConfig, valid_BP: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """cfg.fixed_weights restricted to the valid pairs and renormalised per sample."""
     num_pairs = valid_BP.shape[1]
     if cfg.fixed_weights is None or len(cfg.fixed_weights) != num_pairs:
@@ -150,7 +153,7 @@ def _fixed_weights(cfg, valid_BP: torch.Tensor, dtype: torch.dtype) -> torch.Ten
 def pair_weights(
     stats: SequenceStats,
     valid_BP: torch.Tensor,
-    cfg,
+    cfg: AmopoConfig,
     normals: Optional[torch.Tensor],
     sample_ids: Optional[torch.Tensor],
     epoch: int,
@@ -179,7 +182,13 @@ def pair_weights(
     raise ValueError(f"amopo_loss: unknown cfg.weighting {mode!r}")
 
 
-def _normals(stats: SequenceStats, cfg, normals, sample_ids, epoch: int) -> torch.Tensor:
+def _normals(
+    stats: SequenceStats,
+    cfg: AmopoConfig,
+    normals: Optional[torch.Tensor],
+    sample_ids: Optional[torch.Tensor],
+    epoch: int,
+) -> torch.Tensor:
     """The z of the Gaussian draws: given, or counter-based from the global sample ids."""
     shape = stats.sum_p.shape
     if normals is not None:
@@ -199,7 +208,7 @@ def _normals(stats: SequenceStats, cfg, normals, sample_ids, epoch: int) -> torc
 
 def amopo_loss(
     stats: SequenceStats,
-    cfg,
+    cfg: AmopoConfig,
     normals: Optional[torch.Tensor] = None,
     sample_ids: Optional[torch.Tensor] = None,
     epoch: int = 0,
@@ -251,7 +260,14 @@ def amopo_loss(
 
 
 @torch.no_grad()
-def _pair_sums(a_BP2, loss_BP, w_BP, w_mean_mode_BP, valid_BP, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+def _pair_sums(
+    a_BP2: torch.Tensor,
+    loss_BP: torch.Tensor,
+    w_BP: torch.Tensor,
+    w_mean_mode_BP: torch.Tensor,
+    valid_BP: torch.Tensor,
+    cfg: AmopoConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sums over valid samples of each ``PAIR_METRIC_NAMES`` row, [E, P], and counts [P].
 
     Both are plain sums (the counts in the same float dtype), so data-parallel ranks

@@ -69,16 +69,20 @@ def _patch_rng() -> None:
     mc_random._set_cuda_rng_state = set_state
     torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
     torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
-    # Seed the CPU default generator directly: torch.manual_seed itself calls
-    # torch.cuda.manual_seed_all, which stays the (lazy, harmless) original.
-    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+
+    def manual_seed(seed: int) -> None:
+        # Seed the CPU default generator directly: torch.manual_seed itself calls
+        # torch.cuda.manual_seed_all, which stays the (lazy, harmless) original.
+        torch.default_generator.manual_seed(int(seed))
+
+    torch.cuda.manual_seed = manual_seed
 
 
 def _patch_torch_norm() -> None:
     from megatron.core.transformer import torch_norm
 
     original_new = torch_norm.WrappedTorchNorm.__new__
-    if getattr(original_new, "_amopo_cpu_compat", False):
+    if original_new.__module__ == __name__:  # patched already: ``new`` below is defined here
         return
 
     def new(cls, config, *args, **kwargs):
@@ -93,7 +97,6 @@ def _patch_torch_norm() -> None:
             p.sequence_parallel = True
         return norm
 
-    new._amopo_cpu_compat = True
     torch_norm.WrappedTorchNorm.__new__ = staticmethod(new)
 
 
@@ -109,7 +112,8 @@ def apply() -> bool:
     with _LOCK:
         if _APPLIED:
             return True
-        torch.cuda.current_device = lambda: _CPU
+        # torch declares an int (a CUDA index); Megatron passes the result on as a device, here the CPU
+        torch.cuda.current_device = lambda: _CPU  # type: ignore[assignment,return-value]
         torch.cuda.synchronize = lambda device=None: None
         torch.cuda.empty_cache = lambda: None
         _patch_rng()

@@ -7,6 +7,7 @@ import zlib
 import torch
 
 from megatron_amopo.convert.tiny_hf import tiny_hf_config
+from megatron_amopo.data.batch import Group
 from megatron_amopo.model.architectures import ModelArch, arch_from_hf_config
 from megatron_amopo.model.sharding import local_parameters, tp_split_dim
 
@@ -42,7 +43,7 @@ def fill_deterministic(model: torch.nn.Module, seed: int, tp_rank: int, tp_size:
         param.copy_(shard_tensor(value, full, tp_split_dim(param), tp_rank, tp_size).to(param.dtype))
 
 
-def hand_groups(num_groups: int, num_pairs: int, vocab: int, seed: int) -> list[dict]:
+def hand_groups(num_groups: int, num_pairs: int, vocab: int, seed: int) -> list[Group]:
     """Preference groups in the reader's format with random tokens and lengths."""
     gen = torch.Generator().manual_seed(seed)
     groups = []
@@ -54,7 +55,7 @@ def hand_groups(num_groups: int, num_pairs: int, vocab: int, seed: int) -> list[
             seqs.append(torch.randint(1, vocab, (length,), generator=gen))
             starts.append(prompt_len)
         groups.append(
-            dict(
+            Group(
                 tokens=seqs,
                 response_start=torch.tensor(starts),
                 chosen_scores=torch.ones(num_pairs - 1),

@@ -36,6 +36,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_amopo.config import AmopoConfig
 from megatron_amopo.data.batch import MicroBatch
 from megatron_amopo.model.sharding import unwrap
 from megatron_amopo.objective.amopo import amopo_loss, reduce_for_schedule
@@ -111,7 +112,7 @@ def get_batch(data_iterator: Iterator[MicroBatch], cp_group: Optional[dist.Proce
 
 def loss_func(
     batch: MicroBatch,
-    cfg,
+    cfg: AmopoConfig,
     output: torch.Tensor,
     *,
     tp_group: Optional[dist.ProcessGroup] = None,
@@ -240,7 +241,7 @@ def forward_step(
     data_iterator: Iterator[MicroBatch],
     model: torch.nn.Module,
     *,
-    objective_cfg,
+    objective_cfg: AmopoConfig,
     tp_group: Optional[dist.ProcessGroup] = None,
     cp_group: Optional[dist.ProcessGroup] = None,
     chunk_tokens: Optional[int] = None,

@@ -18,6 +18,7 @@ import math
 import pytest
 import torch
 
+from megatron_amopo.data.batch import Group
 from megatron_amopo.testing import run_multirank
 
 SEED = 7
@@ -38,7 +39,7 @@ CONFIGS = {
 MASKED = {1: (2,), 3: (1, 2)}
 
 
-def _groups(identical_sides: bool = False, masked: bool = False) -> list[dict]:
+def _groups(identical_sides: bool = False, masked: bool = False) -> list[Group]:
     """The global batch: groups in the reader's format, random tokens and lengths."""
     gen = torch.Generator().manual_seed(123)
     groups = []
@@ -56,7 +57,7 @@ def _groups(identical_sides: bool = False, masked: bool = False) -> list[dict]:
             seqs[2 * k] = seqs[2 * k + 1] = torch.tensor([7, 7])
             starts[2 * k] = starts[2 * k + 1] = 2
         groups.append(
-            dict(
+            Group(
                 tokens=seqs,
                 response_start=starts,
                 chosen_scores=torch.ones(NUM_PAIRS - 1),

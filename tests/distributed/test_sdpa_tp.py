@@ -13,18 +13,19 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megatron_amopo.data.batch import Group
 from megatron_amopo.testing import run_multirank
 
 SEED, SEQ = 11, 32
 
 
-def _groups(vocab: int) -> list[dict]:
+def _groups(vocab: int) -> list[Group]:
     gen = torch.Generator().manual_seed(5)
     groups = []
     for g in range(2):
         lengths = torch.randint(6, 17, (4,), generator=gen).tolist()  # P = 2 pairs
         groups.append(
-            dict(
+            Group(
                 tokens=[torch.randint(0, vocab, (n,), generator=gen) for n in lengths],
                 response_start=torch.tensor([3, 4, 2, 5]),
                 group_id=g,

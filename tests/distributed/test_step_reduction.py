@@ -21,7 +21,7 @@ NUM_PAIRS, MICROBATCHES = 3, 3
 
 def _batches_and_reports(dp_rank: int, tp_rank: int) -> tuple[list, list]:
     from megatron_amopo.config import AmopoConfig
-    from megatron_amopo.data.batch import build_micro_batch
+    from megatron_amopo.data.batch import Group, build_micro_batch
     from megatron_amopo.objective.amopo import SequenceStats, amopo_loss, reduce_for_schedule
     from megatron_amopo.training.step import StepReport
 
@@ -35,7 +35,7 @@ def _batches_and_reports(dp_rank: int, tp_rank: int) -> tuple[list, list]:
                 for _ in range(2 * NUM_PAIRS)
             ]
             groups.append(
-                dict(
+                Group(
                     tokens=seqs,
                     response_start=torch.full((2 * NUM_PAIRS,), 2),
                     chosen_scores=torch.rand(NUM_PAIRS - 1, generator=gen) * 4,

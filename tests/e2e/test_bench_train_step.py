@@ -45,10 +45,10 @@ def test_flops_formula_counts_every_matmul_weight():
 
 def test_groups_fit_the_row_length():
     groups = bench.make_groups(3, dims=2, seq_length=64, vocab=100, seed=0)
-    assert len(groups) == 3 and all(len(g["tokens"]) == 6 for g in groups)
+    assert len(groups) == 3 and all(len(g.tokens) == 6 for g in groups)
     for g in groups:
-        prompt = g["tokens"][0][: int(g["response_start"][0])]
-        assert all(len(s) - 1 <= 64 and torch.equal(s[: len(prompt)], prompt) for s in g["tokens"])
+        prompt = g.tokens[0][: int(g.response_start[0])]
+        assert all(len(s) - 1 <= 64 and torch.equal(s[: len(prompt)], prompt) for s in g.tokens)
 
 
 @pytest.mark.e2e

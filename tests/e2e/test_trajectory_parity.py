@@ -25,6 +25,7 @@ import os
 import pytest
 import torch
 
+from megatron_amopo.data.batch import Group
 from megatron_amopo.testing.pipeline import PY, REPO, run_tool, run_torchrun, tiny_qwen2_setup
 
 SEQ, STEPS, GBS, VOCAB, PROMPTS = 256, 10, 4, 1024, 32
@@ -101,9 +102,9 @@ def mean_response_logp(model, tokens: torch.Tensor, start: int) -> tuple[torch.T
     return (logp[mask].sum() / max(n, 1)), n
 
 
-def group_loss(model, group: dict) -> tuple[torch.Tensor, bool]:
+def group_loss(model, group: Group) -> tuple[torch.Tensor, bool]:
     """(SimPO averaged over the valid pairs, whether any pair is valid): equal weights 1/P_valid sum to one."""
-    out = [mean_response_logp(model, seq.long(), int(s)) for seq, s in zip(group["tokens"], group["response_start"])]
+    out = [mean_response_logp(model, seq.long(), int(s)) for seq, s in zip(group.tokens, group.response_start)]
     losses = []
     for k in range(len(out) // 2):
         (a_c, n_c), (a_r, n_r) = out[2 * k], out[2 * k + 1]

@@ -46,8 +46,8 @@ def test_padded_packed_and_thd_agree(ds):
     a, b, c = _per_sequence(padded), _per_sequence(packed), _per_sequence(thd)
     for n in range(N):
         g, k, side = n // (2 * P), (n % (2 * P)) // 2, n % 2
-        seq = groups[g]["tokens"][2 * k + side]
-        start = int(groups[g]["response_start"][2 * k + side])
+        seq = groups[g].tokens[2 * k + side]
+        start = int(groups[g].response_start[2 * k + side])
         for x, y, z in zip(a[n], b[n], c[n]):
             assert torch.equal(x, y) and torch.equal(x, z)
         tokens, labels, mask, pos = a[n]
@@ -56,13 +56,13 @@ def test_padded_packed_and_thd_agree(ds):
         assert int(mask.sum()) == len(seq) - start and mask[start - 1] == 1 and mask[start - 2] == 0
     # per-sequence statistics reshape to [B, P, 2]
     resp_tokens = torch.stack([a[n][2].sum() for n in range(N)]).view(B, P, 2)
-    assert resp_tokens[0, 1, 0] == len(groups[0]["tokens"][2]) - int(groups[0]["response_start"][2])
+    assert resp_tokens[0, 1, 0] == len(groups[0].tokens[2]) - int(groups[0].response_start[2])
     for batch in (padded, packed):
         pad = batch.segment_ids < 0
         assert pad.any() and batch.loss_mask[pad].sum() == 0 and torch.all(batch.tokens[pad] == 151643)
         assert batch.attention_mask is not None and not batch.thd
-    assert packed.sample_ids.tolist() == [g["group_id"] for g in groups] == thd.sample_ids.tolist()
-    assert packed.seq_lengths == thd.seq_lengths == tuple(len(s) - 1 for g in groups for s in g["tokens"])
+    assert packed.sample_ids.tolist() == [g.group_id for g in groups] == thd.sample_ids.tolist()
+    assert packed.seq_lengths == thd.seq_lengths == tuple(len(s) - 1 for g in groups for s in g.tokens)
     # THD: one stream of every sequence in order, cu_seqlens the running sum of the lengths, no mask
     assert thd.thd and thd.attention_mask is None and thd.tokens.shape == (1, sum(thd.seq_lengths))
     assert thd.cu_seqlens.dtype == torch.int32 and thd.max_seqlen == max(thd.seq_lengths)
@@ -137,10 +137,10 @@ def test_attention_mask_convention():
 
 def test_packed_rows_respect_length_and_errors(ds):
     groups = [ds[g] for g in range(min(4, len(ds)))]
-    longest = max(len(s) - 1 for g in groups for s in g["tokens"])
+    longest = max(len(s) - 1 for g in groups for s in g.tokens)
     batch = build_micro_batch(groups, "packed", seq_length=longest)
     assert batch.tokens.shape[1] == longest
-    assert int((batch.segment_ids >= 0).sum()) == sum(len(s) - 1 for g in groups for s in g["tokens"])
+    assert int((batch.segment_ids >= 0).sum()) == sum(len(s) - 1 for g in groups for s in g.tokens)
     seg = batch.segment_ids
     sees = ~batch.attention_mask[:, 0]  # [R, S, S] query x key
     assert not (sees & (seg >= 0)[:, :, None] & (seg < 0)[:, None, :]).any()  # no real token sees padding

@@ -57,11 +57,11 @@ def test_round_trip_helpsteer2(hs2):
     exact = 0
     for g in range(len(ds)):
         item = ds[g]
-        rec = recs[item["row_id"]]
-        assert len(item["tokens"]) == 8 and item["tokens"][0].dtype.is_floating_point is False
-        assert item["chosen_scores"].tolist() == rec.chosen_scores
-        assert item["rejected_scores"].tolist() == rec.rejected_scores
-        for i, (seq, start) in enumerate(zip(item["tokens"], item["response_start"].tolist())):
+        rec = recs[item.row_id]
+        assert len(item.tokens) == 8 and item.tokens[0].dtype.is_floating_point is False
+        assert item.chosen_scores.tolist() == rec.chosen_scores
+        assert item.rejected_scores.tolist() == rec.rejected_scores
+        for i, (seq, start) in enumerate(zip(item.tokens, item.response_start.tolist())):
             if ds.group_max_len[g] < 1000:  # certainly not truncated: decoded text equals the input text
                 assert tok.decode(seq[start:]) == (rec.chosen, rec.rejected)[i % 2] + "<|im_end|>"
                 assert tok.decode(seq[:start]).endswith(

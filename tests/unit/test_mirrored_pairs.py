@@ -4,6 +4,7 @@ evaluation report on constructed scoring models (one that ignores the dimension 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -68,16 +69,16 @@ def test_layout_masks_and_metadata(mirrored):
     assert 0 < differ_GD.sum() < differ_GD.size  # some pairs are masked, some are not
     for g in range(len(ds)):
         item, ref = ds[g], paper[g]
-        seqs, starts = item["tokens"], item["response_start"]
+        seqs, starts = item.tokens, item.response_start
         for n in range(6):  # general and dimension pairs: the paper's sequences, unchanged
-            assert torch.equal(seqs[n], ref["tokens"][n]) and starts[n] == ref["response_start"][n]
+            assert torch.equal(seqs[n], ref.tokens[n]) and starts[n] == ref.response_start[n]
         for k in range(len(DIMS)):
             m = 2 * (3 + k)  # mirrored pair of dimension k: sequences m (preferred) and m + 1
             if not differ_GD[g, k]:
                 assert all(len(seqs[i]) == 2 and starts[i] == 2 for i in (m, m + 1))  # masked: no response token
                 continue
-            chosen_resp = ref["tokens"][0][ref["response_start"][0] :]
-            rejected_resp = ref["tokens"][1][ref["response_start"][1] :]
+            chosen_resp = ref.tokens[0][ref.response_start[0] :]
+            rejected_resp = ref.tokens[1][ref.response_start[1] :]
             assert torch.equal(seqs[m][starts[m] :], rejected_resp)  # the rejected response is preferred
             assert torch.equal(seqs[m + 1][starts[m + 1] :], chosen_resp)
             stated = _stated_score(tok, seqs[m], starts[m])
@@ -126,10 +127,10 @@ def _scored_records(ds, follow: float) -> list[dict]:
     for g in range(len(ds)):
         item = ds[g]
         own = {}  # response tokens -> (own score per dimension)
-        for side, scores in ((0, item["chosen_scores"]), (1, item["rejected_scores"])):
-            own[tuple(item["tokens"][side][item["response_start"][side] :].tolist())] = scores.tolist()
+        for side, scores in ((0, item.chosen_scores), (1, item.rejected_scores)):
+            own[tuple(item.tokens[side][item.response_start[side] :].tolist())] = scores.tolist()
         sums, ns = [], []
-        for n, (seq, start) in enumerate(zip(item["tokens"], item["response_start"].tolist())):
+        for n, (seq, start) in enumerate(zip(item.tokens, item.response_start.tolist())):
             resp = seq[start:]
             logp = table[resp].sum() if len(resp) else torch.tensor(0.0, dtype=torch.float64)
             k = n // 2 - 1 if 2 <= n < 6 else n // 2 - 3
@@ -204,7 +205,10 @@ def test_dimension_that_never_differs_is_refused(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert cli.returncode != 0 and "--dimension-pairs must be one of ('paper', 'mirrored')" in cli.stderr
+    assert (
+        cli.returncode != 0
+        and "argument --dimension-pairs: invalid choice: 'sideways' (choose from 'paper', 'mirrored')" in cli.stderr
+    )
 
 
 def test_mirrored_name_is_distinct():
@@ -225,7 +229,7 @@ def test_masked_pairs_through_every_batch_layout(mirrored, layout):
     groups = []
     for g in picked:
         item = ds[g]
-        groups.append(dict(item, tokens=[t % vocab for t in item["tokens"]]))
+        groups.append(dataclasses.replace(item, tokens=[t % vocab for t in item.tokens]))
     table = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
 
     def margins(batch):

@@ -14,20 +14,20 @@ import pytest
 import torch
 
 from megatron_amopo.config import AmopoConfig, ParallelConfig
-from megatron_amopo.data.batch import MicroBatch, build_micro_batch
+from megatron_amopo.data.batch import Group, MicroBatch, build_micro_batch
 from megatron_amopo.runtime.comm import free_port
 from megatron_amopo.training.step import loss_func, packed_seq_params
 
 VOCAB, SEQ = 512, 40
 
 
-def _groups(num_groups=3, seed=0) -> list[dict]:
+def _groups(num_groups=3, seed=0) -> list[Group]:
     gen = torch.Generator().manual_seed(seed)
     groups = []
     for g in range(num_groups):
         lengths = torch.randint(5, 21, (6,), generator=gen).tolist()  # P = 3 pairs
         groups.append(
-            dict(
+            Group(
                 tokens=[torch.randint(0, VOCAB, (n,), generator=gen) for n in lengths],
                 response_start=torch.randint(2, 5, (6,), generator=gen),
                 group_id=10 + g,

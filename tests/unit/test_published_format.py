@@ -47,11 +47,11 @@ def test_as_given_keeps_every_row_in_its_order(tmp_path):
     assert meta["counts"]["groups_written"] == len(ROWS) and not meta["skipped"]
     tok = load_tokenizer(TOK)
     for item in _groups(tmp_path / "given"):
-        row = ROWS[item["row_id"]]
-        assert item["chosen_scores"].tolist() == _scores(row["chosen"])
-        assert item["rejected_scores"].tolist() == _scores(row["rejected"])
-        assert len(item["tokens"]) == 8  # 4 pairs, chosen and rejected each
-        for i, (seq, start) in enumerate(zip(item["tokens"], item["response_start"].tolist())):
+        row = ROWS[item.row_id]
+        assert item.chosen_scores.tolist() == _scores(row["chosen"])
+        assert item.rejected_scores.tolist() == _scores(row["rejected"])
+        assert len(item.tokens) == 8  # 4 pairs, chosen and rejected each
+        for i, (seq, start) in enumerate(zip(item.tokens, item.response_start.tolist())):
             text = row["chosen" if i % 2 == 0 else "rejected"]["response"]
             assert tok.decode(seq[start:]) == text + "<|im_end|>"
             assert row["prompt"] in tok.decode(seq[:start])
@@ -60,9 +60,9 @@ def test_as_given_keeps_every_row_in_its_order(tmp_path):
 def test_mean_rule_drops_the_tie_and_orders_by_score(tmp_path):
     meta = _preprocess(tmp_path / "mean")
     assert meta["counts"]["groups_written"] == len(ROWS) - 1 and meta["skipped"] == {"tie": 1}
-    by_row = {item["row_id"]: item for item in _groups(tmp_path / "mean")}
+    by_row = {item.row_id: item for item in _groups(tmp_path / "mean")}
     assert 1 not in by_row  # the tie
-    assert by_row[3]["chosen_scores"].tolist() == _scores(ROWS[3]["rejected"])  # swapped: the rule decides
+    assert by_row[3].chosen_scores.tolist() == _scores(ROWS[3]["rejected"])  # swapped: the rule decides
 
 
 def test_field_names_and_score_strings():
