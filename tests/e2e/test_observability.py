@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import collections
 import glob
-import importlib.util
 import json
 import os
 import sys
@@ -145,13 +144,9 @@ def test_wandb_offline_logs_the_tensorboard_scalars_and_a_resume_continues_the_r
 
 def test_wandb_without_the_package_is_refused_before_training(monkeypatch, capsys):
     """The entry point refuses --wandb-project when wandb cannot be imported: one line naming the extra, exit 2."""
-    spec = importlib.util.spec_from_file_location("pretrain_amopo", os.path.join(REPO, "pretrain_amopo.py"))
-    pretrain_amopo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pretrain_amopo)
+    from megatron_amopo.cli import train
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # importlib finds no wandb
-    code = pretrain_amopo.main(
-        ["--load", "nowhere", "--train-iters", "1", "--micro-batch-size", "1", "--wandb-project", "p"]
-    )
+    code = train.main(["--load", "nowhere", "--train-iters", "1", "--micro-batch-size", "1", "--wandb-project", "p"])
     err = capsys.readouterr().err
     assert code == 2 and "pip install -e '.[wandb]'" in err and len(err.strip().splitlines()) == 1, err
