@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     from megatron_amopo.model.sharding import unwrap
     from megatron_amopo.runtime.comm import is_rank0
     from megatron_amopo.runtime.distributed import destroy_distributed, initialize_distributed, set_seed
-    from megatron_amopo.training import data as tdata
+    from megatron_amopo.training import batches as tdata
     from megatron_amopo.training.loop import evaluate_split, format_eval, log0, run_transformer_config
     from megatron_amopo.training.preflight import check_memory
     from megatron_amopo.training.step import forward_step, packed_thd_default, seq_pad_multiple

@@ -30,8 +30,8 @@ from megatron_amopo.model.provider import transformer_config
 from megatron_amopo.objective.amopo import PAIR_METRIC_NAMES
 from megatron_amopo.runtime.comm import is_rank0
 from megatron_amopo.runtime.progress import progress
-from megatron_amopo.training import checkpoint as ckpt
-from megatron_amopo.training import data as tdata
+from megatron_amopo.training import batches as tdata
+from megatron_amopo.training import checkpointing as ckpt
 from megatron_amopo.training import disk
 from megatron_amopo.training.metrics import MetricsWriter, format_line, open_wandb, reduce_reports, summarize
 from megatron_amopo.training.optimizer import build_optimizer, build_scheduler

@@ -7,7 +7,7 @@ formula, --amopo-pair-reduction sum); the global-batch loss as the mean over val
 with no weight decay on 1-D tensors (Megatron's rule: biases and norms); linear warm-up from 0 then
 cosine to --min-lr written from the definition (checked against Megatron's scheduler below); the global
 gradient norm clipped by max_norm / (norm + 1e-6). It takes the same groups per step as the trainer's data
-plan (megatron_amopo.training.data.make_plan over the DP ranks: the data order is not under test).
+plan (megatron_amopo.training.batches.make_plan over the DP ranks: the data order is not under test).
 
 The model is tiny (hidden 32, 2 layers) and so is its vocabulary: the real Qwen2 tokenizer shrunk to its
 first 1024 tokens (make_tiny_model.py --tokenizer-size), so that a step costs milliseconds, not a
@@ -67,15 +67,16 @@ def train_flags(setup, save, *layout: str) -> list[str]:
 def step_groups(setup, dp_size: int) -> tuple[tuple[int, ...], ...]:
     """The group ids of each step, over all DP ranks (the trainer's plan; TP/PP ranks share it)."""
     from megatron_amopo.config import TrainDataConfig, TrainingConfig
-    from megatron_amopo.training import data as tdata
+    from megatron_amopo.training import batches
 
     tc = TrainingConfig(micro_batch_size=1, global_batch_size=GBS, train_iters=STEPS, seq_length=SEQ)
-    split, _ = tdata.open_splits(TrainDataConfig(data_path=str(setup / "data")), tc.seed, None, SEQ)
+    split, _ = batches.open_splits(TrainDataConfig(data_path=str(setup / "data")), tc.seed, None, SEQ)
     per_step = tc.microbatches_per_step(dp_size)
-    one = tdata.make_plan(split, tc, num_epochs=1, seed=tc.seed, dp_rank=0, dp_size=dp_size)
+    one = batches.make_plan(split, tc, num_epochs=1, seed=tc.seed, dp_rank=0, dp_size=dp_size)
     epochs = math.ceil(STEPS / (one.num_microbatches // per_step))
     plans = [
-        tdata.make_plan(split, tc, num_epochs=epochs, seed=tc.seed, dp_rank=r, dp_size=dp_size) for r in range(dp_size)
+        batches.make_plan(split, tc, num_epochs=epochs, seed=tc.seed, dp_rank=r, dp_size=dp_size)
+        for r in range(dp_size)
     ]
     return tuple(
         tuple(int(g) for p in plans for m in range(s * per_step, (s + 1) * per_step) for g in p.microbatch(m))
