@@ -21,7 +21,7 @@ OutputLayer = Literal["logits", "fused"]
 PairReduction = Literal["sum", "mean"]
 
 
-def _f(default: Any, help: str, flag: Optional[str] = None, **kw) -> Any:
+def config_field(default: Any, help: str, flag: Optional[str] = None, **kw) -> Any:
     """A dataclass field with a help line (and optionally an explicit flag name)."""
     meta = {"help": help}
     if flag is not None:
@@ -29,6 +29,9 @@ def _f(default: Any, help: str, flag: Optional[str] = None, **kw) -> Any:
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
+
+
+_f = config_field  # the short name of the field tables below (and in data/config.py)
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from megatron_amopo.config import _f
+from megatron_amopo.config import config_field as _f
 from megatron_amopo.objective.pairs import mirrored_name
 
 FORMATS = ("amopo", "helpsteer2", "pairs")
