@@ -16,16 +16,14 @@ first 1024 tokens (make_tiny_model.py --tokenizer-size), so that a step costs mi
 
 from __future__ import annotations
 
-import collections
 import functools
 import json
 import math
-import os
 
 import pytest
 import torch
 
-from megatron_amopo.testing.pipeline import PY, REPO, run_tool, run_torchrun, tiny_qwen2_setup
+from megatron_amopo.testing.pipeline import PY, run_tool, run_torchrun, tiny_qwen2_setup, write_shortest_rows
 
 SEQ, STEPS, GBS, VOCAB, PROMPTS = 256, 10, 4, 1024, 32
 LR, MIN_LR, WARMUP, WD, CLIP, BETA, GAMMA = 1e-3, 1e-4, 0.25, 0.1, 5.0, 2.0, 0.5
@@ -36,19 +34,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1800)]
 def setup(tmp_path_factory):
     """The PROMPTS shortest HelpSteer2 prompts (two responses each), preprocessed at SEQ."""
     root = tmp_path_factory.mktemp("parity")
-    rows = collections.defaultdict(list)
-    with open(os.path.join(REPO, "data/helpsteer2/train_rows.jsonl")) as fh:
-        for line in fh:
-            r = json.loads(line)
-            rows[r["prompt"]].append(r)
-    pairs = sorted(
-        (rs for rs in rows.values() if len(rs) == 2),
-        key=lambda rs: len(rs[0]["prompt"]) + max(len(r["response"]) for r in rs),
-    )
-    with open(root / "rows.jsonl", "w") as fh:
-        for rs in pairs[:PROMPTS]:
-            for r in rs:
-                fh.write(json.dumps(r) + "\n")
+    write_shortest_rows(root / "rows.jsonl", PROMPTS)
     tiny_qwen2_setup(root, root / "rows.jsonl", SEQ, vocab=VOCAB)
     return root
 
