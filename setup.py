@@ -8,9 +8,9 @@ from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
 
 EXT_MODULES: list = [
-    # Micro-batch planner for AMoPO groups; wrapper: megatron_amopo/data/indexer.py.
+    # Micro-batch planner for AMoPO groups; wrapper: megatron_amopo/data/planner.py.
     Pybind11Extension(
-        "megatron_amopo._indexer",
+        "megatron_amopo._planner",
         ["csrc/packing.cpp", "csrc/planner.cpp", "csrc/bindings.cpp"],
         depends=["csrc/packing.h", "csrc/planner.h"],
         cxx_std=17,

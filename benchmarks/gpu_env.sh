@@ -44,7 +44,7 @@ gpu_install() {
   fi
   "$PY" - <<'PYEOF' || return 1
 import torch, megatron.core, transformers
-import megatron_amopo._indexer  # the C++ extension must import
+import megatron_amopo._planner  # the C++ extension must import
 from megatron_amopo.model.provider import transformer_engine_available
 print(f"torch {torch.__version__} cuda {torch.version.cuda}; megatron-core {megatron.core.__version__}; "
       f"transformers {transformers.__version__}; device {torch.cuda.get_device_name()}; "

@@ -1,4 +1,4 @@
-// pybind11 module megatron_amopo._indexer; call it through megatron_amopo/data/indexer.py, which
+// pybind11 module megatron_amopo._planner; call it through megatron_amopo/data/planner.py, which
 // validates every value. Here only buffer shapes are checked (so no read leaves an array); numpy
 // makes the arrays C-contiguous int64 (safe casts only), and long loops release the GIL.
 #include <pybind11/numpy.h>
@@ -84,8 +84,8 @@ bool packed_fits(const Int64Array& seq_lens, int64_t seq_length, int64_t budget)
 
 }  // namespace
 
-PYBIND11_MODULE(_indexer, m) {
-  m.doc() = "C++ micro-batch planner for AMoPO groups; call it through megatron_amopo.data.indexer.";
+PYBIND11_MODULE(_planner, m) {
+  m.doc() = "C++ micro-batch planner for AMoPO groups; call it through megatron_amopo.data.planner.";
   m.def("plan_microbatches", &plan_microbatches, py::arg("max_len"), py::arg("total_len"),
         py::arg("seq_lens"), py::arg("seq_length"), py::arg("seqs_per_group"), py::arg("num_epochs"),
         py::arg("seed"), py::arg("dp_rank"), py::arg("dp_size"), py::arg("groups_per_microbatch"),

@@ -1,4 +1,4 @@
-// The epoch planner (docs/PLANNER.md, steps 1-4), mirroring megatron_amopo/data/indexer_ref.py.
+// The epoch planner (docs/PLANNER.md, steps 1-4), mirroring megatron_amopo/testing/planner_reference.py.
 #include "planner.h"
 
 #include <algorithm>

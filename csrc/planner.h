@@ -1,5 +1,5 @@
 // The epoch planner: which groups form each micro-batch and which DP rank gets it, over all
-// epochs (algorithm: docs/PLANNER.md; pure-Python reference: megatron_amopo/data/indexer_ref.py).
+// epochs (algorithm: docs/PLANNER.md; pure-Python reference: megatron_amopo/testing/planner_reference.py).
 #pragma once
 
 #include <cstdint>
@@ -7,7 +7,7 @@
 
 namespace amopo {
 
-// The wrapper megatron_amopo/data/indexer.py validates every field; the planner trusts them.
+// The wrapper megatron_amopo/data/planner.py validates every field; the planner trusts them.
 struct PlanOptions {
   int64_t seqs_per_group;         // 2P
   int64_t num_epochs;

@@ -29,7 +29,7 @@ LrDecayStyle = Literal["constant", "linear", "cosine"]
 DistributedBackend = Literal["nccl", "gloo"]
 
 
-def _f(default: Any, help: str, flag: Optional[str] = None, **kw) -> Any:
+def config_field(default: Any, help: str, flag: Optional[str] = None, **kw) -> Any:
     """A dataclass field with a help line (and optionally an explicit flag name)."""
     meta = {"help": help}
     if flag is not None:
@@ -37,6 +37,9 @@ def _f(default: Any, help: str, flag: Optional[str] = None, **kw) -> Any:
     if isinstance(default, (list, dict)):
         return field(default_factory=functools.partial(copy.copy, default), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
+
+
+_f = config_field  # the short name of the field tables below (and in data/config.py)
 
 
 @dataclass

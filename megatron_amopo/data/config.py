@@ -12,7 +12,8 @@ import typing
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from megatron_amopo.config import _f, check_choices
+from megatron_amopo.config import check_choices
+from megatron_amopo.config import config_field as _f
 from megatron_amopo.objective.pairs import mirrored_name
 
 Format = Literal["amopo", "helpsteer2", "pairs"]

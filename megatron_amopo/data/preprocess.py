@@ -241,7 +241,7 @@ def preprocess(data_cfg: DataConfig, prompt_cfg: PromptConfig, pre: PreprocessCo
         meta = _metadata(fp, data_cfg, prompt_cfg, builder, tally, w, time.perf_counter() - start, pre)
         (tmp / "metadata.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
         (tmp / "skipped.json").write_text(json.dumps(tally.report(), indent=2, ensure_ascii=False))
-        _replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -316,7 +316,7 @@ def _check_mirrored(w: _Writer, data_cfg: DataConfig, path: str) -> None:
         )
 
 
-def _replace(tmp: Path, out: Path) -> None:
+def replace_dir(tmp: Path, out: Path) -> None:
     """Rename ``tmp`` to ``out``; an existing ``out`` (--overwrite) is moved aside first."""
     old = None
     if out.exists():

@@ -118,7 +118,8 @@ def _iter_datasets(kind: str, path: str) -> Iterator[tuple[int, dict]]:
 # Field helpers
 
 
-def _get(row: dict, path: str) -> Any:
+def field_at(row: dict, path: str) -> Any:
+    """The value at the dotted ``path`` of ``row`` ("chosen.content"); BadRow when absent or null."""
     value: Any = row
     for key in path.split("."):
         if not isinstance(value, dict) or key not in value or value[key] is None:
@@ -258,17 +259,17 @@ def _finish(rec: PreferenceRecord, cfg: DataConfig) -> Union[PreferenceRecord, S
 
 
 def _amopo_row(row: dict, cfg: DataConfig, index: int, line: int) -> PreferenceRecord:
-    turns = _prompt_turns(_get(row, "prompt"), "prompt")
+    turns = _prompt_turns(field_at(row, "prompt"), "prompt")
     sides = []
     for side in ("chosen", "rejected"):
-        obj = _get(row, side)
+        obj = field_at(row, side)
         if not isinstance(obj, dict):
             raise BadRow("missing_field", f"{side} must be an object with content and scores")
         key = "content" if "content" in obj else "response"  # ours, then the published code's name
         if key not in obj:
             raise BadRow("missing_field", f"{side} needs the response text under 'content' or 'response'")
-        content = _response(_get(obj, key), f"{side}.{key}")
-        scores = [_score(_get(obj, d), f"{side}.{d}", cfg) for d in cfg.dimensions]
+        content = _response(field_at(obj, key), f"{side}.{key}")
+        scores = [_score(field_at(obj, d), f"{side}.{d}", cfg) for d in cfg.dimensions]
         sides.append((content, scores))
     (c, cs), (r, rs) = sides
     return PreferenceRecord(turns, c, r, cs, rs, index, line)
@@ -276,19 +277,19 @@ def _amopo_row(row: dict, cfg: DataConfig, index: int, line: int) -> PreferenceR
 
 def _pairs_row(row: dict, cfg: DataConfig, index: int, line: int) -> PreferenceRecord:
     f = cfg.field_paths
-    turns = _prompt_turns(_get(row, f["prompt"]), f["prompt"])
-    chosen = _completion(_get(row, f["chosen"]), f["chosen"])
-    rejected = _completion(_get(row, f["rejected"]), f["rejected"])
-    cs = _score(_get(row, f["score_chosen"]), f["score_chosen"], cfg)
-    rs = _score(_get(row, f["score_rejected"]), f["score_rejected"], cfg)
+    turns = _prompt_turns(field_at(row, f["prompt"]), f["prompt"])
+    chosen = _completion(field_at(row, f["chosen"]), f["chosen"])
+    rejected = _completion(field_at(row, f["rejected"]), f["rejected"])
+    cs = _score(field_at(row, f["score_chosen"]), f["score_chosen"], cfg)
+    rs = _score(field_at(row, f["score_rejected"]), f["score_rejected"], cfg)
     return PreferenceRecord(turns, chosen, rejected, [cs], [rs], index, line)
 
 
 def _helpsteer2_row(row: dict, cfg: DataConfig) -> tuple[str, str, dict]:
-    prompt = _text(_get(row, "prompt"), "prompt")
-    response = _response(_get(row, "response"), "response")
+    prompt = _text(field_at(row, "prompt"), "prompt")
+    response = _response(field_at(row, "response"), "response")
     needed = set(cfg.dimensions) | ({cfg.pair_rule} & set(HELPSTEER2_ATTRS))
-    scores = {a: _score(_get(row, a), a, cfg) for a in HELPSTEER2_ATTRS if a in needed}
+    scores = {a: _score(field_at(row, a), a, cfg) for a in HELPSTEER2_ATTRS if a in needed}
     return prompt, response, scores
 
 

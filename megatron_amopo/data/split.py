@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from megatron_amopo.data.config import SPLIT_NAMES, DataConfig, SplitConfig
-from megatron_amopo.data.preprocess import _replace
-from megatron_amopo.data.records import BadRow, Skip, _get, iter_rows
+from megatron_amopo.data.preprocess import replace_dir
+from megatron_amopo.data.records import BadRow, Skip, field_at, iter_rows
 
 
 def prompt_key(row: dict, data_cfg: DataConfig) -> str:
     """The prompt a row answers, whitespace-normalised; chat-message lists compare as canonical JSON."""
-    value = _get(row, data_cfg.field_paths["prompt"] if data_cfg.format == "pairs" else "prompt")
+    value = field_at(row, data_cfg.field_paths["prompt"] if data_cfg.format == "pairs" else "prompt")
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, ensure_ascii=False)
     return " ".join(text.split())
 
@@ -80,7 +80,7 @@ def split_rows(cfg: SplitConfig, data_cfg: DataConfig) -> dict:
             "dropped": dropped,
         }
         (tmp / "split.json").write_text(json.dumps(summary, indent=2) + "\n")
-        _replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -229,7 +229,7 @@ def stage_memory(arch: ModelArch, work: Workload, layout: Layout, pp_rank: int, 
 def save_gather_bytes(arch: ModelArch, layout: Layout) -> int:
     """Host bytes one rank adds while it saves a checkpoint with the distributed optimizer.
 
-    The checkpoint's optimizer format (``fully_reshardable``, training/checkpoint.py) makes every DP
+    The checkpoint's optimizer format (``fully_reshardable``, training/checkpointing.py) makes every DP
     rank build its model shard's whole optimizer state in host memory, as fp32 main parameters,
     exp_avg and exp_avg_sq, after copying its own 1/DP share of each into a staging buffer:
     12 (1 + 1/DP) bytes per parameter of the largest stage. Zero without the distributed optimizer."""

@@ -24,18 +24,18 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_amopo.objective.logprobs import (
-    _chunk,
-    _combine_lse,
-    _grad_scales,
-    _group_rank,
-    _group_size,
-    _owned_labels,
-    _scatter_selected,
-    _selection,
-    _softmax_grad_rows,
-    _split,
+from megatron_amopo.objective.vocab_parallel import (
+    all_reduce_lse,
     compute_dtype,
+    group_rank,
+    group_size,
+    owned_labels,
+    resolve_chunk_tokens,
+    scatter_selected,
+    select_tokens,
+    softmax_grad_rows,
+    softmax_grad_scales,
+    split_lse,
 )
 
 # Budget of one [C, Vb] tile of logits, and the most loss tokens a tile takes. Tiles run over the vocabulary
@@ -60,7 +60,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_TH, weight_VH, labels_T, idx_T, group, chunk_tokens, vocab_block):
         vocab_local = weight_VH.shape[0]
-        label_T, owned_T = _owned_labels(labels_T[idx_T], _group_rank(group) * vocab_local, vocab_local)
+        label_T, owned_T = owned_labels(labels_T[idx_T], group_rank(group) * vocab_local, vocab_local)
         dtype = compute_dtype(hidden_TH.dtype)
         target_T = hidden_TH.new_zeros(idx_T.numel(), dtype=torch.float64)
         lse_T = torch.empty_like(target_T)
@@ -79,9 +79,9 @@ class _FusedLinearLogprobs(torch.autograd.Function):
                 sum_C = sum_C * torch.exp(max_C - new_C) + block_C
                 max_C = new_C
             lse_T[sl] = max_C + sum_C.log()
-        if _group_size(group) > 1 and idx_T.numel():
-            lse_T, target_T = _combine_lse(lse_T, torch.where(owned_T, target_T, 0.0), group)
-        lse_hi_T, lse_lo_T = _split(lse_T, dtype)
+        if group_size(group) > 1 and idx_T.numel():
+            lse_T, target_T = all_reduce_lse(lse_T, torch.where(owned_T, target_T, 0.0), group)
+        lse_hi_T, lse_lo_T = split_lse(lse_T, dtype)
         ctx.save_for_backward(hidden_TH, weight_VH, idx_T, label_T, owned_T, lse_hi_T, lse_lo_T)
         ctx.tiles = (chunk_tokens, vocab_block)
         return (target_T - lse_T).to(dtype)
@@ -90,7 +90,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
     def backward(ctx, grad_T):
         hidden_TH, weight_VH, idx_T, label_T, owned_T, lse_hi_T, lse_lo_T = ctx.saved_tensors
         chunk_tokens, vocab_block = ctx.tiles
-        scale_T, onehot_T = _grad_scales(grad_T, lse_lo_T, owned_T)
+        scale_T, onehot_T = softmax_grad_scales(grad_T, lse_lo_T, owned_T)
         dtype = lse_hi_T.dtype
         grad_h_TH = torch.zeros_like(hidden_TH)  # tokens outside the loss get no gradient
         grad_w_VH = torch.zeros_like(weight_VH, dtype=dtype)  # fp32: written once per token chunk
@@ -104,7 +104,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
                 local_C, inside_C = _block_labels(label_T[sl], owned_T[sl], vb)
                 onehot_C = torch.where(inside_C, onehot_T[sl], 0.0)
                 # g * (onehot - softmax) of the tile, the softmax from the saved global log-sum-exp
-                rows_CV = _softmax_grad_rows(
+                rows_CV = softmax_grad_rows(
                     x_CV,
                     slice(None),
                     lse_hi_T[sl],
@@ -158,7 +158,7 @@ def fused_token_logprobs(
         )
     if not (hidden.is_floating_point() and hidden.dtype == weight.dtype):
         raise ValueError(f"{who}: hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a floating dtype")
-    if _group_size(tp_group) > 1:
+    if group_size(tp_group) > 1:
         from megatron.core.tensor_parallel import mappings
 
         if sequence_parallel:
@@ -171,11 +171,11 @@ def fused_token_logprobs(
             "without the hidden dimension (after the sequence-parallel gather)"
         )
     vocab_local = weight.shape[0]
-    labels_T, idx_T = _selection(labels, mask, vocab_local, tp_group, who)
-    chunk = _chunk(chunk_tokens, default_chunk_tokens(hidden.device), who)
+    labels_T, idx_T = select_tokens(labels, mask, vocab_local, tp_group, who)
+    chunk = resolve_chunk_tokens(chunk_tokens, default_chunk_tokens(hidden.device), who)
     block = vocab_block if vocab_block is not None else default_vocab_block(chunk, vocab_local, hidden.device)
     if block < 1:
         raise ValueError(f"{who}: vocab_block must be >= 1, got {block}")
     hidden_TH = hidden.reshape(-1, hidden.shape[-1])
     logp_sel_T = _FusedLinearLogprobs.apply(hidden_TH, weight, labels_T, idx_T, tp_group, chunk, block)
-    return _scatter_selected(logp_sel_T, idx_T, labels.shape)
+    return scatter_selected(logp_sel_T, idx_T, labels.shape)

@@ -3,9 +3,13 @@
 ``token_logprobs`` turns each tensor-parallel rank's vocabulary slice of the logits into
 log p(label) without gathering the vocabulary (as Megatron-Core's ``tensor_parallel/cross_entropy.py``),
 chunk by chunk and only for loss tokens; ``sequence_stats`` sums them per sequence (all-reduced over
-context parallelism). With ``fused_logprobs.py`` and ``training/step.py`` the only code of the
-objective path that talks to other ranks; every process group is an argument (``None``: a group
-of one). Algorithm and precision: docs/OBJECTIVE.md, "Vocab-parallel log-probs".
+context parallelism). With ``vocab_parallel.py`` (the tensor-parallel log-sum-exp all-reduce, shared
+with ``fused_logprobs.py``) and ``training/step.py`` the only code of the objective path that talks
+to other ranks; every process group is an argument (``None``: a group of one). Algorithm and
+precision: docs/OBJECTIVE.md, "Vocab-parallel log-probs".
+
+Shape legend: T tokens, flattened; V vocabulary entries on this rank; C tokens in one chunk; N
+sequences of the micro-batch.
 """
 
 from __future__ import annotations
@@ -16,24 +20,24 @@ import torch
 import torch.distributed as dist
 
 from megatron_amopo.objective.amopo import SequenceStats
+from megatron_amopo.objective.vocab_parallel import (
+    all_reduce_lse,
+    compute_dtype,
+    group_rank,
+    group_size,
+    owned_labels,
+    resolve_chunk_tokens,
+    scatter_selected,
+    select_tokens,
+    softmax_grad_rows,
+    softmax_grad_scales,
+    split_lse,
+)
 
 # Budget of the fp32 [C, V] work buffer, far below the logits of any real micro-batch.
 # CPU: 4 MiB stays in the last-level cache between the passes over a chunk; GPU: 2 GiB keeps
 # kernel launches few (measurements in docs/OBJECTIVE.md and docs/GPU.md).
 DEFAULT_CHUNK_BYTES = {"cpu": 4 * 2**20, "cuda": 2 * 2**30}
-
-
-def _group_size(group: Optional[dist.ProcessGroup]) -> int:
-    return 1 if group is None else dist.get_world_size(group)
-
-
-def _group_rank(group: Optional[dist.ProcessGroup]) -> int:
-    return 0 if group is None else dist.get_rank(group)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for fp32/bf16/fp16 logits; fp64 stays fp64 (float64 gradchecks)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def default_chunk_tokens(vocab_local: int, device: torch.device) -> int:
@@ -60,35 +64,6 @@ def _pieces(idx_T: torch.Tensor, chunk_tokens: int) -> list[tuple[int, int, int]
             pieces.append((a, b, offset))
             offset += b - a
     return pieces
-
-
-def _owned_labels(labels_T: torch.Tensor, vocab_start: int, vocab_local: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(label index within this rank's slice, clamped to be valid; whether this rank owns it)."""
-    local_T = labels_T - vocab_start
-    owned_T = (local_T >= 0) & (local_T < vocab_local)
-    return torch.where(owned_T, local_T, torch.zeros_like(local_T)), owned_T
-
-
-def _combine_lse(lse_local_T, target_T, group) -> tuple[torch.Tensor, torch.Tensor]:
-    """Global log-sum-exp and label logit from every rank's share (Megatron's two all-reduces):
-    lse = M + log sum_r exp(lse_r - M) with M the MAX over ranks; the label logit is a SUM
-    to which only the owning rank contributes."""
-    max_T = lse_local_T.clone()
-    dist.all_reduce(max_T, op=dist.ReduceOp.MAX, group=group)
-    sums_2T = torch.stack([torch.exp(lse_local_T - max_T), target_T])
-    dist.all_reduce(sums_2T, op=dist.ReduceOp.SUM, group=group)
-    return max_T + torch.log(sums_2T[0]), sums_2T[1]
-
-
-def _split(lse_T: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp64 log-sum-exp -> (hi, lo) in ``dtype`` with hi + lo = lse to fp64 precision.
-
-    Backward forms exp(x - hi) * exp(-lo): x - hi is exact for the entries near the
-    log-sum-exp (Sterbenz), which carry the probability mass, so the gradient keeps
-    the precision of a softmax computed from the row maximum.
-    """
-    hi_T = lse_T.to(dtype)
-    return hi_T, (lse_T - hi_T.to(lse_T.dtype)).to(dtype)
 
 
 def _zero_gaps(grad_TV: torch.Tensor, pieces: list[tuple[int, int, int]]) -> None:
@@ -138,15 +113,15 @@ class _VocabParallelLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits_TV, labels_T, idx_T, group, chunk_tokens, inplace_backward):
         vocab_local = logits_TV.shape[-1]
-        label_T, owned_T = _owned_labels(labels_T[idx_T], _group_rank(group) * vocab_local, vocab_local)
+        label_T, owned_T = owned_labels(labels_T[idx_T], group_rank(group) * vocab_local, vocab_local)
         dtype = compute_dtype(logits_TV.dtype)
         pieces = _pieces(idx_T, chunk_tokens)
         # In fp64 (O(tokens)): log p = x_label - lse loses nothing to a large lse.
         target_T = logits_TV[idx_T, label_T].double()
         lse_T = _local_lse(logits_TV, target_T, pieces, chunk_tokens, dtype)
-        if _group_size(group) > 1 and idx_T.numel():
-            lse_T, target_T = _combine_lse(lse_T, torch.where(owned_T, target_T, 0.0), group)
-        lse_hi_T, lse_lo_T = _split(lse_T, dtype)
+        if group_size(group) > 1 and idx_T.numel():
+            lse_T, target_T = all_reduce_lse(lse_T, torch.where(owned_T, target_T, 0.0), group)
+        lse_hi_T, lse_lo_T = split_lse(lse_T, dtype)
         ctx.save_for_backward(logits_TV, label_T, owned_T, lse_hi_T, lse_lo_T)
         ctx.pieces, ctx.inplace_backward, ctx.backward_done = pieces, inplace_backward, False
         return (target_T - lse_T).to(dtype)
@@ -165,35 +140,18 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         # counter, so any other saved use of them fails loudly at its backward.
         grad_logits_TV = logits_TV if ctx.inplace_backward else torch.empty_like(logits_TV)
         _zero_gaps(grad_logits_TV, ctx.pieces)  # tokens outside the loss get no gradient
-        scales = _grad_scales(grad_T, lse_lo_T, owned_T)
+        scales = softmax_grad_scales(grad_T, lse_lo_T, owned_T)
         direct = grad_logits_TV.dtype == lse_hi_T.dtype
         for a, b, o in ctx.pieces:
             sl = slice(o, o + b - a)
             # Direct: written straight into the gradient's rows (the logits' own rows in place).
-            rows_CV = _softmax_grad_rows(
+            rows_CV = softmax_grad_rows(
                 logits_TV[a:b], sl, lse_hi_T, label_T, scales, out=grad_logits_TV[a:b] if direct else None
             )
             if not direct:  # bf16/fp16 logits: finished in fp32 (promotion), rounded once here
                 grad_logits_TV[a:b].copy_(rows_CV)
             del rows_CV
         return grad_logits_TV, None, None, None, None, None
-
-
-def _grad_scales(grad_T, lse_lo_T, owned_T) -> tuple[torch.Tensor, torch.Tensor]:
-    """(-g exp(-lo), g where this rank owns the label): the factors of g * (onehot - softmax)."""
-    grad_T = grad_T.to(lse_lo_T.dtype)
-    scale_T = -grad_T * torch.exp(-lse_lo_T)  # softmax = exp(x - hi) * exp(-lo)
-    return scale_T, torch.where(owned_T, grad_T, torch.zeros_like(grad_T))
-
-
-def _softmax_grad_rows(x_CV, sl: slice, lse_hi_T, label_T, scales, out=None) -> torch.Tensor:
-    """g * (onehot(label) - softmax) of one chunk, the softmax from the saved global log-sum-exp:
-    no max or sum passes, and every pass after the first runs on a cache-resident chunk. ``out``
-    (the compute dtype) receives the rows; without it they are a new tensor in the compute dtype."""
-    scale_T, onehot_grad_T = scales
-    rows_CV = torch.sub(x_CV, lse_hi_T[sl, None], out=out)
-    rows_CV.exp_().mul_(scale_T[sl, None])
-    return rows_CV.scatter_add_(1, label_T[sl, None], onehot_grad_T[sl, None])
 
 
 def token_logprobs(
@@ -231,46 +189,12 @@ def token_logprobs(
             "gradient; pass logits produced by an autograd op (the output layer's), or use inplace_backward=False"
         )
     vocab_local = logits.shape[-1]
-    labels_T, idx_T = _selection(labels, mask, vocab_local, tp_group, "token_logprobs")
-    chunk = _chunk(chunk_tokens, default_chunk_tokens(vocab_local, logits.device), "token_logprobs")
+    labels_T, idx_T = select_tokens(labels, mask, vocab_local, tp_group, "token_logprobs")
+    chunk = resolve_chunk_tokens(chunk_tokens, default_chunk_tokens(vocab_local, logits.device), "token_logprobs")
     logp_sel_T = _VocabParallelLogprobs.apply(
         logits.reshape(-1, vocab_local), labels_T, idx_T, tp_group, chunk, inplace_backward
     )
-    return _scatter_selected(logp_sel_T, idx_T, labels.shape)
-
-
-def _selection(labels, mask, vocab_local: int, group, who: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(flat int64 labels [T], indices of the tokens where ``mask`` is non-zero), labels checked."""
-    labels_T = labels.reshape(-1).to(torch.int64)
-    if mask is None:
-        idx_T = torch.arange(labels_T.numel(), device=labels_T.device)
-    else:
-        if mask.shape != labels.shape:
-            raise ValueError(f"{who}: mask shape {tuple(mask.shape)} != labels shape {tuple(labels.shape)}")
-        idx_T = mask.reshape(-1).nonzero().squeeze(1)
-    _check_labels(labels_T[idx_T], vocab_local * _group_size(group), group, who)
-    return labels_T, idx_T
-
-
-def _chunk(chunk_tokens: Optional[int], default: int, who: str) -> int:
-    chunk = chunk_tokens if chunk_tokens is not None else default
-    if chunk < 1:
-        raise ValueError(f"{who}: chunk_tokens must be >= 1, got {chunk}")
-    return chunk
-
-
-def _scatter_selected(logp_sel_T: torch.Tensor, idx_T: torch.Tensor, shape) -> torch.Tensor:
-    """Selected tokens' log-probs back into the full layout; the others are 0 (and pass no gradient)."""
-    return logp_sel_T.new_zeros(torch.Size(shape).numel()).index_put((idx_T,), logp_sel_T).view(shape)
-
-
-def _check_labels(labels_T: torch.Tensor, vocab_size: int, group, who: str = "token_logprobs") -> None:
-    if labels_T.numel() and (labels_T.min() < 0 or labels_T.max() >= vocab_size):
-        where = "the full vocabulary" if _group_size(group) == 1 else "tensor-parallel size x vocabulary slice"
-        raise ValueError(
-            f"{who}: label ids must lie in [0, {vocab_size}) ({where}), got "
-            f"[{int(labels_T.min())}, {int(labels_T.max())}]; was the data tokenised for another model?"
-        )
+    return scatter_selected(logp_sel_T, idx_T, labels.shape)
 
 
 # Ours, not torch.distributed.nn.functional.all_reduce (same backward): torch 2.13 warns it is deprecated on every call.
@@ -327,7 +251,7 @@ def sequence_stats(
         sum_p=zeros_N.index_add(0, seg_T, p_T),
         sum_p2=zeros_N.index_add(0, seg_T, p_T * p_T),
     )
-    if cp_group is not None and _group_size(cp_group) > 1:
+    if cp_group is not None and group_size(cp_group) > 1:
         stats = reduce_stats(stats, cp_group)
     return stats
 

@@ -1,4 +1,5 @@
-"""The real tools as end-to-end tests run them: one subprocess runner and the tiny Qwen2 set-up they share."""
+"""The real tools as end-to-end tests run them: one subprocess runner, and the tiny Qwen2 set-up and
+HelpSteer2 rows they share."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from megatron_amopo.data.config import DEFAULT_DIMENSIONS
+
 REPO = str(Path(__file__).resolve().parents[2])
 PY = sys.executable
+HELPSTEER2_ROWS = "data/helpsteer2/train_rows.jsonl"
 
 
 def run_tool(args: list[str], timeout: int = 400, check: bool = True, **kw) -> subprocess.CompletedProcess:
@@ -48,4 +52,15 @@ def tiny_qwen2_setup(
         [PY, "tools/preprocess_data.py", "--input", str(rows), "--output", str(root / "data")]
         + ["--tokenizer", str(root / "init" / "tokenizer"), "--format", "helpsteer2", *dims]
         + ["--seq-length", str(seq_length), "--no-progress"]
+    )
+
+
+def write_shortest_rows(path: Path, count: int, dimensions: Optional[list[str]] = None) -> None:
+    """The ``count`` shortest bundled HelpSteer2 prompts, both rows of each, into ``path``: picked by
+    examples/lib/select_helpsteer2.py, so only prompts that preprocessing with ``dimensions`` (default:
+    the helpsteer2 format's) turns into a group, i.e. two different responses whose mean score differs."""
+    dims = dimensions or DEFAULT_DIMENSIONS["helpsteer2"]
+    run_tool(
+        [PY, "examples/lib/select_helpsteer2.py", "--input", HELPSTEER2_ROWS, "--output", str(path)]
+        + ["--take", str(count), "--dimensions", *dims]
     )

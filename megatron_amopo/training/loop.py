@@ -22,12 +22,12 @@ import torch.distributed as dist
 
 from megatron_amopo.checkpoint.store import METADATA_FILE, read_model_metadata, write_model_metadata
 from megatron_amopo.data.batch import MicroBatch
-from megatron_amopo.data.indexer import MicrobatchPlan
+from megatron_amopo.data.planner import MicrobatchPlan
 from megatron_amopo.evaluation.report import gather_per_group
 from megatron_amopo.runtime.comm import is_rank0
 from megatron_amopo.runtime.progress import progress
-from megatron_amopo.training import checkpoint as ckpt
-from megatron_amopo.training import data as tdata
+from megatron_amopo.training import batches as tdata
+from megatron_amopo.training import checkpointing as ckpt
 from megatron_amopo.training import disk
 from megatron_amopo.training.engine import is_reporting_rank
 from megatron_amopo.training.metrics import MetricsWriter, StepTotals, format_line, open_wandb, summarize

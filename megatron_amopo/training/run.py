@@ -22,14 +22,14 @@ import torch
 from megatron_amopo.checkpoint.store import ModelMetadata, load_model_state, read_model_metadata
 from megatron_amopo.config import RunConfig
 from megatron_amopo.data.batch import MicroBatch
-from megatron_amopo.data.indexer import MicrobatchPlan
+from megatron_amopo.data.planner import MicrobatchPlan
 from megatron_amopo.model.architectures import ModelArch
 from megatron_amopo.model.build import build_model, check_wiring
 from megatron_amopo.model.provider import transformer_config
 from megatron_amopo.model.sharding import unwrap
 from megatron_amopo.runtime.comm import is_rank0
-from megatron_amopo.training import checkpoint as ckpt
-from megatron_amopo.training import data as tdata
+from megatron_amopo.training import batches as tdata
+from megatron_amopo.training import checkpointing as ckpt
 from megatron_amopo.training import disk
 from megatron_amopo.training.engine import Engine
 from megatron_amopo.training.optimizer import build_optimizer, build_scheduler
@@ -89,7 +89,7 @@ class Run:
         self, split: tdata.Split, plan: MicrobatchPlan, start: int = 0, stop: Optional[int] = None
     ) -> Iterator[MicroBatch]:
         """Plan micro-batches ``start .. stop-1`` in the form this run's step feeds, built by
-        ``--num-workers`` DataLoader workers (``training.data.microbatches``)."""
+        ``--num-workers`` DataLoader workers (``training.batches.microbatches``)."""
         return tdata.microbatches(
             split,
             plan,

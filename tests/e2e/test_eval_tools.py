@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from megatron_amopo.evaluation.control import spearman
-from megatron_amopo.testing.pipeline import PY, run_tool, run_torchrun, tiny_qwen2_setup
+from megatron_amopo.testing.pipeline import PY, run_tool, run_torchrun, tiny_qwen2_setup, write_shortest_rows
 
 SEQ = 256
 PAIRS = ["general", "helpfulness", "verbosity"]
@@ -20,22 +20,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaltools")
-    run_tool(
-        [
-            PY,
-            "examples/lib/select_helpsteer2.py",
-            "--input",
-            "data/helpsteer2/train_rows.jsonl",
-            "--output",
-            str(root / "rows.jsonl"),
-            "--take",
-            "13",  # odd: DP2 evaluation must still cover every group
-            "--dimensions",
-            "helpfulness",
-            "verbosity",
-        ]
-    )
-    tiny_qwen2_setup(root, root / "rows.jsonl", SEQ, ["helpfulness", "verbosity"])
+    dims = ["helpfulness", "verbosity"]
+    write_shortest_rows(root / "rows.jsonl", 13, dims)  # odd: DP2 evaluation must still cover every group
+    tiny_qwen2_setup(root, root / "rows.jsonl", SEQ, dims)
     return root
 
 

@@ -9,7 +9,6 @@ steps and a save. tests/e2e/test_recipes.py checks the scripts' argv under a fak
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 import socket
@@ -19,7 +18,7 @@ import subprocess
 import pytest
 import torch
 
-from megatron_amopo.testing.pipeline import PY, REPO, run_tool, tiny_qwen2_setup
+from megatron_amopo.testing.pipeline import PY, REPO, run_tool, tiny_qwen2_setup, write_shortest_rows
 
 SEQ, STEPS, VOCAB, PROMPTS = 256, 3, 1024, 16
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -51,16 +50,7 @@ def write_exe(path, text: str) -> None:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("multinode")
-    rows = collections.defaultdict(list)
-    with open(os.path.join(REPO, "data/helpsteer2/train_rows.jsonl")) as fh:
-        for line in fh:
-            r = json.loads(line)
-            rows[r["prompt"]].append(r)
-    pairs = sorted(rows.values(), key=lambda rs: len(rs[0]["prompt"]) + max(len(r["response"]) for r in rs))
-    with open(root / "rows.jsonl", "w") as fh:
-        for rs in pairs[:PROMPTS]:
-            for r in rs:
-                fh.write(json.dumps(r) + "\n")
+    write_shortest_rows(root / "rows.jsonl", PROMPTS)
     tiny_qwen2_setup(root, root / "rows.jsonl", SEQ, vocab=VOCAB)
     return root
 

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from megatron_amopo.testing.pipeline import REPO, run_torchrun, tiny_qwen2_setup
+from megatron_amopo.testing.pipeline import run_torchrun, tiny_qwen2_setup, write_shortest_rows
 
 SEQ = 256
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -20,19 +20,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("observe")
-    by_prompt = collections.defaultdict(list)
-    with open(os.path.join(REPO, "data/helpsteer2/train_rows.jsonl")) as fh:
-        for line in fh:
-            r = json.loads(line)
-            by_prompt[r["prompt"]].append(r)
-    pairs = sorted(
-        (rs for rs in by_prompt.values() if len(rs) == 2),
-        key=lambda rs: len(rs[0]["prompt"]) + max(len(r["response"]) for r in rs),
-    )
-    with open(root / "rows.jsonl", "w") as fh:
-        for rs in pairs[:10]:
-            for r in rs:
-                fh.write(json.dumps(r) + "\n")
+    write_shortest_rows(root / "rows.jsonl", 10)
     tiny_qwen2_setup(root, root / "rows.jsonl", SEQ)
     return root
 

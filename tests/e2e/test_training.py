@@ -9,7 +9,6 @@ same first-step loss at TP2, PP2 and DP2.
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 import signal
@@ -19,7 +18,7 @@ import time
 import pytest
 import torch
 
-from megatron_amopo.testing.pipeline import REPO, run_torchrun, tiny_qwen2_setup, torchrun_args
+from megatron_amopo.testing.pipeline import REPO, run_torchrun, tiny_qwen2_setup, torchrun_args, write_shortest_rows
 
 SEQ = 256
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -32,19 +31,7 @@ def torchrun(*flags: str, nproc: int = 2, **kw) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
-    rows = collections.defaultdict(list)
-    with open(os.path.join(REPO, "data/helpsteer2/train_rows.jsonl")) as fh:
-        for line in fh:
-            r = json.loads(line)
-            rows[r["prompt"]].append(r)
-    pairs = sorted(
-        (rs for rs in rows.values() if len(rs) == 2),
-        key=lambda rs: len(rs[0]["prompt"]) + max(len(r["response"]) for r in rs),
-    )
-    with open(root / "rows.jsonl", "w") as fh:
-        for rs in pairs[:14]:
-            for r in rs:
-                fh.write(json.dumps(r) + "\n")
+    write_shortest_rows(root / "rows.jsonl", 14)
     tiny_qwen2_setup(root, root / "rows.jsonl", SEQ)
     return root
 

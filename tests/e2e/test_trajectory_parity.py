@@ -7,7 +7,7 @@ formula, --amopo-pair-reduction sum); the global-batch loss as the mean over val
 with no weight decay on 1-D tensors (Megatron's rule: biases and norms); linear warm-up from 0 then
 cosine to --min-lr written from the definition (checked against Megatron's scheduler below); the global
 gradient norm clipped by max_norm / (norm + 1e-6). It takes the same groups per step as the trainer's data
-plan (megatron_amopo.training.data.make_plan over the DP ranks: the data order is not under test).
+plan (megatron_amopo.training.batches.make_plan over the DP ranks: the data order is not under test).
 
 The model is tiny (hidden 32, 2 layers) and so is its vocabulary: the real Qwen2 tokenizer shrunk to its
 first 1024 tokens (make_tiny_model.py --tokenizer-size), so that a step costs milliseconds, not a
@@ -16,17 +16,15 @@ first 1024 tokens (make_tiny_model.py --tokenizer-size), so that a step costs mi
 
 from __future__ import annotations
 
-import collections
 import functools
 import json
 import math
-import os
 
 import pytest
 import torch
 
 from megatron_amopo.data.batch import Group
-from megatron_amopo.testing.pipeline import PY, REPO, run_tool, run_torchrun, tiny_qwen2_setup
+from megatron_amopo.testing.pipeline import PY, run_tool, run_torchrun, tiny_qwen2_setup, write_shortest_rows
 
 SEQ, STEPS, GBS, VOCAB, PROMPTS = 256, 10, 4, 1024, 32
 LR, MIN_LR, WARMUP, WD, CLIP, BETA, GAMMA = 1e-3, 1e-4, 0.25, 0.1, 5.0, 2.0, 0.5
@@ -37,19 +35,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1800)]
 def setup(tmp_path_factory):
     """The PROMPTS shortest HelpSteer2 prompts (two responses each), preprocessed at SEQ."""
     root = tmp_path_factory.mktemp("parity")
-    rows = collections.defaultdict(list)
-    with open(os.path.join(REPO, "data/helpsteer2/train_rows.jsonl")) as fh:
-        for line in fh:
-            r = json.loads(line)
-            rows[r["prompt"]].append(r)
-    pairs = sorted(
-        (rs for rs in rows.values() if len(rs) == 2),
-        key=lambda rs: len(rs[0]["prompt"]) + max(len(r["response"]) for r in rs),
-    )
-    with open(root / "rows.jsonl", "w") as fh:
-        for rs in pairs[:PROMPTS]:
-            for r in rs:
-                fh.write(json.dumps(r) + "\n")
+    write_shortest_rows(root / "rows.jsonl", PROMPTS)
     tiny_qwen2_setup(root, root / "rows.jsonl", SEQ, vocab=VOCAB)
     return root
 
@@ -68,15 +54,16 @@ def train_flags(setup, save, *layout: str) -> list[str]:
 def step_groups(setup, dp_size: int) -> tuple[tuple[int, ...], ...]:
     """The group ids of each step, over all DP ranks (the trainer's plan; TP/PP ranks share it)."""
     from megatron_amopo.config import TrainDataConfig, TrainingConfig
-    from megatron_amopo.training import data as tdata
+    from megatron_amopo.training import batches
 
     tc = TrainingConfig(micro_batch_size=1, global_batch_size=GBS, train_iters=STEPS, seq_length=SEQ)
-    split, _ = tdata.open_splits(TrainDataConfig(data_path=str(setup / "data")), tc.seed, None, SEQ)
+    split, _ = batches.open_splits(TrainDataConfig(data_path=str(setup / "data")), tc.seed, None, SEQ)
     per_step = tc.microbatches_per_step(dp_size)
-    one = tdata.make_plan(split, tc, num_epochs=1, seed=tc.seed, dp_rank=0, dp_size=dp_size)
+    one = batches.make_plan(split, tc, num_epochs=1, seed=tc.seed, dp_rank=0, dp_size=dp_size)
     epochs = math.ceil(STEPS / (one.num_microbatches // per_step))
     plans = [
-        tdata.make_plan(split, tc, num_epochs=epochs, seed=tc.seed, dp_rank=r, dp_size=dp_size) for r in range(dp_size)
+        batches.make_plan(split, tc, num_epochs=epochs, seed=tc.seed, dp_rank=r, dp_size=dp_size)
+        for r in range(dp_size)
     ]
     return tuple(
         tuple(int(g) for p in plans for m in range(s * per_step, (s + 1) * per_step) for g in p.microbatch(m))

@@ -7,10 +7,11 @@ import torch
 
 from megatron_amopo.data.batch import attention_mask_from_segments, build_micro_batch
 from megatron_amopo.data.config import DataConfig, PreprocessConfig, PromptConfig
-from megatron_amopo.data.indexer import plan_microbatches
 from megatron_amopo.data.packing import pack_rows, packed_rows, packed_shape
+from megatron_amopo.data.planner import plan_microbatches
 from megatron_amopo.data.preprocess import preprocess
 from megatron_amopo.data.reader import PreferenceGroupDataset
+from megatron_amopo.testing import planner_reference
 
 ROOT = Path(__file__).resolve().parents[2]
 TOK = str(ROOT / "data" / "tokenizer-qwen2")
@@ -151,7 +152,7 @@ def test_packed_rows_respect_length_and_errors(ds):
         build_micro_batch(groups, "packed")
 
 
-@pytest.mark.parametrize("backend", ["cpp", "python"])
+@pytest.mark.parametrize("backend", [None, planner_reference], ids=["cpp", "reference"])
 def test_builder_uses_the_rows_the_planner_charged(ds, backend):
     """Packed plans of real groups: each built micro-batch is exactly the [R, W] the planner's
     rule charges (R * W <= budget, W <= seq_length), and its rows are pack_rows' rows."""

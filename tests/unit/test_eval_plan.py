@@ -9,7 +9,7 @@ from megatron_amopo.config import TrainingConfig
 from megatron_amopo.data.config import DataConfig, PreprocessConfig, PromptConfig
 from megatron_amopo.data.preprocess import preprocess
 from megatron_amopo.data.reader import PreferenceGroupDataset
-from megatron_amopo.training import data as tdata
+from megatron_amopo.training import batches
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,7 +23,7 @@ def split(tmp_path_factory):
     preprocess(DataConfig(format="pairs", seq_length=512), PromptConfig(), pre)
     ds = PreferenceGroupDataset(str(out))
     assert len(ds) % 2 == 1  # odd: the case a balanced DP plan drops a group in
-    return tdata.Split(ds, np.arange(len(ds), dtype=np.int64))
+    return batches.Split(ds, np.arange(len(ds), dtype=np.int64))
 
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])
@@ -33,7 +33,7 @@ def test_every_group_once(split, layout, mbs, dp):
     cfg = TrainingConfig(
         seq_length=512, micro_batch_size=mbs, global_batch_size=mbs * dp, batch_layout=layout, train_iters=1
     )
-    plans = [tdata.make_eval_plan(split, cfg, seed=7, dp_rank=r, dp_size=dp) for r in range(dp)]
+    plans = [batches.make_eval_plan(split, cfg, seed=7, dp_rank=r, dp_size=dp) for r in range(dp)]
     seen = np.concatenate([p.group_ids for p in plans])
     assert sorted(seen.tolist()) == list(range(len(split)))
     counts = [p.num_microbatches for p in plans]
@@ -41,5 +41,5 @@ def test_every_group_once(split, layout, mbs, dp):
     for p in plans:
         assert all(1 <= len(p.microbatch(m)) <= mbs for m in range(p.num_microbatches))
     # the training plan of the same split balances ranks and drops what does not fill a round
-    train = [tdata.make_plan(split, cfg, num_epochs=1, seed=7, dp_rank=r, dp_size=dp) for r in range(dp)]
+    train = [batches.make_plan(split, cfg, num_epochs=1, seed=7, dp_rank=r, dp_size=dp) for r in range(dp)]
     assert sum(len(p.group_ids) for p in train) <= len(split)

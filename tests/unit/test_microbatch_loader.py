@@ -11,7 +11,7 @@ from megatron_amopo.data.batch import MicroBatch
 from megatron_amopo.data.config import DataConfig, PreprocessConfig, PromptConfig
 from megatron_amopo.data.preprocess import preprocess
 from megatron_amopo.data.reader import PreferenceGroupDataset
-from megatron_amopo.training import data as tdata
+from megatron_amopo.training import batches as tdata
 
 ROOT = Path(__file__).resolve().parents[2]
 

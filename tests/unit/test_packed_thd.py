@@ -151,7 +151,7 @@ def test_plan_cost_follows_the_path_the_step_feeds():
     from types import SimpleNamespace
 
     from megatron_amopo.config import TrainingConfig
-    from megatron_amopo.training.data import plan_cost
+    from megatron_amopo.training.batches import plan_cost
     from megatron_amopo.training.step import packed_thd_default
 
     packed = TrainingConfig(batch_layout="packed", micro_batch_size=1, train_iters=1)

@@ -17,7 +17,7 @@ import torch.utils.data
 
 from megatron_amopo.config import TrainDataConfig, TrainingConfig
 from megatron_amopo.data.batch import MicroBatch, build_micro_batch
-from megatron_amopo.data.indexer import MicrobatchPlan, plan_microbatches
+from megatron_amopo.data.planner import MicrobatchPlan, plan_microbatches
 from megatron_amopo.data.reader import PreferenceGroupDataset
 
 

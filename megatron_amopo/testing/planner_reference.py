@@ -1,13 +1,17 @@
-"""Pure-Python reference of the epoch planner (csrc/planner.cpp), for tests only.
+"""Pure-Python reference of the epoch planner (csrc/planner.cpp), the oracle of the C++ in tests.
 
 It follows docs/PLANNER.md step by step, so the C++ plan can be checked against it for exact
-equality; it is slow and assumes inputs that ``indexer.plan_microbatches`` has validated.
+equality; it is slow and assumes inputs that ``data.planner.plan_microbatches`` has validated.
+``plan_microbatches`` and ``packed_shapes`` take the arguments of the C++ extension
+``megatron_amopo._planner``, so tests pass this module as the planner's ``backend``.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Sequence
+
+import numpy as np
 
 from megatron_amopo.data.packing import packed_shape
 
@@ -161,7 +165,7 @@ def plan_reference(
     thd: bool = False,
 ) -> tuple[list[int], list[int], list[int], int]:
     """(offsets, group_ids, epochs, dropped_groups) as lists; the arguments of the C++
-    ``_indexer.plan_microbatches`` (``seq_lens`` [G][2P] only for a packed token budget)."""
+    ``_planner.plan_microbatches`` (``seq_lens`` [G][2P] only for a packed token budget)."""
     max_len, total_len = list(max_len), list(total_len)
     packed_budget = packed and token_budget > 0
     thd_budget = thd and token_budget > 0
@@ -196,3 +200,18 @@ def plan_reference(
             offsets.append(len(group_ids))
             epochs.append(epoch)
     return offsets, group_ids, epochs, dropped
+
+
+def plan_microbatches(max_len, total_len, *, seq_lens, num_threads: int = 1, **args):
+    """``plan_reference`` called like the extension: int64 arrays in (made Python ints, so no cost
+    overflows), one thread (a thread count never changes a plan)."""
+    del num_threads
+    return plan_reference(
+        np.asarray(max_len).tolist(), np.asarray(total_len).tolist(), seq_lens=np.asarray(seq_lens).tolist(), **args
+    )
+
+
+def packed_shapes(seq_lens: np.ndarray, seq_length: int) -> np.ndarray:
+    """[G, 2]: (rows, width) of the ROW RULE for each row of seq_lens [G, n], like the extension's."""
+    shapes = [packed_shape(row, seq_length) for row in np.asarray(seq_lens).tolist()]
+    return np.array(shapes, np.int64).reshape(-1, 2)

@@ -8,7 +8,7 @@
     plans 10k groups (windows are planned independently: the cost is linear in G, the ratio is
     per group) and C++ alone plans 1M groups on 1 and --threads threads, and 10M.
 (b) Padding efficiency (real tokens / tokens processed, see
-    megatron_amopo.data.indexer.padding_efficiency) of our plans against fixed batches of
+    megatron_amopo.data.planner.padding_efficiency) of our plans against fixed batches of
     k = 1, 2, 4, 8 random groups padded to the batch's longest sequence (what a plain collator
     over a shuffled sampler does), all at the same micro-batch token budget 2P * seq_length * k.
     Packed: tokens processed = R * W, the [R, W] rows (W <= seq_length) that
@@ -24,8 +24,8 @@ default dimensions -> P = 4), read back as model positions by PreferenceGroupDat
 the real groups are tiled up to 1M / 10M groups; (b) uses the real groups only, over several
 epochs, because tiled copies would let length sorting pair identical groups and flatter us.
 
-  python benchmarks/bench_indexer.py                      # preprocesses into a temp dir (~35 s)
-  python benchmarks/bench_indexer.py --dataset DIR        # reuse a dataset of tools/preprocess_data.py
+  python benchmarks/bench_planner.py                      # preprocesses into a temp dir (~35 s)
+  python benchmarks/bench_planner.py --dataset DIR        # reuse a dataset of tools/preprocess_data.py
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from megatron_amopo.data.indexer import default_num_threads, padding_efficiency, plan_microbatches  # noqa: E402
 from megatron_amopo.data.packing import packed_shape  # noqa: E402
+from megatron_amopo.data.planner import default_num_threads, padding_efficiency, plan_microbatches  # noqa: E402
+from megatron_amopo.testing import planner_reference  # noqa: E402
 
 SEQ_LENGTH = 1024
 
@@ -53,7 +54,7 @@ def load_seq_lens(dataset: str | None, workers: int) -> np.ndarray:
 
     tmp = None
     if dataset is None:
-        tmp = tempfile.TemporaryDirectory(prefix="bench-indexer-")
+        tmp = tempfile.TemporaryDirectory(prefix="bench-planner-")
         dataset = os.path.join(tmp.name, "helpsteer2-s1024")
         pre = PreprocessConfig(
             input=os.path.join(REPO, "data/helpsteer2/train_rows.jsonl"),
@@ -114,7 +115,7 @@ def bench_speed(seq_lens_G2P: np.ndarray, k: int, threads: int) -> None:
             t_cpp, cpp = best_time(lambda: plan_microbatches(**data, **base, **mode), 3)
             row.append(t_cpp)
             if n == 1_000_000:
-                t_py, ref = best_time(lambda: plan_microbatches(**data, **base, **mode, backend="python"), 1)
+                t_py, ref = best_time(lambda: plan_microbatches(**data, **base, **mode, backend=planner_reference), 1)
                 row += [t_py, t_py / t_cpp, same_plan(cpp, ref)]
         t1, tp, ratio, same, t10 = row
         print(f"{name:<15}{1_000_000:>8}{t1 * 1e3:>8.0f}ms{tp:>9.2f}s{ratio:>7.0f}x{str(same):>11}{t10 * 1e3:>14.0f}ms")
@@ -128,7 +129,7 @@ def bench_packed_speed(seq_lens_G2P: np.ndarray, base: dict, budget: int, thread
     ratio is taken per group. C++ on 1M groups with 1 and `threads` threads, and on 10M."""
     mode = dict(token_budget=budget, cost="packed", seq_length=SEQ_LENGTH)
     small = tiled(seq_lens_G2P, 10_000)
-    t_py, ref = best_time(lambda: plan_microbatches(seq_lens=small, **base, **mode, backend="python"), 1)
+    t_py, ref = best_time(lambda: plan_microbatches(seq_lens=small, **base, **mode, backend=planner_reference), 1)
     same = same_plan(ref, plan_microbatches(seq_lens=small, **base, **mode, num_threads=threads))
     print(
         f"\npacked budget: Python reference on 10000 groups {t_py:.1f} s ({t_py / 1e4 * 1e6:.0f} us per "

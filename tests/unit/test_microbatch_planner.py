@@ -1,4 +1,4 @@
-"""The micro-batch planner: C++ (megatron_amopo._indexer) against the pure-Python reference, the
+"""The micro-batch planner: C++ (megatron_amopo._planner) against the pure-Python reference, the
 row rule, plan invariants, input validation and GIL release.
 
 Shapes: G groups, P pairs per group (2P sequences), S positions per row.
@@ -15,19 +15,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_amopo.data import indexer_ref
-from megatron_amopo.data.indexer import (
+from megatron_amopo.data.packing import pack_rows, packed_rows, packed_shape
+from megatron_amopo.data.planner import (
     MicrobatchPlan,
     default_num_threads,
     load_extension,
     padding_efficiency,
     plan_microbatches,
 )
-from megatron_amopo.data.packing import pack_rows, packed_rows, packed_shape
+from megatron_amopo.testing import planner_reference
 
-_indexer = load_extension()  # a missing build must fail this file loudly
+_planner = load_extension()  # a missing build must fail this file loudly
 
-BACKENDS = ("cpp", "python")
+BACKENDS = pytest.mark.parametrize("backend", [None, planner_reference], ids=["cpp", "reference"])
 
 
 @st.composite
@@ -89,7 +89,7 @@ def test_cpp_plan_equals_python_reference(inputs, data):
     max_len_G, total_len_G, kw = inputs
     rank = data.draw(st.integers(0, kw["dp_size"] - 1))
     cpp = plan_microbatches(max_len_G, total_len_G, dp_rank=rank, num_threads=data.draw(st.integers(1, 4)), **kw)
-    assert_same_plan(cpp, plan_microbatches(max_len_G, total_len_G, dp_rank=rank, backend="python", **kw))
+    assert_same_plan(cpp, plan_microbatches(max_len_G, total_len_G, dp_rank=rank, backend=planner_reference, **kw))
 
 
 @pytest.mark.parametrize("cost", ["packed", "thd"])
@@ -110,7 +110,7 @@ def test_window_plans_are_the_same_for_any_thread_count(cost):
         window=16,
     )
     lens = dict(max_len=seq_lens_G2P.max(axis=1), total_len=seq_lens_G2P.sum(axis=1))
-    ref = plan_microbatches(**lens, **kw, backend="python")
+    ref = plan_microbatches(**lens, **kw, backend=planner_reference)
     assert ref.num_microbatches > 20
     for threads in (1, 2, 3, 8, 64):
         assert_same_plan(plan_microbatches(**lens, **kw, num_threads=threads), ref)
@@ -125,7 +125,7 @@ def test_fixed_k_sorts_windows_by_total_len_for_packed_and_thd():
     assert not np.array_equal(thd.group_ids, plan_microbatches(max_len_G, total_len_G, **kw).group_ids)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@BACKENDS
 def test_thd_budget_is_first_fit_decreasing_inside_a_window(backend):
     """totals 9, 7, 6, 4, 3, 1 in one window, budget 10: each micro-batch starts with the largest
     remaining group and takes the largest ones that still fit: {9, 1} {7, 3} {6, 4}, all full
@@ -148,7 +148,7 @@ def test_thd_budget_is_first_fit_decreasing_inside_a_window(backend):
     # window=2 cuts the shuffled order in pairs: micro-batches never cross a window.
     pairs = plan_microbatches((total_len_G + 1) // 2, total_len_G, **{**kw, "window": 2})
     shuffled = list(range(6))
-    indexer_ref.shuffle(shuffled, indexer_ref.SplitMix64(3, 0, indexer_ref.STREAM_GROUPS))
+    planner_reference.shuffle(shuffled, planner_reference.SplitMix64(3, 0, planner_reference.STREAM_GROUPS))
     windows = [set(shuffled[i : i + 2]) for i in (0, 2, 4)]
     assert all(any(set(mb) <= w for w in windows) for mb in microbatches(pairs))
 
@@ -252,7 +252,7 @@ def _candidates(lens: list[int], S: int) -> list[tuple[int, int]]:
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 60), st.data())
 def test_row_rule_is_the_same_everywhere(seq_length, data):
-    """pack_rows (the builder), packed_shape and the C++ agree; the shape is the first of the rule's
+    """pack_rows (the builder), packed_shape, the C++ and the reference agree; the shape is the first of the rule's
     candidates with the least R * W, never more than rows of exactly S, and within the bound the
     wrapper's budget check relies on: R * W <= S * min(n, ceil(2 * sum / S))."""
     S = seq_length
@@ -263,7 +263,8 @@ def test_row_rule_is_the_same_everywhere(seq_length, data):
     assert width <= S
     want = (len(rows), width)
     assert packed_shape(lens, S) == want and packed_rows(np.array(lens), S) == want[0]
-    assert _indexer.packed_shapes(np.array([lens, lens[::-1]], np.int64), S).tolist() == [list(want)] * 2
+    for backend in (_planner, planner_reference):
+        assert backend.packed_shapes(np.array([lens, lens[::-1]], np.int64), S).tolist() == [list(want)] * 2
     cands = _candidates(lens, S)
     assert want[0] * want[1] == min(r * w for r, w in cands) <= cands[0][0] * S
     assert want == next(c for c in cands if c[0] * c[1] == want[0] * want[1])  # first of the least
@@ -285,7 +286,7 @@ def test_planner_fit_test_agrees_with_the_row_rule(seq_length, data):
     cost = rows * width
     budgets = {cost - 1, cost, cost + 1, sum(lens), data.draw(st.integers(1, 2 * cost))} - {0}
     for budget in sorted(budgets):
-        assert _indexer.packed_fits(np.array(lens, np.int64), S, budget) == (cost <= budget), budget
+        assert _planner.packed_fits(np.array(lens, np.int64), S, budget) == (cost <= budget), budget
 
 
 def test_pack_rows_by_hand():
@@ -294,9 +295,9 @@ def test_pack_rows_by_hand():
     # 6, 5, 4 open them; 3 -> the row of 4 (7); 2 -> the row of 5 (7): 3 rows of 7 = 21 wins.
     lens = [5, 6, 3, 4, 2]
     assert pack_rows(lens, 8) == [[1], [0, 4], [3, 2]] and packed_shape(lens, 8) == (3, 7)
-    assert _indexer.packed_fits(np.array(lens), 8, 21) and not _indexer.packed_fits(np.array(lens), 8, 20)
+    assert _planner.packed_fits(np.array(lens), 8, 21) and not _planner.packed_fits(np.array(lens), 8, 20)
     # Two sequences over S/2 never share a row: [5, 5] in rows of 8 is 2 rows of 5.
-    assert not _indexer.packed_fits(np.array([5, 5]), 8, 9)
+    assert not _planner.packed_fits(np.array([5, 5]), 8, 9)
     # ties: best fit's {2, 2} {2} (2 rows of 4) and LPT's 2 rows of 4 cost the same: best fit wins
     assert pack_rows([2, 2, 2], 4) == [[0, 1], [2]]
     assert packed_shape([3, 3, 3], 4) == (3, 3)  # one per row, rows of 3 (not 4)
@@ -307,7 +308,7 @@ def test_pack_rows_by_hand():
             fn([], 4)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@BACKENDS
 def test_packed_budget_charges_rows_times_width_of_the_whole_micro_batch(backend):
     """A = [5, 5, 4, 3] alone: 2 rows of 9 (18); B = [4, 3, 3, 3]: 2 rows of 7 (14). Together
     (30 tokens) best fit decreasing needs 4 rows of 10 ({5, 5} {4, 4} {3, 3, 3} {3}); balanced
@@ -403,7 +404,7 @@ def test_plans_are_deterministic_and_depend_on_seed_and_epoch(cost):
     assert not np.array_equal(e0, e1)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@BACKENDS
 @pytest.mark.parametrize("cost", ["padded", "packed", "thd"])
 def test_oversize_group_is_rejected_before_planning(backend, cost):
     seq_lens_G2P = np.array([[10, 10], [10, 10], [60, 40], [10, 10], [70, 60]], np.int64)
@@ -512,7 +513,6 @@ GOOD = dict(seqs_per_group=4, num_epochs=1, seed=0, dp_rank=0, dp_size=2, groups
         ([3, 4], [5, 5], {"dp_size": 2.0}, TypeError, r"integer"),
         ([3, 4], [5, 5], {"num_threads": 0}, ValueError, r"num_threads must be in \[1, 256\], got 0"),
         ([3, 4], [5, 5], {"num_threads": 257}, ValueError, r"num_threads must be in \[1, 256\]"),
-        ([3, 4], [5, 5], {"backend": "numba"}, ValueError, r"backend must be 'cpp' or 'python'"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(max_len, total_len, overrides, error, match):
@@ -538,28 +538,28 @@ def test_extension_checks_only_buffer_shapes():
         packed=False,
         window=8,
     )
-    offsets, group_ids, epochs, dropped = _indexer.plan_microbatches(
+    offsets, group_ids, epochs, dropped = _planner.plan_microbatches(
         ml.astype(np.int32), np.array([5, 0, 5, 0])[::2], **args
     )
     assert offsets.tolist() == [0, 1, 2] and sorted(group_ids.tolist()) == [0, 1]
     assert epochs.tolist() == [0, 0] and dropped == 0
     with pytest.raises(ValueError, match="max_len and total_len must be 1-D arrays of the same length"):
-        _indexer.plan_microbatches(ml, tl[:1], **args)
+        _planner.plan_microbatches(ml, tl[:1], **args)
     packed = {**args, "groups_per_microbatch": 0, "token_budget": 64, "packed": True, "seq_length": 16}
     with pytest.raises(ValueError, match=r"a packed token budget needs seq_lens \[G, seqs_per_group\]"):
-        _indexer.plan_microbatches(ml, tl, **{**packed, "seq_lens": np.ones((2, 3), np.int64)})
+        _planner.plan_microbatches(ml, tl, **{**packed, "seq_lens": np.ones((2, 3), np.int64)})
     with pytest.raises(ValueError, match=r"seq_lens must be \[G, n\] with n >= 1"):
-        _indexer.packed_shapes(np.ones(3, np.int64), 4)
+        _planner.packed_shapes(np.ones(3, np.int64), 4)
     with pytest.raises(TypeError):  # float lengths are not cast
-        _indexer.packed_fits(np.array([1.5]), 4, 4)
+        _planner.packed_fits(np.array([1.5]), 4, 4)
 
 
 def test_missing_extension_says_how_to_build_it(monkeypatch):
-    monkeypatch.setitem(sys.modules, "megatron_amopo._indexer", None)  # makes the import fail
+    monkeypatch.setitem(sys.modules, "megatron_amopo._planner", None)  # makes the import fail
     with pytest.raises(ImportError, match=r"pip install -e \.` from the repository root.*C\+\+17"):
         plan_microbatches([3], [5], **GOOD)
     # The reference stays usable without the extension; there is no silent fallback above.
-    assert plan_microbatches([3, 4] * 2, [5, 5] * 2, **GOOD, backend="python").num_microbatches == 1
+    assert plan_microbatches([3, 4] * 2, [5, 5] * 2, **GOOD, backend=planner_reference).num_microbatches == 1
 
 
 def _counter_progress_during(call) -> int:
@@ -609,13 +609,13 @@ def test_cpp_planner_releases_the_gil(packed, thd):
         window=512,
         thd=thd,
     )
-    assert _counter_progress_during(lambda: _indexer.plan_microbatches(max_len_G, total_len_G, **args)) >= 1000
+    assert _counter_progress_during(lambda: _planner.plan_microbatches(max_len_G, total_len_G, **args)) >= 1000
     # Control: the pure-Python planner holds the GIL, and the harness sees it.
     # (Called directly: numpy calls in the wrapper may release the GIL briefly.)
     n = 300 if packed else 20_000
     ml, tl, sl = max_len_G[:n].tolist(), total_len_G[:n].tolist(), seq_lens_G2P[:n].tolist()
     args.update(seq_lens=sl)
-    assert _counter_progress_during(lambda: indexer_ref.plan_reference(ml, tl, **args)) == 0
+    assert _counter_progress_during(lambda: planner_reference.plan_reference(ml, tl, **args)) == 0
 
 
 def test_padding_efficiency_by_hand():

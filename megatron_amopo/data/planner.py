@@ -1,9 +1,9 @@
 """Micro-batch plans for AMoPO groups: which groups share a micro-batch, and which DP rank gets it.
 
 All 2P sequences of a group must sit in one micro-batch. Inputs are validated here, once; then the
-C++ planner (``csrc/``, module ``megatron_amopo._indexer``, built by ``pip install -e .``) or its
-slow pure-Python reference (``indexer_ref``, ``backend="python"``) plans, and both give identical
-plans. Algorithm, costs and guarantees: docs/PLANNER.md.
+C++ planner (``csrc/``, module ``megatron_amopo._planner``, built by ``pip install -e .``) plans.
+Tests pass the slow pure-Python reference (``megatron_amopo.testing.planner_reference``) as
+``backend`` and get identical plans. Algorithm, costs and guarantees: docs/PLANNER.md.
 
 Shapes: G groups, P pairs per group (2P sequences), S positions per row, M micro-batches of a rank.
 """
@@ -20,7 +20,6 @@ from typing import Any, Literal, Optional
 
 import numpy as np
 
-from megatron_amopo.data import indexer_ref
 from megatron_amopo.data.packing import packed_shape
 
 _MAX_LENGTH = 1 << 40  # with the next two, every cost the C++ computes fits in int64 (int128 where noted)
@@ -30,9 +29,8 @@ _MAX_THREADS = 256
 _DEFAULT_THREADS_CAP = 16  # windows are short; more threads mostly wait on memory
 
 _BUILD_HINT = (
-    "the C++ extension megatron_amopo._indexer is not built; run `pip install -e .` from the "
-    "repository root (needs a C++17 compiler and pybind11), or pass backend='python' to use "
-    "the slow reference planner"
+    "the C++ extension megatron_amopo._planner is not built; run `pip install -e .` from the "
+    "repository root (needs a C++17 compiler and pybind11)"
 )
 
 
@@ -74,7 +72,7 @@ def default_num_threads() -> int:
 def load_extension() -> ModuleType:
     """Imports the C++ planner, or raises ImportError saying how to build it."""
     try:
-        return importlib.import_module("megatron_amopo._indexer")
+        return importlib.import_module("megatron_amopo._planner")
     except ImportError as err:
         raise ImportError(_BUILD_HINT) from err
 
@@ -169,16 +167,14 @@ def _check_seq_lens(seq_lens_G2P, max_len_G, total_len_G, *, seq_length: int) ->
         )
 
 
-def _packed_shapes(seq_lens_G2P, total_len_G, *, seq_length: int, budget: int, backend: str) -> np.ndarray:
+def _packed_shapes(seq_lens_G2P, total_len_G, *, seq_length: int, budget: int, backend: ModuleType) -> np.ndarray:
     """[G, 2] (R, W) of each group alone, or (0, 0) where R * W <= budget needs no layout: the rule's
     R * W is at most S * min(2P, ceil(2 * total / S)) (docs/PLANNER.md, "Budget check")."""
     bound_G = seq_length * np.minimum(seq_lens_G2P.shape[1], -(-2 * total_len_G // seq_length))
     unsure = np.flatnonzero(bound_G > budget)
     shape_G2 = np.zeros((len(total_len_G), 2), np.int64)
-    if unsure.size and backend == "cpp":
-        shape_G2[unsure] = load_extension().packed_shapes(seq_lens_G2P[unsure], seq_length)
-    elif unsure.size:
-        shape_G2[unsure] = [packed_shape(row, seq_length) for row in seq_lens_G2P[unsure].tolist()]
+    if unsure.size:
+        shape_G2[unsure] = backend.packed_shapes(seq_lens_G2P[unsure], seq_length)
     return shape_G2
 
 
@@ -204,7 +200,7 @@ def _check_budget(
     budget: int,
     cost: str,
     seq_length: int,
-    backend: str,
+    backend: ModuleType,
 ) -> None:
     if cost == "packed":
         shape_G2 = _packed_shapes(seq_lens_G2P, total_len_G, seq_length=seq_length, budget=budget, backend=backend)
@@ -234,7 +230,7 @@ def plan_microbatches(
     window: int = 512,
     seq_lens=None,
     seq_length: Optional[int] = None,
-    backend: Literal["cpp", "python"] = "cpp",
+    backend: Optional[ModuleType] = None,
     num_threads: Optional[int] = None,
 ) -> MicrobatchPlan:
     """Plans this DP rank's micro-batches over ``num_epochs`` epochs (docs/PLANNER.md).
@@ -242,12 +238,12 @@ def plan_microbatches(
     ``max_len``/``total_len``: int [G], each group's longest sequence and its 2P lengths' sum. Give
     exactly one of ``groups_per_microbatch`` (fixed k) or ``token_budget`` (the most a micro-batch
     may cost under ``cost``). cost="packed" with a budget also needs ``seq_lens`` int [G, 2P]
-    (max_len and total_len may then be left out) and ``seq_length`` S. ``backend="python"``: the
-    slow reference; "cpp" never falls back to it. ``num_threads``: C++ threads for packed and THD
-    budgets (default: this process's CPUs, at most 16); the plan does not depend on it.
+    (max_len and total_len may then be left out) and ``seq_length`` S. ``backend``: the module that
+    plans, with the extension's ``plan_microbatches`` and ``packed_shapes``; None loads the C++
+    extension (never a fallback), tests pass ``megatron_amopo.testing.planner_reference``.
+    ``num_threads``: C++ threads for packed and THD budgets (default: this process's CPUs, at most
+    16); the plan does not depend on it.
     """
-    if backend not in ("cpp", "python"):
-        raise ValueError(f"backend must be 'cpp' or 'python', got {backend!r}")
     if cost not in ("padded", "packed", "thd"):
         raise ValueError(f"cost must be 'padded', 'packed' or 'thd', got {cost!r}")
     ints = dict(
@@ -281,6 +277,7 @@ def plan_microbatches(
     _check_lengths(max_len_G, total_len_G, seqs_per_group=ints["seqs_per_group"])
     if packed_budget:
         _check_seq_lens(seq_lens_G2P, max_len_G, total_len_G, seq_length=row_length)
+    backend = load_extension() if backend is None else backend
     if budget is not None:
         _check_budget(
             max_len_G,
@@ -300,14 +297,7 @@ def plan_microbatches(
         thd=cost == "thd",
         seq_length=row_length,
     )
-    if backend == "cpp":
-        out = load_extension().plan_microbatches(
-            max_len_G, total_len_G, seq_lens=seq_lens_G2P, num_threads=threads, **args
-        )
-    else:
-        out = indexer_ref.plan_reference(
-            max_len_G.tolist(), total_len_G.tolist(), seq_lens=seq_lens_G2P.tolist(), **args
-        )
+    out = backend.plan_microbatches(max_len_G, total_len_G, seq_lens=seq_lens_G2P, num_threads=threads, **args)
     offsets, group_ids, epochs, dropped = out
     return MicrobatchPlan(
         offsets=np.asarray(offsets, dtype=np.int64),
