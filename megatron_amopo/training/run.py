@@ -13,7 +13,7 @@ initialised (``runtime.distributed.initialize_distributed``).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -34,7 +34,7 @@ from megatron_amopo.training import disk
 from megatron_amopo.training.engine import Engine
 from megatron_amopo.training.optimizer import build_optimizer, build_scheduler
 from megatron_amopo.training.preflight import check_memory
-from megatron_amopo.training.step import bind_forward_step, forward_step, packed_thd_default, seq_pad_multiple
+from megatron_amopo.training.step import bind_forward_step, packed_thd_default, seq_pad_multiple
 
 
 def model_config(arch: ModelArch, cfg: RunConfig, **overrides: Any) -> Any:
@@ -102,8 +102,8 @@ class Run:
         )
 
 
-def setup_run(cfg: RunConfig, *, training: bool, step: Callable[..., Any] = forward_step) -> Run:
-    """Build this rank's run (module docstring). ``step``: the ``forward_step`` to bind."""
+def setup_run(cfg: RunConfig, *, training: bool) -> Run:
+    """Build this rank's run (module docstring): training, or a model-only load for evaluation."""
     from megatron.core import parallel_state as ps
 
     meta = _model_metadata(cfg)
@@ -137,7 +137,7 @@ def setup_run(cfg: RunConfig, *, training: bool, step: Callable[..., Any] = forw
     else:
         assert cfg.checkpoint.load is not None
         iteration = load_model_state(unwrap(model[0]), cfg.checkpoint.load)
-    engine = Engine(model, bind_forward_step(cfg.amopo) if step is forward_step else step, optimizer, scheduler)
+    engine = Engine(model, bind_forward_step(cfg.amopo), optimizer, scheduler)
     return Run(
         cfg=cfg,
         meta=meta,

@@ -46,10 +46,12 @@ def _body(root: str, out: str):
 
     import torch.distributed as dist
 
-    from megatron_amopo.runtime.distributed import set_seed
+    from megatron_amopo.config import ParallelConfig
+    from megatron_amopo.runtime.distributed import initialize_distributed, set_seed
     from megatron_amopo.training.loop import Trainer
     from megatron_amopo.training.run import setup_run
 
+    initialize_distributed(ParallelConfig())
     root_p, results = Path(root), {}
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
     for workers in (0, 1):
