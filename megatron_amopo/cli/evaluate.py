@@ -43,9 +43,9 @@ def main(argv=None) -> int:
         parser.error("--load and --data-path are required")
 
     from megatron_amopo.evaluation.report import format_intervals, summarize_groups, write_records
-    from megatron_amopo.runtime.comm import is_rank0
+    from megatron_amopo.runtime.comm import is_rank0, log0
     from megatron_amopo.runtime.distributed import destroy_distributed, initialize_distributed, set_seed
-    from megatron_amopo.training.loop import evaluate_split, format_eval, log0
+    from megatron_amopo.training.loop import evaluate_split, format_eval
     from megatron_amopo.training.run import setup_run
 
     initialize_distributed(cfg.parallel)

@@ -34,8 +34,9 @@ def main(argv=None) -> int:
         parser.error(f"{', '.join('--' + k.replace('_', '-') for k in dry)} only apply with --dry-run")
     cfg = run_config_from_args(args)  # all flag validation happens here, before any process group
 
+    from megatron_amopo.runtime.comm import log0
     from megatron_amopo.runtime.distributed import destroy_distributed, initialize_distributed, set_seed
-    from megatron_amopo.training.loop import StopRequested, Trainer, log0
+    from megatron_amopo.training.loop import StopRequested, Trainer
     from megatron_amopo.training.run import setup_run
 
     initialize_distributed(cfg.parallel)

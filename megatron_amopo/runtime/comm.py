@@ -17,6 +17,12 @@ def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def log0(msg: str) -> None:
+    """Print ``msg`` on global rank 0 only (flushed: ranks' output interleaves under torchrun)."""
+    if is_rank0():
+        print(msg, flush=True)
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

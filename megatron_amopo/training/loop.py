@@ -24,7 +24,7 @@ from megatron_amopo.checkpoint.store import METADATA_FILE, read_model_metadata, 
 from megatron_amopo.data.batch import MicroBatch
 from megatron_amopo.data.planner import MicrobatchPlan
 from megatron_amopo.evaluation.report import gather_per_group
-from megatron_amopo.runtime.comm import is_rank0
+from megatron_amopo.runtime.comm import is_rank0, log0
 from megatron_amopo.runtime.progress import progress
 from megatron_amopo.training import batches as tdata
 from megatron_amopo.training import checkpointing as ckpt
@@ -65,11 +65,6 @@ class StopRequested:
         if dist.is_initialized():
             dist.all_reduce(flag)
         return flag.item() > 0
-
-
-def log0(msg: str) -> None:
-    if is_rank0():
-        print(msg, flush=True)
 
 
 def speed_values(totals: StepTotals, seconds: float, peak_tflops: Optional[float]) -> dict[str, float]:

@@ -78,7 +78,7 @@ def reduce_reports(
         count,
         pair_sums=flat[2 : 2 + num_rows * num_pairs].view(num_rows, num_pairs),
         pair_counts=flat[2 + num_rows * num_pairs : n],
-        **dict(zip(asdict(HostCounts()), flat[n:].tolist())),
+        **asdict(HostCounts(*flat[n:].tolist())),
     )
 
 

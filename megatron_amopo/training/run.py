@@ -27,7 +27,7 @@ from megatron_amopo.model.architectures import ModelArch
 from megatron_amopo.model.build import build_model, check_wiring
 from megatron_amopo.model.provider import transformer_config
 from megatron_amopo.model.sharding import unwrap
-from megatron_amopo.runtime.comm import is_rank0
+from megatron_amopo.runtime.comm import log0
 from megatron_amopo.training import batches as tdata
 from megatron_amopo.training import checkpointing as ckpt
 from megatron_amopo.training import disk
@@ -106,7 +106,7 @@ def setup_run(cfg: RunConfig, *, training: bool) -> Run:
     """Build this rank's run (module docstring): training, or a model-only load for evaluation."""
     from megatron.core import parallel_state as ps
 
-    meta = _model_metadata(cfg)
+    load, meta = _model_metadata(cfg)
     config = model_config(meta.arch, cfg)
     thd = packed_thd_default(config)  # the plans charge what the step feeds
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
@@ -129,14 +129,10 @@ def setup_run(cfg: RunConfig, *, training: bool) -> Run:
     if training:
         optimizer = build_optimizer(model, cfg.optimizer, cfg.training)
         scheduler = build_scheduler(optimizer, cfg.optimizer, plans["train_iters"], cfg.training.global_batch_size)
-        assert cfg.checkpoint.load is not None  # _model_metadata refused a run without it
-        state, _ = ckpt.load_checkpoint(
-            cfg.checkpoint.load, model, optimizer, scheduler, finetune=cfg.checkpoint.finetune
-        )
+        state, _ = ckpt.load_checkpoint(load, model, optimizer, scheduler, finetune=cfg.checkpoint.finetune)
         iteration = state.iteration
     else:
-        assert cfg.checkpoint.load is not None
-        iteration = load_model_state(unwrap(model[0]), cfg.checkpoint.load)
+        iteration = load_model_state(unwrap(model[0]), load)
     engine = Engine(model, bind_forward_step(cfg.amopo), optimizer, scheduler)
     return Run(
         cfg=cfg,
@@ -155,20 +151,22 @@ def setup_run(cfg: RunConfig, *, training: bool) -> Run:
     )
 
 
-def _model_metadata(cfg: RunConfig) -> ModelMetadata:
+def _model_metadata(cfg: RunConfig) -> tuple[str, ModelMetadata]:
+    """``--load`` (required) and its model metadata, checked against the run's sequence length."""
     if not cfg.checkpoint.load:
         raise ValueError(
             "--load is required: a converted Hugging Face model (tools/convert_hf_to_megatron.py) "
             "or a training run's checkpoint directory"
         )
-    meta = read_model_metadata(cfg.checkpoint.load)
+    load = cfg.checkpoint.load
+    meta = read_model_metadata(load)
     window, seq = meta.arch.sliding_window, cfg.training.seq_length
     if window and seq > window:
         raise ValueError(
             f"--seq-length {seq} is longer than this model's sliding attention window ({window}); full causal "
             f"attention would differ from the model's: use --seq-length <= {window}"
         )
-    return meta
+    return load, meta
 
 
 def _vocab_hash(meta: ModelMetadata) -> Optional[str]:
@@ -177,8 +175,7 @@ def _vocab_hash(meta: ModelMetadata) -> Optional[str]:
 
     path = meta.tokenizer_dir
     if not path:
-        if is_rank0():
-            print("warning: the checkpoint has no tokenizer; datasets are not checked against the model's tokenizer")
+        log0("warning: the checkpoint has no tokenizer; datasets are not checked against the model's tokenizer")
         return None
     return tokenizer_fingerprint(load_tokenizer(path), path)["vocab_hash"]
 
