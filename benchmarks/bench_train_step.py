@@ -4,7 +4,8 @@ Both sides train the same synthetic AMoPO samples (2(D+1) sequences each: a shar
 chosen and rejected responses for the general pair and D dimension pairs) on a model of
 the given shape with random weights:
 
-  ours      megatron_amopo: ``build_model`` (Megatron GPTModel + DDP; TE spec with TE, else
+  ours      megatron_amopo: the run set-up's TransformerConfig (``training.run.setup_model``),
+            ``build_model`` (Megatron GPTModel + DDP; TE spec with TE, else
             the local spec with SDPA attention), ``build_optimizer`` (Megatron mixed
             precision: bf16 weights, fp32 main weights and Adam state), ``step.forward_step``
             / ``loss_func`` through ``training.engine.Engine`` (the trainer's step); packed rows.
@@ -152,43 +153,54 @@ def _timed(step, steps: int, warmup: int) -> tuple[list[float], list[float]]:
 
 # --------------------------------------------------------------------------- ours
 def run_ours(args, cfg: dict, chunks: list[list[Group]]) -> dict:
-    from megatron_amopo.config import AmopoConfig, OptimizerConfig, ParallelConfig, TrainingConfig
+    from megatron_amopo.config import (
+        AmopoConfig,
+        CheckpointConfig,
+        OptimizerConfig,
+        ParallelConfig,
+        RunConfig,
+        TrainDataConfig,
+        TrainingConfig,
+    )
     from megatron_amopo.data.batch import build_micro_batch
     from megatron_amopo.model.architectures import arch_from_hf_config
     from megatron_amopo.model.build import build_model
-    from megatron_amopo.model.provider import transformer_config, transformer_engine_available
+    from megatron_amopo.model.provider import transformer_engine_available
     from megatron_amopo.runtime.comm import free_port
     from megatron_amopo.runtime.distributed import DistEnv, initialize_distributed, set_seed
     from megatron_amopo.training.engine import Engine
     from megatron_amopo.training.optimizer import build_optimizer
-    from megatron_amopo.training.step import bind_forward_step, packed_thd_default
+    from megatron_amopo.training.run import setup_model
+    from megatron_amopo.training.step import bind_forward_step
 
-    parallel = ParallelConfig()
-    initialize_distributed(parallel, DistEnv(0, 1, 0, "127.0.0.1", free_port()))
-    set_seed(args.seed)
     cuda = torch.cuda.is_available()
-    arch = arch_from_hf_config(cfg)
+    run_cfg = RunConfig(
+        parallel=ParallelConfig(),
+        training=TrainingConfig(
+            micro_batch_size=args.micro_batch, train_iters=1, bf16=cuda, seq_length=args.seq_length
+        ),
+        optimizer=OptimizerConfig(lr=args.lr, lr_warmup_fraction=0.0),
+        checkpoint=CheckpointConfig(),
+        data=TrainDataConfig(),
+        amopo=AmopoConfig(output_layer=args.output_layer),
+    )
+    initialize_distributed(run_cfg.parallel, DistEnv(0, 1, 0, "127.0.0.1", free_port()))
+    set_seed(args.seed)
     disabled = set(filter(None, args.disable.split(",")))
     overrides = {"bias_activation_fusion": False} if "swiglu-fusion" in disabled else {}
-    config = transformer_config(
-        arch,
-        parallel,
-        params_dtype=torch.bfloat16 if cuda else torch.float32,
-        calculate_per_token_loss=True,
-        **overrides,
-    )
-    model = build_model(arch, config)
+    # The trainer's model: the run set-up's TransformerConfig (training.run.setup_model), Megatron DDP.
+    model_setup = setup_model(run_cfg, arch=arch_from_hf_config(cfg), **overrides)
+    model = build_model(model_setup.arch, model_setup.config)
     if args.weights:
         _load_hf_weights(model[0], args.weights)
-    train_cfg = TrainingConfig(micro_batch_size=args.micro_batch, train_iters=1, bf16=cuda, seq_length=args.seq_length)
-    optimizer = build_optimizer(model, OptimizerConfig(lr=args.lr, lr_warmup_fraction=0.0), train_cfg)
+    optimizer = build_optimizer(model, run_cfg.optimizer, run_cfg.training)
     if "fused-adam" in disabled:  # diagnostic: torch's default multi-tensor AdamW, as megatron-core builds it
         for group in optimizer.optimizer.param_groups:
             group["fused"], group["foreach"] = False, None
-    step_fn = bind_forward_step(AmopoConfig(output_layer=args.output_layer), chunk_tokens=args.chunk_tokens)
+    step_fn = bind_forward_step(run_cfg.amopo, chunk_tokens=args.chunk_tokens)
     engine = Engine(model, step_fn, optimizer)  # the trainer's step: the same engine, no scheduler
     if args.layout.startswith("packed"):
-        thd = {"packed-thd": True, "packed-mask": False}.get(args.layout, packed_thd_default(model[0].config))
+        thd = {"packed-thd": True, "packed-mask": False}.get(args.layout, model_setup.thd)
         batches = [build_micro_batch(c, "packed", seq_length=args.seq_length, thd=thd) for c in chunks]
     else:
         batches = [build_micro_batch(c, "padded") for c in chunks]
@@ -205,7 +217,7 @@ def run_ours(args, cfg: dict, chunks: list[list[Group]]) -> dict:
         _profile(step)
     attention, layout = "te" if transformer_engine_available() else "sdpa", args.layout
     if layout == "packed":  # what the training step's default chose
-        layout = "packed-thd" if packed_thd_default(model[0].config) else "packed-mask"
+        layout = "packed-thd" if model_setup.thd else "packed-mask"
     return dict(
         losses=losses,
         times=times,

@@ -1,13 +1,16 @@
 """The one run set-up: ``RunConfig`` -> a built, loaded ``Run`` on this rank, for training
-(``pretrain_amopo.py``) and evaluation (``tools/evaluate.py``); the dry run shares its model
-configuration (``model_config``).
+(``pretrain_amopo.py``) and evaluation (``tools/evaluate.py``), whose first step, ``setup_model``,
+is also the whole set-up of the dry run (``pretrain_amopo.py --dry-run``).
 
-In order, so that every refusal comes before the expensive part: the model's metadata, the
-TransformerConfig and the form packed micro-batches take, the datasets (checked against the
-model's tokenizer) and this DP rank's plans, the memory pre-flight, the disk pre-flight (training
-with ``--save``), then the model, the optimizer and scheduler (training), the checkpoint and the
-engine. Library code: it takes a ``RunConfig``, never reads argv; parallel state must be
-initialised (``runtime.distributed.initialize_distributed``).
+In order, so that every refusal comes before the expensive part: ``setup_model`` (the model's
+metadata, its sequence length against the attention window, the TransformerConfig at this layout
+with its divisibility checks, and the form packed micro-batches take), then the datasets (checked
+against the model's tokenizer) and this DP rank's plans, the memory pre-flight, the disk
+pre-flight (training with ``--save``), then the model, the optimizer and scheduler (training),
+the checkpoint and the engine. The dry run stops after ``setup_model`` and builds its stage on the
+meta device from that TransformerConfig (``training/dry_run.py``). Library code: it takes a
+``RunConfig``, never reads argv; parallel state must be initialised
+(``runtime.distributed.initialize_distributed``, or the dry run's fake process group).
 """
 
 from __future__ import annotations
@@ -53,6 +56,30 @@ def model_config(arch: ModelArch, cfg: RunConfig, **overrides: Any) -> Any:
     # token dispatcher even in dense models.
     config.variable_seq_lengths = cfg.parallel.pipeline_model_parallel_size > 1
     return config
+
+
+@dataclass(frozen=True)
+class ModelSetup:
+    """A run's model before anything is allocated: step one of every run, the dry run's included."""
+
+    arch: ModelArch
+    config: Any  # megatron.core TransformerConfig at cfg.parallel
+    thd: bool  # packed micro-batches go to the model as one THD stream
+    pad_to_multiple: int  # what a row's width / a THD stream's length divides by
+    load: Optional[str] = None  # --load (None: a dry run from --hf-config)
+    meta: Optional[ModelMetadata] = None  # --load's amopo_model.json
+
+
+def setup_model(cfg: RunConfig, *, arch: Optional[ModelArch] = None, **config_overrides: Any) -> ModelSetup:
+    """``--load``'s model (or ``arch``: the dry run's ``--hf-config``), its sequence length checked
+    against the attention window, its TransformerConfig at ``cfg.parallel`` (which refuses a TP/PP
+    size the model cannot take) and the form packed micro-batches take for it."""
+    load, meta = (None, None) if arch is not None else _model_metadata(cfg)
+    arch = meta.arch if meta is not None else arch
+    assert arch is not None
+    _check_window(arch, cfg.training.seq_length)
+    config = model_config(arch, cfg, **config_overrides)
+    return ModelSetup(arch, config, packed_thd_default(config), seq_pad_multiple(config), load, meta)
 
 
 @dataclass
@@ -106,9 +133,10 @@ def setup_run(cfg: RunConfig, *, training: bool) -> Run:
     """Build this rank's run (module docstring): training, or a model-only load for evaluation."""
     from megatron.core import parallel_state as ps
 
-    load, meta = _model_metadata(cfg)
-    config = model_config(meta.arch, cfg)
-    thd = packed_thd_default(config)  # the plans charge what the step feeds
+    model_setup = setup_model(cfg)
+    load, meta, config = model_setup.load, model_setup.meta, model_setup.config
+    assert load is not None and meta is not None
+    thd = model_setup.thd  # the plans charge what the step feeds
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     split, valid = tdata.open_splits(cfg.data, cfg.training.seed, _vocab_hash(meta), cfg.training.seq_length)
     if training:
@@ -139,7 +167,7 @@ def setup_run(cfg: RunConfig, *, training: bool) -> Run:
         meta=meta,
         config=config,
         thd=thd,
-        pad_to_multiple=seq_pad_multiple(config),
+        pad_to_multiple=model_setup.pad_to_multiple,
         dp_rank=dp_rank,
         dp_size=dp_size,
         split=split,
@@ -152,21 +180,23 @@ def setup_run(cfg: RunConfig, *, training: bool) -> Run:
 
 
 def _model_metadata(cfg: RunConfig) -> tuple[str, ModelMetadata]:
-    """``--load`` (required) and its model metadata, checked against the run's sequence length."""
+    """``--load`` (required) and its model metadata."""
     if not cfg.checkpoint.load:
         raise ValueError(
             "--load is required: a converted Hugging Face model (tools/convert_hf_to_megatron.py) "
             "or a training run's checkpoint directory"
         )
     load = cfg.checkpoint.load
-    meta = read_model_metadata(load)
-    window, seq = meta.arch.sliding_window, cfg.training.seq_length
+    return load, read_model_metadata(load)
+
+
+def _check_window(arch: ModelArch, seq: int) -> None:
+    window = arch.sliding_window
     if window and seq > window:
         raise ValueError(
             f"--seq-length {seq} is longer than this model's sliding attention window ({window}); full causal "
             f"attention would differ from the model's: use --seq-length <= {window}"
         )
-    return load, meta
 
 
 def _vocab_hash(meta: ModelMetadata) -> Optional[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -190,3 +191,42 @@ def test_dry_run_asks_only_for_what_it_uses(capsys):
     assert "world size 8 = TP4 PP2 DP1 mbs 1" in out and "peak estimate" in out
     ours, cfg = dry_run.parse_args(argv)
     assert cfg.training.global_batch_size == 2  # mbs x DP x PP: the pipeline is full, as in any real run
+
+
+def _tiny_mistral(tmp_path: Path, window: int) -> tuple[Path, Path]:
+    """A tiny Mistral config.json and the same model as a --load root (amopo_model.json only)."""
+    from megatron_amopo.checkpoint.store import write_model_metadata
+    from megatron_amopo.convert.tiny_hf import tiny_hf_config
+
+    hf = tiny_hf_config("mistral", sliding_window=window)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(hf))
+    root = tmp_path / "ckpt"
+    write_model_metadata(str(root), arch_from_hf_config(hf), hf, None)
+    return config, root
+
+
+def test_dry_run_goes_through_the_run_set_up_from_hf_config_or_load(capsys, tmp_path):
+    """The same shard and estimate from --hf-config and from --load (training.run.setup_model reads it)."""
+    config, root = _tiny_mistral(tmp_path, window=256)
+    layout = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--rank", "all"]
+    reports = []
+    for source in (["--hf-config", str(config)], ["--load", str(root)]):
+        out = tmp_path / f"{source[0][2:]}.json"
+        assert dry_run.main(["--dry-run", *source, *layout, "--json", str(out), "--seq-length", "128"]) == 0
+        reports.append(json.loads(out.read_text()))
+    assert reports[0] == reports[1] and len(reports[0]["ranks"]) == 4
+
+
+def test_dry_run_refuses_what_the_real_run_set_up_refuses(capsys, tmp_path):
+    """A sequence longer than the sliding attention window: the dry run and setup_model give one message."""
+    from megatron_amopo.training.run import setup_model
+
+    config, root = _tiny_mistral(tmp_path, window=64)
+    message = "--seq-length 128 is longer than this model's sliding attention window (64)"
+    for source in (["--hf-config", str(config)], ["--load", str(root)]):
+        assert dry_run.main(["--dry-run", *source, "--seq-length", "128"]) == 2
+        assert message in capsys.readouterr().err
+    _, cfg = dry_run.parse_args(["--load", str(root), "--seq-length", "128"])  # a run's RunConfig
+    with pytest.raises(ValueError, match=re.escape(message)):
+        setup_model(cfg)  # what pretrain_amopo.py and tools/evaluate.py call first

@@ -1,4 +1,5 @@
-"""The engine is the one place a step runs, and setup_run the one place a run is built (issue: one engine)."""
+"""The engine is the one place a step runs, and setup_run the one place a run is built (its first step,
+setup_model, also the dry run's)."""
 
 import ast
 from pathlib import Path
@@ -40,6 +41,17 @@ def test_only_the_entry_points_and_the_engine_test_build_a_run():
         "megatron_amopo/cli/evaluate.py",
         "tests/distributed/test_engine.py",
     }
+
+
+def test_every_run_and_the_dry_run_take_their_model_from_one_set_up_step():
+    """Training, evaluation, the dry run and the step benchmark: one TransformerConfig for a run."""
+    assert _calls("setup_model") == {
+        "megatron_amopo/training/run.py",
+        "megatron_amopo/training/dry_run.py",
+        "benchmarks/bench_train_step.py",
+        "tests/unit/test_dry_run.py",
+    }
+    assert _calls("model_config") == {"megatron_amopo/training/run.py"}
 
 
 def test_negative_worker_count_is_refused_naming_the_flag():
