@@ -91,7 +91,8 @@ class AmopoConfig:
 # Flag generation
 
 
-def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+def unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    """``Optional[X]`` -> ``(X, True)``; any other type -> ``(type, False)``."""
     if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if len(args) == 1:
@@ -107,7 +108,7 @@ def check_choices(cfg: Any, prefix: Optional[str] = None) -> None:
     """
     hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
-        tp, optional = _unwrap_optional(hints[f.name])
+        tp, optional = unwrap_optional(hints[f.name])
         value = getattr(cfg, f.name)
         if typing.get_origin(tp) is not Literal or (optional and value is None):
             continue
@@ -130,12 +131,12 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: Optio
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
-        tp, _ = _unwrap_optional(hints[f.name])
+        tp, _ = unwrap_optional(hints[f.name])
         kw: dict[str, Any] = {"dest": f"{cls.__name__}.{f.name}", "default": None, "help": f.metadata.get("help")}
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(tp) is Literal:
-            kw.update(type=str, choices=typing.get_args(tp), metavar=f.name.upper())
+            kw.update(type=str, choices=typing.get_args(tp))  # --help and usage list them: {a,b,c}
         elif typing.get_origin(tp) is list:
             (inner,) = typing.get_args(tp)
             kw.update(type=inner, nargs="+", metavar=f.name.upper())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from megatron_amopo.config import run_arg_parser, run_config_from_args
@@ -98,6 +100,24 @@ CHOICES = [  # (flag, a value outside its Literal choices)
 def test_bad_choice_flag_is_refused_with_the_choices(flag, value):
     with pytest.raises(UsageError, match=rf"^argument {flag}: invalid choice: '{value}' \(choose from '\w+', '"):
         parse(["--micro-batch-size", "1", "--train-iters", "2", flag, value])
+
+
+def test_help_lists_every_choice_field_with_its_choices():
+    """--help shows each Literal field as {a,b,...}, the choices of its dataclass field."""
+    import typing
+
+    from megatron_amopo.config import RUN_SECTIONS, flag_name, run_arg_parser, unwrap_optional
+
+    text = " ".join(run_arg_parser().format_help().split())
+    shown = 0
+    for cls, prefix in RUN_SECTIONS.values():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp, _ = unwrap_optional(hints[f.name])
+            if typing.get_origin(tp) is typing.Literal:
+                assert f"{flag_name(f, prefix)} {{{','.join(typing.get_args(tp))}}}" in text
+                shown += 1
+    assert shown >= len(CHOICES)
 
 
 @pytest.mark.parametrize("flag, value", CHOICES)
