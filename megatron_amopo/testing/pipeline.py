@@ -14,6 +14,10 @@ from megatron_amopo.data.config import DEFAULT_DIMENSIONS
 REPO = str(Path(__file__).resolve().parents[2])
 PY = sys.executable
 HELPSTEER2_ROWS = "data/helpsteer2/train_rows.jsonl"
+# The tiny training run most end-to-end tests share (``tiny_training_root``): sequences of TINY_SEQ
+# tokens, the real Qwen2 BPE tokenizer shrunk to TINY_VOCAB tokens (the 151,680-row output layer
+# would cost a 32-wide model over 30 times its own compute), the TINY_PROMPTS shortest prompts.
+TINY_SEQ, TINY_VOCAB, TINY_PROMPTS = 256, 1024, 14
 
 
 def run_tool(args: list[str], timeout: int = 400, check: bool = True, **kw) -> subprocess.CompletedProcess:
@@ -53,6 +57,14 @@ def tiny_qwen2_setup(
         + ["--tokenizer", str(root / "init" / "tokenizer"), "--format", "helpsteer2", *dims]
         + ["--seq-length", str(seq_length), "--no-progress"]
     )
+
+
+def tiny_training_root(root: Path) -> Path:
+    """``root`` with ``hf``, ``init`` and ``data``: ``tiny_qwen2_setup`` at TINY_SEQ / TINY_VOCAB on the
+    TINY_PROMPTS shortest HelpSteer2 prompts (the session fixture ``tiny_run`` of tests/conftest.py)."""
+    write_shortest_rows(root / "rows.jsonl", TINY_PROMPTS)
+    tiny_qwen2_setup(root, root / "rows.jsonl", TINY_SEQ, vocab=TINY_VOCAB)
+    return root
 
 
 def write_shortest_rows(path: Path, count: int, dimensions: Optional[list[str]] = None) -> None:

@@ -1,5 +1,5 @@
 """The run set-up and the engine on 2 real gloo ranks (DP2), in-process: a tiny Qwen2 converted by the
-real tool, real HelpSteer2 rows preprocessed by the real tool.
+real tool, real HelpSteer2 rows preprocessed by the real tool (the session's ``tiny_run``).
 
 - ``setup_run`` + ``Trainer`` install no signal handler (the entry point does), and a run that returns
   early (``--exit-interval``) closes its metrics files.
@@ -15,18 +15,15 @@ import signal
 import pytest
 
 from megatron_amopo.testing import run_multirank
-from megatron_amopo.testing.pipeline import tiny_qwen2_setup, write_shortest_rows
+from megatron_amopo.testing.pipeline import TINY_SEQ
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(900)]
-SEQ = 256
+SEQ = TINY_SEQ
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("engine")
-    write_shortest_rows(root / "rows.jsonl", 8)
-    tiny_qwen2_setup(root, root / "rows.jsonl", SEQ)
-    return root
+def setup(tiny_run):
+    return tiny_run
 
 
 def _cfg(root, run_dir, workers: int, **training):

@@ -10,9 +10,17 @@ import numpy as np
 import pytest
 
 from megatron_amopo.evaluation.control import spearman
-from megatron_amopo.testing.pipeline import PY, run_tool, run_torchrun, tiny_qwen2_setup, write_shortest_rows
+from megatron_amopo.testing.pipeline import (
+    PY,
+    TINY_SEQ,
+    TINY_VOCAB,
+    run_tool,
+    run_torchrun,
+    tiny_qwen2_setup,
+    write_shortest_rows,
+)
 
-SEQ = 256
+SEQ = TINY_SEQ
 PAIRS = ["general", "helpfulness", "verbosity"]
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -22,7 +30,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaltools")
     dims = ["helpfulness", "verbosity"]
     write_shortest_rows(root / "rows.jsonl", 13, dims)  # odd: DP2 evaluation must still cover every group
-    tiny_qwen2_setup(root, root / "rows.jsonl", SEQ, dims)
+    tiny_qwen2_setup(root, root / "rows.jsonl", SEQ, dims, vocab=TINY_VOCAB)
     return root
 
 

@@ -1,5 +1,6 @@
 """End to end: W&B logging (offline) and profiler traces of pretrain_amopo.py on a tiny Qwen2 model
-(real Qwen2 tokenizer, real HelpSteer2 rows) under torchrun on 2 gloo ranks."""
+(real Qwen2 tokenizer, shrunk; real HelpSteer2 rows: the session's ``tiny_run``) under torchrun on
+2 gloo ranks."""
 
 from __future__ import annotations
 
@@ -11,18 +12,15 @@ import sys
 
 import pytest
 
-from megatron_amopo.testing.pipeline import run_torchrun, tiny_qwen2_setup, write_shortest_rows
+from megatron_amopo.testing.pipeline import TINY_SEQ, run_torchrun
 
-SEQ = 256
+SEQ = TINY_SEQ
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("observe")
-    write_shortest_rows(root / "rows.jsonl", 10)
-    tiny_qwen2_setup(root, root / "rows.jsonl", SEQ)
-    return root
+def setup(tiny_run):
+    return tiny_run
 
 
 def train(setup, *flags: str, **kw):

@@ -1,8 +1,8 @@
 """End to end: the real entry point under torchrun on 2 gloo ranks, with a tiny Qwen2
-model (real Qwen2 tokenizer) converted by the real tool and real HelpSteer2 rows
+model (real Qwen2 tokenizer, shrunk) converted by the real tool and real HelpSteer2 rows
 preprocessed by the real tool.
 
-One module-scoped setup; each test launches ``pretrain_amopo.py`` (or a tool) in a
+One set-up for the session (``tiny_run``, tests/conftest.py); each test launches ``pretrain_amopo.py`` (or a tool) in a
 subprocess. Layout equality: the same weights and the same global batch give the
 same first-step loss at TP2, PP2 and DP2.
 """
@@ -18,9 +18,9 @@ import time
 import pytest
 import torch
 
-from megatron_amopo.testing.pipeline import REPO, run_torchrun, tiny_qwen2_setup, torchrun_args, write_shortest_rows
+from megatron_amopo.testing.pipeline import REPO, TINY_SEQ, run_torchrun, torchrun_args
 
-SEQ = 256
+SEQ = TINY_SEQ
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 
@@ -29,11 +29,19 @@ def torchrun(*flags: str, nproc: int = 2, **kw) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    write_shortest_rows(root / "rows.jsonl", 14)
-    tiny_qwen2_setup(root, root / "rows.jsonl", SEQ)
-    return root
+def setup(tiny_run):
+    """The session's tiny run (test_console.py and test_errors.py import this fixture too)."""
+    return tiny_run
+
+
+@pytest.fixture(scope="module")
+def tp2_run(setup):
+    """TP2, 4 steps, checkpoints at steps 2 and 4: the reference the layout, resume and fallback tests
+    read (each copies what it changes)."""
+    full = setup / "full"
+    torchrun(*common(setup, full, "--train-iters", "4", "--tensor-model-parallel-size", "2", "--save-interval", "2"))
+    assert os.path.isfile(full / "iter_0000004" / "amopo_complete.json")
+    return full
 
 
 def common(setup, save, *extra: str) -> list[str]:
@@ -78,10 +86,9 @@ def model_tensors(iter_dir) -> dict[str, torch.Tensor]:
     return {k: v for k, v in sd.items() if torch.is_tensor(v) and not k.startswith("optimizer")}
 
 
-def test_layouts_train_and_agree(setup):
-    first = {}
+def test_layouts_train_and_agree(setup, tp2_run):
+    first = {"tp2": losses(tp2_run)[1]}  # the first step's loss does not depend on the schedule's length
     for name, flags in (
-        ("tp2", ["--tensor-model-parallel-size", "2"]),
         ("pp2", ["--pipeline-model-parallel-size", "2"]),
         ("dp2", ["--use-distributed-optimizer"]),
     ):
@@ -94,9 +101,8 @@ def test_layouts_train_and_agree(setup):
     assert first["dp2"] == pytest.approx(first["tp2"], rel=1e-5)
 
 
-def test_exact_resume_and_resume_across_layouts(setup):
-    full, half = setup / "full", setup / "half"
-    torchrun(*common(setup, full, "--train-iters", "4", "--tensor-model-parallel-size", "2", "--save-interval", "2"))
+def test_exact_resume_and_resume_across_layouts(setup, tp2_run):
+    full, half = tp2_run, setup / "half"
     proc = torchrun(
         *common(setup, half, "--train-iters", "4", "--exit-interval", "2", "--tensor-model-parallel-size", "2")
     )
@@ -132,9 +138,11 @@ def half_copy(full, other) -> str:
     return dst
 
 
-def test_corrupt_newest_checkpoint_falls_back(setup):
+def test_corrupt_newest_checkpoint_falls_back(setup, tp2_run):
+    import shutil
+
     src = setup / "corrupt"
-    torchrun(*common(setup, src, "--train-iters", "4", "--tensor-model-parallel-size", "2", "--save-interval", "2"))
+    shutil.copytree(tp2_run, src)
     victim = sorted(p for p in (src / "iter_0000004").iterdir() if p.suffix == ".distcp")[0]
     victim.write_bytes(victim.read_bytes()[:-10])  # truncated file: a partial write
     proc = torchrun(
