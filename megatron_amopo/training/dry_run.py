@@ -7,8 +7,9 @@
 Each requested rank joins a process group of torch's ``fake`` backend (collectives
 return at once, no peers needed) of the full world size, Megatron-Core's parallel
 groups are created for the layout (``create_gloo_process_groups=False``: gloo would
-need real peers), the run set-up's first step (``training.run.setup_model``) reads the model and
-refuses what a real run would (layout, attention window), and the rank's ``GPTModel`` stage is built under
+need real peers), and the rank's ``GPTModel`` stage is built, from the TransformerConfig of the run
+set-up's first step (``training.run.setup_model``, run once: it reads the model and refuses what a real
+run would, layout and attention window), under
 ``torch.device("meta")`` with initialisation off, so nothing is allocated. Its
 parameters are compared tensor by tensor with ``megatron_amopo.model.memory``'s shapes,
 whose arithmetic gives the memory estimate printed next to them. ``--rank all``
@@ -23,7 +24,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import asdict, replace
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -39,6 +40,9 @@ from megatron_amopo.config import (
 from megatron_amopo.model import memory
 from megatron_amopo.model.architectures import ModelArch, arch_from_hf_config, load_hf_config
 from megatron_amopo.training.preflight import workload_and_layout
+
+if TYPE_CHECKING:
+    from megatron_amopo.training.run import ModelSetup
 
 GiB = memory.GiB
 
@@ -127,16 +131,13 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def build_meta_stage(cfg: RunConfig, arch: Optional[ModelArch]) -> tuple[ModelArch, torch.nn.Module]:
-    """This rank's model through the run set-up's first step (``training.run.setup_model``: every
-    refusal of the model a real run gives), then its GPTModel stage on the meta device from that
-    TransformerConfig (call after ``init_fake_rank``)."""
+def build_meta_stage(model: ModelSetup) -> torch.nn.Module:
+    """This rank's GPTModel stage on the meta device from the run set-up's TransformerConfig
+    (call after ``init_fake_rank``)."""
     from megatron_amopo.model.provider import build_model_stage
-    from megatron_amopo.training.run import setup_model
 
-    model = setup_model(cfg, arch=arch, perform_initialization=False, use_cpu_initialization=True)
     with torch.device("meta"):
-        return model.arch, build_model_stage(model.arch, model.config, use_te=False)
+        return build_model_stage(model.arch, model.config, use_te=False)
 
 
 def check_against_plan(model: torch.nn.Module, arch: ModelArch, tp: int, pp: int, pp_rank: int) -> dict:
@@ -173,29 +174,31 @@ def rank_report(model: torch.nn.Module, coords: dict, arch: ModelArch, work, lay
 
 def run(ours: DryRunConfig, cfg: RunConfig) -> dict:
     from megatron_amopo.runtime import cpu_compat
+    from megatron_amopo.training.run import setup_model
 
     from_hf = hf_arch(ours.hf_config, cfg.checkpoint.load)
     world_size = ours.world_size or cfg.parallel.model_parallel_size
     ranks = resolve_ranks(ours.rank, world_size, cfg)
+    cpu_compat.apply()  # Megatron-Core's CUDA assumptions, as in initialize_distributed
+    # The run set-up's first step: every refusal of the model a real run gives (layout, attention window).
+    model = setup_model(cfg, arch=from_hf, perform_initialization=False, use_cpu_initialization=True)
+    arch = model.arch
     dims = ours.num_dimensions or (len(cfg.data.dimensions) if cfg.data.dimensions else 3)
     work, layout = workload_and_layout(cfg, world_size, dims)
     tp, pp = layout.tp, layout.pp
-    cpu_compat.apply()  # Megatron-Core's CUDA assumptions, as in initialize_distributed
     built: dict[tuple[int, int], dict] = {}
     reports = []
-    arch = from_hf
     try:
         for rank in ranks:
             coords = init_fake_rank(cfg, world_size, rank)
             key = (coords["tp_rank"], coords["pp_rank"])
             if key not in built:
-                arch, model = build_meta_stage(cfg, from_hf)
-                shapes = check_against_plan(model, arch, tp, pp, coords["pp_rank"])
-                built[key] = dict(rank_report(model, coords, arch, work, layout), parameters=shapes)
+                stage = build_meta_stage(model)
+                shapes = check_against_plan(stage, arch, tp, pp, coords["pp_rank"])
+                built[key] = dict(rank_report(stage, coords, arch, work, layout), parameters=shapes)
             reports.append({**built[key], **coords})
     finally:
         teardown()
-    assert arch is not None
     peak = memory.peak_memory(arch, work, layout)
     return dict(
         world_size=ours.world_size,

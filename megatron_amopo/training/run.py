@@ -10,7 +10,7 @@ pre-flight (training with ``--save``), then the model, the optimizer and schedul
 the checkpoint and the engine. The dry run stops after ``setup_model`` and builds its stage on the
 meta device from that TransformerConfig (``training/dry_run.py``). Library code: it takes a
 ``RunConfig``, never reads argv; parallel state must be initialised
-(``runtime.distributed.initialize_distributed``, or the dry run's fake process group).
+(``runtime.distributed.initialize_distributed``); ``setup_model`` alone needs none.
 """
 
 from __future__ import annotations
@@ -74,9 +74,10 @@ def setup_model(cfg: RunConfig, *, arch: Optional[ModelArch] = None, **config_ov
     """``--load``'s model (or ``arch``: the dry run's ``--hf-config``), its sequence length checked
     against the attention window, its TransformerConfig at ``cfg.parallel`` (which refuses a TP/PP
     size the model cannot take) and the form packed micro-batches take for it."""
-    load, meta = (None, None) if arch is not None else _model_metadata(cfg)
-    arch = meta.arch if meta is not None else arch
-    assert arch is not None
+    load, meta = None, None
+    if arch is None:  # a run's model: --load's metadata
+        load, meta = _model_metadata(cfg)
+        arch = meta.arch
     _check_window(arch, cfg.training.seq_length)
     config = model_config(arch, cfg, **config_overrides)
     return ModelSetup(arch, config, packed_thd_default(config), seq_pad_multiple(config), load, meta)
